@@ -1,0 +1,113 @@
+"""Each upstream's capacity curve, learned online.
+
+Per-sequence time per output token grows about linearly with the batch: t(n) = a + b*n, so the aggregate is
+A(n) = n / (a + b*n), saturating at 1/b. A hosted API is b ~ 0 (A linear) but capped by its rate limits.
+a and b are a weighted least-squares fit over recent samples (weights decay with age), regularised towards
+the configured hint so a few samples at one concurrency cannot produce a nonsense slope.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .config import CapacityHint
+
+
+@dataclass(slots=True)
+class Sample:
+    ts: float  # wall-clock seconds when the request finished
+    n: float  # concurrency the request saw on that upstream (mean of start and end, itself included)
+    tpot: float  # seconds per output token after the first
+    ttft: float  # seconds to first token
+    prompt_tokens: int
+    output_tokens: int
+
+    def to_row(self) -> str:
+        return f"{self.ts:.3f},{self.n:.2f},{self.tpot:.6f},{self.ttft:.4f},{self.prompt_tokens},{self.output_tokens}"
+
+    @classmethod
+    def from_row(cls, row: str | bytes) -> "Sample":
+        if isinstance(row, bytes):
+            row = row.decode()
+        ts, n, tpot, ttft, p, o = row.split(",")
+        return cls(float(ts), float(n), float(tpot), float(ttft), int(p), int(o))
+
+
+class CapacityCurve:
+    #: Age (s) at which a sample's weight has decayed to 1/e.
+    HALF_LIFE = 60.0
+    #: Weight of the configured hint, in samples.
+    PRIOR_WEIGHT = 3.0
+
+    __slots__ = ("a", "b", "ttft", "samples", "_hint", "_slots")
+
+    def __init__(self, hint: CapacityHint, slots: int) -> None:
+        self._hint = hint
+        self._slots = max(1, slots)
+        self.a = hint.a
+        self.b = hint.b
+        self.ttft = hint.ttft
+        self.samples = 0
+
+    def tpot(self, n: float) -> float:
+        """Seconds per output token per sequence at concurrency n."""
+        return self.a + self.b * n
+
+    def aggregate(self, n: float) -> float:
+        """A(n): aggregate output tok/s at concurrency n (flat past the engine's slots)."""
+        n = min(n, self._slots)
+        return n / self.tpot(n) if n > 0 else 0.0
+
+    def saturation(self) -> float:
+        return self.aggregate(self._slots)
+
+    def fit(self, samples: list[Sample], now: float) -> None:
+        """Refit a, b (and the TTFT level) from samples, newest weighing most."""
+        h = self._hint
+        # Prior: two pseudo-points on the hinted line.
+        n_hi = max(2.0, self._slots / 2)
+        w0 = self.PRIOR_WEIGHT / 2
+        sw = 2 * w0
+        sx = w0 * (1.0 + n_hi)
+        sxx = w0 * (1.0 + n_hi * n_hi)
+        sy = w0 * ((h.a + h.b) + (h.a + h.b * n_hi))
+        sxy = w0 * ((h.a + h.b) + n_hi * (h.a + h.b * n_hi))
+        tw = w0
+        tt = w0 * h.ttft
+        used = 0
+        for s in samples:
+            if s.output_tokens < 2 or s.tpot <= 0:
+                continue
+            w = math.exp(-max(0.0, now - s.ts) / self.HALF_LIFE)
+            if w < 1e-3:
+                continue
+            used += 1
+            sw += w
+            sx += w * s.n
+            sxx += w * s.n * s.n
+            sy += w * s.tpot
+            sxy += w * s.n * s.tpot
+            tw += w
+            tt += w * s.ttft
+        self.samples = used
+        den = sw * sxx - sx * sx
+        b = (sw * sxy - sx * sy) / den if den > 1e-12 else h.b
+        b = max(0.0, b)
+        a = (sy - b * sx) / sw
+        if a <= 1e-5:
+            # The line would pass below zero at n=0: keep the slope's share bounded by the mean time.
+            mean_t = sy / sw
+            a = max(1e-5, mean_t * 0.1)
+            b = max(0.0, (mean_t - a) / max(sx / sw, 1e-9))
+        self.a, self.b = a, b
+        self.ttft = tt / tw
+
+    def snapshot(self) -> dict:
+        return {
+            "a": round(self.a, 6),
+            "b": round(self.b, 7),
+            "ttft": round(self.ttft, 4),
+            "saturation_tok_s": round(self.saturation(), 1),
+            "samples": self.samples,
+        }

@@ -1,0 +1,177 @@
+"""`gateway` command line: serve, demo, sim, check-config, bench, top."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+from aiohttp import web
+
+from .config import ConfigError, check_warnings, load_fleet
+from .settings import Settings
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _run_gateway(settings: Settings, reuse_port: bool = False) -> None:
+    from .app import create_app
+
+    try:
+        app = create_app(settings)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        raise SystemExit(2)
+    web.run_app(
+        app,
+        host=settings.host,
+        port=settings.port,
+        reuse_port=reuse_port,
+        shutdown_timeout=settings.shutdown_grace,
+        handler_cancellation=True,
+        access_log=None,
+        print=lambda *_: print(f"gateway listening on http://{settings.host}:{settings.port} (replica {settings.replica_id})", flush=True),
+    )
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    overrides = {k: v for k, v in (("host", ns.host), ("port", ns.port), ("config", ns.config)) if v is not None}
+    settings = Settings(**overrides)
+    _logging(settings.log_level)
+    if ns.workers <= 1:
+        _run_gateway(settings, reuse_port=ns.reuse_port)
+        return 0
+    if not settings.redis_url:
+        print("--workers > 1 needs GATEWAY_REDIS_URL so the processes share one fleet view", file=sys.stderr)
+        return 2
+    # N processes on one port (SO_REUSEPORT); each is its own replica sharing Redis.
+    args = [sys.executable, "-m", "gateway", "serve", "--reuse-port", "--workers", "1"]
+    for flag, v in (("--host", ns.host), ("--port", ns.port), ("--config", ns.config)):
+        if v is not None:
+            args += [flag, str(v)]
+    procs = [subprocess.Popen(args, env={**os.environ, "GATEWAY_REPLICA_ID": f"{settings.replica_id}-w{i}"}) for i in range(ns.workers)]
+
+    def forward(sig, _frame):
+        for p in procs:
+            p.send_signal(sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    return max(p.wait() for p in procs)
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    """Simulated fleet on 9101-9103 plus the gateway on :8080 in one process."""
+    from .demo import DEMO_PORTS, REFERENCE_SIMS
+    from .sim import start_sim
+
+    settings = Settings(port=ns.port)
+    _logging(settings.log_level)
+
+    async def start_sims(app: web.Application) -> None:
+        runners = []
+        for name, cfg in REFERENCE_SIMS.items():
+            runner, _ = await start_sim(cfg, "127.0.0.1", DEMO_PORTS[name])
+            runners.append(runner)
+            print(f"simulated upstream {name} on http://127.0.0.1:{DEMO_PORTS[name]}/v1", flush=True)
+        app[SIMS] = runners
+
+    async def stop_sims(app: web.Application) -> None:
+        for r in app[SIMS]:
+            await r.cleanup()
+
+    from .app import create_app
+
+    app = create_app(settings)
+    app.on_startup.insert(0, start_sims)
+    app.on_cleanup.append(stop_sims)
+    print("try: curl -s localhost:%d/v1/chat/completions -H 'Content-Type: application/json' "
+          "-d '{\"model\":\"fleet-model\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'" % settings.port, flush=True)
+    web.run_app(app, host=settings.host, port=settings.port, shutdown_timeout=settings.shutdown_grace,
+                handler_cancellation=True, access_log=None)
+    return 0
+
+
+SIMS = web.AppKey("sims", list)
+
+
+def cmd_sim(ns: argparse.Namespace) -> int:
+    from .sim.server import config_from_args, serve_forever
+
+    _logging("INFO")
+    try:
+        asyncio.run(serve_forever(config_from_args(ns), ns.host, ns.port))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_check_config(ns: argparse.Namespace) -> int:
+    path = ns.path or Settings().config
+    try:
+        fleet = load_fleet(path)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+    for w in check_warnings(fleet):
+        print(f"warning: {w}")
+    print(f"{path}: ok — {len(fleet.upstreams)} upstreams, {len(fleet.models)} models")
+    for name, m in fleet.models.items():
+        print(f"  {name}: {', '.join(m.upstreams)} (strategy {m.strategy or Settings().default_strategy})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gateway", description="LLM throughput gateway")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("serve", help="run the gateway (settings from GATEWAY_* env)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--config", help="fleet YAML (default: GATEWAY_CONFIG or the embedded demo fleet)")
+    p.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT) and Redis")
+    p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("demo", help="simulated 3-upstream fleet + gateway (what `make run` starts)")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(fn=cmd_demo)
+
+    from .sim.server import add_sim_arguments
+
+    p = sub.add_parser("sim", help="run a simulated upstream (GPU server or hosted API)")
+    add_sim_arguments(p)
+    p.set_defaults(fn=cmd_sim)
+
+    p = sub.add_parser("check-config", help="validate a fleet YAML")
+    p.add_argument("path", nargs="?")
+    p.set_defaults(fn=cmd_check_config)
+
+    p = sub.add_parser("bench", help="throughput benchmark on a simulated heterogeneous fleet")
+    p.set_defaults(fn=lambda ns: _bench(ns))
+    p.add_argument("args", nargs=argparse.REMAINDER)
+
+    p = sub.add_parser("top", help="live terminal view of a running gateway")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=lambda ns: _top(ns))
+
+    ns = parser.parse_args(argv)
+    return ns.fn(ns) or 0
+
+
+def _bench(ns: argparse.Namespace) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(ns.args)
+
+
+def _top(ns: argparse.Namespace) -> int:
+    from .top import main as top_main
+
+    return top_main(ns.args)

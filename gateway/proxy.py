@@ -1,0 +1,557 @@
+"""The request path: admit -> send to the chosen upstream -> relay -> record. Retries live here.
+
+A request is retried on another upstream (within the attempt limit and the retry budget) on connect errors,
+timeouts, 429 and 5xx, but only before its first byte reached the client. Every attempt gets its own client span.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from . import telemetry as T
+from .capacity import Sample
+from .errors import GatewayError
+from .fleet import Fleet, Pool
+from .fleet_sync import FleetSync
+from .health import OutlierDetector
+from .providers import provider_for
+from .providers.anthropic_wire import UpstreamStreamError, chat_response_to_messages
+from .relay import AnthropicClientStream, OpenAIClientStream
+from .retry_budget import RetryBudget
+from .router import Decision, Estimate, Router
+from .settings import Settings
+from .sse import SSEDecoder
+from .stats import UpstreamStats
+from .tokens import count_text
+
+log = logging.getLogger("gateway.proxy")
+
+_RETRYABLE_STATUS = {401, 403, 404, 408, 409, 429, 500, 502, 503, 504, 529}
+_MAX_ERROR_BODY = 64 * 1024
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One client request, parsed once."""
+
+    operation: str  # chat | text_completion | embeddings
+    model: str
+    body: dict
+    stream: bool
+    include_usage: bool
+    dialect: str  # openai | anthropic
+    est: Estimate
+    headers: Any  # the client's request headers (for traceparent)
+
+
+@dataclass(slots=True)
+class AttemptFailure(Exception):
+    """An attempt failed before anything reached the client; `status` is what the client would get."""
+
+    status: int
+    message: str
+    error_type: str
+    retry_after: float | None = None
+    rate_limited: bool = False
+
+
+@dataclass(slots=True)
+class Outcome:
+    output_tokens: int = 0
+    input_tokens: int | None = None
+    ttft: float | None = None
+    first_at: float | None = None
+    last_at: float | None = None
+    finish_reasons: list[str] = field(default_factory=list)
+    response_model: str | None = None
+    response_id: str | None = None
+    text: list[str] = field(default_factory=list)
+
+
+class Proxy:
+    def __init__(
+        self,
+        settings: Settings,
+        fleet: Fleet,
+        router: Router,
+        health: OutlierDetector,
+        sync: FleetSync,
+        telemetry: T.Telemetry,
+    ) -> None:
+        self.s = settings
+        self.fleet = fleet
+        self.router = router
+        self.health = health
+        self.sync = sync
+        self.tel = telemetry
+        self.budget = RetryBudget(settings.retry_budget_ratio, settings.retry_budget_min)
+        self.session: aiohttp.ClientSession | None = None
+        self.active: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        conn = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30, enable_cleanup_closed=True)
+        self.session = aiohttp.ClientSession(
+            connector=conn,
+            timeout=aiohttp.ClientTimeout(total=None, connect=self.s.connect_timeout, sock_read=self.s.idle_timeout),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent",),
+        )
+
+    async def stop(self) -> None:
+        if self.session:
+            await self.session.close()
+
+    # ---- entry ---------------------------------------------------------------------------------------------------
+    async def handle(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
+        pool = self.fleet.pool(ex.model)
+        if pool is None:
+            raise GatewayError(404, f"The model '{ex.model}' does not exist", code="model_not_found", param="model")
+        task = asyncio.current_task()
+        if task:
+            self.active.add(task)
+        ctx = self.tel.extract(ex.headers)
+        started = time.monotonic()
+        with self.tel.tracer.start_as_current_span(
+            f"{ex.operation} {ex.model}", context=ctx, kind=SpanKind.SERVER, end_on_exit=True
+        ) as span:
+            span.set_attribute(T.ATTR_GEN_AI_OPERATION_NAME, ex.operation)
+            span.set_attribute(T.ATTR_GEN_AI_REQUEST_MODEL, ex.model)
+            span.set_attribute("http.request.method", "POST")
+            span.set_attribute("url.path", request.path)
+            mt = ex.body.get("max_completion_tokens", ex.body.get("max_tokens"))
+            if isinstance(mt, int):
+                span.set_attribute(T.ATTR_GEN_AI_REQUEST_MAX_TOKENS, mt)
+            if self.tel.capture_content and "messages" in ex.body:
+                span.set_attribute(T.ATTR_GEN_AI_INPUT_MESSAGES, json.dumps(ex.body["messages"])[:65536])
+            try:
+                resp = await self._attempts(request, ex, pool, span, started)
+                span.set_attribute("http.response.status_code", resp.status)
+                return resp
+            except GatewayError as e:
+                span.set_attribute("http.response.status_code", e.status)
+                span.set_attribute(T.ATTR_ERROR_TYPE, str(e.status))
+                span.set_status(Status(StatusCode.ERROR, e.message))
+                raise
+            finally:
+                if task:
+                    self.active.discard(task)
+
+    async def _attempts(
+        self, request: web.Request, ex: Exchange, pool: Pool, span: trace.Span, started: float
+    ) -> web.StreamResponse:
+        self.budget.request()
+        tried: set[str] = set()
+        last: AttemptFailure | None = None
+        for attempt in range(1, self.s.max_attempts + 1):
+            if attempt > 1 and not self.budget.try_spend():
+                span.add_event("retry budget exhausted")
+                break
+            try:
+                d = await self.router.admit(pool, ex.est, frozenset(tried))
+            except GatewayError:
+                if last is None:
+                    raise
+                break  # nowhere left to retry: report the upstream failure
+            tried.add(d.upstream.name)
+            if attempt == 1:
+                span.set_attribute(T.ATTR_ROUTE_STRATEGY, d.strategy)
+                span.set_attribute(T.ATTR_QUEUE_WAIT_MS, round(d.queue_wait * 1000, 2))
+            span.set_attribute(T.ATTR_UPSTREAM, d.upstream.name)
+            span.set_attribute(T.ATTR_ROUTE_REASON, d.reason)
+            span.set_attribute(T.ATTR_ROUTE_CANDIDATES, json.dumps({k: round(v, 3) for k, v in d.scores.items()}))
+            span.set_attribute(T.ATTR_RETRY_COUNT, attempt - 1)
+            try:
+                return await self._attempt(request, ex, d, attempt, span, started)
+            except AttemptFailure as f:
+                last = f
+                log.info("attempt %d on %s failed: %s", attempt, d.upstream.name, f.message)
+        assert last is not None
+        raise GatewayError(last.status, last.message, code=last.error_type, retry_after=last.retry_after)
+
+    # ---- one attempt ----------------------------------------------------------------------------------------------
+    async def _attempt(
+        self, request: web.Request, ex: Exchange, d: Decision, attempt: int, server_span: trace.Span, started: float
+    ) -> web.StreamResponse:
+        u = d.upstream
+        cfg = u.cfg
+        prov = provider_for(cfg.provider)
+        url = prov.url(cfg, ex.operation)
+        upstream_model = cfg.model or ex.model
+        headers = prov.headers(cfg)
+        out = Outcome()
+        n_start = u.inflight
+        t0 = time.monotonic()
+        error_type: str | None = None
+        with self.tel.tracer.start_as_current_span(f"{ex.operation} {upstream_model}", kind=SpanKind.CLIENT) as span:
+            span.set_attribute(T.ATTR_GEN_AI_OPERATION_NAME, ex.operation)
+            span.set_attribute(T.ATTR_GEN_AI_PROVIDER_NAME, T.provider_name(cfg.provider))
+            span.set_attribute(T.ATTR_GEN_AI_REQUEST_MODEL, upstream_model)
+            span.set_attribute(T.ATTR_SERVER_ADDRESS, _host(cfg.base_url))
+            span.set_attribute(T.ATTR_UPSTREAM, u.name)
+            span.set_attribute(T.ATTR_ATTEMPT, attempt)
+            self.tel.inject(headers)
+            try:
+                data = prov.encode_request(ex.operation, ex.body, upstream_model)
+                deadline = t0 + (cfg.timeout or self.s.total_timeout)
+                try:
+                    async with asyncio.timeout(self.s.ttft_timeout):
+                        resp = await self.session.post(url, data=data, headers=headers)  # type: ignore[union-attr]
+                except (aiohttp.ClientError, OSError) as e:
+                    raise AttemptFailure(502, f"upstream {u.name} unreachable ({type(e).__name__})", "upstream_connect_error")
+                except TimeoutError:
+                    raise AttemptFailure(504, f"upstream {u.name} did not answer in time", "upstream_timeout")
+                try:
+                    span.set_attribute("http.response.status_code", resp.status)
+                    if resp.status >= 400:
+                        raise await self._upstream_error(u, resp)
+                    if ex.stream:
+                        result = await self._relay_stream(request, ex, u, prov, resp, out, t0, deadline, span)
+                    else:
+                        result = await self._relay_body(ex, u, prov, resp, out, t0, deadline)
+                finally:
+                    resp.release()
+                self.health.success(u)
+            except AttemptFailure as f:
+                error_type = f.error_type
+                span.set_attribute(T.ATTR_ERROR_TYPE, f.error_type)
+                span.set_status(Status(StatusCode.ERROR, f.message))
+                self._failed(u, f)
+                raise
+            except (asyncio.CancelledError, ConnectionResetError):
+                error_type = "client_disconnected"
+                span.set_attribute(T.ATTR_ERROR_TYPE, error_type)
+                raise
+            except _MidStreamFailure as m:
+                error_type = m.error_type
+                span.set_attribute(T.ATTR_ERROR_TYPE, m.error_type)
+                span.set_status(Status(StatusCode.ERROR, m.message))
+                self.health.failure(u)
+                u.record_error(False)
+                result = m.response
+            finally:
+                self._finish(u, ex, out, n_start, t0)
+                self._annotate(span, server_span, ex, out, cfg.provider, u.name, t0, started, error_type)
+        return result
+
+    async def _upstream_error(self, u: UpstreamStats, resp: aiohttp.ClientResponse) -> Exception:
+        """Turn an upstream HTTP error into a retryable AttemptFailure or a client-facing GatewayError."""
+        body = await resp.content.read(_MAX_ERROR_BODY)
+        message = _error_message(body)
+        st = resp.status
+        if st == 429:
+            ra = _retry_after(resp.headers)
+            self.sync.set_cooldown(u.name, time.time() + (ra if ra is not None else 1.0))
+            return AttemptFailure(429, f"upstream {u.name} rate limited: {message}", "rate_limited", ra or 1.0, True)
+        if st in _RETRYABLE_STATUS:
+            status = 502 if st in (401, 403, 404) else (504 if st == 408 else 502)
+            return AttemptFailure(status, f"upstream {u.name} returned {st}: {message}", f"upstream_{st}")
+        # The request itself is bad (400, 413, 422 ...): the client should see it; no retry.
+        self.health.success(u)  # the upstream is fine
+        return GatewayError(st, message, code="upstream_rejected")
+
+    def _failed(self, u: UpstreamStats, f: AttemptFailure) -> None:
+        u.record_error(f.rate_limited)
+        if not f.rate_limited:
+            self.health.failure(u)
+
+    # ---- non-streamed ---------------------------------------------------------------------------------------------
+    async def _relay_body(
+        self, ex: Exchange, u: UpstreamStats, prov, resp: aiohttp.ClientResponse, out: Outcome, t0: float, deadline: float
+    ) -> web.Response:
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                raw = await resp.read()
+        except (aiohttp.ClientError, OSError) as e:
+            raise AttemptFailure(502, f"upstream {u.name} failed mid-response ({type(e).__name__})", "upstream_disconnected")
+        except TimeoutError:
+            raise AttemptFailure(504, f"upstream {u.name} timed out", "upstream_timeout")
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            raise AttemptFailure(502, f"upstream {u.name} returned invalid JSON", "upstream_bad_response")
+        now = time.monotonic()
+        if not prov.passthrough:
+            data = prov.decode_response(data, ex.model)
+        out.first_at = out.last_at = now
+        _take_usage(out, data.get("usage"))
+        out.response_model = data.get("model")
+        out.response_id = data.get("id")
+        for ch in data.get("choices") or ():
+            if ch.get("finish_reason"):
+                out.finish_reasons.append(ch["finish_reason"])
+        if ex.dialect == "anthropic":
+            data = chat_response_to_messages(data, ex.model)
+            raw = None
+        elif not prov.passthrough:
+            raw = None
+        body = raw if raw is not None else json.dumps(data, separators=(",", ":")).encode()
+        return web.Response(body=body, content_type="application/json")
+
+    # ---- streamed -------------------------------------------------------------------------------------------------
+    async def _relay_stream(
+        self,
+        request: web.Request,
+        ex: Exchange,
+        u: UpstreamStats,
+        prov,
+        resp: aiohttp.ClientResponse,
+        out: Outcome,
+        t0: float,
+        deadline: float,
+        span: trace.Span,
+    ) -> web.StreamResponse:
+        client = (
+            AnthropicClientStream(ex.model, ex.est.prompt_tokens)
+            if ex.dialect == "anthropic"
+            else OpenAIClientStream(ex.include_usage)
+        )
+        raw_ok = prov.passthrough and not client.translates
+        decoder = prov.stream_decoder(ex.model, ex.include_usage)
+        sse = SSEDecoder()
+        sresp: web.StreamResponse | None = None
+        done = False
+        content = resp.content
+        first_deadline = t0 + self.s.ttft_timeout
+        try:
+            while not done:
+                now = time.monotonic()
+                limit = min(deadline, first_deadline) if sresp is None else deadline
+                if now >= limit:
+                    raise TimeoutError
+                try:
+                    async with asyncio.timeout(min(limit - now, self.s.idle_timeout)):
+                        piece = await content.readany()
+                except (aiohttp.ClientError, OSError) as e:
+                    raise _StreamBroken(f"upstream {u.name} stream broke ({type(e).__name__})", "upstream_disconnected")
+                if not piece:
+                    events = sse.tail()
+                    if not events and not out.finish_reasons:
+                        raise _StreamBroken(f"upstream {u.name} closed the stream early", "upstream_disconnected")
+                else:
+                    events = sse.feed(piece)
+                buf: list[bytes] = []
+                for ev in events:
+                    if ev.data == b"[DONE]":
+                        done = True
+                        break
+                    try:
+                        chunks = decoder.feed(ev)
+                    except UpstreamStreamError as e:
+                        raise _StreamBroken(f"upstream {u.name}: {e.message}", "upstream_stream_error")
+                    except ValueError:
+                        raise _StreamBroken(f"upstream {u.name} sent an invalid event", "upstream_bad_response")
+                    for c in chunks:
+                        if "error" in c and "choices" not in c:
+                            raise _StreamBroken(f"upstream {u.name}: {_error_message(json.dumps(c).encode())}", "upstream_stream_error")
+                        _observe_chunk(out, c)
+                        if raw_ok:
+                            if c.get("choices") or "usage" not in c or ex.include_usage:
+                                buf.append(ev.raw)
+                        else:
+                            buf.append(client.chunk(c))
+                    if ev.event == "message_stop":
+                        done = True
+                if not piece and not done:
+                    done = True
+                if done:
+                    for c in decoder.finish():
+                        _observe_chunk(out, c)
+                        buf.append(client.chunk(c))
+                    buf.append(client.done())
+                if buf:
+                    if sresp is None:
+                        sresp = await self._open_stream(request)
+                    await sresp.write(b"".join(buf))
+            assert sresp is not None
+            await sresp.write_eof()
+            return sresp
+        except TimeoutError:
+            err = ("upstream_timeout", f"upstream {u.name} timed out" + (" before the first token" if sresp is None else ""))
+            if sresp is None:
+                raise AttemptFailure(504, err[1], err[0])
+            raise await self._fail_stream(sresp, client, err[0], err[1], 504)
+        except _StreamBroken as b:
+            if sresp is None:
+                raise AttemptFailure(502, b.message, b.error_type)
+            raise await self._fail_stream(sresp, client, b.error_type, b.message, 502)
+
+    async def _open_stream(self, request: web.Request) -> web.StreamResponse:
+        sresp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+        await sresp.prepare(request)
+        return sresp
+
+    async def _fail_stream(self, sresp: web.StreamResponse, client, error_type: str, message: str, status: int):
+        """After the first byte there is no retry: tell the client in-band and end the stream cleanly."""
+        err = GatewayError(status, message, code=error_type)
+        try:
+            await sresp.write(client.error(err))
+            await sresp.write_eof()
+        except (ConnectionResetError, RuntimeError):
+            pass
+        return _MidStreamFailure(sresp, error_type, message)
+
+    # ---- bookkeeping ----------------------------------------------------------------------------------------------
+    def _finish(self, u: UpstreamStats, ex: Exchange, out: Outcome, n_start: int, t0: float) -> None:
+        n_end = u.inflight
+        self.router.release(u)
+        if not out.output_tokens and out.text:
+            out.output_tokens = count_text("".join(out.text))
+        u.record_tokens(out.output_tokens)
+        if out.first_at is None or out.output_tokens < 2:
+            return
+        ttft = out.first_at - t0
+        if ex.stream:
+            tpot = (out.last_at - out.first_at) / (out.output_tokens - 1)  # type: ignore[operator]
+        else:  # one latency only: attribute the known TTFT level, the rest is decode (if that is clear)
+            ttft = u.curve.ttft
+            decode = out.last_at - t0 - ttft  # type: ignore[operator]
+            if decode < 0.5 * (out.last_at - t0):  # type: ignore[operator]
+                return
+            tpot = decode / out.output_tokens
+        out.ttft = ttft
+        u.record_sample(
+            Sample(time.time(), (n_start + n_end) / 2, tpot, ttft, ex.est.prompt_tokens, out.output_tokens)
+        )
+
+    def _annotate(
+        self,
+        span: trace.Span,
+        server_span: trace.Span,
+        ex: Exchange,
+        out: Outcome,
+        provider: str,
+        upstream: str,
+        t0: float,
+        started: float,
+        error_type: str | None,
+    ) -> None:
+        dur = time.monotonic() - t0
+        attrs: dict[str, Any] = {}
+        if out.response_model:
+            attrs[T.ATTR_GEN_AI_RESPONSE_MODEL] = out.response_model
+        if out.response_id:
+            attrs[T.ATTR_GEN_AI_RESPONSE_ID] = out.response_id
+        if out.input_tokens is not None:
+            attrs[T.ATTR_GEN_AI_USAGE_INPUT_TOKENS] = out.input_tokens
+        attrs[T.ATTR_GEN_AI_USAGE_OUTPUT_TOKENS] = out.output_tokens
+        if out.finish_reasons:
+            attrs[T.ATTR_GEN_AI_RESPONSE_FINISH_REASONS] = out.finish_reasons
+        if out.ttft is not None:
+            attrs[T.ATTR_TTFT_MS] = round(out.ttft * 1000, 2)
+        if out.first_at and out.last_at and out.output_tokens > 1 and out.last_at > out.first_at:
+            attrs[T.ATTR_OUTPUT_TOKENS_PER_SECOND] = round((out.output_tokens - 1) / (out.last_at - out.first_at), 2)
+        span.set_attributes(attrs)
+        server_span.set_attributes(attrs)
+        if self.tel.capture_content and out.text:
+            server_span.set_attribute(T.ATTR_GEN_AI_OUTPUT_MESSAGES, "".join(out.text)[:65536])
+        self.tel.record_operation(
+            operation=ex.operation,
+            request_model=ex.model,
+            response_model=out.response_model,
+            provider=T.provider_name(provider),
+            upstream=upstream,
+            server_address=None,
+            duration_s=time.monotonic() - started,
+            ttft_s=out.ttft,
+            input_tokens=out.input_tokens,
+            output_tokens=out.output_tokens,
+            error_type=error_type,
+        )
+
+
+class _StreamBroken(Exception):
+    def __init__(self, message: str, error_type: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.error_type = error_type
+
+
+class _MidStreamFailure(Exception):
+    """The stream failed after the client got bytes; the response was ended with an SSE error event."""
+
+    def __init__(self, response: web.StreamResponse, error_type: str, message: str) -> None:
+        super().__init__(message)
+        self.response = response
+        self.error_type = error_type
+        self.message = message
+
+
+def _observe_chunk(out: Outcome, c: dict) -> None:
+    """Stats from one canonical chunk: first/last token time, text (for counting), usage, finish reasons."""
+    usage = c.get("usage")
+    if usage:
+        _take_usage(out, usage)
+    choices = c.get("choices")
+    if not choices:
+        return
+    if out.response_model is None:
+        out.response_model = c.get("model")
+        out.response_id = c.get("id")
+    for ch in choices:
+        delta = ch.get("delta") or ch
+        text = delta.get("content") or delta.get("text")
+        if text or delta.get("tool_calls"):
+            now = time.monotonic()
+            if out.first_at is None:
+                out.first_at = now
+            out.last_at = now
+            if text:
+                out.text.append(text)
+        fr = ch.get("finish_reason")
+        if fr:
+            out.finish_reasons.append(fr)
+
+
+def _take_usage(out: Outcome, usage: dict | None) -> None:
+    if not usage:
+        return
+    ct = usage.get("completion_tokens")
+    if isinstance(ct, int):
+        out.output_tokens = ct
+    pt = usage.get("prompt_tokens")
+    if isinstance(pt, int):
+        out.input_tokens = pt
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        data = json.loads(body)
+        err = data.get("error", data)
+        msg = err.get("message") if isinstance(err, dict) else str(err)
+        return str(msg)[:500] if msg else "no message"
+    except (ValueError, AttributeError):
+        return body[:200].decode(errors="replace") or "empty body"
+
+
+def _retry_after(headers) -> float | None:
+    v = headers.get("retry-after-ms")
+    if v:
+        try:
+            return float(v) / 1000
+        except ValueError:
+            pass
+    v = headers.get("Retry-After")
+    if v:
+        try:
+            return max(0.0, float(v))
+        except ValueError:
+            return None
+    return None
+
+
+def _host(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).hostname or ""

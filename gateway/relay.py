@@ -1,0 +1,51 @@
+"""Writing a response stream to the client in the client's dialect (OpenAI or Anthropic SSE)."""
+
+from __future__ import annotations
+
+import json
+
+from .errors import GatewayError, sse_error_event
+from .providers.anthropic_wire import ChatStreamToMessages, sse_event
+from .sse import DONE, encode_data
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+class OpenAIClientStream:
+    """Canonical chunks to OpenAI SSE. Raw upstream frames pass through untouched."""
+
+    __slots__ = ("include_usage",)
+    translates = False
+
+    def __init__(self, include_usage: bool) -> None:
+        self.include_usage = include_usage
+
+    def chunk(self, c: dict) -> bytes:
+        if not self.include_usage and not c.get("choices") and "usage" in c:
+            return b""
+        return encode_data(_dumps(c).encode())
+
+    def done(self) -> bytes:
+        return DONE
+
+    def error(self, err: GatewayError) -> bytes:
+        return sse_error_event(err)
+
+
+class AnthropicClientStream:
+    """Canonical chunks to Anthropic Messages SSE events."""
+
+    __slots__ = ("_t",)
+    translates = True
+
+    def __init__(self, model: str, input_tokens: int) -> None:
+        self._t = ChatStreamToMessages(model, input_tokens)
+
+    def chunk(self, c: dict) -> bytes:
+        return b"".join(sse_event(e, d) for e, d in self._t.feed(c))
+
+    def done(self) -> bytes:
+        return b"".join(sse_event(e, d) for e, d in self._t.finish())
+
+    def error(self, err: GatewayError) -> bytes:
+        return sse_event("error", {"type": "error", "error": {"type": err.type, "message": err.message}})

@@ -1,0 +1,223 @@
+"""Where routing decides: pick the upstream for a request, or hold it in the gateway's queue.
+
+The default `throughput` strategy sends each request where it adds the most aggregate output tok/s: the
+request's own expected rate m / (ttft + m*t(n+1)) minus what it costs the n sequences already there
+(n * (1/t(n) - 1/t(n+1))), from each upstream's learned capacity curve (capacity.py), scaled by the operator's
+weight. When no upstream has a slot, rate-limit headroom or a positive gain, the request waits here (bounded,
+FIFO, with a timeout) instead of queueing inside an engine. Simple strategies are kept for comparison.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from .errors import GatewayError
+from .fleet import Fleet, Pool
+from .health import OutlierDetector
+from .stats import UpstreamStats
+
+DEFAULT_OUTPUT_TOKENS = 256
+
+
+@dataclass(slots=True)
+class Estimate:
+    prompt_tokens: int
+    output_tokens: int  # expected (max_tokens when given)
+    operation: str = "chat"
+
+    @property
+    def admitted_tokens(self) -> int:
+        """What hosted APIs charge against TPM at admission."""
+        return self.prompt_tokens + self.output_tokens
+
+
+@dataclass(slots=True)
+class Decision:
+    upstream: UpstreamStats
+    strategy: str
+    reason: str
+    scores: dict[str, float] = field(default_factory=dict)
+    queue_wait: float = 0.0
+
+
+class Refusal(Exception):
+    """No upstream can take the request right now; `kind` says why (rate_limited, saturated, unavailable)."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+
+
+def throughput_gain(u: UpstreamStats, est: Estimate) -> float:
+    c = u.curve
+    n = u.inflight
+    t0, t1 = c.tpot(n), c.tpot(n + 1)
+    m = max(1, est.output_tokens)
+    own = m / (c.ttft + m * t1)
+    if n >= u.cfg.max_concurrency:  # past the engine's slots the request would only queue there
+        return 0.0
+    ext = n * (1.0 / t0 - 1.0 / t1) if n > 0 else 0.0
+    return own - ext
+
+
+class Router:
+    def __init__(self, fleet: Fleet, health: OutlierDetector, queue_max: int, queue_timeout: float) -> None:
+        self.fleet = fleet
+        self.health = health
+        self.queue_max = queue_max
+        self.queue_timeout = queue_timeout
+        self._queues: dict[str, deque[_Waiter]] = {m: deque() for m in fleet.pools}
+
+    # ---- choosing --------------------------------------------------------------------------------------------
+    def pick(self, pool: Pool, est: Estimate, exclude: frozenset[str] = frozenset()) -> Decision:
+        """Choose now or raise Refusal. Pure decision on in-memory figures: no I/O."""
+        now = time.time()
+        cands: list[UpstreamStats] = []
+        why = "unavailable"
+        for u in pool.upstreams:
+            if u.name in exclude or u.weight <= 0 or u.cfg.provider == "anthropic" and est.operation != "chat":
+                continue
+            if not self.health.available(u, now) or u.cooldown_until > now:
+                why = "saturated" if why == "unavailable" else why
+                continue
+            if not u.has_slot():
+                why = "saturated"
+                continue
+            if not u.rate_allows(est.admitted_tokens):
+                why = "rate_limited"
+                continue
+            cands.append(u)
+        if not cands:
+            if not any(
+                u.weight > 0 and u.name not in exclude and (u.cfg.provider != "anthropic" or est.operation == "chat")
+                for u in pool.upstreams
+            ):
+                raise Refusal("unavailable", f"no upstream in the pool for model {pool.model!r} can serve this request")
+            raise Refusal(why, f"every upstream for model {pool.model!r} is {why.replace('_', ' ')}")
+        return _STRATEGIES[pool.strategy](pool, cands, est)
+
+    # ---- admission (queue when everything is busy) ----------------------------------------------------------
+    async def admit(self, pool: Pool, est: Estimate, exclude: frozenset[str] = frozenset()) -> Decision:
+        q = self._queues[pool.model]
+        if not q:
+            try:
+                return self._dispatch(self.pick(pool, est, exclude), est)
+            except Refusal as r:
+                if r.kind == "unavailable":
+                    raise GatewayError(503, r.detail, code="no_upstream") from None
+                last = r
+        else:
+            last = Refusal("saturated", "queued behind earlier requests")
+        if len(q) >= self.queue_max:
+            raise GatewayError(503, f"gateway queue for model {pool.model!r} is full", code="queue_full", retry_after=1)
+        w = _Waiter(est, exclude, asyncio.get_running_loop().create_future(), time.monotonic(), last)
+        q.append(w)
+        try:
+            d = await asyncio.wait_for(asyncio.shield(w.future), self.queue_timeout)
+        except asyncio.TimeoutError:
+            w.future.cancel()
+            if w.last.kind == "rate_limited":
+                raise GatewayError(
+                    429, f"rate limits of every upstream for model {pool.model!r} are reached", code="rate_limited",
+                    retry_after=1,
+                ) from None
+            raise GatewayError(503, w.last.detail + f"; waited {self.queue_timeout:.0f}s", code="saturated") from None
+        except asyncio.CancelledError:
+            if w.future.done() and not w.future.cancelled():
+                self.release(w.future.result().upstream)  # admitted just as the client left
+            w.future.cancel()
+            raise
+        finally:
+            if w in q:
+                q.remove(w)
+        d.queue_wait = time.monotonic() - w.since
+        return d
+
+    def _dispatch(self, d: Decision, est: Estimate) -> Decision:
+        d.upstream.credit(est.admitted_tokens)
+        self.health.dispatched(d.upstream)
+        return d
+
+    def release(self, u: UpstreamStats) -> None:
+        u.release()
+        self.wake(u)
+
+    def wake(self, u: UpstreamStats | None = None) -> None:
+        """Serve queued requests in FIFO order while the head can be placed."""
+        for model, q in self._queues.items():
+            if not q:
+                continue
+            if u is not None and u.name not in self.fleet.pools[model].cfg.upstreams:
+                continue
+            pool = self.fleet.pools[model]
+            while q:
+                w = q[0]
+                if w.future.done():
+                    q.popleft()
+                    continue
+                try:
+                    d = self.pick(pool, w.est, w.exclude)
+                except Refusal as r:
+                    w.last = r
+                    break
+                q.popleft()
+                w.future.set_result(self._dispatch(d, w.est))
+
+    def queue_depth(self) -> dict[str, int]:
+        return {m: len(q) for m, q in self._queues.items()}
+
+
+@dataclass(eq=False)
+class _Waiter:
+    est: Estimate
+    exclude: frozenset[str]
+    future: asyncio.Future
+    since: float
+    last: Refusal
+
+
+# ---- strategies ----------------------------------------------------------------------------------------------
+def _throughput(pool: Pool, cands: list[UpstreamStats], est: Estimate) -> Decision:
+    scores = {u.name: throughput_gain(u, est) * u.weight for u in cands}
+    best = max(cands, key=lambda u: scores[u.name])
+    if scores[best.name] <= 0:
+        raise Refusal("saturated", f"every upstream for model {pool.model!r} is past its capacity knee")
+    return Decision(best, "throughput", f"max marginal gain {scores[best.name]:.1f} tok/s", scores)
+
+
+def _weighted(pool: Pool, cands: list[UpstreamStats], est: Estimate) -> Decision:
+    u = random.choices(cands, weights=[c.weight for c in cands])[0]
+    return Decision(u, "weighted", f"weighted random (weight {u.weight:g})", {c.name: c.weight for c in cands})
+
+
+def _round_robin(pool: Pool, cands: list[UpstreamStats], est: Estimate) -> Decision:
+    pool.rr += 1
+    u = cands[pool.rr % len(cands)]
+    return Decision(u, "round_robin", "next in rotation", {})
+
+
+def _least_busy(pool: Pool, cands: list[UpstreamStats], est: Estimate) -> Decision:
+    scores = {u.name: u.inflight / u.cfg.max_concurrency for u in cands}
+    u = min(cands, key=lambda c: (scores[c.name], -c.weight))
+    return Decision(u, "least_busy", f"lowest utilisation {scores[u.name]:.2f}", scores)
+
+
+def _lowest_latency(pool: Pool, cands: list[UpstreamStats], est: Estimate) -> Decision:
+    m = max(1, est.output_tokens)
+    scores = {u.name: u.curve.ttft + m * u.curve.tpot(u.inflight + 1) for u in cands}
+    u = min(cands, key=lambda c: scores[c.name])
+    return Decision(u, "lowest_latency", f"lowest predicted latency {scores[u.name]:.2f}s", scores)
+
+
+_STRATEGIES = {
+    "throughput": _throughput,
+    "weighted": _weighted,
+    "round_robin": _round_robin,
+    "least_busy": _least_busy,
+    "lowest_latency": _lowest_latency,
+}

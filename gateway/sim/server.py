@@ -1,0 +1,576 @@
+"""aiohttp app for the upstream simulator: OpenAI / Azure / Anthropic wire formats over a sim model."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import json
+import math
+import re
+import struct
+import time
+import warnings
+from dataclasses import dataclass, fields, replace
+from typing import Any, Literal
+
+from aiohttp import web
+
+from gateway.sim.engine import GpuEngine, RateLimited, SimModel, SimStopped, TokenStream
+from gateway.sim.hosted import HostedModel, retry_after_header
+
+
+@dataclass
+class SimConfig:
+    """Simulated upstream parameters. gpu: one continuous-batching loop; hosted: independent requests."""
+
+    name: str = "sim"
+    mode: Literal["gpu", "hosted"] = "gpu"
+    # gpu: step_time = (base_step + per_seq*running + prefill_per_token*admitted prompt tokens) * slowdown
+    base_step: float = 0.010
+    per_seq: float = 0.0005
+    prefill_per_token: float = 0.00002
+    slots: int = 32  # max running sequences; the rest wait FIFO
+    # hosted: first token after ttft*slowdown, then tok_s/slowdown tokens per second
+    ttft: float = 0.3
+    tok_s: float = 50.0
+    rpm: int | None = None  # hosted: sliding-window limits -> 429 + Retry-After
+    tpm: int | None = None  # cost = prompt tokens + max_tokens (or default_max_tokens)
+    window: float = 60.0
+    max_concurrency: int | None = None  # hosted: more in flight -> 429
+    default_max_tokens: int = 128
+    error_rate: float = 0.0  # fraction answered 500 before any output
+    slowdown: float = 1.0
+    slowdown_at: float | None = None  # seconds after app start when slowdown_factor kicks in
+    slowdown_factor: float = 4.0
+    api_key: str | None = None  # Bearer / api-key / x-api-key, else 401
+    seed: int = 0
+
+
+# Each is a single cl100k token with its leading space, so one chunk == one token.
+WORDS: tuple[str, ...] = tuple(" " + w for w in (
+    "the of and to in is that for it as with was on be at by this have from or an but not are can all"
+    " which one we you they more will new time model data system token fast first good work world light"
+    " water people number small large"
+).split())
+TOOL_ARGS = ('{"', "city", '":"', "Paris", '"}')  # each one cl100k token; joined: {"city":"Paris"}
+_STOP_RE = re.compile(r"STOP_AFTER_(\d+)")
+
+Api = Literal["chat", "completions", "messages"]
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
+        super().__init__(message)
+        self.message, self.param, self.status = message, param, status
+
+
+# ------------------------------------------------------------------------------- errors
+_OAI_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+              429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+_ANT_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+              429: "rate_limit_error", 500: "api_error", 503: "overloaded_error"}
+
+
+def error_response(api: Api | None, status: int, message: str, *, param: str | None = None,
+                   code: str | None = None, headers: dict[str, str] | None = None) -> web.Response:
+    """OpenAI `{"error": {...}}` or, for /v1/messages, Anthropic `{"type": "error", ...}`."""
+    if api == "messages":
+        body: dict[str, Any] = {"type": "error", "error": {"type": _ANT_TYPES.get(status, "api_error"),
+                                                           "message": message}}
+    else:
+        body = {"error": {"message": message, "type": _OAI_TYPES.get(status, "server_error"),
+                          "param": param, "code": code}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+# ------------------------------------------------------------------------------- request parsing
+def _text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text") or "" if isinstance(p, dict) else str(p) for p in content)
+    return str(content)
+
+
+def _opt_int(body: dict[str, Any], key: str) -> int | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise BadRequest(f"'{key}' must be a positive integer", key)
+    return v
+
+
+@dataclass
+class Job:
+    """A parsed generation request: how many units to produce and how to render them."""
+
+    api: Api
+    model: str
+    prompt_tokens: int
+    n: int
+    finish: str  # OpenAI terms: "stop" | "length" | "tool_calls"
+    stream: bool
+    include_usage: bool
+    tool: str | None
+    budget: int
+    rid: int
+    created: int
+
+    def piece(self, i: int) -> str:
+        if self.tool is not None:
+            return "" if i == 0 else TOOL_ARGS[i - 1]
+        return WORDS[(self.rid * 7 + i * 11) % len(WORDS)]
+
+    def text(self, count: int) -> str:
+        return "".join(self.piece(i) for i in range(count))
+
+    @property
+    def tool_id(self) -> str:
+        return f"{'toolu' if self.api == 'messages' else 'call'}_sim_{self.rid}"
+
+
+def parse_job(api: Api, body: Any, sim: SimModel, model_default: str) -> Job:
+    """Validate a request body and decide the output plan."""
+    if not isinstance(body, dict):
+        raise BadRequest("Request body must be a JSON object")
+    cfg = sim.cfg
+    tools = body.get("tools")
+    if api == "completions":
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            chars, last = len(prompt), prompt
+        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            chars, last = sum(map(len, prompt)), prompt[-1]
+        elif isinstance(prompt, list) and prompt:  # token ids
+            flat = [t for p in prompt for t in (p if isinstance(p, list) else [p])]
+            chars, last = 4 * len(flat), ""
+        else:
+            raise BadRequest("'prompt' is required", "prompt")
+        max_tokens = _opt_int(body, "max_tokens")
+    else:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise BadRequest("'messages' must be a non-empty array of message objects", "messages")
+        chars = sum(len(_text(m.get("content"))) for m in messages) + len(_text(body.get("system")))
+        users = [m for m in messages if m.get("role") == "user"]
+        last = _text(users[-1].get("content")) if users else ""
+        if api == "messages":
+            max_tokens = _opt_int(body, "max_tokens")
+            if max_tokens is None:
+                raise BadRequest("max_tokens: Field required", "max_tokens")
+        else:
+            max_tokens = _opt_int(body, "max_completion_tokens") or _opt_int(body, "max_tokens")
+    limit = max_tokens or cfg.default_max_tokens
+    tool = None
+    if api != "completions" and isinstance(tools, list) and tools and "CALL_TOOL" in last:
+        t0 = tools[0] if isinstance(tools[0], dict) else {}
+        tool = str(t0.get("name") or (t0.get("function") or {}).get("name") or "tool")
+    m = _STOP_RE.search(last)
+    if tool is not None:
+        n, finish = len(TOOL_ARGS) + 1, "tool_calls"
+    elif m is not None and int(m.group(1)) <= limit:
+        n, finish = int(m.group(1)), "stop"
+    else:
+        n, finish = limit, "length" if max_tokens else "stop"
+    prompt_tokens = max(1, chars // 4)
+    so = body.get("stream_options")
+    return Job(api=api, model=str(body.get("model") or model_default), prompt_tokens=prompt_tokens,
+               n=n, finish=finish, stream=bool(body.get("stream")),
+               include_usage=isinstance(so, dict) and bool(so.get("include_usage")), tool=tool,
+               budget=prompt_tokens + limit, rid=sim.next_id(), created=int(time.time()))
+
+
+# ------------------------------------------------------------------------------- wire formats
+def _sse(obj: Any, event: str | None = None) -> bytes:
+    data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
+    return (f"event: {event}\n" if event else "").encode() + f"data: {data}\n\n".encode()
+
+
+def _usage(job: Job, count: int) -> dict[str, int]:
+    return {"prompt_tokens": job.prompt_tokens, "completion_tokens": count,
+            "total_tokens": job.prompt_tokens + count}
+
+
+_ANT_STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
+
+
+class Wire:
+    """Renders a Job as stream events (head / per-token / tail) or as one full response."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        j = job
+        if j.api == "chat":
+            self.id, self.obj = f"chatcmpl-sim-{j.rid}", "chat.completion"
+        elif j.api == "completions":
+            self.id, self.obj = f"cmpl-sim-{j.rid}", "text_completion"
+        else:
+            self.id, self.obj = f"msg_sim_{j.rid}", "message"
+
+    def _chunk(self, choice: dict[str, Any] | None, usage: dict[str, int] | None = None) -> bytes:
+        obj = "chat.completion.chunk" if self.job.api == "chat" else "text_completion"
+        out: dict[str, Any] = {"id": self.id, "object": obj, "created": self.job.created,
+                               "model": self.job.model, "system_fingerprint": None,
+                               "choices": [choice] if choice else []}
+        if usage is not None:
+            out["usage"] = usage
+        return _sse(out)
+
+    def _delta(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        if self.job.api == "chat":
+            return self._chunk({"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish})
+        return self._chunk({"index": 0, "text": delta.get("content", ""), "logprobs": None,
+                            "finish_reason": finish})
+
+    def head(self) -> list[bytes]:
+        j = self.job
+        if j.api == "chat":
+            return [self._delta({"role": "assistant", "content": ""})]
+        if j.api == "completions":
+            return []
+        msg = {"id": self.id, "type": "message", "role": "assistant", "content": [], "model": j.model,
+               "stop_reason": None, "stop_sequence": None,
+               "usage": {"input_tokens": j.prompt_tokens, "output_tokens": 1}}
+        block = ({"type": "tool_use", "id": j.tool_id, "name": j.tool, "input": {}} if j.tool
+                 else {"type": "text", "text": ""})
+        return [_sse({"type": "message_start", "message": msg}, "message_start"),
+                _sse({"type": "content_block_start", "index": 0, "content_block": block}, "content_block_start"),
+                _sse({"type": "ping"}, "ping")]
+
+    def token(self, i: int) -> bytes:
+        j, piece = self.job, self.job.piece(i)
+        if j.api == "messages":
+            delta = ({"type": "input_json_delta", "partial_json": piece} if j.tool
+                     else {"type": "text_delta", "text": piece})
+            return _sse({"type": "content_block_delta", "index": 0, "delta": delta}, "content_block_delta")
+        if j.tool is not None:
+            call: dict[str, Any] = {"index": 0, "function": {"arguments": piece}}
+            if i == 0:
+                call = {"index": 0, "id": j.tool_id, "type": "function",
+                        "function": {"name": j.tool, "arguments": ""}}
+            return self._delta({"tool_calls": [call]})
+        return self._delta({"content": piece})
+
+    def tail(self, count: int) -> list[bytes]:
+        j = self.job
+        finish = j.finish if count >= j.n else "stop"
+        if j.api == "messages":
+            return [_sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
+                    _sse({"type": "message_delta", "delta": {"stop_reason": _ANT_STOP[finish], "stop_sequence": None},
+                          "usage": {"output_tokens": count}}, "message_delta"),
+                    _sse({"type": "message_stop"}, "message_stop")]
+        out = [self._delta({}, finish)]
+        if j.include_usage:
+            out.append(self._chunk(None, _usage(j, count)))
+        out.append(_sse("[DONE]"))
+        return out
+
+    def full(self, count: int) -> dict[str, Any]:
+        j = self.job
+        if j.api == "messages":
+            content = ([{"type": "tool_use", "id": j.tool_id, "name": j.tool, "input": {"city": "Paris"}}]
+                       if j.tool else [{"type": "text", "text": j.text(count)}])
+            return {"id": self.id, "type": "message", "role": "assistant", "content": content,
+                    "model": j.model, "stop_reason": _ANT_STOP[j.finish], "stop_sequence": None,
+                    "usage": {"input_tokens": j.prompt_tokens, "output_tokens": count}}
+        base: dict[str, Any] = {"id": self.id, "object": self.obj, "created": j.created, "model": j.model,
+                                "system_fingerprint": None}
+        if j.api == "completions":
+            base["choices"] = [{"index": 0, "text": j.text(count), "logprobs": None, "finish_reason": j.finish}]
+            return {**base, "usage": _usage(j, count)}
+        msg: dict[str, Any] = {"role": "assistant", "content": j.text(count), "refusal": None}
+        if j.tool:
+            msg["content"] = None
+            msg["tool_calls"] = [{"id": j.tool_id, "type": "function",
+                                  "function": {"name": j.tool, "arguments": j.text(count)}}]
+        base["choices"] = [{"index": 0, "message": msg, "logprobs": None, "finish_reason": j.finish}]
+        return {**base, "usage": _usage(j, count)}
+
+
+# ------------------------------------------------------------------------------- handlers
+def _sim(request: web.Request) -> SimModel:
+    sim: SimModel = request.app["sim"]
+    return sim
+
+
+async def _read_json(request: web.Request) -> Any:
+    try:
+        return await request.json(loads=json.loads)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+        raise BadRequest("Invalid JSON body") from None
+
+
+async def _generate(request: web.Request, api: Api, model_default: str | None = None) -> web.StreamResponse:
+    sim = _sim(request)
+    try:
+        job = parse_job(api, await _read_json(request), sim, model_default or sim.cfg.name)
+    except BadRequest as e:
+        return error_response(api, e.status, e.message, param=e.param)
+    if sim.roll_error():
+        return error_response(api, 500, "Simulated upstream failure", code="sim_error")
+    limit_headers = sim.limiter.headers if isinstance(sim, HostedModel) else dict
+    try:
+        stream = sim.open(job.prompt_tokens, job.n, job.budget)
+    except RateLimited as e:
+        headers = {"Retry-After": retry_after_header(e.retry_after), **limit_headers()}
+        return error_response(api, 429, e.message, code="rate_limit_exceeded", headers=headers)
+    wire = Wire(job)
+    try:
+        if job.stream:
+            return await _stream(request, sim, wire, stream, limit_headers())
+        count = 0
+        async for _ in stream:
+            count += 1
+        return web.json_response(wire.full(count), headers=limit_headers())
+    except SimStopped:
+        return error_response(api, 503, "Simulator shutting down")
+    finally:
+        stream.close()
+
+
+async def _stream(request: web.Request, sim: SimModel, wire: Wire, stream: TokenStream,
+                  headers: dict[str, str]) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                       "x-request-id": wire.id, **headers})
+    await resp.prepare(request)
+    fail_after = sim.fail_streams_after
+    count, started = 0, False
+    try:
+        while True:
+            if fail_after is not None and count >= fail_after:
+                _abort(request)
+                return resp
+            try:
+                i = await stream.__anext__()
+            except StopAsyncIteration:
+                break
+            data = b"".join(wire.head()) if not started else b""
+            started = True
+            await resp.write(data + wire.token(i))
+            count += 1
+        await resp.write(b"".join(([] if started else wire.head()) + wire.tail(count)))
+        await resp.write_eof()
+    except (ConnectionResetError, SimStopped):
+        _abort(request)
+    return resp
+
+
+def _abort(request: web.Request) -> None:
+    """Drop the TCP connection without finishing the chunked body (a mid-stream failure)."""
+    tr = request.transport
+    if tr is not None:
+        tr.abort()
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, "chat")
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, "completions")
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, "messages")
+
+
+async def azure(request: web.Request) -> web.StreamResponse:
+    if not request.query.get("api-version"):
+        return error_response("chat", 400, "Missing required query parameter 'api-version'", param="api-version")
+    op, dep = request.match_info["op"], request.match_info["deployment"]
+    if op == "embeddings":
+        return await embeddings(request, dep)
+    return await _generate(request, "chat" if op == "chat/completions" else "completions", dep)
+
+
+def embed_vector(text: str, dim: int = 8) -> list[float]:
+    """Deterministic unit vector derived from sha256(text)."""
+    h = hashlib.sha256(text.encode()).digest()
+    v = [(b / 127.5) - 1.0 for b in h[:dim]]
+    norm = math.sqrt(sum(x * x for x in v)) or 1.0
+    return [x / norm for x in v]
+
+
+async def embeddings(request: web.Request, model_default: str | None = None) -> web.Response:
+    sim = _sim(request)
+    try:
+        body = await _read_json(request)
+        inp = body.get("input") if isinstance(body, dict) else None
+        if isinstance(inp, str) or (isinstance(inp, list) and inp and isinstance(inp[0], int)):
+            inp = [inp]
+        if not isinstance(inp, list) or not inp:
+            raise BadRequest("'input' is required", "input")
+    except BadRequest as e:
+        return error_response(None, 400, e.message, param=e.param)
+    if sim.roll_error():
+        return error_response(None, 500, "Simulated upstream failure", code="sim_error")
+    texts = [x if isinstance(x, str) else json.dumps(x) for x in inp]
+    tokens = sum(max(1, len(t) // 4) if isinstance(x, str) else len(x) for t, x in zip(texts, inp))
+    sim.prompt_tokens_total += tokens
+    b64 = body.get("encoding_format") == "base64"
+    data = []
+    for i, t in enumerate(texts):
+        vec = embed_vector(t)
+        emb: Any = base64.b64encode(struct.pack("<8f", *vec)).decode() if b64 else vec
+        data.append({"object": "embedding", "index": i, "embedding": emb})
+    return web.json_response({"object": "list", "data": data, "model": body.get("model") or model_default
+                              or sim.cfg.name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+async def models(request: web.Request) -> web.Response:
+    sim = _sim(request)
+    return web.json_response({"object": "list", "data": [
+        {"id": sim.cfg.name, "object": "model", "created": 0, "owned_by": "sim"}]})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    sim = _sim(request)
+    lbl = '{model_name="%s"}' % sim.cfg.name.replace("\\", "\\\\").replace('"', '\\"')
+    usage = sim.running / max(1, sim.cfg.slots)
+    rows = [("num_requests_running", "gauge", sim.running), ("num_requests_waiting", "gauge", sim.waiting),
+            ("kv_cache_usage_perc", "gauge", usage), ("gpu_cache_usage_perc", "gauge", usage),
+            ("generation_tokens_total", "counter", sim.tokens_generated),
+            ("prompt_tokens_total", "counter", sim.prompt_tokens_total)]
+    lines = []
+    for name, kind, value in rows:
+        lines += [f"# TYPE vllm:{name} {kind}", f"vllm:{name}{lbl} {value}"]
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+async def stats(request: web.Request) -> web.Response:
+    return web.json_response(_sim(request).stats())
+
+
+def _faults(sim: SimModel) -> dict[str, Any]:
+    return {"slowdown": sim.cfg.slowdown, "error_rate": sim.cfg.error_rate,
+            "fail_streams_after": sim.fail_streams_after}
+
+
+async def faults(request: web.Request) -> web.Response:
+    sim = _sim(request)
+    if request.method == "GET":
+        return web.json_response(_faults(sim))
+    try:
+        body = await _read_json(request)
+        if not isinstance(body, dict):
+            raise BadRequest("body must be an object")
+        for key in ("slowdown", "error_rate"):
+            if key in body:
+                v = body[key]
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                    raise BadRequest(f"'{key}' must be a non-negative number", key)
+        fsa = body.get("fail_streams_after")
+        if fsa is not None and (isinstance(fsa, bool) or not isinstance(fsa, int) or fsa < 0):
+            raise BadRequest("'fail_streams_after' must be a non-negative integer or null", "fail_streams_after")
+    except BadRequest as e:
+        return error_response(None, 400, e.message, param=e.param)
+    if "slowdown" in body:
+        sim.cfg.slowdown = float(body["slowdown"])
+    if "error_rate" in body:
+        sim.cfg.error_rate = float(body["error_rate"])
+    if "fail_streams_after" in body:
+        sim.fail_streams_after = fsa
+    return web.json_response(_faults(sim))
+
+
+@web.middleware
+async def _auth(request: web.Request, handler: Any) -> web.StreamResponse:
+    key = _sim(request).cfg.api_key
+    if key and request.path.startswith(("/v1/", "/openai/")):
+        auth = request.headers.get("Authorization", "")
+        given = {auth[7:].strip() if auth[:7].lower() == "bearer " else None,
+                 request.headers.get("api-key"), request.headers.get("x-api-key")}
+        if key not in given:
+            api: Api | None = "messages" if request.path == "/v1/messages" else None
+            return error_response(api, 401, "Incorrect API key provided", code="invalid_api_key")
+    return await handler(request)
+
+
+# ------------------------------------------------------------------------------- app
+def create_app(cfg: SimConfig) -> web.Application:
+    """Build the simulator app; app["sim"] is the live model (a copy of cfg is used)."""
+    cfg = replace(cfg)
+    sim: SimModel = GpuEngine(cfg) if cfg.mode == "gpu" else HostedModel(cfg)
+    app = web.Application(middlewares=[_auth], client_max_size=32 * 1024 * 1024)
+    with warnings.catch_warnings():  # the public contract is the plain key app["sim"]
+        warnings.simplefilter("ignore")
+        app["sim"] = sim
+
+    async def _start(_: web.Application) -> None:
+        await sim.start()
+
+    async def _stop(_: web.Application) -> None:
+        await sim.stop()
+
+    app.on_startup.append(_start)
+    app.on_shutdown.append(_stop)
+    app.on_cleanup.append(_stop)
+    r = app.router
+    r.add_post("/v1/chat/completions", chat)
+    r.add_post("/v1/completions", completions)
+    r.add_post("/v1/messages", messages)
+    r.add_post("/v1/embeddings", embeddings)
+    r.add_get("/v1/models", models)
+    r.add_post(r"/openai/deployments/{deployment}/{op:chat/completions|completions|embeddings}", azure)
+    r.add_get("/metrics", metrics)
+    r.add_get("/health", health)
+    r.add_get("/sim/stats", stats)
+    r.add_route("*", "/sim/faults", faults)
+    return app
+
+
+async def start_sim(cfg: SimConfig, host: str = "127.0.0.1", port: int = 0) -> tuple[web.AppRunner, int]:
+    """Start the sim on host:port (0 = free port); returns the runner (call .cleanup()) and port."""
+    runner = web.AppRunner(create_app(cfg), handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = runner.addresses[0][1]
+    return runner, int(bound)
+
+
+async def serve_forever(cfg: SimConfig, host: str, port: int) -> None:
+    """Run the sim until cancelled (used by `gateway sim`)."""
+    runner, bound = await start_sim(cfg, host, port)
+    print(f"sim {cfg.name!r} ({cfg.mode}) listening on http://{host}:{bound}/v1", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+# ------------------------------------------------------------------------------- CLI
+_ARG_TYPES: dict[str, type] = {
+    "name": str, "mode": str, "base_step": float, "per_seq": float, "prefill_per_token": float, "slots": int,
+    "ttft": float, "tok_s": float, "rpm": int, "tpm": int, "window": float, "max_concurrency": int,
+    "default_max_tokens": int, "error_rate": float, "slowdown": float, "slowdown_at": float,
+    "slowdown_factor": float, "api_key": str, "seed": int,
+}
+
+
+def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one --flag per SimConfig field plus --host/--port."""
+    defaults = SimConfig()
+    for f in fields(SimConfig):
+        kw: dict[str, Any] = {"type": _ARG_TYPES[f.name], "default": getattr(defaults, f.name),
+                              "help": f"(default: {getattr(defaults, f.name)})"}
+        if f.name == "mode":
+            kw["choices"] = ["gpu", "hosted"]
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9101)
+
+
+def config_from_args(ns: argparse.Namespace) -> SimConfig:
+    """Build a SimConfig from parsed add_sim_arguments flags (missing ones keep defaults)."""
+    return SimConfig(**{f.name: getattr(ns, f.name) for f in fields(SimConfig) if hasattr(ns, f.name)})

@@ -1,0 +1,226 @@
+"""Live figures per upstream, all in memory. This is where tok/s is measured and windowed.
+
+The request path only touches this module (no I/O): it credits dispatches, records finished requests and reads
+cached fleet figures. fleet_sync merges these with the other replicas through Redis in the background and calls
+`refresh()` so the cached figures (fleet tok/s, RPM/TPM used, remote in-flight) stay current.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from .capacity import CapacityCurve, Sample
+from .config import UpstreamConfig
+
+# Per-second counter fields.
+REQ, OUT, ADM, ERR, RL = range(5)
+FIELDS = ("req", "out", "adm", "err", "rl")
+WINDOW_S = 60
+RATE_WINDOW_S = 10  # tok/s and error rates are averaged over this many seconds
+
+
+class Window:
+    """Per-second counters keyed by epoch second."""
+
+    __slots__ = ("buckets",)
+
+    def __init__(self) -> None:
+        self.buckets: dict[int, list[int]] = {}
+
+    def add(self, sec: int, field: int, v: int) -> None:
+        b = self.buckets.get(sec)
+        if b is None:
+            b = self.buckets[sec] = [0, 0, 0, 0, 0]
+        b[field] += v
+
+    def merge(self, other: "Window") -> None:
+        for sec, vals in other.buckets.items():
+            b = self.buckets.get(sec)
+            if b is None:
+                self.buckets[sec] = list(vals)
+            else:
+                for i, v in enumerate(vals):
+                    b[i] += v
+
+    def sum(self, field: int, since: int) -> int:
+        return sum(v[field] for s, v in self.buckets.items() if s >= since)
+
+    def prune(self, before: int) -> None:
+        for s in [s for s in self.buckets if s < before]:
+            del self.buckets[s]
+
+    def __bool__(self) -> bool:
+        return bool(self.buckets)
+
+
+class UpstreamStats:
+    """Everything the router knows about one upstream."""
+
+    def __init__(self, cfg: UpstreamConfig) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.curve = CapacityCurve(cfg.capacity, cfg.max_concurrency)
+        self.weight = cfg.weight
+        # Exact, this replica only.
+        self.inflight_local = 0
+        self.pending = Window()  # recorded here, not yet flushed to the fleet view
+        self.pending_samples: list[Sample] = []
+        # Fleet view as of the last refresh (includes this replica's flushed data).
+        self.fleet = Window()
+        self.samples: deque[Sample] = deque(maxlen=400)
+        self.inflight_remote = 0
+        self.replicas = 1
+        self.cooldown_until = 0.0
+        # Cached at refresh; the request path reads these.
+        self.tok_s = 0.0
+        self.rps = 0.0
+        self.errors_per_min = 0.0
+        self.rate_limited_per_min = 0.0
+        self.used_req_60 = 0
+        self.used_tok_60 = 0
+        self.used_req_10 = 0
+        self.used_tok_10 = 0
+        self.inflight_at_refresh = 0
+        self.req_since_refresh = 0
+        self.tok_since_refresh = 0
+        self.decode_tok_s = 0.0
+        # Outlier ejection (local to this replica; see health.py).
+        self.consecutive_failures = 0
+        self.ejected_until = 0.0
+        self.ejections = 0
+        self.probing = False
+
+    # ---- request path -------------------------------------------------------------------------------------
+    @property
+    def inflight(self) -> int:
+        return self.inflight_local + self.inflight_remote
+
+    def credit(self, admitted_tokens: int) -> None:
+        """A request was dispatched here: count it at once so a burst spreads out."""
+        self.inflight_local += 1
+        self.req_since_refresh += 1
+        self.tok_since_refresh += admitted_tokens
+        sec = int(time.time())
+        self.pending.add(sec, REQ, 1)
+        self.pending.add(sec, ADM, admitted_tokens)
+
+    def release(self) -> None:
+        self.inflight_local -= 1
+
+    def record_tokens(self, output_tokens: int) -> None:
+        if output_tokens > 0:
+            self.pending.add(int(time.time()), OUT, output_tokens)
+
+    def record_sample(self, s: Sample) -> None:
+        self.pending_samples.append(s)
+        rate = 1.0 / s.tpot if s.tpot > 0 else 0.0
+        self.decode_tok_s = rate if self.decode_tok_s == 0 else 0.8 * self.decode_tok_s + 0.2 * rate
+
+    def record_error(self, rate_limited: bool) -> None:
+        self.pending.add(int(time.time()), RL if rate_limited else ERR, 1)
+
+    # ---- limits (read by the router) ----------------------------------------------------------------------
+    def _share(self, limit: int, used: int) -> float:
+        """This replica's share of what is left of a limit until the next refresh.
+
+        Every live replica may take 1/replicas of the headroom seen at the last refresh, so the fleet as a whole
+        can never overshoot, whatever the flush lag.
+        """
+        return (limit - used) / max(1, self.replicas)
+
+    def has_slot(self) -> bool:
+        mc = self.cfg.max_concurrency
+        if self.inflight_local + self.inflight_remote >= mc:
+            return False
+        grown = self.inflight_local - self.inflight_at_refresh
+        return grown < self._share(mc, self.inflight_at_refresh + self.inflight_remote) or self.replicas == 1
+
+    def rate_allows(self, tokens: int) -> bool:
+        cfg = self.cfg
+        if cfg.rpm:
+            if self.req_since_refresh + 1 > self._share(cfg.rpm, self.used_req_60):
+                return False
+            # Pace: at most 1.5x the average rate inside any 10 s, so the budget is not burnt in one burst.
+            burst = max(2.0, cfg.rpm * RATE_WINDOW_S / WINDOW_S * 1.5)
+            if self.req_since_refresh + 1 > self._share(int(burst), self.used_req_10):
+                return False
+        if cfg.tpm:
+            if self.tok_since_refresh + tokens > self._share(cfg.tpm, self.used_tok_60):
+                return False
+            burst = max(float(tokens), cfg.tpm * RATE_WINDOW_S / WINDOW_S * 1.5)
+            if self.tok_since_refresh + tokens > self._share(int(burst), self.used_tok_10):
+                return False
+        return True
+
+    # ---- background ---------------------------------------------------------------------------------------
+    def take_pending(self) -> tuple[Window, list[Sample]]:
+        w, s = self.pending, self.pending_samples
+        self.pending, self.pending_samples = Window(), []
+        return w, s
+
+    def restore_pending(self, w: Window, samples: list[Sample]) -> None:
+        """A flush failed: keep the deltas for the next one (and in the local view meanwhile)."""
+        w.merge(self.pending)
+        self.pending = w
+        self.pending_samples = samples + self.pending_samples
+
+    def refresh(self, now: float) -> None:
+        """Recompute the cached figures from the fleet window plus what is still pending locally."""
+        sec = int(now)
+        self.fleet.prune(sec - WINDOW_S)
+        view = self.fleet
+        if self.pending:
+            view = Window()
+            view.merge(self.fleet)
+            view.merge(self.pending)
+        since10 = sec - RATE_WINDOW_S
+        # The current second is partial: average over the complete ones plus the elapsed fraction.
+        span = RATE_WINDOW_S + (now - sec)
+        self.tok_s = view.sum(OUT, since10) / span
+        self.rps = view.sum(REQ, since10) / span
+        self.errors_per_min = view.sum(ERR, since10) * 60 / span
+        self.rate_limited_per_min = view.sum(RL, since10) * 60 / span
+        since60 = sec - WINDOW_S + 1
+        self.used_req_60 = view.sum(REQ, since60)
+        self.used_tok_60 = view.sum(ADM, since60)
+        self.used_req_10 = view.sum(REQ, sec - RATE_WINDOW_S + 1)
+        self.used_tok_10 = view.sum(ADM, sec - RATE_WINDOW_S + 1)
+        self.req_since_refresh = 0
+        self.tok_since_refresh = 0
+        self.inflight_at_refresh = self.inflight_local
+
+    def refit(self, now: float) -> None:
+        self.curve.fit(list(self.samples), now)
+
+    def state(self, now: float) -> str:
+        if self.weight <= 0:
+            return "draining"
+        if self.ejected_until > now:
+            return "ejected"
+        if self.cooldown_until > now:
+            return "cooldown"
+        return "healthy"
+
+    def snapshot(self, now: float, models: list[str]) -> dict:
+        c = self.cfg
+        return {
+            "name": self.name,
+            "provider": c.provider,
+            "kind": c.kind,
+            "models": models,
+            "weight": self.weight,
+            "state": self.state(now),
+            "inflight": self.inflight,
+            "inflight_local": self.inflight_local,
+            "max_concurrency": c.max_concurrency,
+            "tok_s": round(self.tok_s, 1),
+            "rps": round(self.rps, 2),
+            "ttft_s": round(self.curve.ttft, 4),
+            "decode_tok_s": round(self.decode_tok_s, 1),
+            "errors_per_min": round(self.errors_per_min, 2),
+            "rate_limited_per_min": round(self.rate_limited_per_min, 2),
+            "ejections": self.ejections,
+            "capacity": self.curve.snapshot(),
+            "limits": {"rpm": c.rpm, "tpm": c.tpm, "rpm_used": self.used_req_60, "tpm_used": self.used_tok_60},
+        }
