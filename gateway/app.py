@@ -32,8 +32,9 @@ async def error_middleware(request: web.Request, handler):
         return await handler(request)
     except GatewayError as e:
         return e.response()
-    except web.HTTPRequestEntityTooLarge as e:
-        return GatewayError(413, f"request body too large (limit {e.max_size} bytes)", code="body_too_large").response()
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[PROXY_KEY].s.max_body_bytes
+        return GatewayError(413, f"request body too large (limit {limit} bytes)", code="body_too_large").response()
     except web.HTTPException as e:
         if e.status < 400:
             raise
