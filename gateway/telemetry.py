@@ -114,6 +114,9 @@ TOKEN_TYPE_OUTPUT = "output"
 ERROR_TYPE_OTHER = "_OTHER"
 ERROR_TYPE_TIMEOUT = "timeout"
 
+#: Content-Type for ``GET /metrics`` (Prometheus text exposition format 0.0.4).
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
 # Metric names (instrument names; the Prometheus names are derived from them).
 METRIC_OPERATION_DURATION = "gen_ai.client.operation.duration"
 METRIC_TOKEN_USAGE = "gen_ai.client.token.usage"

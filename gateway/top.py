@@ -144,7 +144,7 @@ def render(snap: dict[str, Any], *, url: str = "", color: bool = False, width: i
     redis_s = f"{_REDIS_COLORS.get(redis, '')}{redis}{_RESET}" if color else redis
 
     lines = [
-        f"gateway top  {url}  replica {snap.get('replica', '-')}  redis {redis_s}  at {when}",
+        "  ".join(x for x in ("gateway top", url, f"replica {snap.get('replica', '-')}", f"redis {redis_s}", f"at {when}") if x),
         f"fleet: {fmt_rate(tot_toks)} tok/s  {fmt_int(tot_inflight)} in flight  "
         f"{len(ups)} upstream(s)  queued: "
         + (", ".join(f"{m}={fmt_int(d)}" for m, d in sorted(queues.items())) or "-"),

@@ -344,6 +344,7 @@ async def test_prometheus_histograms_counters() -> None:
     tel.record_ejection("fast-gpu")
     tel.record_ejection("fast-gpu")
     text = tel.prometheus_text({})
+    assert tel.prometheus_text({}) == text  # cumulative: reading does not reset anything
     await tel.shutdown()
     types, helps, samples = parse_prom(text)
 

@@ -1,0 +1,160 @@
+"""Routing decisions on real in-memory fleet state (no I/O): marginal gain, limits, queueing, strategies."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from gateway.config import FleetConfig
+from gateway.demo import DEMO_PORTS, reference_fleet
+from gateway.errors import GatewayError
+from gateway.fleet import Fleet
+from gateway.health import OutlierDetector
+from gateway.router import Estimate, Refusal, Router, throughput_gain
+
+
+def make(strategy: str = "throughput", **limits) -> tuple[Fleet, Router]:
+    cfg: FleetConfig = reference_fleet(DEMO_PORTS)
+    for name, kv in limits.items():
+        for k, v in kv.items():
+            setattr(cfg.upstreams[name], k, v)
+    fleet = Fleet(cfg, strategy)
+    for p in fleet.pools.values():
+        p.strategy = strategy
+    return fleet, Router(fleet, OutlierDetector(3, 1.0, 10.0), queue_max=4, queue_timeout=0.3)
+
+
+EST = Estimate(prompt_tokens=200, output_tokens=128)
+
+
+def test_low_load_picks_fastest_per_request_upstream():
+    fleet, router = make()
+    pool = fleet.pools["fleet-model"]
+    d = router.pick(pool, EST)
+    assert d.upstream.name == "fast-gpu"
+    assert set(d.scores) == {"fast-gpu", "slow-gpu", "hosted"}
+    assert "marginal gain" in d.reason
+
+
+def test_burst_water_fills_across_the_fleet():
+    """Credit each dispatch at once: a burst spreads out over every upstream in proportion to capacity."""
+    fleet, router = make()
+    pool = fleet.pools["fleet-model"]
+    counts: dict[str, int] = {}
+    for _ in range(60):
+        d = router._dispatch(router.pick(pool, EST), EST)
+        counts[d.upstream.name] = counts.get(d.upstream.name, 0) + 1
+    assert counts["fast-gpu"] > counts["slow-gpu"] > 0
+    assert counts.get("hosted", 0) > 0
+    # Greedy marginal gain: at the end every used upstream's next gain is close to the others'.
+    open_ = [u for u in pool.upstreams if u.has_slot() and u.rate_allows(EST.admitted_tokens)]
+    assert len(open_) >= 2
+    gains = {u.name: throughput_gain(u, EST) for u in open_}
+    assert max(gains.values()) - min(gains.values()) < 0.5 * max(gains.values())
+
+
+def test_max_concurrency_is_never_exceeded_and_requests_queue():
+    fleet, router = make(**{"fast-gpu": {"max_concurrency": 2}, "slow-gpu": {"max_concurrency": 1}, "hosted": {"max_concurrency": 1}})
+    pool = fleet.pools["fleet-model"]
+    for _ in range(4):
+        router._dispatch(router.pick(pool, EST), EST)
+    assert [u.inflight for u in pool.upstreams] == [2, 1, 1]
+    with pytest.raises(Refusal) as r:
+        router.pick(pool, EST)
+    assert r.value.kind == "saturated"
+
+
+async def test_queue_serves_fifo_when_a_slot_frees_and_times_out_otherwise():
+    fleet, router = make(**{"fast-gpu": {"max_concurrency": 1}, "slow-gpu": {"weight": 0}, "hosted": {"weight": 0}})
+    pool = fleet.pools["fleet-model"]
+    first = await router.admit(pool, EST)
+    waiter = asyncio.create_task(router.admit(pool, EST))
+    await asyncio.sleep(0.05)
+    assert router.queue_depth()["fleet-model"] == 1
+    router.release(first.upstream)
+    second = await asyncio.wait_for(waiter, 1)
+    assert second.upstream.name == "fast-gpu" and second.queue_wait > 0.03
+    with pytest.raises(GatewayError) as e:
+        await router.admit(pool, EST)
+    assert e.value.status == 503 and e.value.code == "saturated"
+
+
+def test_rpm_limit_is_respected_and_reported():
+    fleet, router = make(**{"fast-gpu": {"weight": 0}, "slow-gpu": {"weight": 0}})
+    pool = fleet.pools["fleet-model"]
+    hosted = fleet.upstreams["hosted"]
+    hosted.cfg.rpm = 6
+    hosted.refresh(time.time())
+    sent = 0
+    with pytest.raises(Refusal) as r:
+        for _ in range(10):
+            router._dispatch(router.pick(pool, EST), EST)
+            hosted.release()
+            sent += 1
+    assert r.value.kind == "rate_limited"
+    assert sent <= 6 * 10 / 60 * 1.5 + 1  # paced: no more than the 10 s burst allowance
+
+
+def test_tpm_counts_prompt_and_max_tokens():
+    fleet, router = make(**{"fast-gpu": {"weight": 0}, "slow-gpu": {"weight": 0}})
+    pool = fleet.pools["fleet-model"]
+    hosted = fleet.upstreams["hosted"]
+    hosted.cfg.rpm, hosted.cfg.tpm = None, 6000
+    hosted.refresh(time.time())
+    big = Estimate(prompt_tokens=700, output_tokens=300)
+    n = 0
+    with pytest.raises(Refusal):
+        for _ in range(10):
+            router._dispatch(router.pick(pool, big), big)
+            n += 1
+    assert n * 1000 <= 6000
+
+
+def test_limits_are_shared_between_replicas():
+    """With 3 live replicas each may take a third of the headroom between refreshes: the fleet cannot overshoot."""
+    fleet, router = make(**{"fast-gpu": {"weight": 0}, "slow-gpu": {"weight": 0}})
+    hosted = fleet.upstreams["hosted"]
+    hosted.cfg.rpm = 600
+    hosted.cfg.max_concurrency = 30
+    hosted.replicas = 3
+    hosted.refresh(time.time())
+    pool = fleet.pools["fleet-model"]
+    n = 0
+    with pytest.raises(Refusal):
+        for _ in range(100):
+            router._dispatch(router.pick(pool, EST), EST)
+            n += 1
+    assert n == 10  # 30 slots / 3 replicas
+
+
+def test_weight_zero_drains_and_other_strategies():
+    fleet, router = make(**{"fast-gpu": {"weight": 0}})
+    pool = fleet.pools["fleet-model"]
+    assert router.pick(pool, EST).upstream.name != "fast-gpu"
+    for strategy in ("round_robin", "weighted", "least_busy", "lowest_latency"):
+        fleet, router = make(strategy)
+        pool = fleet.pools["fleet-model"]
+        names = set()
+        for _ in range(30):
+            d = router._dispatch(router.pick(pool, EST), EST)
+            assert d.strategy == strategy
+            names.add(d.upstream.name)
+        assert len(names) >= 2, strategy
+
+
+def test_ejected_upstream_is_skipped_then_probed_once():
+    fleet, router = make()
+    pool = fleet.pools["fleet-model"]
+    fast = fleet.upstreams["fast-gpu"]
+    for _ in range(3):
+        router.health.failure(fast)
+    assert fast.state(time.time()) == "ejected"
+    assert router.pick(pool, EST).upstream.name != "fast-gpu"
+    fast.ejected_until = time.time() - 0.01  # backoff elapsed: half-open
+    d = router._dispatch(router.pick(pool, EST), EST)
+    assert d.upstream is fast and fast.probing
+    assert router.pick(pool, EST).upstream is not fast  # only one probe at a time
+    router.health.success(fast)
+    assert not fast.probing and fast.consecutive_failures == 0
