@@ -12,6 +12,7 @@ from . import admin, handlers
 from .config import FleetConfig, load_fleet
 from .errors import GatewayError
 from .fleet import Fleet
+from .engine_metrics import EngineMetricsScraper
 from .fleet_sync import FleetSync
 from .health import OutlierDetector
 from .handlers import PROXY_KEY
@@ -80,6 +81,7 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
     router = Router(fleet, health, settings.queue_max, settings.queue_timeout)
     sync = FleetSync(fleet, settings.replica_id, settings.redis_url, settings.redis_prefix, settings.flush_interval)
     proxy = Proxy(settings, fleet, router, health, sync, tel)
+    scraper = EngineMetricsScraper(fleet)
 
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
     app[PROXY_KEY] = proxy
@@ -95,6 +97,7 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
         encoding()  # load the tokenizer before the first request
         await proxy.start()
         await sync.start()
+        await scraper.start()
         # The sync loop refreshes limits; wake queued requests each cycle so rate-limit headroom is used.
         app[WAKER] = asyncio.create_task(_wake_loop(router, settings.flush_interval))
 
@@ -107,6 +110,7 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
 
     async def on_cleanup(app: web.Application) -> None:
         app[WAKER].cancel()
+        await scraper.stop()
         await sync.stop()
         await proxy.stop()
         await tel.shutdown()

@@ -55,7 +55,7 @@ class Refusal(Exception):
 
 def throughput_gain(u: UpstreamStats, est: Estimate) -> float:
     c = u.curve
-    n = u.inflight
+    n = u.load
     t0, t1 = c.tpot(n), c.tpot(n + 1)
     m = max(1, est.output_tokens)
     own = m / (c.ttft + m * t1)
@@ -202,14 +202,14 @@ def _round_robin(pool: Pool, cands: list[UpstreamStats], est: Estimate) -> Decis
 
 
 def _least_busy(pool: Pool, cands: list[UpstreamStats], est: Estimate) -> Decision:
-    scores = {u.name: u.inflight / u.cfg.max_concurrency for u in cands}
+    scores = {u.name: u.load / u.cfg.max_concurrency for u in cands}
     u = min(cands, key=lambda c: (scores[c.name], -c.weight))
     return Decision(u, "least_busy", f"lowest utilisation {scores[u.name]:.2f}", scores)
 
 
 def _lowest_latency(pool: Pool, cands: list[UpstreamStats], est: Estimate) -> Decision:
     m = max(1, est.output_tokens)
-    scores = {u.name: u.curve.ttft + m * u.curve.tpot(u.inflight + 1) for u in cands}
+    scores = {u.name: u.curve.ttft + m * u.curve.tpot(u.load + 1) for u in cands}
     u = min(cands, key=lambda c: scores[c.name])
     return Decision(u, "lowest_latency", f"lowest predicted latency {scores[u.name]:.2f}s", scores)
 

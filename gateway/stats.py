@@ -70,6 +70,8 @@ class UpstreamStats:
         self.fleet = Window()
         self.samples: deque[Sample] = deque(maxlen=400)
         self.inflight_remote = 0
+        #: Requests the engine reports beyond what the gateways sent (engine_metrics.py).
+        self.external_load = 0.0
         self.replicas = 1
         self.cooldown_until = 0.0
         # Cached at refresh; the request path reads these.
@@ -95,6 +97,11 @@ class UpstreamStats:
     @property
     def inflight(self) -> int:
         return self.inflight_local + self.inflight_remote
+
+    @property
+    def load(self) -> float:
+        """Concurrency to plan with: the fleet's in-flight requests plus external load on the engine."""
+        return self.inflight_local + self.inflight_remote + self.external_load
 
     def credit(self, admitted_tokens: int) -> None:
         """A request was dispatched here: count it at once so a burst spreads out."""
@@ -131,7 +138,7 @@ class UpstreamStats:
 
     def has_slot(self) -> bool:
         mc = self.cfg.max_concurrency
-        if self.inflight_local + self.inflight_remote >= mc:
+        if self.load >= mc:
             return False
         grown = self.inflight_local - self.inflight_at_refresh
         return grown < self._share(mc, self.inflight_at_refresh + self.inflight_remote) or self.replicas == 1
@@ -213,6 +220,7 @@ class UpstreamStats:
             "state": self.state(now),
             "inflight": self.inflight,
             "inflight_local": self.inflight_local,
+            "external_load": round(self.external_load, 1),
             "max_concurrency": c.max_concurrency,
             "tok_s": round(self.tok_s, 1),
             "rps": round(self.rps, 2),
