@@ -29,23 +29,24 @@ WAKER = web.AppKey("waker", asyncio.Task)
 
 @web.middleware
 async def error_middleware(request: web.Request, handler):
+    dialect = "anthropic" if request.path == "/v1/messages" else "openai"
     try:
         return await handler(request)
     except GatewayError as e:
-        return e.response()
+        return e.response(dialect)
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[PROXY_KEY].s.max_body_bytes
-        return GatewayError(413, f"request body too large (limit {limit} bytes)", code="body_too_large").response()
+        return GatewayError(413, f"request body too large (limit {limit} bytes)", code="body_too_large").response(dialect)
     except web.HTTPException as e:
         if e.status < 400:
             raise
         msg = {404: f"no route for {request.method} {request.path}", 405: f"method {request.method} not allowed"}
-        return GatewayError(e.status, msg.get(e.status, e.reason), code=e.reason.lower().replace(" ", "_")).response()
+        return GatewayError(e.status, msg.get(e.status, e.reason), code=e.reason.lower().replace(" ", "_")).response(dialect)
     except (ConnectionResetError, asyncio.CancelledError):
         raise
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return GatewayError(500, "internal gateway error", code="internal_error").response()
+        return GatewayError(500, "internal gateway error", code="internal_error").response(dialect)
 
 
 async def healthz(request: web.Request) -> web.Response:

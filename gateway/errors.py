@@ -24,6 +24,18 @@ _TYPES = {
 }
 
 
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
 class GatewayError(Exception):
     def __init__(
         self,
@@ -48,13 +60,17 @@ class GatewayError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> web.Response:
+    def anthropic_body(self) -> dict:
+        """The same error in Anthropic's shape, for clients of /v1/messages."""
+        kind = _ANTHROPIC_TYPES.get(self.status, "api_error")
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
+
+    def response(self, dialect: str = "openai") -> web.Response:
         headers = {}
         if self.retry_after is not None:
             headers["Retry-After"] = str(max(1, int(self.retry_after + 0.999)))
-        return web.Response(
-            status=self.status, body=json.dumps(self.body()).encode(), content_type="application/json", headers=headers
-        )
+        body = self.anthropic_body() if dialect == "anthropic" else self.body()
+        return web.Response(status=self.status, body=json.dumps(body).encode(), content_type="application/json", headers=headers)
 
 
 def sse_error_event(err: GatewayError) -> bytes:
