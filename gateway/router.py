@@ -3,8 +3,9 @@
 The default `throughput` strategy sends each request where it adds the most aggregate output tok/s: the
 request's own expected rate m / (ttft + m*t(n+1)) minus what it costs the n sequences already there
 (n * (1/t(n) - 1/t(n+1))), from each upstream's learned capacity curve (capacity.py), scaled by the operator's
-weight. When no upstream has a slot, rate-limit headroom or a positive gain, the request waits here (bounded,
-FIFO, with a timeout) instead of queueing inside an engine. Simple strategies are kept for comparison.
+weight. When no upstream has a free slot (max_concurrency = the engine's batch slots, i.e. its knee) or
+rate-limit headroom, the request waits here (bounded, FIFO, with a timeout) instead of queueing inside an
+engine. Simple strategies are kept for comparison.
 """
 
 from __future__ import annotations
@@ -183,10 +184,14 @@ class _Waiter:
 
 # ---- strategies ----------------------------------------------------------------------------------------------
 def _throughput(pool: Pool, cands: list[UpstreamStats], est: Estimate) -> Decision:
+    if est.operation == "embeddings":  # no decode phase: spread by utilisation instead
+        d = _least_busy(pool, cands, est)
+        d.strategy = "throughput"
+        return d
     scores = {u.name: throughput_gain(u, est) * u.weight for u in cands}
+    # Work-conserving: every candidate has a free slot, so even a negative best gain is dispatched (the least
+    # harmful place); requests wait in the gateway only when no upstream has a slot or rate-limit headroom.
     best = max(cands, key=lambda u: scores[u.name])
-    if scores[best.name] <= 0:
-        raise Refusal("saturated", f"every upstream for model {pool.model!r} is past its capacity knee")
     return Decision(best, "throughput", f"max marginal gain {scores[best.name]:.1f} tok/s", scores)
 
 

@@ -158,3 +158,17 @@ def test_ejected_upstream_is_skipped_then_probed_once():
     assert router.pick(pool, EST).upstream is not fast  # only one probe at a time
     router.health.success(fast)
     assert not fast.probing and fast.consecutive_failures == 0
+
+
+def test_work_conserving_even_when_marginal_gain_is_negative():
+    """Short or embedding requests on a busy fleet are still dispatched while any upstream has a slot."""
+    fleet, router = make()
+    pool = fleet.pools["fleet-model"]
+    for _ in range(40):
+        router._dispatch(router.pick(pool, EST), EST)
+    tiny = Estimate(prompt_tokens=10, output_tokens=1)
+    d = router.pick(pool, tiny)
+    assert d.upstream.has_slot()
+    emb = Estimate(prompt_tokens=10, output_tokens=1, operation="embeddings")
+    d = router.pick(pool, emb)
+    assert d.strategy == "throughput" and "utilisation" in d.reason
