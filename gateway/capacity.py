@@ -35,8 +35,8 @@ class Sample:
 
 
 class CapacityCurve:
-    #: Age (s) at which a sample's weight has decayed to 1/e.
-    HALF_LIFE = 60.0
+    #: Age (s) at which a sample's weight has decayed to 1/e: short, so a server that slows down is seen in seconds.
+    HALF_LIFE = 15.0
     #: Weight of the configured hint, in samples.
     PRIOR_WEIGHT = 3.0
 

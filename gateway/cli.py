@@ -128,6 +128,16 @@ def cmd_check_config(ns: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # bench and top own their flags; argparse.REMAINDER mishandles a leading option, so hand them over first.
+    if argv[:1] == ["bench"]:
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
+    if argv[:1] == ["top"]:
+        from .top import main as top_main
+
+        return top_main(argv[1:])
     parser = argparse.ArgumentParser(prog="gateway", description="LLM throughput gateway")
     sub = parser.add_subparsers(dest="cmd", required=True)
 
@@ -153,25 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("path", nargs="?")
     p.set_defaults(fn=cmd_check_config)
 
-    p = sub.add_parser("bench", help="throughput benchmark on a simulated heterogeneous fleet")
-    p.set_defaults(fn=lambda ns: _bench(ns))
-    p.add_argument("args", nargs=argparse.REMAINDER)
-
-    p = sub.add_parser("top", help="live terminal view of a running gateway")
-    p.add_argument("args", nargs=argparse.REMAINDER)
-    p.set_defaults(fn=lambda ns: _top(ns))
+    sub.add_parser("bench", help="throughput benchmark on a simulated heterogeneous fleet (gateway bench --help)")
+    sub.add_parser("top", help="live terminal view of a running gateway (gateway top --help)")
 
     ns = parser.parse_args(argv)
     return ns.fn(ns) or 0
-
-
-def _bench(ns: argparse.Namespace) -> int:
-    from .bench import main as bench_main
-
-    return bench_main(ns.args)
-
-
-def _top(ns: argparse.Namespace) -> int:
-    from .top import main as top_main
-
-    return top_main(ns.args)

@@ -89,7 +89,7 @@ class Router:
             if not u.has_slot():
                 why = "saturated"
                 continue
-            if not u.rate_allows(est.admitted_tokens):
+            if not u.rate_allows(est.admitted_tokens, est.output_tokens):
                 why = "rate_limited"
                 continue
             cands.append(u)

@@ -7,6 +7,7 @@ cached fleet figures. fleet_sync merges these with the other replicas through Re
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 
@@ -81,8 +82,6 @@ class UpstreamStats:
         self.rate_limited_per_min = 0.0
         self.used_req_60 = 0
         self.used_tok_60 = 0
-        self.used_req_10 = 0
-        self.used_tok_10 = 0
         self.inflight_at_refresh = 0
         self.req_since_refresh = 0
         self.tok_since_refresh = 0
@@ -143,22 +142,21 @@ class UpstreamStats:
         grown = self.inflight_local - self.inflight_at_refresh
         return grown < self._share(mc, self.inflight_at_refresh + self.inflight_remote) or self.replicas == 1
 
-    def rate_allows(self, tokens: int) -> bool:
+    def rate_allows(self, tokens: int, output_tokens: int) -> bool:
+        """RPM/TPM: the hard 60 s budget, and pacing so the budget is spent evenly rather than in bursts."""
         cfg = self.cfg
-        if cfg.rpm:
-            if self.req_since_refresh + 1 > self._share(cfg.rpm, self.used_req_60):
-                return False
-            # Pace: at most 1.5x the average rate inside any 10 s, so the budget is not burnt in one burst.
-            burst = max(2.0, cfg.rpm * RATE_WINDOW_S / WINDOW_S * 1.5)
-            if self.req_since_refresh + 1 > self._share(int(burst), self.used_req_10):
-                return False
-        if cfg.tpm:
-            if self.tok_since_refresh + tokens > self._share(cfg.tpm, self.used_tok_60):
-                return False
-            burst = max(float(tokens), cfg.tpm * RATE_WINDOW_S / WINDOW_S * 1.5)
-            if self.tok_since_refresh + tokens > self._share(int(burst), self.used_tok_10):
-                return False
-        return True
+        if not (cfg.rpm or cfg.tpm):
+            return True
+        if cfg.rpm and self.req_since_refresh + 1 > self._share(cfg.rpm, self.used_req_60):
+            return False
+        if cfg.tpm and self.tok_since_refresh + tokens > self._share(cfg.tpm, self.used_tok_60):
+            return False
+        # Little's law: the limits sustain `rate` requests/s, so at the expected request duration they sustain
+        # rate*duration requests in flight. Holding that keeps the upstream busy all minute instead of burning
+        # the window's budget in the first seconds and then starving.
+        rate = min(cfg.rpm / 60 if cfg.rpm else math.inf, cfg.tpm / 60 / max(1, tokens) if cfg.tpm else math.inf)
+        duration = self.curve.ttft + output_tokens * self.curve.tpot(self.load + 1)
+        return self.load + 1 <= max(1.0, rate * duration)
 
     # ---- background ---------------------------------------------------------------------------------------
     def take_pending(self) -> tuple[Window, list[Sample]]:
@@ -188,11 +186,10 @@ class UpstreamStats:
         self.rps = view.sum(REQ, since10) / span
         self.errors_per_min = view.sum(ERR, since10) * 60 / span
         self.rate_limited_per_min = view.sum(RL, since10) * 60 / span
-        since60 = sec - WINDOW_S + 1
+        # Bucket sec-60 counts too: part of it is still inside the provider's sliding 60 s window.
+        since60 = sec - WINDOW_S
         self.used_req_60 = view.sum(REQ, since60)
         self.used_tok_60 = view.sum(ADM, since60)
-        self.used_req_10 = view.sum(REQ, sec - RATE_WINDOW_S + 1)
-        self.used_tok_10 = view.sum(ADM, sec - RATE_WINDOW_S + 1)
         self.req_since_refresh = 0
         self.tok_since_refresh = 0
         self.inflight_at_refresh = self.inflight_local

@@ -49,7 +49,7 @@ def test_burst_water_fills_across_the_fleet():
     assert counts["fast-gpu"] > counts["slow-gpu"] > 0
     assert counts.get("hosted", 0) > 0
     # Greedy marginal gain: at the end every used upstream's next gain is close to the others'.
-    open_ = [u for u in pool.upstreams if u.has_slot() and u.rate_allows(EST.admitted_tokens)]
+    open_ = [u for u in pool.upstreams if u.has_slot() and u.rate_allows(EST.admitted_tokens, EST.output_tokens)]
     assert len(open_) >= 2
     gains = {u.name: throughput_gain(u, EST) for u in open_}
     assert max(gains.values()) - min(gains.values()) < 0.5 * max(gains.values())
@@ -94,7 +94,23 @@ def test_rpm_limit_is_respected_and_reported():
             hosted.release()
             sent += 1
     assert r.value.kind == "rate_limited"
-    assert sent <= 6 * 10 / 60 * 1.5 + 1  # paced: no more than the 10 s burst allowance
+    assert sent == 6
+
+
+def test_rate_limits_are_paced_by_littles_law():
+    """rpm 120 = 2 req/s; a request lasts ttft + m*tpot ~ 2.5 s, so about 5 in flight sustain the budget."""
+    fleet, router = make(**{"fast-gpu": {"weight": 0}, "slow-gpu": {"weight": 0}})
+    pool = fleet.pools["fleet-model"]
+    hosted = fleet.upstreams["hosted"]
+    hosted.refresh(time.time())
+    n = 0
+    with pytest.raises(Refusal) as r:
+        for _ in range(40):
+            router._dispatch(router.pick(pool, EST), EST)
+            n += 1
+    assert r.value.kind == "rate_limited"
+    duration = hosted.curve.ttft + EST.output_tokens * hosted.curve.tpot(n)
+    assert n == int(2.0 * duration)  # not the whole 120-request budget at once
 
 
 def test_tpm_counts_prompt_and_max_tokens():
