@@ -8,13 +8,14 @@ from importlib import resources
 
 from aiohttp import web
 
-from . import admin, handlers
+from . import admin, handlers, redact
+from .auth import API_KEY, KEYS, KeyStore, presented_key
 from .config import FleetConfig, load_fleet
 from .errors import GatewayError
 from .fleet import Fleet
 from .engine_metrics import EngineMetricsScraper
 from .fleet_sync import FleetSync
-from .health import OutlierDetector
+from .health import HealthChecker, OutlierDetector
 from .handlers import PROXY_KEY
 from .proxy import Proxy
 from .router import Router
@@ -25,6 +26,7 @@ from .tokens import encoding
 log = logging.getLogger("gateway")
 DRAINING = web.AppKey("draining", list)
 WAKER = web.AppKey("waker", asyncio.Task)
+CHECKER = web.AppKey("checker", HealthChecker)
 
 
 @web.middleware
@@ -44,9 +46,28 @@ async def error_middleware(request: web.Request, handler):
         return GatewayError(e.status, msg.get(e.status, e.reason), code=e.reason.lower().replace(" ", "_")).response(dialect)
     except (ConnectionResetError, asyncio.CancelledError):
         raise
+    except RecursionError:
+        return GatewayError(400, "the request is nested too deeply", code="invalid_json").response(dialect)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return GatewayError(500, "internal gateway error", code="internal_error").response(dialect)
+
+
+@web.middleware
+async def gate_middleware(request: web.Request, handler):
+    """Before the body is read: refuse new API work while draining; check the gateway API key."""
+    path = request.path
+    if path.startswith("/v1/") and not path.startswith("/v1/gateway/"):
+        if request.app[DRAINING] and request.method == "POST":
+            raise GatewayError(503, "the gateway is shutting down; retry the request", code="shutting_down", retry_after=1)
+        if request.app[PROXY_KEY].s.require_api_key:
+            given = presented_key(request.headers)
+            rec = request.app[KEYS].lookup(given)
+            if rec is None:
+                msg = "Incorrect API key provided." if given else "Missing API key: send 'Authorization: Bearer <key>'."
+                raise GatewayError(401, msg, code="invalid_api_key")
+            request[API_KEY] = rec
+    return await handler(request)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -74,6 +95,13 @@ async def dashboard(request: web.Request) -> web.Response:
 
 def create_app(settings: Settings, fleet_config: FleetConfig | None = None, telemetry: Telemetry | None = None) -> web.Application:
     cfg = fleet_config or load_fleet(settings.config)
+    redact.install()
+    if settings.admin_key is not None:
+        redact.add_secret(settings.admin_key.get_secret_value())
+    for up in cfg.upstreams.values():
+        redact.add_secret(up.api_key())
+    if settings.require_api_key and settings.admin_key is None:
+        log.warning("GATEWAY_REQUIRE_API_KEY is set but GATEWAY_ADMIN_KEY is not: no API key can be created")
     fleet = Fleet(cfg, settings.default_strategy)
     tel = telemetry or Telemetry(capture_content=settings.capture_content)
     health = OutlierDetector(
@@ -83,9 +111,24 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
     sync = FleetSync(fleet, settings.replica_id, settings.redis_url, settings.redis_prefix, settings.flush_interval)
     proxy = Proxy(settings, fleet, router, health, sync, tel)
     scraper = EngineMetricsScraper(fleet)
+    keys = KeyStore(
+        sync.redis, settings.redis_prefix, settings.api_key_refresh_interval,
+        lambda: max((u.replicas for u in fleet.upstreams.values()), default=1),
+    )
+    checker = (
+        HealthChecker(fleet.upstreams, health, settings.health_check_interval, settings.health_check_timeout)
+        if settings.health_check_interval > 0
+        else None
+    )
 
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    app = web.Application(
+        middlewares=[error_middleware, gate_middleware],
+        client_max_size=settings.max_body_bytes,
+        # Request line and each header line are capped; aiohttp answers 400/431 itself when they are exceeded.
+        handler_args={"max_line_size": settings.max_header_bytes, "max_field_size": settings.max_header_bytes},
+    )
     app[PROXY_KEY] = proxy
+    app[KEYS] = keys
     app[DRAINING] = []
     handlers.add_routes(app)
     admin.add_routes(app)
@@ -99,18 +142,39 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
         await proxy.start()
         await sync.start()
         await scraper.start()
+        await keys.start()
+        if checker is not None:
+            app[CHECKER] = checker
+            await checker.start()
         # The sync loop refreshes limits; wake queued requests each cycle so rate-limit headroom is used.
         app[WAKER] = asyncio.create_task(_wake_loop(router, settings.flush_interval))
 
     async def on_shutdown(app: web.Application) -> None:
+        """Drain: /readyz says 503, new API requests get 503, in-flight ones run until shutdown_grace; then
+        the rest are cancelled (streams end with an in-band error event, others get a 503)."""
         app[DRAINING].append(True)
-        pending = [t for t in proxy.active if not t.done()]
-        if pending:
-            log.info("draining %d in-flight requests (up to %.0fs)", len(pending), settings.shutdown_grace)
-            await asyncio.wait(pending, timeout=settings.shutdown_grace)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.shutdown_grace
+        logged = False
+        while pending := [t for t in proxy.active if not t.done()]:
+            left = deadline - loop.time()
+            if left <= 0:
+                log.warning("shutdown grace over: ending %d requests still in flight", len(pending))
+                proxy.stopping = True
+                for t in pending:
+                    t.cancel()
+                await asyncio.wait(pending, timeout=5.0)
+                break
+            if not logged:
+                log.info("draining %d in-flight requests (up to %.1fs)", len(pending), left)
+                logged = True
+            await asyncio.wait(pending, timeout=left)
 
     async def on_cleanup(app: web.Application) -> None:
         app[WAKER].cancel()
+        if checker is not None:
+            await checker.stop()
+        await keys.stop()
         await scraper.stop()
         await sync.stop()
         await proxy.stop()

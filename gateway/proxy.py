@@ -2,6 +2,15 @@
 
 A request is retried on another upstream (within the attempt limit and the retry budget) on connect errors,
 timeouts, 429 and 5xx, but only before its first byte reached the client. Every attempt gets its own client span.
+
+Timeouts: connect (settings.connect_timeout); streams: time to first token (ttft_timeout, from the start of the
+attempt to the first content) and idle between chunks (idle_timeout); every attempt: total (the upstream's
+`timeout` or total_timeout). A non-streamed response only arrives when generation is done, so it is bounded by
+the total timeout alone. A 429 (or 503 with Retry-After) puts the upstream in cooldown for Retry-After seconds;
+when every upstream of a pool is cooling down or ejected for longer than the queue timeout the client gets a 429
+(or 503) with Retry-After at once instead of waiting. After the first byte there is no retry: the client gets an
+in-band SSE error event and a clean end of stream, and the upstream connection is closed (its slot freed).
+Upstream error text is scrubbed of secrets before it reaches the client, the logs or a span.
 """
 
 from __future__ import annotations
@@ -9,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +36,7 @@ from .fleet_sync import FleetSync
 from .health import OutlierDetector
 from .providers import provider_for
 from .providers.anthropic_wire import UpstreamStreamError, chat_response_to_messages
+from .redact import scrub
 from .relay import AnthropicClientStream, OpenAIClientStream
 from .retry_budget import RetryBudget
 from .router import Decision, Estimate, Router
@@ -38,6 +49,8 @@ log = logging.getLogger("gateway.proxy")
 
 _RETRYABLE_STATUS = {401, 403, 404, 408, 409, 429, 500, 502, 503, 504, 529}
 _MAX_ERROR_BODY = 64 * 1024
+_STREAMING = web.RequestKey("gw_streaming", bool)  # response headers went out: errors must go in-band
+_MAX_RETRY_AFTER = 300.0  # an upstream cannot park itself (or be parked) for longer than this per 429
 
 
 @dataclass(slots=True)
@@ -52,6 +65,8 @@ class Exchange:
     dialect: str  # openai | anthropic
     est: Estimate
     headers: Any  # the client's request headers (for traceparent)
+    principal: Any = None  # the gateway API key (auth.ApiKey) when keys are required
+    used_tokens: int = 0  # prompt + output tokens really used (for the key's TPM settlement)
 
 
 @dataclass(slots=True)
@@ -97,12 +112,14 @@ class Proxy:
         self.budget = RetryBudget(settings.retry_budget_ratio, settings.retry_budget_min)
         self.session: aiohttp.ClientSession | None = None
         self.active: set[asyncio.Task] = set()
+        #: Set when the shutdown grace ran out: requests still running are cancelled and end with an error.
+        self.stopping = False
 
     async def start(self) -> None:
         conn = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30, enable_cleanup_closed=True)
         self.session = aiohttp.ClientSession(
             connector=conn,
-            timeout=aiohttp.ClientTimeout(total=None, connect=self.s.connect_timeout, sock_read=self.s.idle_timeout),
+            timeout=aiohttp.ClientTimeout(total=None, connect=self.s.connect_timeout),
             auto_decompress=False,
             skip_auto_headers=("User-Agent",),
         )
@@ -116,9 +133,12 @@ class Proxy:
         pool = self.fleet.pool(ex.model)
         if pool is None:
             raise GatewayError(404, f"The model '{ex.model}' does not exist", code="model_not_found", param="model")
+        if not any(provider_for(u.cfg.provider).supports(ex.operation) for u in pool.upstreams):
+            raise GatewayError(
+                400, f"The model '{ex.model}' does not support {ex.operation.replace('_', ' ')}",
+                code="unsupported_operation", param="model",
+            )
         task = asyncio.current_task()
-        if task:
-            self.active.add(task)
         ctx = self.tel.extract(ex.headers)
         started = time.monotonic()
         with self.tel.tracer.start_as_current_span(
@@ -133,8 +153,17 @@ class Proxy:
                 span.set_attribute(T.ATTR_GEN_AI_REQUEST_MAX_TOKENS, mt)
             if self.tel.capture_content and "messages" in ex.body:
                 span.set_attribute(T.ATTR_GEN_AI_INPUT_MESSAGES, json.dumps(ex.body["messages"])[:65536])
+            if task:
+                self.active.add(task)
             try:
-                resp = await self._attempts(request, ex, pool, span, started)
+                try:
+                    resp = await self._attempts(request, ex, pool, span, started)
+                except asyncio.CancelledError:
+                    if self.stopping and task is not None and not request.get(_STREAMING):
+                        # Past the shutdown grace: answer 503 instead of dropping the connection.
+                        task.uncancel()
+                        raise GatewayError(503, "the gateway is shutting down; retry the request", code="shutting_down", retry_after=1) from None
+                    raise
                 span.set_attribute("http.response.status_code", resp.status)
                 return resp
             except GatewayError as e:
@@ -156,6 +185,22 @@ class Proxy:
             if attempt > 1 and not self.budget.try_spend():
                 span.add_event("retry budget exhausted")
                 break
+            blocked = self._blocked(pool, ex.est, tried)
+            if blocked is not None and blocked[1] > self.s.queue_timeout:
+                kind, wait = blocked
+                if last is not None:
+                    if last.status in (429, 503):
+                        last.retry_after = max(last.retry_after or 0.0, wait)
+                    break
+                if kind == "cooldown":
+                    raise GatewayError(
+                        429, f"every upstream for model {pool.model!r} is rate limited; retry after {wait:.0f}s",
+                        code="rate_limited", retry_after=wait,
+                    )
+                raise GatewayError(
+                    503, f"every upstream for model {pool.model!r} is failing; retry after {wait:.0f}s",
+                    code="no_healthy_upstream", retry_after=wait,
+                )
             try:
                 d = await self.router.admit(pool, ex.est, frozenset(tried))
             except GatewayError:
@@ -174,9 +219,28 @@ class Proxy:
                 return await self._attempt(request, ex, d, attempt, span, started)
             except AttemptFailure as f:
                 last = f
+                if f.rate_limited:  # not broken, only busy: it may serve the retry once its cooldown is over
+                    tried.discard(d.upstream.name)
                 log.info("attempt %d on %s failed: %s", attempt, d.upstream.name, f.message)
         assert last is not None
         raise GatewayError(last.status, last.message, code=last.error_type, retry_after=last.retry_after)
+
+    def _blocked(self, pool: Pool, est: Estimate, exclude: set[str]) -> tuple[str, float] | None:
+        """("cooldown"|"ejected", seconds) when no eligible upstream can be tried before that; else None."""
+        now = time.time()
+        soonest: float | None = None
+        cooling = False
+        for u in pool.upstreams:
+            if u.name in exclude or u.weight <= 0 or (u.cfg.provider == "anthropic" and est.operation != "chat"):
+                continue
+            until = max(u.cooldown_until, u.ejected_until)
+            if until <= now:
+                return None  # usable now (or half-open): the router decides
+            cooling = cooling or u.cooldown_until > now
+            soonest = until - now if soonest is None else min(soonest, until - now)
+        if soonest is None:
+            return None
+        return ("cooldown" if cooling else "ejected"), soonest
 
     # ---- one attempt ----------------------------------------------------------------------------------------------
     async def _attempt(
@@ -192,6 +256,8 @@ class Proxy:
         n_start = u.inflight
         t0 = time.monotonic()
         error_type: str | None = None
+        verdict = False  # the outcome was reported to the outlier detector
+        contacted = False  # the upstream was actually called
         with self.tel.tracer.start_as_current_span(f"{ex.operation} {upstream_model}", kind=SpanKind.CLIENT) as span:
             span.set_attribute(T.ATTR_GEN_AI_OPERATION_NAME, ex.operation)
             span.set_attribute(T.ATTR_GEN_AI_PROVIDER_NAME, T.provider_name(cfg.provider))
@@ -201,31 +267,55 @@ class Proxy:
             span.set_attribute(T.ATTR_ATTEMPT, attempt)
             self.tel.inject(headers)
             try:
-                data = prov.encode_request(ex.operation, ex.body, upstream_model)
-                deadline = t0 + (cfg.timeout or self.s.total_timeout)
                 try:
-                    async with asyncio.timeout(self.s.ttft_timeout):
-                        resp = await self.session.post(url, data=data, headers=headers)  # type: ignore[union-attr]
+                    data = prov.encode_request(ex.operation, ex.body, upstream_model)
+                except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError) as e:
+                    # The client's fields do not fit this upstream's wire format: the request's fault, not the upstream's.
+                    raise GatewayError(
+                        400, f"the request cannot be sent to {cfg.provider} upstreams: {type(e).__name__}: {scrub(str(e))[:200]}",
+                        code="invalid_request",
+                    ) from None
+                contacted = True
+                deadline = t0 + (cfg.timeout or self.s.total_timeout)
+                # Streams: headers within the TTFT budget. Non-streamed: the body comes when generation is done.
+                head_limit = min(self.s.ttft_timeout, deadline - t0) if ex.stream else deadline - t0
+                try:
+                    async with asyncio.timeout(head_limit):
+                        resp = await self.session.post(url, data=data, headers=headers, allow_redirects=False)  # type: ignore[union-attr]
+                except TimeoutError:  # first: TimeoutError is an OSError (and aiohttp's timeouts are both)
+                    raise AttemptFailure(504, f"upstream {u.name} did not answer in time", "upstream_timeout")
                 except (aiohttp.ClientError, OSError) as e:
                     raise AttemptFailure(502, f"upstream {u.name} unreachable ({type(e).__name__})", "upstream_connect_error")
-                except TimeoutError:
-                    raise AttemptFailure(504, f"upstream {u.name} did not answer in time", "upstream_timeout")
+                clean = False
                 try:
                     span.set_attribute("http.response.status_code", resp.status)
-                    if resp.status >= 400:
+                    if not 200 <= resp.status < 300:
                         raise await self._upstream_error(u, resp)
                     if ex.stream:
                         result = await self._relay_stream(request, ex, u, prov, resp, out, t0, deadline, span)
                     else:
                         result = await self._relay_body(ex, u, prov, resp, out, t0, deadline)
+                    clean = True
                 finally:
-                    resp.release()
+                    if clean:
+                        resp.release()
+                    else:
+                        resp.close()  # never reuse a half-read connection; the upstream sees the disconnect
                 self.health.success(u)
+                verdict = True
             except AttemptFailure as f:
                 error_type = f.error_type
                 span.set_attribute(T.ATTR_ERROR_TYPE, f.error_type)
                 span.set_status(Status(StatusCode.ERROR, f.message))
                 self._failed(u, f)
+                verdict = not f.rate_limited
+                raise
+            except GatewayError as g:  # the upstream rejected the request itself (4xx): it is healthy
+                if contacted:
+                    self.health.success(u)
+                    verdict = True
+                error_type = str(g.status)
+                span.set_attribute(T.ATTR_ERROR_TYPE, error_type)
                 raise
             except (asyncio.CancelledError, ConnectionResetError):
                 error_type = "client_disconnected"
@@ -236,27 +326,38 @@ class Proxy:
                 span.set_attribute(T.ATTR_ERROR_TYPE, m.error_type)
                 span.set_status(Status(StatusCode.ERROR, m.message))
                 self.health.failure(u)
+                verdict = True
                 u.record_error(False)
                 result = m.response
             finally:
+                if not verdict:
+                    self.health.abandoned(u)  # a half-open probe that ended without a verdict frees the probe slot
                 self._finish(u, ex, out, n_start, t0)
                 self._annotate(span, server_span, ex, out, cfg.provider, u.name, t0, started, error_type)
         return result
 
     async def _upstream_error(self, u: UpstreamStats, resp: aiohttp.ClientResponse) -> Exception:
         """Turn an upstream HTTP error into a retryable AttemptFailure or a client-facing GatewayError."""
-        body = await resp.content.read(_MAX_ERROR_BODY)
+        try:
+            async with asyncio.timeout(min(self.s.idle_timeout, 10.0)):
+                body = await resp.content.read(_MAX_ERROR_BODY)
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            body = b""
         message = _error_message(body)
         st = resp.status
         if st == 429:
             ra = _retry_after(resp.headers)
             self.sync.set_cooldown(u.name, time.time() + (ra if ra is not None else 1.0))
             return AttemptFailure(429, f"upstream {u.name} rate limited: {message}", "rate_limited", ra or 1.0, True)
-        if st in _RETRYABLE_STATUS:
-            status = 502 if st in (401, 403, 404) else (504 if st == 408 else 502)
-            return AttemptFailure(status, f"upstream {u.name} returned {st}: {message}", f"upstream_{st}")
+        if st < 200 or 300 <= st < 400:
+            return AttemptFailure(502, f"upstream {u.name} answered {st} (redirects are not followed)", "upstream_bad_response")
+        if st in _RETRYABLE_STATUS or st >= 500:
+            ra = _retry_after(resp.headers) if st in (503, 529) else None
+            if ra:  # overloaded, with a hint: cool down like a 429 (still counts as a failure)
+                self.sync.set_cooldown(u.name, time.time() + ra)
+            status = 504 if st in (408, 504) else 502
+            return AttemptFailure(status, f"upstream {u.name} returned {st}: {message}", f"upstream_{st}", ra)
         # The request itself is bad (400, 413, 422 ...): the client should see it; no retry.
-        self.health.success(u)  # the upstream is fine
         return GatewayError(st, message, code="upstream_rejected")
 
     def _failed(self, u: UpstreamStats, f: AttemptFailure) -> None:
@@ -271,10 +372,10 @@ class Proxy:
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                 raw = await resp.read()
-        except (aiohttp.ClientError, OSError) as e:
-            raise AttemptFailure(502, f"upstream {u.name} failed mid-response ({type(e).__name__})", "upstream_disconnected")
         except TimeoutError:
             raise AttemptFailure(504, f"upstream {u.name} timed out", "upstream_timeout")
+        except (aiohttp.ClientError, OSError) as e:
+            raise AttemptFailure(502, f"upstream {u.name} failed mid-response ({type(e).__name__})", "upstream_disconnected")
         try:
             data = json.loads(raw)
         except ValueError:
@@ -331,6 +432,8 @@ class Proxy:
                 try:
                     async with asyncio.timeout(min(limit - now, self.s.idle_timeout)):
                         piece = await content.readany()
+                except TimeoutError:
+                    raise
                 except (aiohttp.ClientError, OSError) as e:
                     raise _StreamBroken(f"upstream {u.name} stream broke ({type(e).__name__})", "upstream_disconnected")
                 if not piece:
@@ -347,7 +450,7 @@ class Proxy:
                     try:
                         chunks = decoder.feed(ev)
                     except UpstreamStreamError as e:
-                        raise _StreamBroken(f"upstream {u.name}: {e.message}", "upstream_stream_error")
+                        raise _StreamBroken(f"upstream {u.name}: {scrub(str(e.message))[:500]}", "upstream_stream_error")
                     except ValueError:
                         raise _StreamBroken(f"upstream {u.name} sent an invalid event", "upstream_bad_response")
                     for c in chunks:
@@ -384,11 +487,16 @@ class Proxy:
             if sresp is None:
                 raise AttemptFailure(502, b.message, b.error_type)
             raise await self._fail_stream(sresp, client, b.error_type, b.message, 502)
+        except asyncio.CancelledError:
+            if self.stopping and sresp is not None:  # shutdown grace is over: end the stream properly
+                await self._fail_stream(sresp, client, "shutting_down", "the gateway is shutting down", 503)
+            raise
 
     async def _open_stream(self, request: web.Request) -> web.StreamResponse:
         sresp = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
+        request[_STREAMING] = True
         await sresp.prepare(request)
         return sresp
 
@@ -396,9 +504,10 @@ class Proxy:
         """After the first byte there is no retry: tell the client in-band and end the stream cleanly."""
         err = GatewayError(status, message, code=error_type)
         try:
-            await sresp.write(client.error(err))
-            await sresp.write_eof()
-        except (ConnectionResetError, RuntimeError):
+            async with asyncio.timeout(2.0):  # a client that stopped reading cannot hold the slot
+                await sresp.write(client.error(err))
+                await sresp.write_eof()
+        except (ConnectionResetError, RuntimeError, TimeoutError):
             pass
         return _MidStreamFailure(sresp, error_type, message)
 
@@ -409,6 +518,8 @@ class Proxy:
         if not out.output_tokens and out.text:
             out.output_tokens = count_text("".join(out.text))
         u.record_tokens(out.output_tokens)
+        if out.output_tokens or out.input_tokens:
+            ex.used_tokens = (out.input_tokens if out.input_tokens is not None else ex.est.prompt_tokens) + out.output_tokens
         if out.first_at is None or out.output_tokens < 2:
             return
         ttft = out.first_at - t0
@@ -526,29 +637,39 @@ def _take_usage(out: Outcome, usage: dict | None) -> None:
 
 
 def _error_message(body: bytes) -> str:
+    """The upstream's error text, shortened and scrubbed of secrets (it reaches clients, logs and spans)."""
     try:
         data = json.loads(body)
         err = data.get("error", data)
         msg = err.get("message") if isinstance(err, dict) else str(err)
-        return str(msg)[:500] if msg else "no message"
-    except (ValueError, AttributeError):
-        return body[:200].decode(errors="replace") or "empty body"
+        return scrub(str(msg))[:500] if msg else "no message"  # scrub first: a cut secret would not match
+    except (ValueError, AttributeError, RecursionError):
+        return scrub(body.decode(errors="replace"))[:200] or "empty body"
 
 
 def _retry_after(headers) -> float | None:
+    """Seconds from retry-after-ms / Retry-After (seconds or HTTP-date); capped, None when absent or unreadable."""
+    secs: float | None = None
     v = headers.get("retry-after-ms")
     if v:
         try:
-            return float(v) / 1000
+            secs = float(v) / 1000
         except ValueError:
             pass
     v = headers.get("Retry-After")
-    if v:
+    if secs is None and v:
         try:
-            return max(0.0, float(v))
+            secs = float(v)
         except ValueError:
-            return None
-    return None
+            try:  # HTTP-date form
+                from email.utils import parsedate_to_datetime
+
+                secs = parsedate_to_datetime(v).timestamp() - time.time()
+            except (TypeError, ValueError, IndexError, OverflowError):
+                secs = None
+    if secs is None or not math.isfinite(secs):
+        return None
+    return min(max(0.0, secs), _MAX_RETRY_AFTER)
 
 
 def _host(url: str) -> str:

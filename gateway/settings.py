@@ -32,10 +32,14 @@ class Settings(BaseSettings):
     admin_key: SecretStr | None = None
     #: Require a gateway API key (created via the admin API) on /v1/* requests.
     require_api_key: bool = False
+    #: How often each replica reloads the gateway API keys from Redis (only when they changed).
+    api_key_refresh_interval: float = 1.0
 
     default_strategy: str = "throughput"
     max_body_bytes: int = 4 * 1024 * 1024
     max_header_bytes: int = 16 * 1024
+    #: A client must finish sending its request body within this many seconds (slow uploads get a 408).
+    body_read_timeout: float = 30.0
 
     connect_timeout: float = 5.0
     ttft_timeout: float = 60.0
@@ -52,7 +56,9 @@ class Settings(BaseSettings):
     eject_after_failures: int = 5
     eject_base_seconds: float = 5.0
     eject_max_seconds: float = 120.0
+    #: Active health checks: GET each upstream's metrics_url (or base_url + /models) this often; 0 = off.
     health_check_interval: float = 0.0
+    health_check_timeout: float = 2.0
 
     flush_interval: float = 0.15
     shutdown_grace: float = 30.0

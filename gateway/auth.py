@@ -1,0 +1,280 @@
+"""Gateway API keys: hashed at rest, cached in memory on every replica, per-key RPM/TPM limits.
+
+Storage. A key is `sk-gw-<43 random url-safe chars>`; only sha256(key) is stored: Redis hash `{prefix}:keys`
+(field = hex digest, value = JSON {id, name, prefix, rpm, tpm, created}) when Redis is configured, else this
+process's memory. `{prefix}:keys:ver` is bumped on every change.
+
+Hot path. No Redis: `lookup()` hashes the presented key and finds it in the in-memory copy; the stored digest is
+then compared with `hmac.compare_digest`. (The dict lookup is keyed by a SHA-256 of a 256-bit secret, so its
+timing reveals nothing useful about the key.) A background task polls `keys:ver` every `refresh` seconds and
+reloads the hash when it changed, so a key created or deleted on one replica works / stops working on all of them
+within about a second (immediately on the replica that made the change). While Redis is down the last copy keeps
+serving. If Redis comes back empty (restarted without persistence), the replica writes its copy back so keys
+are not lost; a key deleted in the second before such a crash could come back, and an operator must delete it
+again.
+
+Limits. RPM and TPM per key are enforced in memory with 1-second buckets over a sliding 60 s window. With N live
+replicas (taken from the fleet view) each replica allows max(1, limit / N): the fleet-wide total stays within
+the limit when the load balancer spreads a key's traffic evenly; a skewed balancer makes a key hit 429 before
+its fleet-wide limit (never after, except for the rounding up to 1 per replica). TPM is charged prompt +
+expected output tokens at admission (as hosted APIs do) and corrected with the real usage when the request ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from .errors import GatewayError
+
+log = logging.getLogger("gateway.auth")
+
+KEY_PREFIX = "sk-gw-"
+WINDOW = 60
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def presented_key(headers) -> str | None:
+    """The key a client sent: `Authorization: Bearer ...`, `x-api-key` (Anthropic SDK) or `api-key` (Azure)."""
+    auth = headers.get("Authorization")
+    if auth:
+        scheme, _, value = auth.strip().partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    return headers.get("x-api-key") or headers.get("api-key") or None
+
+
+@dataclass(slots=True)
+class ApiKey:
+    digest: str
+    id: str
+    name: str
+    prefix: str
+    rpm: int | None = None
+    tpm: int | None = None
+    created: float = 0.0
+    # this replica's usage: deque of [epoch second, requests, tokens]
+    usage: deque = field(default_factory=deque)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"id": self.id, "name": self.name, "prefix": self.prefix, "rpm": self.rpm, "tpm": self.tpm, "created": self.created}
+        )
+
+    @classmethod
+    def from_json(cls, dig: str, raw: bytes | str) -> "ApiKey":
+        d = json.loads(raw)
+        return cls(dig, d.get("id") or dig[:16], d.get("name", ""), d.get("prefix", ""), d.get("rpm"), d.get("tpm"), d.get("created", 0.0))
+
+    def public(self) -> dict:
+        return {"id": self.id, "name": self.name, "prefix": self.prefix + "...", "rpm": self.rpm, "tpm": self.tpm, "created": self.created}
+
+    # ---- limits -------------------------------------------------------------------------------------------
+    def _window(self, now: float) -> tuple[int, int]:
+        edge = int(now) - WINDOW + 1
+        u = self.usage
+        while u and u[0][0] < edge:
+            u.popleft()
+        req = tok = 0
+        for _, r, t in u:
+            req += r
+            tok += t
+        return req, tok
+
+    def _retry_after(self, now: float, col: int, need: float, used: int) -> float:
+        """Seconds until enough of the window ages out that `need` more fits under `used`'s limit."""
+        freed = 0
+        for b in self.usage:
+            freed += b[col]
+            if used - freed <= need:
+                return max(1.0, b[0] + WINDOW - now)
+        return float(WINDOW)
+
+    def admit(self, tokens: int, replicas: int, now: float | None = None) -> None:
+        """Count one request costing `tokens`, or raise a 429 GatewayError with Retry-After."""
+        if self.rpm is None and self.tpm is None:
+            return
+        now = time.time() if now is None else now
+        req, tok = self._window(now)
+        n = max(1, replicas)
+        if self.rpm is not None:
+            share = max(1.0, self.rpm / n)
+            if req + 1 > share:
+                ra = self._retry_after(now, 1, share - 1, req)
+                raise GatewayError(
+                    429, f"Rate limit reached for API key '{self.name}': {self.rpm} requests per minute",
+                    code="rate_limit_exceeded", retry_after=ra,
+                )
+        if self.tpm is not None:
+            share = max(1.0, self.tpm / n)
+            if tok + tokens > share:
+                ra = self._retry_after(now, 2, share - tokens, tok) if tokens <= share else float(WINDOW)
+                raise GatewayError(
+                    429, f"Rate limit reached for API key '{self.name}': {self.tpm} tokens per minute "
+                    f"(this request needs about {tokens})", code="rate_limit_exceeded", retry_after=ra,
+                )
+        self._add(now, 1, tokens)
+
+    def settle(self, delta_tokens: int, now: float | None = None) -> None:
+        """Correct the token charge once the real usage is known."""
+        if self.tpm is not None and delta_tokens:
+            self._add(time.time() if now is None else now, 0, delta_tokens)
+
+    def _add(self, now: float, req: int, tok: int) -> None:
+        sec = int(now)
+        u = self.usage
+        if u and u[-1][0] == sec:
+            u[-1][1] += req
+            u[-1][2] += tok
+        else:
+            u.append([sec, req, tok])
+
+
+class KeyStore:
+    """The replica's copy of the gateway API keys (see the module docstring)."""
+
+    def __init__(self, redis, prefix: str, refresh: float = 1.0, replicas: Callable[[], int] = lambda: 1) -> None:
+        self.redis = redis
+        self.hash_key = f"{prefix}:keys"
+        self.ver_key = f"{prefix}:keys:ver"
+        self.refresh_interval = refresh
+        self.replicas = replicas
+        self.keys: dict[str, ApiKey] = {}
+        self._ver: bytes | None = None
+        self._task: asyncio.Task | None = None
+
+    # ---- hot path ----------------------------------------------------------------------------------------
+    def lookup(self, presented: str | None) -> ApiKey | None:
+        if not presented:
+            return None
+        d = digest(presented)
+        rec = self.keys.get(d)
+        if rec is None or not hmac.compare_digest(rec.digest, d):
+            return None
+        return rec
+
+    def admit(self, rec: ApiKey, tokens: int) -> None:
+        rec.admit(tokens, self.replicas())
+
+    # ---- admin -------------------------------------------------------------------------------------------
+    async def create(self, name: str, rpm: int | None = None, tpm: int | None = None) -> tuple[str, ApiKey]:
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        d = digest(key)
+        rec = ApiKey(d, d[:16], name, key[: len(KEY_PREFIX) + 4], rpm, tpm, round(time.time(), 3))
+        if self.redis is not None:
+            try:
+                p = self.redis.pipeline(transaction=True)
+                p.hset(self.hash_key, d, rec.to_json())
+                p.incr(self.ver_key)
+                await p.execute()
+            except (RedisError, OSError, asyncio.TimeoutError) as e:
+                raise GatewayError(503, f"key store unavailable ({type(e).__name__}); try again", code="store_unavailable") from None
+        self.keys[d] = rec
+        return key, rec
+
+    async def delete(self, key_id: str) -> bool:
+        found = [d for d, r in self.keys.items() if r.id == key_id]  # ids are not secret
+        if self.redis is not None:
+            try:
+                if not found:  # maybe created elsewhere a moment ago
+                    await self.refresh(force=True)
+                    found = [d for d, r in self.keys.items() if r.id == key_id]  # ids are not secret
+                if found:
+                    p = self.redis.pipeline(transaction=True)
+                    p.hdel(self.hash_key, *found)
+                    p.incr(self.ver_key)
+                    await p.execute()
+            except (RedisError, OSError, asyncio.TimeoutError) as e:
+                raise GatewayError(503, f"key store unavailable ({type(e).__name__}); try again", code="store_unavailable") from None
+        for d in found:
+            self.keys.pop(d, None)
+        return bool(found)
+
+    def list(self) -> list[dict]:
+        return sorted((r.public() for r in self.keys.values()), key=lambda x: x["created"])
+
+    # ---- background --------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.redis is None:
+            return
+        try:
+            await self.refresh(force=True)
+        except (RedisError, OSError, asyncio.TimeoutError) as e:
+            log.warning("key store: redis unavailable at start (%s); will retry", type(e).__name__)
+        self._task = asyncio.create_task(self._loop(), name="key-refresh")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def _loop(self) -> None:
+        failing = False
+        while True:
+            await asyncio.sleep(self.refresh_interval)
+            try:
+                await self.refresh()
+                if failing:
+                    log.info("key store: redis reachable again")
+                failing = False
+            except (RedisError, OSError, asyncio.TimeoutError) as e:
+                if not failing:
+                    log.warning("key store: redis unavailable (%s); serving the cached keys", type(e).__name__)
+                failing = True
+            except Exception:
+                log.exception("key store refresh failed")
+
+    async def refresh(self, force: bool = False) -> None:
+        ver = await self.redis.get(self.ver_key)
+        if ver is None and self.keys:
+            await self._reseed()
+            return
+        if not force and ver == self._ver:
+            return
+        rows = await self.redis.hgetall(self.hash_key)
+        fresh: dict[str, ApiKey] = {}
+        for d, raw in rows.items():
+            d = d.decode() if isinstance(d, bytes) else d
+            try:
+                rec = ApiKey.from_json(d, raw)
+            except (ValueError, TypeError, AttributeError):
+                log.warning("key store: skipping an unreadable entry %s", d[:16])
+                continue
+            old = self.keys.get(d)
+            if old is not None:
+                rec.usage = old.usage  # keep the rate window across reloads
+            fresh[d] = rec
+        self.keys = fresh
+        self._ver = ver
+
+    async def _reseed(self) -> None:
+        """Redis lost the keys (restart without persistence): write back this replica's copy."""
+        p = self.redis.pipeline(transaction=True)
+        for d, rec in self.keys.items():
+            p.hsetnx(self.hash_key, d, rec.to_json())
+        p.set(self.ver_key, 1, nx=True)
+        await p.execute()
+        log.warning("key store: redis had no keys; restored %d from this replica's copy", len(self.keys))
+        self._ver = None  # reload (and merge with what other replicas wrote back) next cycle
+
+
+KEYS = web.AppKey("keys", KeyStore)
+#: The caller's key record, set on the request by the auth middleware.
+API_KEY = web.RequestKey("api_key", ApiKey)
