@@ -185,27 +185,13 @@ class Proxy:
             if attempt > 1 and not self.budget.try_spend():
                 span.add_event("retry budget exhausted")
                 break
-            blocked = self._blocked(pool, ex.est, tried)
-            if blocked is not None and blocked[1] > self.s.queue_timeout:
-                kind, wait = blocked
-                if last is not None:
-                    if last.status in (429, 503):
-                        last.retry_after = max(last.retry_after or 0.0, wait)
-                    break
-                if kind == "cooldown":
-                    raise GatewayError(
-                        429, f"every upstream for model {pool.model!r} is rate limited; retry after {wait:.0f}s",
-                        code="rate_limited", retry_after=wait,
-                    )
-                raise GatewayError(
-                    503, f"every upstream for model {pool.model!r} is failing; retry after {wait:.0f}s",
-                    code="no_healthy_upstream", retry_after=wait,
-                )
             try:
                 d = await self.router.admit(pool, ex.est, frozenset(tried))
-            except GatewayError:
+            except GatewayError as e:
                 if last is None:
                     raise
+                if last.status in (429, 503) and e.retry_after:
+                    last.retry_after = max(last.retry_after or 0.0, e.retry_after)
                 break  # nowhere left to retry: report the upstream failure
             tried.add(d.upstream.name)
             if attempt == 1:
@@ -224,23 +210,6 @@ class Proxy:
                 log.info("attempt %d on %s failed: %s", attempt, d.upstream.name, f.message)
         assert last is not None
         raise GatewayError(last.status, last.message, code=last.error_type, retry_after=last.retry_after)
-
-    def _blocked(self, pool: Pool, est: Estimate, exclude: set[str]) -> tuple[str, float] | None:
-        """("cooldown"|"ejected", seconds) when no eligible upstream can be tried before that; else None."""
-        now = time.time()
-        soonest: float | None = None
-        cooling = False
-        for u in pool.upstreams:
-            if u.name in exclude or u.weight <= 0 or (u.cfg.provider == "anthropic" and est.operation != "chat"):
-                continue
-            until = max(u.cooldown_until, u.ejected_until)
-            if until <= now:
-                return None  # usable now (or half-open): the router decides
-            cooling = cooling or u.cooldown_until > now
-            soonest = until - now if soonest is None else min(soonest, until - now)
-        if soonest is None:
-            return None
-        return ("cooldown" if cooling else "ejected"), soonest
 
     # ---- one attempt ----------------------------------------------------------------------------------------------
     async def _attempt(

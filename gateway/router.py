@@ -11,6 +11,7 @@ engine. Simple strategies are kept for comparison.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections import deque
@@ -46,12 +47,25 @@ class Decision:
 
 
 class Refusal(Exception):
-    """No upstream can take the request right now; `kind` says why (rate_limited, saturated, unavailable)."""
+    """No upstream can take the request right now.
 
-    def __init__(self, kind: str, detail: str) -> None:
+    `kind`: saturated | rate_limited (may clear any moment), cooldown | ejected (not before `wait` seconds),
+    unavailable (no upstream in the pool can ever serve it).
+    """
+
+    def __init__(self, kind: str, detail: str, wait: float = 0.0) -> None:
         super().__init__(detail)
         self.kind = kind
         self.detail = detail
+        self.wait = wait
+
+
+def _refused(r: Refusal, retry_after: float, suffix: str = "") -> GatewayError:
+    """The client-facing error for a refusal: 429 when limits are the reason, else 503."""
+    if r.kind in ("rate_limited", "cooldown"):
+        return GatewayError(429, r.detail + suffix, code="rate_limited", retry_after=retry_after)
+    code = "no_healthy_upstream" if r.kind == "ejected" else "saturated"
+    return GatewayError(503, r.detail + suffix, code=code, retry_after=retry_after)
 
 
 def throughput_gain(u: UpstreamStats, est: Estimate) -> float:
@@ -80,11 +94,18 @@ class Router:
         now = time.time()
         cands: list[UpstreamStats] = []
         why = "unavailable"
+        blocked = ""  # every servable upstream is cooling down (Retry-After) or ejected, until `soonest`
+        soonest = math.inf
         for u in pool.upstreams:
             if u.name in exclude or u.weight <= 0 or u.cfg.provider == "anthropic" and est.operation != "chat":
                 continue
-            if not self.health.available(u, now) or u.cooldown_until > now:
-                why = "saturated" if why == "unavailable" else why
+            until = max(u.cooldown_until, u.ejected_until)
+            if until > now:
+                soonest = min(soonest, until - now)
+                blocked = "cooldown" if u.cooldown_until > now or blocked == "cooldown" else "ejected"
+                continue
+            if not self.health.available(u, now):  # half-open, its probe is in flight
+                why = "saturated"
                 continue
             if not u.has_slot():
                 why = "saturated"
@@ -94,16 +115,17 @@ class Router:
                 continue
             cands.append(u)
         if not cands:
-            if not any(
-                u.weight > 0 and u.name not in exclude and (u.cfg.provider != "anthropic" or est.operation == "chat")
-                for u in pool.upstreams
-            ):
+            if why == "unavailable" and blocked:
+                state = "rate limited" if blocked == "cooldown" else "failing"
+                raise Refusal(blocked, f"every upstream for model {pool.model!r} is {state}", soonest)
+            if why == "unavailable":
                 raise Refusal("unavailable", f"no upstream in the pool for model {pool.model!r} can serve this request")
             raise Refusal(why, f"every upstream for model {pool.model!r} is {why.replace('_', ' ')}")
         return _STRATEGIES[pool.strategy](pool, cands, est)
 
     # ---- admission (queue when everything is busy) ----------------------------------------------------------
     async def admit(self, pool: Pool, est: Estimate, exclude: frozenset[str] = frozenset()) -> Decision:
+        """Dispatch now, or wait in the pool's FIFO queue; raise GatewayError when waiting cannot help."""
         q = self._queues[pool.model]
         if not q:
             try:
@@ -111,6 +133,8 @@ class Router:
             except Refusal as r:
                 if r.kind == "unavailable":
                     raise GatewayError(503, r.detail, code="no_upstream") from None
+                if r.wait > self.queue_timeout:  # nothing comes back before the queue would give up
+                    raise _refused(r, r.wait) from None
                 last = r
         else:
             last = Refusal("saturated", "queued behind earlier requests")
@@ -122,12 +146,7 @@ class Router:
             d = await asyncio.wait_for(asyncio.shield(w.future), self.queue_timeout)
         except asyncio.TimeoutError:
             w.future.cancel()
-            if w.last.kind == "rate_limited":
-                raise GatewayError(
-                    429, f"rate limits of every upstream for model {pool.model!r} are reached", code="rate_limited",
-                    retry_after=1,
-                ) from None
-            raise GatewayError(503, w.last.detail + f"; waited {self.queue_timeout:.0f}s", code="saturated") from None
+            raise _refused(w.last, 1.0, f"; waited {self.queue_timeout:.0f}s") from None
         except asyncio.CancelledError:
             if w.future.done() and not w.future.cancelled():
                 self.release(w.future.result().upstream)  # admitted just as the client left

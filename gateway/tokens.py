@@ -32,8 +32,8 @@ def _content_text(content: Any) -> str:
 
 def prompt_tokens(body: dict) -> int:
     """Estimate input tokens of a canonical (OpenAI-shaped) request body."""
-    if "messages" in body:
-        msgs = body["messages"]
+    msgs = body.get("messages")
+    if isinstance(msgs, list):
         text = "\n".join(_content_text(m.get("content")) for m in msgs if isinstance(m, dict))
         return count_text(text) + _MESSAGE_OVERHEAD * len(msgs)
     inp = body.get("prompt", body.get("input", ""))

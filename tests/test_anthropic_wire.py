@@ -1186,3 +1186,8 @@ def test_round_trip_streams() -> None:
     assert events[0][1]["message"]["id"] == "msg_01ABC"
     assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
     assert events[-2][1]["usage"] == {"input_tokens": 25, "output_tokens": 42}
+
+
+def test_stop_of_wrong_type_is_a_clear_value_error():
+    with pytest.raises(ValueError, match="stop"):
+        chat_request_to_messages({"messages": [{"role": "user", "content": "x"}], "stop": 5}, "m")

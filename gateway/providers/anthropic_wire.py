@@ -287,7 +287,12 @@ def chat_request_to_messages(body: dict[str, Any], upstream_model: str) -> dict[
         req["top_p"] = body["top_p"]
     stop = body.get("stop")
     if stop:
-        req["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+        if isinstance(stop, str):
+            req["stop_sequences"] = [stop]
+        elif isinstance(stop, list) and all(isinstance(x, str) for x in stop):
+            req["stop_sequences"] = stop
+        else:
+            raise ValueError("'stop' must be a string or an array of strings")
     if "stream" in body:
         req["stream"] = bool(body["stream"])
     tools = _tools_to_anthropic(body.get("tools") or ())
