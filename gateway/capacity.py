@@ -19,7 +19,7 @@ class Sample:
     ts: float  # wall-clock seconds when the request finished
     n: float  # concurrency the request saw on that upstream (mean of start and end, itself included)
     tpot: float  # seconds per output token after the first
-    ttft: float  # seconds to first token
+    ttft: float  # seconds to first token (-1: unknown, a progress sample of a running stream)
     prompt_tokens: int
     output_tokens: int
 
@@ -88,8 +88,9 @@ class CapacityCurve:
             sxx += w * s.n * s.n
             sy += w * s.tpot
             sxy += w * s.n * s.tpot
-            tw += w
-            tt += w * s.ttft
+            if s.ttft >= 0:  # progress samples of running streams carry no TTFT
+                tw += w
+                tt += w * s.ttft
         self.samples = used
         den = sw * sxx - sx * sx
         b = (sw * sxy - sx * sy) / den if den > 1e-12 else h.b

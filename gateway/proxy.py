@@ -91,6 +91,14 @@ class Outcome:
     response_model: str | None = None
     response_id: str | None = None
     text: list[str] = field(default_factory=list)
+    # Progress samples while a stream runs: the time, text index and load integral of the last one.
+    mark_at: float | None = None
+    mark_text: int = 0
+    mark_area: tuple[float, float] | None = None
+
+
+#: A long stream reports its decode speed this often, so a server that slows down is seen before requests end.
+PROGRESS_SAMPLE_EVERY = 1.0
 
 
 class Proxy:
@@ -222,7 +230,7 @@ class Proxy:
         upstream_model = cfg.model or ex.model
         headers = prov.headers(cfg)
         out = Outcome()
-        n_start = u.inflight
+        n_start = u.load_area()
         t0 = time.monotonic()
         error_type: str | None = None
         verdict = False  # the outcome was reported to the outlier detector
@@ -440,6 +448,11 @@ class Proxy:
                         _observe_chunk(out, c)
                         buf.append(client.chunk(c))
                     buf.append(client.done())
+                elif out.mark_area is None:
+                    if out.first_at is not None:
+                        out.mark_area = u.load_area()  # decoding started: progress samples measure from here
+                elif out.last_at - (out.mark_at or out.first_at) >= PROGRESS_SAMPLE_EVERY:  # type: ignore[operator]
+                    _progress_sample(u, out)
                 if buf:
                     if sresp is None:
                         sresp = await self._open_stream(request)
@@ -481,8 +494,8 @@ class Proxy:
         return _MidStreamFailure(sresp, error_type, message)
 
     # ---- bookkeeping ----------------------------------------------------------------------------------------------
-    def _finish(self, u: UpstreamStats, ex: Exchange, out: Outcome, n_start: int, t0: float) -> None:
-        n_end = u.inflight
+    def _finish(self, u: UpstreamStats, ex: Exchange, out: Outcome, n_start: tuple[float, float], t0: float) -> None:
+        n_mean = _mean_load(n_start, u.load_area(), u)
         self.router.release(u)
         if not out.output_tokens and out.text:
             out.output_tokens = count_text("".join(out.text))
@@ -502,7 +515,7 @@ class Proxy:
             tpot = decode / out.output_tokens
         out.ttft = ttft
         u.record_sample(
-            Sample(time.time(), (n_start + n_end) / 2, tpot, ttft, ex.est.prompt_tokens, out.output_tokens)
+            Sample(time.time(), n_mean, tpot, ttft, ex.est.prompt_tokens, out.output_tokens)
         )
 
     def _annotate(
@@ -566,6 +579,23 @@ class _MidStreamFailure(Exception):
         self.response = response
         self.error_type = error_type
         self.message = message
+
+
+def _progress_sample(u: UpstreamStats, out: Outcome) -> None:
+    """Decode speed since the last mark, at the mean load over that time (TTFT unknown: -1)."""
+    since = out.mark_at or out.first_at
+    assert since is not None and out.last_at is not None and out.mark_area is not None
+    area = u.load_area()
+    tokens = count_text("".join(out.text[out.mark_text :]))
+    if tokens >= 2:
+        n = _mean_load(out.mark_area, area, u)
+        u.record_sample(Sample(time.time(), n, (out.last_at - since) / tokens, -1.0, 0, tokens))
+    out.mark_at, out.mark_text, out.mark_area = out.last_at, len(out.text), area
+
+
+def _mean_load(a: tuple[float, float], b: tuple[float, float], u: UpstreamStats) -> float:
+    dt = b[1] - a[1]
+    return (b[0] - a[0]) / dt if dt > 1e-6 else u.load
 
 
 def _observe_chunk(out: Outcome, c: dict) -> None:

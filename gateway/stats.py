@@ -70,9 +70,12 @@ class UpstreamStats:
         # Fleet view as of the last refresh (includes this replica's flushed data).
         self.fleet = Window()
         self.samples: deque[Sample] = deque(maxlen=400)
-        self.inflight_remote = 0
-        #: Requests the engine reports beyond what the gateways sent (engine_metrics.py).
-        self.external_load = 0.0
+        self._remote = 0
+        self._external = 0.0
+        # Integral of load over time, so a sample's concurrency is the mean over its interval, not a snapshot
+        # (a noisy n would flatten the fitted slope: regression dilution).
+        self._load_area = 0.0
+        self._load_at = time.monotonic()
         self.replicas = 1
         self.cooldown_until = 0.0
         # Cached at refresh; the request path reads these.
@@ -95,15 +98,46 @@ class UpstreamStats:
     # ---- request path -------------------------------------------------------------------------------------
     @property
     def inflight(self) -> int:
-        return self.inflight_local + self.inflight_remote
+        return self.inflight_local + self._remote
 
     @property
     def load(self) -> float:
         """Concurrency to plan with: the fleet's in-flight requests plus external load on the engine."""
-        return self.inflight_local + self.inflight_remote + self.external_load
+        return self.inflight_local + self._remote + self._external
+
+    @property
+    def inflight_remote(self) -> int:
+        """In flight here from the other live replicas (fleet_sync)."""
+        return self._remote
+
+    @inflight_remote.setter
+    def inflight_remote(self, v: int) -> None:
+        self._tick()
+        self._remote = v
+
+    @property
+    def external_load(self) -> float:
+        """Requests the engine reports beyond what the gateways sent (engine_metrics.py)."""
+        return self._external
+
+    @external_load.setter
+    def external_load(self, v: float) -> None:
+        self._tick()
+        self._external = v
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        self._load_area += self.load * (now - self._load_at)
+        self._load_at = now
+
+    def load_area(self) -> tuple[float, float]:
+        """(integral of load dt, monotonic time): the mean load between two readings is their quotient."""
+        self._tick()
+        return self._load_area, self._load_at
 
     def credit(self, admitted_tokens: int) -> None:
         """A request was dispatched here: count it at once so a burst spreads out."""
+        self._tick()
         self.inflight_local += 1
         self.req_since_refresh += 1
         self.tok_since_refresh += admitted_tokens
@@ -112,6 +146,7 @@ class UpstreamStats:
         self.pending.add(sec, ADM, admitted_tokens)
 
     def release(self) -> None:
+        self._tick()
         self.inflight_local -= 1
 
     def record_tokens(self, output_tokens: int) -> None:
