@@ -35,10 +35,13 @@ class Sample:
 
 
 class CapacityCurve:
-    #: Age (s) at which a sample's weight has decayed to 1/e: short, so a server that slows down is seen in seconds.
-    HALF_LIFE = 15.0
+    #: Forgetting is by count and by age. Under load samples arrive fast (every running stream reports each
+    #: second), so the newest ~RECENT samples dominate and a server that slows down is seen within seconds;
+    #: when traffic is thin, memory stretches out to minutes instead of falling back to the hint.
+    RECENT = 80.0  # samples at which a sample's weight has decayed to 1/e
+    MAX_AGE = 120.0  # seconds at which a sample's weight has decayed to 1/e
     #: Weight of the configured hint, in samples.
-    PRIOR_WEIGHT = 3.0
+    PRIOR_WEIGHT = 1.0
 
     __slots__ = ("a", "b", "ttft", "samples", "_hint", "_slots")
 
@@ -63,26 +66,37 @@ class CapacityCurve:
         return self.aggregate(self._slots)
 
     def fit(self, samples: list[Sample], now: float) -> None:
-        """Refit a, b (and the TTFT level) from samples, newest weighing most."""
+        """Refit a, b (and the TTFT level) from samples, newest weighing most.
+
+        The prior is the hinted curve's *shape*, scaled to the level the data shows: samples taken at one
+        concurrency cannot identify the slope, and a server that slows down (throttling, a noisy neighbour)
+        usually slows at every batch size alike.
+        """
         h = self._hint
-        # Prior: two pseudo-points on the hinted line.
+        rows: list[tuple[float, Sample]] = []
+        for s in sorted(samples, key=lambda x: x.ts, reverse=True):
+            if s.output_tokens < 2 or s.tpot <= 0:
+                continue
+            w = math.exp(-len(rows) / self.RECENT - max(0.0, now - s.ts) / self.MAX_AGE)
+            if w < 1e-3:
+                break
+            rows.append((w, s))
+        self.samples = len(rows)
+        # Level of the data relative to the hint.
+        ws = sum(w for w, _ in rows)
+        k = sum(w * s.tpot / (h.a + h.b * s.n) for w, s in rows) / ws if rows else 1.0
+        # Prior: two pseudo-points on the scaled hinted line.
         n_hi = max(2.0, self._slots / 2)
         w0 = self.PRIOR_WEIGHT / 2
+        y1, y2 = k * (h.a + h.b), k * (h.a + h.b * n_hi)
         sw = 2 * w0
         sx = w0 * (1.0 + n_hi)
         sxx = w0 * (1.0 + n_hi * n_hi)
-        sy = w0 * ((h.a + h.b) + (h.a + h.b * n_hi))
-        sxy = w0 * ((h.a + h.b) + n_hi * (h.a + h.b * n_hi))
+        sy = w0 * (y1 + y2)
+        sxy = w0 * (y1 + n_hi * y2)
         tw = w0
         tt = w0 * h.ttft
-        used = 0
-        for s in samples:
-            if s.output_tokens < 2 or s.tpot <= 0:
-                continue
-            w = math.exp(-max(0.0, now - s.ts) / self.HALF_LIFE)
-            if w < 1e-3:
-                continue
-            used += 1
+        for w, s in rows:
             sw += w
             sx += w * s.n
             sxx += w * s.n * s.n
@@ -91,9 +105,8 @@ class CapacityCurve:
             if s.ttft >= 0:  # progress samples of running streams carry no TTFT
                 tw += w
                 tt += w * s.ttft
-        self.samples = used
         den = sw * sxx - sx * sx
-        b = (sw * sxy - sx * sy) / den if den > 1e-12 else h.b
+        b = (sw * sxy - sx * sy) / den if den > 1e-12 else k * h.b
         b = max(0.0, b)
         a = (sy - b * sx) / sw
         if a <= 1e-5:

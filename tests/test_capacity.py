@@ -55,3 +55,12 @@ def test_aggregate_is_concave_and_flat_past_slots():
 def test_sample_row_round_trip():
     s = Sample(1.5, 3.0, 0.01, 0.2, 10, 20)
     assert Sample.from_row(s.to_row().encode()) == s
+
+
+def test_slowdown_at_one_concurrency_scales_the_hinted_shape():
+    """Samples at n=20 only, 4x slower than the hint: the slope follows the hint's shape, scaled, not 0."""
+    now = time.time()
+    c = CapacityCurve(CapacityHint(a=0.008, b=0.0004), slots=64)
+    c.fit(samples(0.032, 0.0016, [20] * 120, now), now)
+    assert abs(c.tpot(20) - 0.064) < 0.004
+    assert 0.001 < c.b < 0.0025
