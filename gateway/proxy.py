@@ -16,12 +16,14 @@ Upstream error text is scrubbed of secrets before it reaches the client, the log
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -202,13 +204,14 @@ class Proxy:
                     last.retry_after = max(last.retry_after or 0.0, e.retry_after)
                 break  # nowhere left to retry: report the upstream failure
             tried.add(d.upstream.name)
-            if attempt == 1:
-                span.set_attribute(T.ATTR_ROUTE_STRATEGY, d.strategy)
-                span.set_attribute(T.ATTR_QUEUE_WAIT_MS, round(d.queue_wait * 1000, 2))
-            span.set_attribute(T.ATTR_UPSTREAM, d.upstream.name)
-            span.set_attribute(T.ATTR_ROUTE_REASON, d.reason)
-            span.set_attribute(T.ATTR_ROUTE_CANDIDATES, json.dumps({k: round(v, 3) for k, v in d.scores.items()}))
-            span.set_attribute(T.ATTR_RETRY_COUNT, attempt - 1)
+            if span.is_recording():  # the attributes cost more than the decision when nobody looks
+                if attempt == 1:
+                    span.set_attribute(T.ATTR_ROUTE_STRATEGY, d.strategy)
+                    span.set_attribute(T.ATTR_QUEUE_WAIT_MS, round(d.queue_wait * 1000, 2))
+                span.set_attribute(T.ATTR_UPSTREAM, d.upstream.name)
+                span.set_attribute(T.ATTR_ROUTE_REASON, d.reason)
+                span.set_attribute(T.ATTR_ROUTE_CANDIDATES, json.dumps({k: round(v, 3) for k, v in d.scores.items()}))
+                span.set_attribute(T.ATTR_RETRY_COUNT, attempt - 1)
             try:
                 return await self._attempt(request, ex, d, attempt, span, started)
             except AttemptFailure as f:
@@ -310,7 +313,7 @@ class Proxy:
                 if not verdict:
                     self.health.abandoned(u)  # a half-open probe that ended without a verdict frees the probe slot
                 self._finish(u, ex, out, n_start, t0)
-                self._annotate(span, server_span, ex, out, cfg.provider, u.name, t0, started, error_type)
+                self._annotate(span, server_span, ex, out, u, t0, started, error_type)
         return result
 
     async def _upstream_error(self, u: UpstreamStats, resp: aiohttp.ClientResponse) -> Exception:
@@ -524,8 +527,7 @@ class Proxy:
         server_span: trace.Span,
         ex: Exchange,
         out: Outcome,
-        provider: str,
-        upstream: str,
+        u: UpstreamStats,
         t0: float,
         started: float,
         error_type: str | None,
@@ -553,9 +555,9 @@ class Proxy:
             operation=ex.operation,
             request_model=ex.model,
             response_model=out.response_model,
-            provider=T.provider_name(provider),
-            upstream=upstream,
-            server_address=None,
+            provider=T.provider_name(u.cfg.provider),
+            upstream=u.name,
+            server_address=_host(u.cfg.base_url),
             duration_s=time.monotonic() - started,
             ttft_s=out.ttft,
             input_tokens=out.input_tokens,
@@ -671,7 +673,6 @@ def _retry_after(headers) -> float | None:
     return min(max(0.0, secs), _MAX_RETRY_AFTER)
 
 
+@functools.lru_cache(maxsize=1024)
 def _host(url: str) -> str:
-    from urllib.parse import urlsplit
-
     return urlsplit(url).hostname or ""
