@@ -1,0 +1,74 @@
+"""The command line: check-config's messages, and `gateway demo` (what `make run` starts) serving for real."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+
+import aiohttp
+import openai
+
+from gateway.cli import main
+
+from .conftest import free_port
+
+
+def test_check_config_ok_and_clear_errors(tmp_path, capsys):
+    assert main(["check-config", "config/compose.yaml"]) == 0
+    assert "ok" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        """
+upstreams:
+  a: {base_url: "ftp://x", weight: -1}
+  z: {provider: azure, base_url: "https://x"}
+models:
+  m: {upstreams: [a, ghost], strategy: fastest}
+"""
+    )
+    assert main(["check-config", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "upstreams.a.base_url" in err and "http://" in err
+    assert "upstreams.a.weight" in err
+    assert "deployment" in err and "api_version" in err
+    assert "unknown strategy 'fastest'" in err
+    (tmp_path / "links.yaml").write_text("upstreams:\n  a: {base_url: 'http://x'}\nmodels:\n  m: {upstreams: [ghost]}\n")
+    assert main(["check-config", str(tmp_path / "links.yaml")]) == 1
+    assert "unknown upstream 'ghost'" in capsys.readouterr().err
+    (tmp_path / "junk.yaml").write_text("upstreams: [\n")
+    assert main(["check-config", str(tmp_path / "junk.yaml")]) == 1
+    assert "invalid YAML" in capsys.readouterr().err
+
+
+async def test_demo_serves_and_stops_gracefully():
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "demo", "--port", str(port),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "GATEWAY_HOST": "127.0.0.1", "GATEWAY_SHUTDOWN_GRACE": "5"},
+    )
+    try:
+        deadline = time.monotonic() + 20
+        async with aiohttp.ClientSession() as s:
+            while True:
+                try:
+                    async with s.get(f"http://127.0.0.1:{port}/readyz") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                assert time.monotonic() < deadline, "demo did not become ready"
+                await asyncio.sleep(0.2)
+        c = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        r = await c.chat.completions.create(model="fleet-model", messages=[{"role": "user", "content": "STOP_AFTER_3"}])
+        assert r.usage.completion_tokens == 3
+        proc.send_signal(signal.SIGTERM)
+        rc = await asyncio.wait_for(proc.wait(), 15)
+        assert rc == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
