@@ -17,6 +17,7 @@ from .engine_metrics import EngineMetricsScraper
 from .fleet_sync import FleetSync
 from .health import HealthChecker, OutlierDetector
 from .handlers import PROXY_KEY
+from .periodic import Periodic
 from .proxy import Proxy
 from .router import Router
 from .settings import Settings
@@ -25,7 +26,6 @@ from .tokens import encoding
 
 log = logging.getLogger("gateway")
 DRAINING = web.AppKey("draining", list)
-WAKER = web.AppKey("waker", asyncio.Task)
 CHECKER = web.AppKey("checker", HealthChecker)
 
 
@@ -137,6 +137,12 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/dashboard", dashboard)
 
+    # The sync loop refreshes limits; wake queued requests each cycle so new headroom is used at once.
+    async def wake() -> None:
+        router.wake()
+
+    waker = Periodic("router-wake", settings.flush_interval, wake)
+
     async def on_startup(app: web.Application) -> None:
         encoding()  # load the tokenizer before the first request
         await proxy.start()
@@ -146,8 +152,7 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
         if checker is not None:
             app[CHECKER] = checker
             await checker.start()
-        # The sync loop refreshes limits; wake queued requests each cycle so rate-limit headroom is used.
-        app[WAKER] = asyncio.create_task(_wake_loop(router, settings.flush_interval))
+        waker.start()
 
     async def on_shutdown(app: web.Application) -> None:
         """Drain: /readyz says 503, new API requests get 503, in-flight ones run until shutdown_grace; then
@@ -171,7 +176,7 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
             await asyncio.wait(pending, timeout=left)
 
     async def on_cleanup(app: web.Application) -> None:
-        app[WAKER].cancel()
+        await waker.stop()
         if checker is not None:
             await checker.stop()
         await keys.stop()
@@ -184,9 +189,3 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
     app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)
     return app
-
-
-async def _wake_loop(router: Router, interval: float) -> None:
-    while True:
-        await asyncio.sleep(interval)
-        router.wake()

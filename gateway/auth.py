@@ -37,6 +37,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from .errors import GatewayError
+from .periodic import Periodic
 
 log = logging.getLogger("gateway.auth")
 
@@ -155,7 +156,8 @@ class KeyStore:
         self.replicas = replicas
         self.keys: dict[str, ApiKey] = {}
         self._ver: bytes | None = None
-        self._task: asyncio.Task | None = None
+        self._failing = False
+        self._loop = Periodic("key-refresh", refresh, self._refresh_logged)
 
     # ---- hot path ----------------------------------------------------------------------------------------
     def lookup(self, presented: str | None) -> ApiKey | None:
@@ -215,31 +217,22 @@ class KeyStore:
             await self.refresh(force=True)
         except (RedisError, OSError, asyncio.TimeoutError) as e:
             log.warning("key store: redis unavailable at start (%s); will retry", type(e).__name__)
-        self._task = asyncio.create_task(self._loop(), name="key-refresh")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await self._loop.stop()
 
-    async def _loop(self) -> None:
-        failing = False
-        while True:
-            await asyncio.sleep(self.refresh_interval)
-            try:
-                await self.refresh()
-                if failing:
-                    log.info("key store: redis reachable again")
-                failing = False
-            except (RedisError, OSError, asyncio.TimeoutError) as e:
-                if not failing:
-                    log.warning("key store: redis unavailable (%s); serving the cached keys", type(e).__name__)
-                failing = True
-            except Exception:
-                log.exception("key store refresh failed")
+    async def _refresh_logged(self) -> None:
+        try:
+            await self.refresh()
+        except (RedisError, OSError, asyncio.TimeoutError) as e:
+            if not self._failing:
+                log.warning("key store: redis unavailable (%s); serving the cached keys", type(e).__name__)
+            self._failing = True
+            return
+        if self._failing:
+            log.info("key store: redis reachable again")
+        self._failing = False
 
     async def refresh(self, force: bool = False) -> None:
         ver = await self.redis.get(self.ver_key)

@@ -13,6 +13,7 @@ import re
 import aiohttp
 
 from .fleet import Fleet
+from .periodic import Periodic
 from .stats import UpstreamStats
 
 log = logging.getLogger("gateway.engine_metrics")
@@ -46,29 +47,22 @@ class EngineMetricsScraper:
     def __init__(self, fleet: Fleet, interval: float = 1.0) -> None:
         self.targets = [u for u in fleet.upstreams.values() if u.cfg.metrics_url]
         self.interval = interval
-        self._task: asyncio.Task | None = None
+        self._loop = Periodic("engine-metrics", interval, self.scrape_all, immediate=True)
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         if not self.targets:
             return
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=max(0.5, self.interval)))
-        self._task = asyncio.create_task(self._loop(), name="engine-metrics")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await self._loop.stop()
         if self._session:
             await self._session.close()
 
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.gather(*(self.scrape(u) for u in self.targets))
-            await asyncio.sleep(self.interval)
+    async def scrape_all(self) -> None:
+        await asyncio.gather(*(self.scrape(u) for u in self.targets))
 
     async def scrape(self, u: UpstreamStats) -> None:
         assert self._session is not None and u.cfg.metrics_url

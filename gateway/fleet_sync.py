@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 
 from .capacity import Sample
 from .fleet import Fleet
+from .periodic import Periodic
 from .stats import WINDOW_S, Window
 
 log = logging.getLogger("gateway.fleet_sync")
@@ -42,24 +43,17 @@ class FleetSync:
         )
         self.status = "ok" if self.redis else "disabled"
         self.last_ok = 0.0
-        self._task: asyncio.Task | None = None
+        self._loop = Periodic("fleet-sync", interval, self.sync_once)
         self._last_refit = 0.0
         self._cooldowns: dict[str, float] = {}
-        self._weights: dict[str, float] = {}
-        self._failures = 0
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
     async def start(self) -> None:
         await self.sync_once()
-        self._task = asyncio.create_task(self._loop(), name="fleet-sync")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await self._loop.stop()
         if self.redis is not None:
             try:
                 await self.sync_once()  # flush the last deltas
@@ -70,14 +64,6 @@ class FleetSync:
             except (RedisError, OSError, asyncio.TimeoutError):
                 pass
             await self.redis.aclose()
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.sync_once()
-            except Exception:  # never let the loop die
-                log.exception("fleet sync cycle failed")
 
     # ---- operator actions (shared through Redis) ------------------------------------------------------------
     def set_cooldown(self, upstream: str, until: float) -> None:
@@ -108,13 +94,11 @@ class FleetSync:
             return
         try:
             await self._exchange(now, taken)
-            self._failures = 0
             self.last_ok = now
             if self.status != "ok":
                 log.warning("redis reachable again; fleet view shared")
             self.status = "ok"
         except (RedisError, OSError, asyncio.TimeoutError) as e:
-            self._failures += 1
             for n, u in ups.items():
                 w, samples = taken[n]
                 w.prune(int(now) - WINDOW_S)

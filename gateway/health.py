@@ -20,6 +20,7 @@ import time
 
 import aiohttp
 
+from .periodic import Periodic
 from .providers import provider_for
 from .stats import UpstreamStats
 
@@ -88,32 +89,19 @@ class HealthChecker:
         self.timeout = timeout
         self.down: dict[str, bool] = {}
         self._session: aiohttp.ClientSession | None = None
-        self._task: asyncio.Task | None = None
+        self._loop = Periodic("health-checks", interval, self.check_all, immediate=True)
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, force_close=True),
             timeout=aiohttp.ClientTimeout(total=self.timeout),
         )
-        self._task = asyncio.create_task(self._loop(), name="health-checks")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await self._loop.stop()
         if self._session:
             await self._session.close()
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.check_all()
-            except Exception:  # never let the loop die
-                log.exception("health check cycle failed")
-            await asyncio.sleep(self.interval)
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self._check(u) for u in self.upstreams.values()))

@@ -313,7 +313,7 @@ class Proxy:
                 if not verdict:
                     self.health.abandoned(u)  # a half-open probe that ended without a verdict frees the probe slot
                 self._finish(u, ex, out, n_start, t0)
-                self._annotate(span, server_span, ex, out, u, t0, started, error_type)
+                self._annotate(span, server_span, ex, out, u, started, error_type)
         return result
 
     async def _upstream_error(self, u: UpstreamStats, resp: aiohttp.ClientResponse) -> Exception:
@@ -528,11 +528,9 @@ class Proxy:
         ex: Exchange,
         out: Outcome,
         u: UpstreamStats,
-        t0: float,
         started: float,
         error_type: str | None,
     ) -> None:
-        dur = time.monotonic() - t0
         attrs: dict[str, Any] = {}
         if out.response_model:
             attrs[T.ATTR_GEN_AI_RESPONSE_MODEL] = out.response_model

@@ -19,6 +19,8 @@ from gateway.proxy import Proxy
 from gateway.settings import Settings
 from gateway.sim import SimConfig, start_sim
 
+from .otlp_receiver import otlp_receiver  # noqa: F401  (a fixture for every test module)
+
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
 

@@ -80,7 +80,7 @@ async def test_crashed_replica_load_expires(redis_client, redis_prefix):
             fa.upstreams["fast-gpu"].credit(0)
         await asyncio.sleep(0.3)
         assert fb.upstreams["fast-gpu"].inflight_remote == 5
-        a._task.cancel()  # A dies without cleaning up
+        await a._loop.stop()  # A dies without cleaning up (no goodbye to Redis)
         await asyncio.sleep(HEARTBEAT_TTL + 0.5)
         assert fb.upstreams["fast-gpu"].inflight_remote == 0
         assert fb.upstreams["fast-gpu"].replicas == 1

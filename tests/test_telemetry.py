@@ -12,7 +12,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from gateway import telemetry as tm
 from gateway.telemetry import Telemetry, provider_name, span_name
-from tests.otlp_receiver import OTLPReceiver, otlp_receiver  # noqa: F401  (fixture)
+from tests.otlp_receiver import OTLPReceiver
 
 CLIENT_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN_ID = "00f067aa0ba902b7"

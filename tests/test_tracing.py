@@ -9,13 +9,12 @@ import openai
 from gateway.config import CapacityHint, FleetConfig, ModelConfig, UpstreamConfig
 from gateway.sim import SimConfig
 
-from .otlp_receiver import otlp_receiver  # noqa: F401  (fixture)
 
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
 
 
-async def test_streamed_request_with_retry_emits_genai_spans(start_sims, start_gateway, otlp_receiver, monkeypatch):  # noqa: F811
+async def test_streamed_request_with_retry_emits_genai_spans(start_sims, start_gateway, otlp_receiver, monkeypatch):
     sims = await start_sims({"broken": SimConfig(name="broken", error_rate=1.0), "good": SimConfig(name="good")})
     fleet = FleetConfig(
         upstreams={
