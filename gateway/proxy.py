@@ -162,7 +162,7 @@ class Proxy:
             if isinstance(mt, int):
                 span.set_attribute(T.ATTR_GEN_AI_REQUEST_MAX_TOKENS, mt)
             if self.tel.capture_content and "messages" in ex.body:
-                span.set_attribute(T.ATTR_GEN_AI_INPUT_MESSAGES, json.dumps(ex.body["messages"])[:65536])
+                span.set_attribute(T.ATTR_GEN_AI_INPUT_MESSAGES, T.input_messages_json(ex.body["messages"]))
             if task:
                 self.active.add(task)
             try:
@@ -370,6 +370,9 @@ class Proxy:
         for ch in data.get("choices") or ():
             if ch.get("finish_reason"):
                 out.finish_reasons.append(ch["finish_reason"])
+            text = (ch.get("message") or {}).get("content") if "message" in ch else ch.get("text")
+            if isinstance(text, str) and text:
+                out.text.append(text)  # for counting when usage is missing, and for content capture
         if ex.dialect == "anthropic":
             data = chat_response_to_messages(data, ex.model)
             raw = None
@@ -548,7 +551,8 @@ class Proxy:
         span.set_attributes(attrs)
         server_span.set_attributes(attrs)
         if self.tel.capture_content and out.text:
-            server_span.set_attribute(T.ATTR_GEN_AI_OUTPUT_MESSAGES, "".join(out.text)[:65536])
+            finish = out.finish_reasons[0] if out.finish_reasons else None
+            server_span.set_attribute(T.ATTR_GEN_AI_OUTPUT_MESSAGES, T.output_messages_json("".join(out.text), finish))
         self.tel.record_operation(
             operation=ex.operation,
             request_model=ex.model,

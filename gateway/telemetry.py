@@ -144,6 +144,37 @@ _PROVIDER_KINDS = {
 }
 
 
+def input_messages_json(messages: Any) -> str:
+    """OpenAI chat messages in the GenAI semconv shape of gen_ai.input.messages (role + typed parts)."""
+    out = []
+    for m in messages if isinstance(messages, list) else ():
+        if not isinstance(m, dict):
+            continue
+        parts: list[dict[str, Any]] = []
+        c = m.get("content")
+        if isinstance(c, str):
+            parts.append({"type": "text", "content": c})
+        elif isinstance(c, list):
+            for p in c:
+                if isinstance(p, dict) and p.get("type") == "text":
+                    parts.append({"type": "text", "content": p.get("text", "")})
+                elif isinstance(p, dict):
+                    parts.append({"type": str(p.get("type", "unknown"))})
+        for call in m.get("tool_calls") or ():
+            fn = call.get("function") or {}
+            parts.append({"type": "tool_call", "id": call.get("id"), "name": fn.get("name"), "arguments": fn.get("arguments")})
+        if m.get("role") == "tool":
+            parts = [{"type": "tool_call_response", "id": m.get("tool_call_id"), "response": c}]
+        out.append({"role": m.get("role"), "parts": parts})
+    return json.dumps(out)
+
+
+def output_messages_json(text: str, finish_reason: str | None) -> str:
+    """The assistant's streamed/returned text as gen_ai.output.messages."""
+    msg = {"role": "assistant", "parts": [{"type": "text", "content": text}], "finish_reason": finish_reason or "stop"}
+    return json.dumps([msg])
+
+
 def provider_name(kind: str) -> str:
     """Map a fleet provider kind ("openai", "azure", "anthropic") to ``gen_ai.provider.name``.
 

@@ -76,3 +76,22 @@ async def test_streamed_request_with_retry_emits_genai_spans(start_sims, start_g
     dump = json.dumps(spans)
     assert "sk-secret-client-key" not in dump
     assert "hello" not in dump  # content is not captured unless enabled
+
+
+async def test_content_captured_only_when_enabled(sim_fleet, start_gateway, otlp_receiver, monkeypatch):
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_receiver.endpoint)
+    gw = await start_gateway(sim_fleet.config(), capture_content=True)
+    c = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
+    r = await c.chat.completions.create(
+        model="fleet-model",
+        messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "capture me STOP_AFTER_3"}],
+    )
+    spans = await otlp_receiver.wait_for(lambda s: s["kind"] == "SERVER")
+    a = spans[0]["attributes"]
+    assert json.loads(a["gen_ai.input.messages"]) == [
+        {"role": "system", "parts": [{"type": "text", "content": "be brief"}]},
+        {"role": "user", "parts": [{"type": "text", "content": "capture me STOP_AFTER_3"}]},
+    ]
+    out = json.loads(a["gen_ai.output.messages"])
+    assert out[0]["role"] == "assistant" and out[0]["parts"][0]["content"] == r.choices[0].message.content
+    assert out[0]["finish_reason"] == "stop"
