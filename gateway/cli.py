@@ -11,9 +11,21 @@ import subprocess
 import sys
 
 from aiohttp import web
+from pydantic import ValidationError
 
 from .config import ConfigError, check_warnings, load_fleet
 from .settings import Settings
+
+
+def _settings(**overrides) -> Settings:
+    """Settings from GATEWAY_* env plus flags; a bad value exits with a readable message, not a traceback."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        for err in e.errors():
+            name = "GATEWAY_" + "_".join(str(x) for x in err["loc"]).upper()
+            print(f"{name}: {err['msg']}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _logging(level: str) -> None:
@@ -42,7 +54,7 @@ def _run_gateway(settings: Settings, reuse_port: bool = False) -> None:
 
 def cmd_serve(ns: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("host", ns.host), ("port", ns.port), ("config", ns.config)) if v is not None}
-    settings = Settings(**overrides)
+    settings = _settings(**overrides)
     _logging(settings.log_level)
     if ns.workers <= 1:
         _run_gateway(settings, reuse_port=ns.reuse_port)
@@ -71,7 +83,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     from .demo import DEMO_PORTS, REFERENCE_SIMS
     from .sim import start_sim
 
-    settings = Settings(port=ns.port)
+    settings = _settings(port=ns.port)
     _logging(settings.log_level)
 
     async def start_sims(app: web.Application) -> None:
@@ -113,7 +125,8 @@ def cmd_sim(ns: argparse.Namespace) -> int:
 
 
 def cmd_check_config(ns: argparse.Namespace) -> int:
-    path = ns.path or Settings().config
+    settings = _settings()
+    path = ns.path or settings.config
     try:
         fleet = load_fleet(path)
     except ConfigError as e:
@@ -123,7 +136,7 @@ def cmd_check_config(ns: argparse.Namespace) -> int:
         print(f"warning: {w}")
     print(f"{path}: ok — {len(fleet.upstreams)} upstreams, {len(fleet.models)} models")
     for name, m in fleet.models.items():
-        print(f"  {name}: {', '.join(m.upstreams)} (strategy {m.strategy or Settings().default_strategy})")
+        print(f"  {name}: {', '.join(m.upstreams)} (strategy {m.strategy or settings.default_strategy})")
     return 0
 
 

@@ -7,7 +7,7 @@ import socket
 import uuid
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_FLEET = Path(__file__).with_name("default_fleet.yaml")
@@ -64,3 +64,12 @@ class Settings(BaseSettings):
     shutdown_grace: float = 30.0
     capture_content: bool = False
     log_level: str = "INFO"
+
+    @field_validator("default_strategy")
+    @classmethod
+    def _strategy(cls, v: str) -> str:
+        from .config import STRATEGIES
+
+        if v not in STRATEGIES:
+            raise ValueError(f"unknown strategy {v!r}; choose one of {', '.join(STRATEGIES)}")
+        return v

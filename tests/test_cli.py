@@ -10,6 +10,7 @@ import time
 
 import aiohttp
 import openai
+import pytest
 
 from gateway.cli import main
 
@@ -72,3 +73,11 @@ async def test_demo_serves_and_stops_gracefully():
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def test_bad_settings_exit_with_a_clear_message(monkeypatch, capsys):
+    monkeypatch.setenv("GATEWAY_DEFAULT_STRATEGY", "fastest")
+    with pytest.raises(SystemExit) as e:
+        main(["check-config"])
+    assert e.value.code == 2
+    assert "GATEWAY_DEFAULT_STRATEGY: Value error, unknown strategy 'fastest'" in capsys.readouterr().err
