@@ -202,7 +202,9 @@ async def messages(request: web.Request) -> web.StreamResponse:
         raise GatewayError(400, "invalid Messages request") from None
     _validate_common(chat)
     _validate_messages(chat.get("messages"))
-    return await _run(request, _exchange(request, "chat", chat, dialect="anthropic"))
+    ex = _exchange(request, "chat", chat, dialect="anthropic")
+    ex.native = body  # sent as is to Anthropic upstreams
+    return await _run(request, ex)
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -67,6 +67,7 @@ class Exchange:
     dialect: str  # openai | anthropic
     est: Estimate
     headers: Any  # the client's request headers (for traceparent)
+    native: dict | None = None  # the client's own body when it is not in the canonical (OpenAI) dialect
     principal: Any = None  # the gateway API key (auth.ApiKey) when keys are required
     used_tokens: int = 0  # prompt + output tokens really used (for the key's TPM settlement)
 
@@ -248,7 +249,10 @@ class Proxy:
             self.tel.inject(headers)
             try:
                 try:
-                    data = prov.encode_request(ex.operation, ex.body, upstream_model)
+                    if ex.native is not None and prov.dialect == ex.dialect:
+                        data = prov.encode_native(ex.native, upstream_model)
+                    else:
+                        data = prov.encode_request(ex.operation, ex.body, upstream_model)
                 except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError) as e:
                     # The client's fields do not fit this upstream's wire format: the request's fault, not the upstream's.
                     raise GatewayError(
@@ -361,7 +365,8 @@ class Proxy:
         except ValueError:
             raise AttemptFailure(502, f"upstream {u.name} returned invalid JSON", "upstream_bad_response")
         now = time.monotonic()
-        if not prov.passthrough:
+        native = prov.dialect == ex.dialect  # the client gets the upstream's bytes
+        if prov.dialect != "openai":
             data = prov.decode_response(data, ex.model)
         out.first_at = out.last_at = now
         _take_usage(out, data.get("usage"))
@@ -373,12 +378,12 @@ class Proxy:
             text = (ch.get("message") or {}).get("content") if "message" in ch else ch.get("text")
             if isinstance(text, str) and text:
                 out.text.append(text)  # for counting when usage is missing, and for content capture
-        if ex.dialect == "anthropic":
-            data = chat_response_to_messages(data, ex.model)
-            raw = None
-        elif not prov.passthrough:
-            raw = None
-        body = raw if raw is not None else json.dumps(data, separators=(",", ":")).encode()
+        if native:
+            body = raw
+        elif ex.dialect == "anthropic":
+            body = json.dumps(chat_response_to_messages(data, ex.model), separators=(",", ":")).encode()
+        else:
+            body = json.dumps(data, separators=(",", ":")).encode()
         return web.Response(body=body, content_type="application/json")
 
     # ---- streamed -------------------------------------------------------------------------------------------------
@@ -399,7 +404,7 @@ class Proxy:
             if ex.dialect == "anthropic"
             else OpenAIClientStream(ex.include_usage)
         )
-        raw_ok = prov.passthrough and not client.translates
+        native = prov.dialect == ex.dialect  # relay the upstream's frames untouched
         decoder = prov.stream_decoder(ex.model, ex.include_usage)
         sse = SSEDecoder()
         sresp: web.StreamResponse | None = None
@@ -440,11 +445,10 @@ class Proxy:
                         if "error" in c and "choices" not in c:
                             raise _StreamBroken(f"upstream {u.name}: {_error_message(json.dumps(c).encode())}", "upstream_stream_error")
                         _observe_chunk(out, c)
-                        if raw_ok:
-                            if c.get("choices") or "usage" not in c or ex.include_usage:
-                                buf.append(ev.raw)
-                        else:
-                            buf.append(client.chunk(c))
+                    if not native:
+                        buf.extend(client.chunk(c) for c in chunks)
+                    elif ex.include_usage or ex.dialect != "openai" or not _usage_only(chunks):
+                        buf.append(ev.raw)  # (the usage chunk the gateway asked for is dropped if the client did not)
                     if ev.event == "message_stop":
                         done = True
                 if not piece and not done:
@@ -452,8 +456,10 @@ class Proxy:
                 if done:
                     for c in decoder.finish():
                         _observe_chunk(out, c)
-                        buf.append(client.chunk(c))
-                    buf.append(client.done())
+                        if not native:
+                            buf.append(client.chunk(c))
+                    if not native or ex.dialect == "openai":  # native Anthropic streams end with their own message_stop
+                        buf.append(client.done())
                 elif out.mark_area is None:
                     if out.first_at is not None:
                         out.mark_area = u.load_area()  # decoding started: progress samples measure from here
@@ -626,6 +632,10 @@ def _observe_chunk(out: Outcome, c: dict) -> None:
         fr = ch.get("finish_reason")
         if fr:
             out.finish_reasons.append(fr)
+
+
+def _usage_only(chunks: list[dict]) -> bool:
+    return bool(chunks) and all(not c.get("choices") and "usage" in c for c in chunks)
 
 
 def _take_usage(out: Outcome, usage: dict | None) -> None:

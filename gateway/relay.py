@@ -15,7 +15,6 @@ class OpenAIClientStream:
     """Canonical chunks to OpenAI SSE. Raw upstream frames pass through untouched."""
 
     __slots__ = ("include_usage",)
-    translates = False
 
     def __init__(self, include_usage: bool) -> None:
         self.include_usage = include_usage
@@ -36,7 +35,6 @@ class AnthropicClientStream:
     """Canonical chunks to Anthropic Messages SSE events."""
 
     __slots__ = ("_t",)
-    translates = True
 
     def __init__(self, model: str, input_tokens: int) -> None:
         self._t = ChatStreamToMessages(model, input_tokens)

@@ -58,3 +58,36 @@ async def test_messages_errors_are_clear(gateway):
     assert e.value.body["type"] == "error" and e.value.body["error"]["type"] == "invalid_request_error"
     with pytest.raises(anthropic.NotFoundError):
         await c.messages.create(model="no-such-model", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+
+
+async def test_anthropic_client_to_anthropic_upstream_is_relayed_untouched(start_sims, start_gateway):
+    """Same dialect on both sides: no translation, the upstream's frames reach the client as they are."""
+    import aiohttp
+
+    from gateway.config import FleetConfig, ModelConfig, UpstreamConfig
+    from gateway.sim import SimConfig
+    from gateway.stats import OUT
+
+    sims = await start_sims({"claude": SimConfig(name="claude-up")})
+    fleet = FleetConfig(
+        upstreams={"claude": UpstreamConfig(provider="anthropic", base_url=sims.url("claude"), model="claude-up")},
+        models={"claude-fleet": ModelConfig(upstreams=["claude"])},
+    )
+    gw = await start_gateway(fleet)
+    c = client(gw)
+    m = await c.messages.create(model="claude-fleet", max_tokens=20, messages=[{"role": "user", "content": "STOP_AFTER_4"}])
+    assert m.model == "claude-up"  # the upstream's own response, not a re-encoded one
+    assert m.usage.output_tokens == 4
+    async with aiohttp.ClientSession() as s:
+        body = {"model": "claude-fleet", "max_tokens": 5, "stream": True, "top_k": 3, "messages": [{"role": "user", "content": "hi"}]}
+        async with s.post(gw.url + "/v1/messages", json=body) as r:
+            raw = await r.text()
+    events = [line[7:] for line in raw.splitlines() if line.startswith("event: ")]
+    assert events[0] == "message_start" and events[-1] == "message_stop"
+    assert "ping" in events  # a translated stream would not carry the upstream's ping
+    assert events.count("content_block_delta") == 5
+    async with c.messages.stream(model="claude-fleet", max_tokens=7, messages=[{"role": "user", "content": "x"}]) as st:
+        final = await st.get_final_message()
+    assert final.usage.output_tokens == 7
+    up = gw.proxy.fleet.upstreams["claude"]
+    assert up.pending.sum(OUT, 0) + up.fleet.sum(OUT, 0) == 4 + 5 + 7  # measured all the same

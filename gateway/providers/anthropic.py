@@ -14,7 +14,7 @@ ANTHROPIC_VERSION = "2023-06-01"
 
 class AnthropicProvider(Provider):
     kind = "anthropic"
-    passthrough = False
+    dialect = "anthropic"
 
     def supports(self, operation: str) -> bool:
         return operation == "chat"

@@ -20,8 +20,8 @@ class StreamDecoder(Protocol):
 
 class Provider:
     kind: str = "openai"
-    #: True when responses are already canonical, so bytes can be relayed untouched.
-    passthrough: bool = True
+    #: The wire format spoken: when the client speaks it too, bytes are relayed untouched both ways.
+    dialect: str = "openai"
 
     def supports(self, operation: str) -> bool:
         return operation in OPERATION_PATHS
@@ -44,6 +44,12 @@ class Provider:
             opts = dict(out.get("stream_options") or {})
             opts["include_usage"] = True
             out["stream_options"] = opts
+        return json.dumps(out, separators=(",", ":")).encode()
+
+    def encode_native(self, body: dict, upstream_model: str) -> bytes:
+        """The client's own body (same dialect as this provider), with only the model swapped."""
+        out = dict(body)
+        out["model"] = upstream_model
         return json.dumps(out, separators=(",", ":")).encode()
 
     def decode_response(self, data: dict, client_model: str) -> dict:
