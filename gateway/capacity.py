@@ -43,15 +43,21 @@ class CapacityCurve:
     #: Weight of the configured hint, in samples.
     PRIOR_WEIGHT = 1.0
 
-    __slots__ = ("a", "b", "ttft", "samples", "_hint", "_slots")
+    __slots__ = ("a", "b", "ttft", "prefill", "samples", "_hint", "_slots", "_mean_prompt")
 
     def __init__(self, hint: CapacityHint, slots: int) -> None:
         self._hint = hint
         self._slots = max(1, slots)
         self.a = hint.a
         self.b = hint.b
-        self.ttft = hint.ttft
+        self.ttft = hint.ttft  # TTFT level at the mean prompt size seen
+        self.prefill = 0.0  # extra TTFT seconds per prompt token (prefill), fitted when prompt sizes vary
+        self._mean_prompt = 0.0
         self.samples = 0
+
+    def ttft_for(self, prompt_tokens: int) -> float:
+        """Expected time to first token for a prompt of this size."""
+        return max(0.0, self.ttft + self.prefill * (prompt_tokens - self._mean_prompt))
 
     def tpot(self, n: float) -> float:
         """Seconds per output token per sequence at concurrency n."""
@@ -94,8 +100,10 @@ class CapacityCurve:
         sxx = w0 * (1.0 + n_hi * n_hi)
         sy = w0 * (y1 + y2)
         sxy = w0 * (y1 + n_hi * y2)
+        # TTFT against prompt size: the level (at the mean prompt) and a slope (prefill seconds per token).
         tw = w0
         tt = w0 * h.ttft
+        tp = tpp = tpt = 0.0
         for w, s in rows:
             sw += w
             sx += w * s.n
@@ -105,6 +113,9 @@ class CapacityCurve:
             if s.ttft >= 0:  # progress samples of running streams carry no TTFT
                 tw += w
                 tt += w * s.ttft
+                tp += w * s.prompt_tokens
+                tpp += w * s.prompt_tokens * s.prompt_tokens
+                tpt += w * s.prompt_tokens * s.ttft
         den = sw * sxx - sx * sx
         b = (sw * sxy - sx * sy) / den if den > 1e-12 else k * h.b
         b = max(0.0, b)
@@ -116,12 +127,22 @@ class CapacityCurve:
             b = max(0.0, (mean_t - a) / max(sx / sw, 1e-9))
         self.a, self.b = a, b
         self.ttft = tt / tw
+        wd = tw - w0  # data weight only: the prior says nothing about prompt sizes
+        if wd > 0:
+            mp = tp / wd
+            var = tpp / wd - mp * mp
+            mean_t = (tt - w0 * h.ttft) / wd
+            cov = tpt / wd - mp * mean_t
+            # Only with a real spread of prompt sizes; shrunk towards 0 when the spread is small.
+            self.prefill = max(0.0, cov / (var + 100.0**2)) if var > 1.0 else 0.0
+            self._mean_prompt = mp
 
     def snapshot(self) -> dict:
         return {
             "a": round(self.a, 6),
             "b": round(self.b, 7),
             "ttft": round(self.ttft, 4),
+            "prefill_ms_per_1k_tokens": round(self.prefill * 1e6, 2),
             "saturation_tok_s": round(self.saturation(), 1),
             "samples": self.samples,
         }

@@ -73,10 +73,14 @@ def throughput_gain(u: UpstreamStats, est: Estimate) -> float:
     n = u.load
     t0, t1 = c.tpot(n), c.tpot(n + 1)
     m = max(1, est.output_tokens)
-    own = m / (c.ttft + m * t1)
+    duration = c.ttft_for(est.prompt_tokens) + m * t1
+    own = m / duration
     if n >= u.cfg.max_concurrency:  # past the engine's slots the request would only queue there
         return 0.0
     ext = n * (1.0 / t0 - 1.0 / t1) if n > 0 else 0.0
+    if n > 0 and u.cfg.kind == "gpu":
+        # Its prefill stalls the running batch: tokens lost, spread over the request's lifetime.
+        ext += (n / t0) * c.prefill * est.prompt_tokens / duration
     return own - ext
 
 
@@ -233,7 +237,7 @@ def _least_busy(pool: Pool, cands: list[UpstreamStats], est: Estimate) -> Decisi
 
 def _lowest_latency(pool: Pool, cands: list[UpstreamStats], est: Estimate) -> Decision:
     m = max(1, est.output_tokens)
-    scores = {u.name: u.curve.ttft + m * u.curve.tpot(u.load + 1) for u in cands}
+    scores = {u.name: u.curve.ttft_for(est.prompt_tokens) + m * u.curve.tpot(u.load + 1) for u in cands}
     u = min(cands, key=lambda c: scores[c.name])
     return Decision(u, "lowest_latency", f"lowest predicted latency {scores[u.name]:.2f}s", scores)
 

@@ -64,3 +64,35 @@ def test_slowdown_at_one_concurrency_scales_the_hinted_shape():
     c.fit(samples(0.032, 0.0016, [20] * 120, now), now)
     assert abs(c.tpot(20) - 0.064) < 0.004
     assert 0.001 < c.b < 0.0025
+
+
+def test_ttft_grows_with_prompt_size_when_sizes_vary():
+    now = time.time()
+    c = CapacityCurve(CapacityHint(a=0.01, b=0.001, ttft=0.2), slots=32)
+    rnd = random.Random(3)
+    rows = []
+    for i in range(200):
+        p = rnd.randint(100, 4000)
+        rows.append(Sample(now - i * 0.01, 4, 0.014, 0.05 + 0.0001 * p, p, 100))
+    c.fit(rows, now)
+    assert 0.00008 < c.prefill < 0.00011
+    assert abs(c.ttft_for(4000) - 0.45) < 0.06 and abs(c.ttft_for(100) - 0.06) < 0.06
+    # One prompt size only: no slope is invented.
+    c.fit([Sample(now, 4, 0.014, 0.3, 500, 100)] * 50, now)
+    assert c.prefill == 0.0 and abs(c.ttft_for(5000) - c.ttft) < 1e-9
+
+
+def test_router_sends_long_prompts_away_from_a_busy_gpu():
+    """A long prompt's prefill would stall the whole batch of a busy GPU server; a hosted API does not care."""
+    from gateway.demo import DEMO_PORTS, reference_fleet
+    from gateway.fleet import Fleet
+    from gateway.router import Estimate, throughput_gain
+
+    fleet = Fleet(reference_fleet(DEMO_PORTS), "throughput")
+    fast, hosted = fleet.upstreams["fast-gpu"], fleet.upstreams["hosted"]
+    fast.curve.prefill = 0.00002  # 20 us per prompt token: 8k tokens stall the batch for 0.16 s
+    for _ in range(8):
+        fast.credit(0)
+    short, long_ = Estimate(200, 128), Estimate(8000, 128)
+    assert throughput_gain(fast, short) > throughput_gain(hosted, short)
+    assert throughput_gain(fast, long_) < throughput_gain(hosted, long_)
