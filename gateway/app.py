@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from importlib import resources
 
 from aiohttp import web
@@ -18,7 +19,7 @@ from .fleet_sync import FleetSync
 from .health import HealthChecker, OutlierDetector
 from .handlers import PROXY_KEY
 from .periodic import Periodic
-from .proxy import Proxy
+from .proxy import STREAMING, Proxy
 from .router import Router
 from .settings import Settings
 from .telemetry import Telemetry
@@ -44,12 +45,18 @@ async def error_middleware(request: web.Request, handler):
             raise
         msg = {404: f"no route for {request.method} {request.path}", 405: f"method {request.method} not allowed"}
         return GatewayError(e.status, msg.get(e.status, e.reason), code=e.reason.lower().replace(" ", "_")).response(dialect)
-    except (ConnectionResetError, asyncio.CancelledError):
+    except asyncio.CancelledError:
         raise
+    except ConnectionResetError:
+        # The client went away (or stopped reading and was cut off): nobody to answer, nothing to log as an error.
+        log.debug("client gone on %s %s", request.method, request.path)
+        return web.Response(status=499)
     except RecursionError:
         return GatewayError(400, "the request is nested too deeply", code="invalid_json").response(dialect)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
+        if request.get(STREAMING):
+            raise  # headers are out: aiohttp drops the connection rather than write a second response
         return GatewayError(500, "internal gateway error", code="internal_error").response(dialect)
 
 
@@ -155,25 +162,7 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
         waker.start()
 
     async def on_shutdown(app: web.Application) -> None:
-        """Drain: /readyz says 503, new API requests get 503, in-flight ones run until shutdown_grace; then
-        the rest are cancelled (streams end with an in-band error event, others get a 503)."""
-        app[DRAINING].append(True)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + settings.shutdown_grace
-        logged = False
-        while pending := [t for t in proxy.active if not t.done()]:
-            left = deadline - loop.time()
-            if left <= 0:
-                log.warning("shutdown grace over: ending %d requests still in flight", len(pending))
-                proxy.stopping = True
-                for t in pending:
-                    t.cancel()
-                await asyncio.wait(pending, timeout=5.0)
-                break
-            if not logged:
-                log.info("draining %d in-flight requests (up to %.1fs)", len(pending), left)
-                logged = True
-            await asyncio.wait(pending, timeout=left)
+        await _drain(app, settings.shutdown_grace)
 
     async def on_cleanup(app: web.Application) -> None:
         await waker.stop()
@@ -189,3 +178,51 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
     app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)
     return app
+
+
+async def _drain(app: web.Application, grace: float) -> None:
+    """/readyz says 503, new API requests get 503, in-flight ones run until `grace`; then the rest are
+    cancelled (streams end with an in-band error event, others get a 503)."""
+    if not app[DRAINING]:
+        app[DRAINING].append(True)
+    proxy = app[PROXY_KEY]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    logged = False
+    while pending := [t for t in proxy.active if not t.done()]:
+        left = deadline - loop.time()
+        if left <= 0:
+            log.warning("shutdown grace over: ending %d requests still in flight", len(pending))
+            proxy.stopping = True
+            for t in pending:
+                t.cancel()
+            await asyncio.wait(pending, timeout=5.0)
+            break
+        if not logged:
+            log.info("draining %d in-flight requests (up to %.1fs)", len(pending), left)
+            logged = True
+        await asyncio.wait(pending, timeout=left)
+
+
+def serve(app: web.Application, settings: Settings, *, reuse_port: bool = False) -> None:
+    """Run until SIGTERM/SIGINT, then drain while still listening (so /readyz answers 503), then stop."""
+    asyncio.run(_serve(app, settings, reuse_port))
+
+
+async def _serve(app: web.Application, settings: Settings, reuse_port: bool) -> None:
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=settings.shutdown_grace)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port)
+        await site.start()
+        print(f"gateway listening on http://{settings.host}:{settings.port} (replica {settings.replica_id})", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("stopping: draining in-flight requests while still answering /readyz with 503")
+        await _drain(app, settings.shutdown_grace)
+    finally:
+        await runner.cleanup()  # on_shutdown finds nothing left to wait for unless the grace ran out
+

@@ -33,23 +33,14 @@ def _logging(level: str) -> None:
 
 
 def _run_gateway(settings: Settings, reuse_port: bool = False) -> None:
-    from .app import create_app
+    from .app import create_app, serve
 
     try:
         app = create_app(settings)
     except ConfigError as e:
         print(e, file=sys.stderr)
         raise SystemExit(2)
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
-        reuse_port=reuse_port,
-        shutdown_timeout=settings.shutdown_grace,
-        handler_cancellation=True,
-        access_log=None,
-        print=lambda *_: print(f"gateway listening on http://{settings.host}:{settings.port} (replica {settings.replica_id})", flush=True),
-    )
+    serve(app, settings, reuse_port=reuse_port)
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
@@ -98,15 +89,14 @@ def cmd_demo(ns: argparse.Namespace) -> int:
         for r in app[SIMS]:
             await r.cleanup()
 
-    from .app import create_app
+    from .app import create_app, serve
 
     app = create_app(settings)
     app.on_startup.insert(0, start_sims)
     app.on_cleanup.append(stop_sims)
     print("try: curl -s localhost:%d/v1/chat/completions -H 'Content-Type: application/json' "
           "-d '{\"model\":\"fleet-model\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'" % settings.port, flush=True)
-    web.run_app(app, host=settings.host, port=settings.port, shutdown_timeout=settings.shutdown_grace,
-                handler_cancellation=True, access_log=None)
+    serve(app, settings)
     return 0
 
 

@@ -137,8 +137,9 @@ class FleetSync:
             if samples:
                 p.rpush(self._k("samples", n), *(x.to_row() for x in samples))
                 p.ltrim(self._k("samples", n), -400, -1)
-        if self._cooldowns:
-            p.hset(self._k("cooldown"), mapping={k: repr(v) for k, v in self._cooldowns.items()})
+        cooldowns, self._cooldowns = self._cooldowns, {}  # set during the round trip: sent next cycle
+        if cooldowns:
+            p.hset(self._k("cooldown"), mapping={k: repr(v) for k, v in cooldowns.items()})
         p.zrangebyscore(self._k("hb"), now - HEARTBEAT_TTL, "+inf")
         p.hgetall(self._k("inflight"))
         p.hgetall(self._k("weights"))
@@ -151,8 +152,12 @@ class FleetSync:
         if refit:
             for n in ups:
                 p.lrange(self._k("samples", n), 0, -1)
-        res = await p.execute()
-        self._cooldowns.clear()
+        try:
+            res = await p.execute()
+        except BaseException:
+            for k, v in cooldowns.items():
+                self._cooldowns[k] = max(v, self._cooldowns.get(k, 0.0))
+            raise
 
         i = len(res) - (len(ups) * len(slots)) - 4 - (len(ups) if refit else 0)
         alive = {x.decode() for x in res[i]}

@@ -51,7 +51,7 @@ log = logging.getLogger("gateway.proxy")
 
 _RETRYABLE_STATUS = {401, 403, 404, 408, 409, 429, 500, 502, 503, 504, 529}
 _MAX_ERROR_BODY = 64 * 1024
-_STREAMING = web.RequestKey("gw_streaming", bool)  # response headers went out: errors must go in-band
+STREAMING = web.RequestKey("gw_streaming", bool)  # response headers went out: errors must go in-band
 _MAX_RETRY_AFTER = 300.0  # an upstream cannot park itself (or be parked) for longer than this per 429
 
 
@@ -170,7 +170,7 @@ class Proxy:
                 try:
                     resp = await self._attempts(request, ex, pool, span, started)
                 except asyncio.CancelledError:
-                    if self.stopping and task is not None and not request.get(_STREAMING):
+                    if self.stopping and task is not None and not request.get(STREAMING):
                         # Past the shutdown grace: answer 503 instead of dropping the connection.
                         task.uncancel()
                         raise GatewayError(503, "the gateway is shutting down; retry the request", code="shutting_down", retry_after=1) from None
@@ -360,24 +360,16 @@ class Proxy:
             raise AttemptFailure(504, f"upstream {u.name} timed out", "upstream_timeout")
         except (aiohttp.ClientError, OSError) as e:
             raise AttemptFailure(502, f"upstream {u.name} failed mid-response ({type(e).__name__})", "upstream_disconnected")
-        try:
-            data = json.loads(raw)
-        except ValueError:
-            raise AttemptFailure(502, f"upstream {u.name} returned invalid JSON", "upstream_bad_response")
         now = time.monotonic()
         native = prov.dialect == ex.dialect  # the client gets the upstream's bytes
-        if prov.dialect != "openai":
-            data = prov.decode_response(data, ex.model)
+        try:
+            data = json.loads(raw)
+            if prov.dialect != "openai":
+                data = prov.decode_response(data, ex.model)
+            _observe_body(out, data)
+        except Exception:  # not JSON, or not the object this dialect promises
+            raise AttemptFailure(502, f"upstream {u.name} returned an invalid response body", "upstream_bad_response")
         out.first_at = out.last_at = now
-        _take_usage(out, data.get("usage"))
-        out.response_model = data.get("model")
-        out.response_id = data.get("id")
-        for ch in data.get("choices") or ():
-            if ch.get("finish_reason"):
-                out.finish_reasons.append(ch["finish_reason"])
-            text = (ch.get("message") or {}).get("content") if "message" in ch else ch.get("text")
-            if isinstance(text, str) and text:
-                out.text.append(text)  # for counting when usage is missing, and for content capture
         if native:
             body = raw
         elif ex.dialect == "anthropic":
@@ -437,14 +429,14 @@ class Proxy:
                         break
                     try:
                         chunks = decoder.feed(ev)
+                        for c in chunks:
+                            if "error" in c and "choices" not in c:
+                                raise UpstreamStreamError(_error_message(json.dumps(c).encode()))
+                            _observe_chunk(out, c)
                     except UpstreamStreamError as e:
                         raise _StreamBroken(f"upstream {u.name}: {scrub(str(e.message))[:500]}", "upstream_stream_error")
-                    except ValueError:
+                    except Exception:  # valid SSE, but not the chunks this dialect promises
                         raise _StreamBroken(f"upstream {u.name} sent an invalid event", "upstream_bad_response")
-                    for c in chunks:
-                        if "error" in c and "choices" not in c:
-                            raise _StreamBroken(f"upstream {u.name}: {_error_message(json.dumps(c).encode())}", "upstream_stream_error")
-                        _observe_chunk(out, c)
                     if not native:
                         buf.extend(client.chunk(c) for c in chunks)
                     elif ex.include_usage or ex.dialect != "openai" or not _usage_only(chunks):
@@ -466,9 +458,16 @@ class Proxy:
                 elif out.last_at - (out.mark_at or out.first_at) >= PROGRESS_SAMPLE_EVERY:  # type: ignore[operator]
                     _progress_sample(u, out)
                 if buf:
-                    if sresp is None:
-                        sresp = await self._open_stream(request)
-                    await sresp.write(b"".join(buf))
+                    # A client that stops reading must not hold the upstream slot: writes get the idle budget.
+                    try:
+                        async with asyncio.timeout(max(0.05, min(self.s.idle_timeout, deadline - time.monotonic()))):
+                            if sresp is None:
+                                sresp = await self._open_stream(request)
+                            await sresp.write(b"".join(buf))
+                    except TimeoutError:
+                        if request.transport is not None:
+                            request.transport.abort()
+                        raise ConnectionResetError("the client stopped reading the stream") from None
             assert sresp is not None
             await sresp.write_eof()
             return sresp
@@ -490,7 +489,7 @@ class Proxy:
         sresp = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
-        request[_STREAMING] = True
+        request[STREAMING] = True
         await sresp.prepare(request)
         return sresp
 
@@ -632,6 +631,19 @@ def _observe_chunk(out: Outcome, c: dict) -> None:
         fr = ch.get("finish_reason")
         if fr:
             out.finish_reasons.append(fr)
+
+
+def _observe_body(out: Outcome, data: dict) -> None:
+    """Stats from a whole canonical response: usage, model, finish reasons, text (for counting and capture)."""
+    _take_usage(out, data.get("usage"))
+    out.response_model = data.get("model")
+    out.response_id = data.get("id")
+    for ch in data.get("choices") or ():
+        if ch.get("finish_reason"):
+            out.finish_reasons.append(ch["finish_reason"])
+        text = (ch.get("message") or {}).get("content") if "message" in ch else ch.get("text")
+        if isinstance(text, str) and text:
+            out.text.append(text)
 
 
 def _usage_only(chunks: list[dict]) -> bool:

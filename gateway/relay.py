@@ -46,4 +46,4 @@ class AnthropicClientStream:
         return b"".join(sse_event(e, d) for e, d in self._t.finish())
 
     def error(self, err: GatewayError) -> bytes:
-        return sse_event("error", {"type": "error", "error": {"type": err.type, "message": err.message}})
+        return sse_event("error", err.anthropic_body())

@@ -153,7 +153,7 @@ class Router:
             raise _refused(w.last, 1.0, f"; waited {self.queue_timeout:.0f}s") from None
         except asyncio.CancelledError:
             if w.future.done() and not w.future.cancelled():
-                self.release(w.future.result().upstream)  # admitted just as the client left
+                self.undispatch(w.future.result().upstream)  # admitted just as the client left
             w.future.cancel()
             raise
         finally:
@@ -166,6 +166,11 @@ class Router:
         d.upstream.credit(est.admitted_tokens)
         self.health.dispatched(d.upstream)
         return d
+
+    def undispatch(self, u: UpstreamStats) -> None:
+        """A dispatched request never reached the upstream: free its slot and any half-open probe it held."""
+        self.health.abandoned(u)
+        self.release(u)
 
     def release(self, u: UpstreamStats) -> None:
         u.release()

@@ -91,3 +91,14 @@ async def test_anthropic_client_to_anthropic_upstream_is_relayed_untouched(start
     assert final.usage.output_tokens == 7
     up = gw.proxy.fleet.upstreams["claude"]
     assert up.pending.sum(OUT, 0) + up.fleet.sum(OUT, 0) == 4 + 5 + 7  # measured all the same
+
+
+async def test_stop_sequences_must_be_a_list(gateway):
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s:
+        body = {"model": "fleet-model", "max_tokens": 5, "stop_sequences": "END", "messages": [{"role": "user", "content": "x"}]}
+        async with s.post(gateway.url + "/v1/messages", json=body) as r:
+            assert r.status == 400
+            err = await r.json()
+    assert err["type"] == "error" and "stop_sequences" in err["error"]["message"]

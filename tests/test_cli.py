@@ -66,7 +66,21 @@ async def test_demo_serves_and_stops_gracefully():
         c = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
         r = await c.chat.completions.create(model="fleet-model", messages=[{"role": "user", "content": "STOP_AFTER_3"}])
         assert r.usage.completion_tokens == 3
+        # SIGTERM with a stream in flight: still listening, /readyz and new work get 503, the stream completes.
+        stream = await c.chat.completions.create(
+            model="fleet-model", messages=[{"role": "user", "content": "x"}], max_tokens=150, stream=True
+        )
+        first = await stream.__anext__()
         proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{port}/readyz") as r:
+                assert r.status == 503
+            async with s.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={"model": "fleet-model", "messages": [{"role": "user", "content": "x"}]}) as r:
+                assert r.status == 503 and (await r.json())["error"]["code"] == "shutting_down"
+        rest = [ch async for ch in stream]
+        tokens = sum(1 for ch in [first, *rest] if ch.choices and ch.choices[0].delta.content)
+        assert tokens == 150
         rc = await asyncio.wait_for(proc.wait(), 15)
         assert rc == 0
     finally:

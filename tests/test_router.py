@@ -188,3 +188,21 @@ def test_work_conserving_even_when_marginal_gain_is_negative():
     emb = Estimate(prompt_tokens=10, output_tokens=1, operation="embeddings")
     d = router.pick(pool, emb)
     assert d.strategy == "throughput" and "utilisation" in d.reason
+
+
+async def test_client_leaving_as_it_is_admitted_frees_slot_and_probe():
+    fleet, router = make(**{"fast-gpu": {"max_concurrency": 1}, "slow-gpu": {"weight": 0}, "hosted": {"weight": 0}})
+    pool = fleet.pools["fleet-model"]
+    fast = fleet.upstreams["fast-gpu"]
+    first = await router.admit(pool, EST)
+    waiter = asyncio.create_task(router.admit(pool, EST))
+    await asyncio.sleep(0.01)
+    for _ in range(3):
+        router.health.failure(fast)  # ejected ...
+    fast.ejected_until = time.time() - 0.01  # ... and now half-open
+    waiter.cancel()  # the client leaves ...
+    router.release(first.upstream)  # ... and in the same loop iteration its request is dispatched as the probe
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert fast.inflight_local == 0 and not fast.probing
+    assert router.pick(pool, EST).upstream is fast

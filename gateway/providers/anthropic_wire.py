@@ -608,7 +608,10 @@ def messages_request_to_chat(body: dict[str, Any]) -> dict[str, Any]:
         if body.get(key) is not None:
             req[key] = body[key]
     if body.get("stop_sequences"):
-        req["stop"] = list(body["stop_sequences"])
+        seqs = body["stop_sequences"]
+        if not isinstance(seqs, list) or not all(isinstance(x, str) for x in seqs):
+            raise ValueError("stop_sequences: must be an array of strings")
+        req["stop"] = list(seqs)
     if body.get("stream"):
         req["stream"] = True
         req["stream_options"] = {"include_usage": True}
