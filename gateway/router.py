@@ -131,7 +131,7 @@ class Router:
     async def admit(self, pool: Pool, est: Estimate, exclude: frozenset[str] = frozenset()) -> Decision:
         """Dispatch now, or wait in the pool's FIFO queue; raise GatewayError when waiting cannot help."""
         q = self._queues[pool.model]
-        if not q:
+        if not any(self._holds_line(pool, w) for w in q):  # nobody waits ahead for the same capacity
             try:
                 return self._dispatch(self.pick(pool, est, exclude), est)
             except Refusal as r:
@@ -144,7 +144,7 @@ class Router:
             last = Refusal("saturated", "queued behind earlier requests")
         if len(q) >= self.queue_max:
             raise GatewayError(503, f"gateway queue for model {pool.model!r} is full", code="queue_full", retry_after=1)
-        w = _Waiter(est, exclude, asyncio.get_running_loop().create_future(), time.monotonic(), last)
+        w = _Waiter(pool, est, exclude, asyncio.get_running_loop().create_future(), time.monotonic(), last)
         q.append(w)
         try:
             d = await asyncio.wait_for(asyncio.shield(w.future), self.queue_timeout)
@@ -162,6 +162,19 @@ class Router:
         d.queue_wait = time.monotonic() - w.since
         return d
 
+    def _holds_line(self, pool: Pool, w: "_Waiter") -> bool:
+        """Does this waiter wait for capacity in general (FIFO applies), or only for the upstreams it may still
+        use (a retry that excluded the one that failed it)? The latter must not block the requests behind it."""
+        if w.future.done():
+            return False
+        if not w.exclude:
+            return True
+        try:
+            self.pick(pool, w.est)
+        except Refusal:
+            return True
+        return False
+
     def _dispatch(self, d: Decision, est: Estimate) -> Decision:
         d.upstream.credit(est.admitted_tokens)
         self.health.dispatched(d.upstream)
@@ -177,25 +190,32 @@ class Router:
         self.wake(u)
 
     def wake(self, u: UpstreamStats | None = None) -> None:
-        """Serve queued requests in FIFO order while the head can be placed."""
-        for model, q in self._queues.items():
-            if not q:
+        """Serve queued requests oldest first, across every model that can use `u` (all when None).
+
+        A waiter that cannot be placed keeps its pool's later waiters waiting (FIFO), unless it only waits for
+        the upstreams its excludes leave it; other pools go on being served.
+        """
+        pools = [
+            self.fleet.pools[m] for m, q in self._queues.items()
+            if q and (u is None or u.name in self.fleet.pools[m].cfg.upstreams)
+        ]
+        if not pools:
+            return
+        waiters = sorted((w for p in pools for w in self._queues[p.model]), key=lambda w: w.since)
+        blocked: set[str] = set()
+        for w in waiters:
+            model = w.pool.model
+            if model in blocked or w.future.done():
                 continue
-            if u is not None and u.name not in self.fleet.pools[model].cfg.upstreams:
+            try:
+                d = self.pick(w.pool, w.est, w.exclude)
+            except Refusal as r:
+                w.last = r
+                if self._holds_line(w.pool, w):
+                    blocked.add(model)
                 continue
-            pool = self.fleet.pools[model]
-            while q:
-                w = q[0]
-                if w.future.done():
-                    q.popleft()
-                    continue
-                try:
-                    d = self.pick(pool, w.est, w.exclude)
-                except Refusal as r:
-                    w.last = r
-                    break
-                q.popleft()
-                w.future.set_result(self._dispatch(d, w.est))
+            self._queues[model].remove(w)
+            w.future.set_result(self._dispatch(d, w.est))
 
     def queue_depth(self) -> dict[str, int]:
         return {m: len(q) for m, q in self._queues.items()}
@@ -203,6 +223,7 @@ class Router:
 
 @dataclass(eq=False)
 class _Waiter:
+    pool: Pool
     est: Estimate
     exclude: frozenset[str]
     future: asyncio.Future

@@ -206,3 +206,44 @@ async def test_client_leaving_as_it_is_admitted_frees_slot_and_probe():
         await waiter
     assert fast.inflight_local == 0 and not fast.probing
     assert router.pick(pool, EST).upstream is fast
+
+
+def _fleet(upstreams: dict[str, int], models: dict[str, list[str]]) -> tuple[Fleet, Router]:
+    from gateway.config import ModelConfig, UpstreamConfig
+
+    cfg = FleetConfig(
+        upstreams={n: UpstreamConfig(base_url=f"http://127.0.0.1:1/{n}", max_concurrency=c) for n, c in upstreams.items()},
+        models={m: ModelConfig(upstreams=ups) for m, ups in models.items()},
+    )
+    fleet = Fleet(cfg, "throughput")
+    return fleet, Router(fleet, OutlierDetector(3, 1.0, 10.0), queue_max=8, queue_timeout=2.0)
+
+
+async def test_a_retry_waiting_for_one_upstream_does_not_block_the_queue():
+    fleet, router = _fleet({"A": 8, "B": 1}, {"m": ["A", "B"]})
+    pool = fleet.pools["m"]
+    b = fleet.upstreams["B"]
+    b.credit(0)  # B is busy
+    retry = asyncio.create_task(router.admit(pool, EST, frozenset({"A"})))  # failed on A, may only use B
+    await asyncio.sleep(0.01)
+    assert router.queue_depth()["m"] == 1
+    d = await asyncio.wait_for(router.admit(pool, EST), 0.5)  # A is idle: no waiting behind the retry
+    assert d.upstream.name == "A" and d.queue_wait == 0.0
+    router.release(b)
+    assert (await asyncio.wait_for(retry, 0.5)).upstream is b
+
+
+async def test_models_sharing_an_upstream_are_served_oldest_first():
+    fleet, router = _fleet({"S": 1}, {"m1": ["S"], "m2": ["S"]})
+    s = fleet.upstreams["S"]
+    first = await router.admit(fleet.pools["m1"], EST)
+    older = asyncio.create_task(router.admit(fleet.pools["m2"], EST))
+    await asyncio.sleep(0.01)
+    newer = asyncio.create_task(router.admit(fleet.pools["m1"], EST))
+    await asyncio.sleep(0.01)
+    router.release(first.upstream)
+    await asyncio.sleep(0.01)
+    assert older.done() and not newer.done()
+    router.release(s)
+    await asyncio.wait_for(newer, 0.5)
+    await older
