@@ -105,11 +105,13 @@ class ApiKey:
                 return max(1.0, b[0] + WINDOW - now)
         return float(WINDOW)
 
-    def admit(self, tokens: int, replicas: int, now: float | None = None) -> None:
-        """Count one request costing `tokens`, or raise a 429 GatewayError with Retry-After."""
-        if self.rpm is None and self.tpm is None:
-            return
+    def admit(self, tokens: int, replicas: int, now: float | None = None) -> int:
+        """Count one request costing `tokens`, or raise a 429 GatewayError with Retry-After.
+
+        Returns the second it was booked in (settle() corrects that second's charge)."""
         now = time.time() if now is None else now
+        if self.rpm is None and self.tpm is None:
+            return int(now)
         req, tok = self._window(now)
         n = max(1, replicas)
         if self.rpm is not None:
@@ -129,11 +131,22 @@ class ApiKey:
                     f"(this request needs about {tokens})", code="rate_limit_exceeded", retry_after=ra,
                 )
         self._add(now, 1, tokens)
+        return int(now)
 
-    def settle(self, delta_tokens: int, now: float | None = None) -> None:
-        """Correct the token charge once the real usage is known."""
-        if self.tpm is not None and delta_tokens:
+    def settle(self, delta_tokens: int, booked: int, now: float | None = None) -> None:
+        """Correct the token charge once the real usage is known.
+
+        A refund goes to the second the charge was booked in, and lapses with it (a refund booked later would
+        outlive the charge and lend the key tokens it never had); extra usage counts now."""
+        if self.tpm is None or not delta_tokens:
+            return
+        if delta_tokens > 0:
             self._add(time.time() if now is None else now, 0, delta_tokens)
+            return
+        for b in self.usage:
+            if b[0] == booked:
+                b[2] = max(0, b[2] + delta_tokens)
+                return
 
     def _add(self, now: float, req: int, tok: int) -> None:
         sec = int(now)
@@ -169,8 +182,8 @@ class KeyStore:
             return None
         return rec
 
-    def admit(self, rec: ApiKey, tokens: int) -> None:
-        rec.admit(tokens, self.replicas())
+    def admit(self, rec: ApiKey, tokens: int) -> int:
+        return rec.admit(tokens, self.replicas())
 
     # ---- admin -------------------------------------------------------------------------------------------
     async def create(self, name: str, rpm: int | None = None, tpm: int | None = None) -> tuple[str, ApiKey]:

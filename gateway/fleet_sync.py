@@ -84,26 +84,25 @@ class FleetSync:
     async def sync_once(self) -> None:
         now = time.time()
         ups = self.fleet.upstreams
-        taken = {n: u.take_pending() for n, u in ups.items()}
+        dirty = {n: u.take_dirty() for n, u in ups.items()}
+        samples = {n: u.take_samples() for n, u in ups.items()}
         if self.redis is None:
             for n, u in ups.items():
-                w, samples = taken[n]
-                u.fleet.merge(w)
-                u.samples.extend(samples)
+                u.samples.extend(samples[n])
             self._refresh(now)
             return
         try:
-            await self._exchange(now, taken)
+            await self._exchange(now, dirty, samples)
             self.last_ok = now
-            if self.status != "ok":
+            if self.status == "degraded":
                 log.warning("redis reachable again; fleet view shared")
+                for u in ups.values():  # Redis may have restarted empty: give it this replica's whole window back
+                    u.dirty.update(u.mine.buckets)
             self.status = "ok"
         except (RedisError, OSError, asyncio.TimeoutError) as e:
             for n, u in ups.items():
-                w, samples = taken[n]
-                w.prune(int(now) - WINDOW_S)
-                u.restore_pending(w, samples[-400:])
-                u.samples.extend(samples)  # so local refits keep learning
+                u.dirty.update(dirty[n])  # absolute totals: writing them again later is safe
+                u.samples.extend(samples[n])  # not re-sent (a timed-out write may have landed); refits use them
                 if now - self.last_ok > 5 * HEARTBEAT_TTL:
                     u.inflight_remote = 0  # other replicas' load is unknown by now
             if self.status != "degraded":
@@ -120,22 +119,28 @@ class FleetSync:
         if refit:
             self._last_refit = now
 
-    async def _exchange(self, now: float, taken: dict[str, tuple[Window, list[Sample]]]) -> None:
+    async def _exchange(self, now: float, dirty: dict[str, dict[int, list[int]]], samples: dict[str, list[Sample]]) -> None:
         assert self.redis is not None
         ups = self.fleet.upstreams
         sec = int(now)
+        me = self.replica
         p = self.redis.pipeline(transaction=False)
-        p.zadd(self._k("hb"), {self.replica: now})
-        p.hset(self._k("inflight"), self.replica, json.dumps({n: u.inflight_local for n, u in ups.items()}))
-        for n, (w, samples) in taken.items():
-            for s, vals in w.buckets.items():
-                key = self._k("win", n, str(s // SLOT))
+        p.zadd(self._k("hb"), {me: now})
+        p.hset(self._k("inflight"), me, json.dumps({n: u.inflight_local for n, u in ups.items()}))
+        for n, secs in dirty.items():
+            by_slot: dict[int, dict[str, int]] = {}
+            for s, vals in secs.items():
+                fields = by_slot.setdefault(s // SLOT, {})
                 for i, v in enumerate(vals):
                     if v:
-                        p.hincrby(key, f"{s}:{i}", v)
-                p.expire(key, WINDOW_S + 2 * SLOT)
-            if samples:
-                p.rpush(self._k("samples", n), *(x.to_row() for x in samples))
+                        fields[f"{s}:{i}:{me}"] = v
+            for sl, fields in by_slot.items():
+                if fields:
+                    key = self._k("win", n, str(sl))
+                    p.hset(key, mapping=fields)
+                    p.expire(key, WINDOW_S + 2 * SLOT)
+            if samples[n]:
+                p.rpush(self._k("samples", n), *(x.to_row() for x in samples[n]))
                 p.ltrim(self._k("samples", n), -400, -1)
         cooldowns, self._cooldowns = self._cooldowns, {}  # set during the round trip: sent next cycle
         if cooldowns:
@@ -177,22 +182,26 @@ class FleetSync:
             for n, c in json.loads(row).items():
                 if n in remote:
                     remote[n] += int(c)
-        replicas = len(alive | {self.replica})
+        live = sorted(alive | {me})
+        rank = live.index(me)
         for n, u in ups.items():
             u.inflight_remote = remote[n]
-            u.replicas = replicas
+            u.replicas = len(live)
+            u.rank = rank
             wv = weights.get(n.encode())
             u.weight = float(wv) if wv is not None else u.cfg.weight
             cv = cooldowns.get(n.encode())
             if cv is not None:
                 u.cooldown_until = max(u.cooldown_until, float(cv))
-            fw = Window()
+            others = Window()
+            mine = me.encode()
             for _ in slots:
                 for f, v in res[i].items():
-                    s, field = f.split(b":")
-                    fw.add(int(s), int(field), int(v))
+                    s, field, rep = f.split(b":", 2)
+                    if rep != mine:
+                        others.add(int(s), int(field), int(v))
                 i += 1
-            u.fleet = fw
+            u.others = others
         if refit:
             for n, u in ups.items():
                 u.samples.clear()

@@ -158,12 +158,12 @@ async def _run(request: web.Request, ex: Exchange) -> web.StreamResponse:
     if rec is None:
         return await proxy.handle(request, ex)
     charged = ex.est.admitted_tokens
-    request.app[KEYS].admit(rec, charged)
+    booked = request.app[KEYS].admit(rec, charged)
     ex.principal = rec
     try:
         return await proxy.handle(request, ex)
     finally:
-        rec.settle(ex.used_tokens - charged)
+        rec.settle(ex.used_tokens - charged, booked)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

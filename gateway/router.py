@@ -50,7 +50,7 @@ class Refusal(Exception):
     """No upstream can take the request right now.
 
     `kind`: saturated | rate_limited (may clear any moment), cooldown | ejected (not before `wait` seconds),
-    unavailable (no upstream in the pool can ever serve it).
+    unavailable (no upstream in the pool can ever serve it), too_large (larger than any upstream's TPM allows).
     """
 
     def __init__(self, kind: str, detail: str, wait: float = 0.0) -> None:
@@ -100,8 +100,12 @@ class Router:
         why = "unavailable"
         blocked = ""  # every servable upstream is cooling down (Retry-After) or ejected, until `soonest`
         soonest = math.inf
+        too_large = False
         for u in pool.upstreams:
             if u.name in exclude or u.weight <= 0 or u.cfg.provider == "anthropic" and est.operation != "chat":
+                continue
+            if not u.fits_tpm(est.admitted_tokens):
+                too_large = True
                 continue
             until = max(u.cooldown_until, u.ejected_until)
             if until > now:
@@ -122,6 +126,12 @@ class Router:
             if why == "unavailable" and blocked:
                 state = "rate limited" if blocked == "cooldown" else "failing"
                 raise Refusal(blocked, f"every upstream for model {pool.model!r} is {state}", soonest)
+            if why == "unavailable" and too_large:
+                raise Refusal(
+                    "too_large",
+                    f"the request needs {est.admitted_tokens} tokens (prompt + max_tokens), more than the tokens-per-minute "
+                    f"limit of any upstream for model {pool.model!r} allows a single request; lower max_tokens",
+                )
             if why == "unavailable":
                 raise Refusal("unavailable", f"no upstream in the pool for model {pool.model!r} can serve this request")
             raise Refusal(why, f"every upstream for model {pool.model!r} is {why.replace('_', ' ')}")
@@ -137,6 +147,8 @@ class Router:
             except Refusal as r:
                 if r.kind == "unavailable":
                     raise GatewayError(503, r.detail, code="no_upstream") from None
+                if r.kind == "too_large":
+                    raise GatewayError(400, r.detail, code="exceeds_upstream_limits", param="max_tokens") from None
                 if r.wait > self.queue_timeout:  # nothing comes back before the queue would give up
                     raise _refused(r, r.wait) from None
                 last = r

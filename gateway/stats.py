@@ -65,10 +65,12 @@ class UpstreamStats:
         self.weight = cfg.weight
         # Exact, this replica only.
         self.inflight_local = 0
-        self.pending = Window()  # recorded here, not yet flushed to the fleet view
+        # Per-second totals: this replica's own (exact, current) and the other replicas' (from Redis). Flushes
+        # write this replica's absolute totals for the seconds that changed, so a retried flush cannot double count.
+        self.mine = Window()
+        self.dirty: set[int] = set()
+        self.others = Window()
         self.pending_samples: list[Sample] = []
-        # Fleet view as of the last refresh (includes this replica's flushed data).
-        self.fleet = Window()
         self.samples: deque[Sample] = deque(maxlen=400)
         self._remote = 0
         self._external = 0.0
@@ -77,6 +79,7 @@ class UpstreamStats:
         self._load_area = 0.0
         self._load_at = time.monotonic()
         self.replicas = 1
+        self.rank = 0  # this replica's index among the live ones (sorted ids): who gets a limit's remainder
         self.cooldown_until = 0.0
         # Cached at refresh; the request path reads these.
         self.tok_s = 0.0
@@ -142,8 +145,9 @@ class UpstreamStats:
         self.req_since_refresh += 1
         self.tok_since_refresh += admitted_tokens
         sec = int(time.time())
-        self.pending.add(sec, REQ, 1)
-        self.pending.add(sec, ADM, admitted_tokens)
+        self.mine.add(sec, REQ, 1)
+        self.mine.add(sec, ADM, admitted_tokens)
+        self.dirty.add(sec)
 
     def release(self) -> None:
         self._tick()
@@ -151,7 +155,7 @@ class UpstreamStats:
 
     def record_tokens(self, output_tokens: int) -> None:
         if output_tokens > 0:
-            self.pending.add(int(time.time()), OUT, output_tokens)
+            self._add(OUT, output_tokens)
 
     def record_sample(self, s: Sample) -> None:
         self.pending_samples.append(s)
@@ -159,23 +163,42 @@ class UpstreamStats:
         self.decode_tok_s = rate if self.decode_tok_s == 0 else 0.8 * self.decode_tok_s + 0.2 * rate
 
     def record_error(self, rate_limited: bool) -> None:
-        self.pending.add(int(time.time()), RL if rate_limited else ERR, 1)
+        self._add(RL if rate_limited else ERR, 1)
+
+    def _add(self, field: int, v: int) -> None:
+        sec = int(time.time())
+        self.mine.add(sec, field, v)
+        self.dirty.add(sec)
+
+    def window_sum(self, field: int, since: int = 0) -> int:
+        """Fleet-wide total of a per-second counter since an epoch second (this replica's part is current)."""
+        return self.others.sum(field, since) + self.mine.sum(field, since)
 
     # ---- limits (read by the router) ----------------------------------------------------------------------
-    def _share(self, limit: int, used: int) -> float:
+    def _share(self, limit: int, used: int) -> int:
         """This replica's share of what is left of a limit until the next refresh.
 
-        Every live replica may take 1/replicas of the headroom seen at the last refresh, so the fleet as a whole
-        can never overshoot, whatever the flush lag.
+        The headroom seen at the last refresh is split between the live replicas, the remainder going to the
+        lowest ranks, so the shares add up to the headroom exactly: the fleet cannot overshoot, whatever the
+        flush lag, and a headroom smaller than the number of replicas is still usable.
         """
-        return (limit - used) / max(1, self.replicas)
+        headroom = limit - used
+        if headroom <= 0:
+            return 0
+        n = max(1, self.replicas)
+        return headroom // n + (1 if self.rank < headroom % n else 0)
 
     def has_slot(self) -> bool:
         mc = self.cfg.max_concurrency
         if self.load >= mc:
             return False
         grown = self.inflight_local - self.inflight_at_refresh
-        return grown < self._share(mc, self.inflight_at_refresh + self.inflight_remote) or self.replicas == 1
+        return grown + 1 <= self._share(mc, self.inflight_at_refresh + self.inflight_remote)
+
+    def fits_tpm(self, tokens: int) -> bool:
+        """Could a request of this size ever be admitted here (by this replica's share of an idle TPM window)?"""
+        tpm = self.cfg.tpm
+        return not tpm or tokens <= tpm // max(1, self.replicas) + (1 if self.rank < tpm % max(1, self.replicas) else 0)
 
     def rate_allows(self, tokens: int, output_tokens: int) -> bool:
         """RPM/TPM: the hard 60 s budget, and pacing so the budget is spent evenly rather than in bursts."""
@@ -194,26 +217,24 @@ class UpstreamStats:
         return self.load + 1 <= max(1.0, rate * duration)
 
     # ---- background ---------------------------------------------------------------------------------------
-    def take_pending(self) -> tuple[Window, list[Sample]]:
-        w, s = self.pending, self.pending_samples
-        self.pending, self.pending_samples = Window(), []
-        return w, s
+    def take_dirty(self) -> dict[int, list[int]]:
+        """This replica's totals for the seconds changed since the last flush (absolute values: idempotent)."""
+        out = {sec: list(self.mine.buckets[sec]) for sec in self.dirty if sec in self.mine.buckets}
+        self.dirty.clear()
+        return out
 
-    def restore_pending(self, w: Window, samples: list[Sample]) -> None:
-        """A flush failed: keep the deltas for the next one (and in the local view meanwhile)."""
-        w.merge(self.pending)
-        self.pending = w
-        self.pending_samples = samples + self.pending_samples
+    def take_samples(self) -> list[Sample]:
+        s, self.pending_samples = self.pending_samples, []
+        return s
 
     def refresh(self, now: float) -> None:
-        """Recompute the cached figures from the fleet window plus what is still pending locally."""
+        """Recompute the cached figures from the other replicas' windows plus this replica's own."""
         sec = int(now)
-        self.fleet.prune(sec - WINDOW_S)
-        view = self.fleet
-        if self.pending:
-            view = Window()
-            view.merge(self.fleet)
-            view.merge(self.pending)
+        self.mine.prune(sec - WINDOW_S - 10)
+        self.others.prune(sec - WINDOW_S - 10)
+        view = Window()
+        view.merge(self.others)
+        view.merge(self.mine)
         since10 = sec - RATE_WINDOW_S
         # The current second is partial: average over the complete ones plus the elapsed fraction.
         span = RATE_WINDOW_S + (now - sec)

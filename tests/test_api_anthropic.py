@@ -90,7 +90,7 @@ async def test_anthropic_client_to_anthropic_upstream_is_relayed_untouched(start
         final = await st.get_final_message()
     assert final.usage.output_tokens == 7
     up = gw.proxy.fleet.upstreams["claude"]
-    assert up.pending.sum(OUT, 0) + up.fleet.sum(OUT, 0) == 4 + 5 + 7  # measured all the same
+    assert up.window_sum(OUT) == 4 + 5 + 7  # measured all the same
 
 
 async def test_stop_sequences_must_be_a_list(gateway):

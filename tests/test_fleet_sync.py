@@ -35,7 +35,7 @@ async def test_two_replicas_share_inflight_tokens_weights_and_cooldowns(redis_cl
         await asyncio.sleep(0.4)
         assert fast_b.inflight_remote == 3 and fast_b.inflight == 3
         assert fast_b.replicas == 2
-        assert fast_b.fleet.sum(OUT, 0) == 500
+        assert fast_b.others.sum(OUT, 0) == 500 and fast_b.window_sum(OUT) == 500
         assert fast_b.tok_s > 0
         assert fast_b.used_req_60 == 3 and fast_b.used_tok_60 == 900
         assert fb.upstreams["slow-gpu"].weight == 0.25
@@ -119,7 +119,7 @@ async def test_redis_outage_degrades_then_recovers_without_losing_counts():
         fast.record_tokens(50)
         await asyncio.sleep(1.5)
         assert a.status == "degraded"
-        assert fast.fleet.sum(OUT, 0) + fast.pending.sum(OUT, 0) == 150  # local view keeps working
+        assert fast.window_sum(OUT) == 150  # the local view keeps working
         assert fast.tok_s > 0
         restarted = RedisServer(server.port)
         await restarted.start()
@@ -129,12 +129,37 @@ async def test_redis_outage_degrades_then_recovers_without_losing_counts():
             if a.status == "ok":
                 break
         assert a.status == "ok"
-        await asyncio.sleep(0.2)
-        # Redis restarted empty: what was pending while it was down got flushed.
-        assert fast.fleet.sum(OUT, 0) == 50
+        await asyncio.sleep(0.3)
+        # Redis restarted empty: the replica wrote its whole window back, once (writes are idempotent).
+        fb, b = replica("B", "gwtest-outage", server.url)
+        await b.start()
+        try:
+            assert fb.upstreams["fast-gpu"].window_sum(OUT) == 150
+        finally:
+            await b.stop()
     finally:
         await a.stop()
         await server.kill()
+
+
+async def test_flush_retried_after_a_timeout_does_not_double_count(redis_client, redis_prefix):
+    """A write that timed out may still have landed; writing absolute totals again must not add twice."""
+    fa, a = replica("A", redis_prefix)
+    fb, b = replica("B", redis_prefix)
+    await a.start()
+    await b.start()
+    try:
+        fast = fa.upstreams["fast-gpu"]
+        for _ in range(10):
+            fast.credit(100)
+        await asyncio.sleep(0.2)
+        fast.dirty.update(fast.mine.buckets)  # as after a failed (timed-out) flush
+        await asyncio.sleep(0.3)
+        seen = fb.upstreams["fast-gpu"]
+        assert seen.used_req_60 == 10 and seen.used_tok_60 == 1000
+    finally:
+        await a.stop()
+        await b.stop()
 
 
 async def test_in_process_store_without_redis():
@@ -147,6 +172,6 @@ async def test_in_process_store_without_redis():
         up.record_tokens(40)
         await asyncio.sleep(0.15)
         assert sync.status == "disabled"
-        assert up.fleet.sum(OUT, 0) == 40 and up.used_req_60 == 1 and up.inflight == 1
+        assert up.window_sum(OUT) == 40 and up.used_req_60 == 1 and up.inflight == 1
     finally:
         await sync.stop()

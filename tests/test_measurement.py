@@ -67,7 +67,7 @@ async def test_tokens_counted_with_tiktoken_when_upstream_sends_no_usage(start_g
         text = "".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices])
         assert text == "".join(words)
         up = gw.proxy.fleet.upstreams["plain"]
-        assert up.pending.sum(OUT, 0) + up.fleet.sum(OUT, 0) == 6
+        assert up.window_sum(OUT) == 6
         sample = (list(up.samples) + up.pending_samples)[-1]
         assert sample.output_tokens == 6 and sample.ttft > 0
     finally:

@@ -247,3 +247,46 @@ async def test_models_sharing_an_upstream_are_served_oldest_first():
     router.release(s)
     await asyncio.wait_for(newer, 0.5)
     await older
+
+
+def test_replica_shares_add_up_exactly():
+    """Three replicas see 3 of 4 slots taken: exactly one of them may add one; a 2-rpm limit serves two."""
+    admitted = 0
+    for rank in range(3):
+        fleet, router = make(**{"slow-gpu": {"weight": 0}, "hosted": {"weight": 0}, "fast-gpu": {"max_concurrency": 4}})
+        fast = fleet.upstreams["fast-gpu"]
+        fast.replicas, fast.rank, fast.inflight_remote = 3, rank, 3
+        fast.refresh(time.time())
+        try:
+            while True:
+                router._dispatch(router.pick(fleet.pools["fleet-model"], EST), EST)
+                admitted += 1
+        except Refusal:
+            pass
+    assert admitted == 1
+    admitted = 0
+    for rank in range(3):
+        fleet, router = make(**{"fast-gpu": {"weight": 0}, "slow-gpu": {"weight": 0}, "hosted": {"rpm": 2}})
+        hosted = fleet.upstreams["hosted"]
+        hosted.replicas, hosted.rank = 3, rank
+        hosted.refresh(time.time())
+        try:
+            while True:
+                router._dispatch(router.pick(fleet.pools["fleet-model"], EST), EST)
+                hosted.release()
+                admitted += 1
+        except Refusal:
+            pass
+    assert admitted == 2
+
+
+async def test_request_larger_than_any_tpm_share_is_refused_clearly():
+    fleet, router = make(**{"fast-gpu": {"weight": 0}, "slow-gpu": {"weight": 0}, "hosted": {"tpm": 9000, "rpm": None}})
+    hosted = fleet.upstreams["hosted"]
+    hosted.replicas = 3
+    big = Estimate(prompt_tokens=100, output_tokens=4000)
+    with pytest.raises(GatewayError) as e:
+        await router.admit(fleet.pools["fleet-model"], big)
+    assert e.value.status == 400 and e.value.param == "max_tokens" and "4100 tokens" in e.value.message
+    hosted.replicas = 1
+    assert (await router.admit(fleet.pools["fleet-model"], big)).upstream is hosted

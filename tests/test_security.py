@@ -18,6 +18,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from gateway.auth import KEYS, digest
 from gateway.config import FleetConfig, ModelConfig, UpstreamConfig
+from gateway.errors import GatewayError
 from gateway.redact import scrub
 from gateway.sim import SimConfig
 from gateway.telemetry import Telemetry
@@ -386,3 +387,22 @@ def test_scrub_stays_linear_on_hostile_text():
         t0 = time.perf_counter()
         scrub(text)
         assert time.perf_counter() - t0 < 0.5, text[:20]
+
+
+def test_key_tpm_refund_lapses_with_its_charge():
+    """A long request that used less than charged gets the difference back in the second it was charged,
+    never later (a late refund would outlive the charge and lend the key extra tokens)."""
+    from gateway.auth import ApiKey
+
+    k = ApiKey("d", "id", "team", "sk-gw-x", tpm=10000)
+    t0 = 1_000_000.0
+    booked = k.admit(9000, 1, now=t0)
+    k.settle(-8000, booked, now=t0 + 70)  # finished 70 s later: the charge already left the window
+    assert all(b[2] >= 0 for b in k.usage)
+    k.admit(9000, 1, now=t0 + 71)
+    with pytest.raises(GatewayError):
+        k.admit(2000, 1, now=t0 + 72)  # 11000 > 10000 within one minute
+    k2 = ApiKey("d", "id", "team", "sk-gw-x", tpm=10000)
+    booked = k2.admit(9000, 1, now=t0)
+    k2.settle(-8000, booked, now=t0 + 5)  # refund in time: 1000 used
+    k2.admit(9000, 1, now=t0 + 6)

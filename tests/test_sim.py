@@ -382,11 +382,14 @@ async def test_fail_streams_after_aborts(sim: Sim, http: aiohttp.ClientSession) 
 # ----------------------------------------------------------------------------- hosted model
 async def test_hosted_timing(sim: Sim, http: aiohttp.ClientSession) -> None:
     url = await sim(mode="hosted", ttft=0.1, tok_s=100.0)
+    await stream_chat(http, url, max_tokens=1)  # warm: connections set up, first-request costs paid
     (ttft, total, n), (ttft2, total2, _) = await asyncio.gather(
         stream_chat(http, url, max_tokens=11), stream_chat(http, url, max_tokens=11))
     assert n == 11
-    assert ttft == pytest.approx(0.1, abs=0.04) and total == pytest.approx(0.2, abs=0.05)
-    assert total2 == pytest.approx(0.2, abs=0.05)  # independent of concurrency
+    # Never faster than configured; slower only by scheduling noise on a shared 2-core machine.
+    assert 0.095 <= ttft <= 0.2 and 0.195 <= total <= 0.35
+    assert 0.195 <= total2 <= 0.35  # independent of concurrency
+    assert (total - ttft) == pytest.approx(0.1, abs=0.05)  # 10 more tokens at 100 tok/s
 
 
 async def test_hosted_rate_limits(sim: Sim, http: aiohttp.ClientSession) -> None:
