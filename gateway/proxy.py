@@ -539,37 +539,42 @@ class Proxy:
         started: float,
         error_type: str | None,
     ) -> None:
-        attrs: dict[str, Any] = {}
-        if out.response_model:
-            attrs[T.ATTR_GEN_AI_RESPONSE_MODEL] = out.response_model
-        if out.response_id:
-            attrs[T.ATTR_GEN_AI_RESPONSE_ID] = out.response_id
-        if out.input_tokens is not None:
-            attrs[T.ATTR_GEN_AI_USAGE_INPUT_TOKENS] = out.input_tokens
-        attrs[T.ATTR_GEN_AI_USAGE_OUTPUT_TOKENS] = out.output_tokens
-        if out.finish_reasons:
-            attrs[T.ATTR_GEN_AI_RESPONSE_FINISH_REASONS] = out.finish_reasons
-        if out.ttft is not None:
-            attrs[T.ATTR_TTFT_MS] = round(out.ttft * 1000, 2)
-        if out.first_at and out.last_at and out.output_tokens > 1 and out.last_at > out.first_at:
-            attrs[T.ATTR_OUTPUT_TOKENS_PER_SECOND] = round((out.output_tokens - 1) / (out.last_at - out.first_at), 2)
-        span.set_attributes(attrs)
-        server_span.set_attributes(attrs)
-        if self.tel.capture_content and out.text:
-            finish = out.finish_reasons[0] if out.finish_reasons else None
-            server_span.set_attribute(T.ATTR_GEN_AI_OUTPUT_MESSAGES, T.output_messages_json("".join(out.text), finish))
-        self.tel.record_operation(
-            operation=ex.operation,
-            request_model=ex.model,
-            response_model=out.response_model,
-            provider=T.provider_name(u.cfg.provider),
-            upstream=u.name,
-            server_address=_host(u.cfg.base_url),
-            duration_s=time.monotonic() - started,
-            ttft_s=out.ttft,
-            input_tokens=out.input_tokens,
-            output_tokens=out.output_tokens,
-            error_type=error_type,
+        if span.is_recording() or server_span.is_recording():
+            attrs: dict[str, Any] = {}
+            if out.response_model:
+                attrs[T.ATTR_GEN_AI_RESPONSE_MODEL] = out.response_model
+            if out.response_id:
+                attrs[T.ATTR_GEN_AI_RESPONSE_ID] = out.response_id
+            if out.input_tokens is not None:
+                attrs[T.ATTR_GEN_AI_USAGE_INPUT_TOKENS] = out.input_tokens
+            attrs[T.ATTR_GEN_AI_USAGE_OUTPUT_TOKENS] = out.output_tokens
+            if out.finish_reasons:
+                attrs[T.ATTR_GEN_AI_RESPONSE_FINISH_REASONS] = out.finish_reasons
+            if out.ttft is not None:
+                attrs[T.ATTR_TTFT_MS] = round(out.ttft * 1000, 2)
+            if out.first_at and out.last_at and out.output_tokens > 1 and out.last_at > out.first_at:
+                attrs[T.ATTR_OUTPUT_TOKENS_PER_SECOND] = round((out.output_tokens - 1) / (out.last_at - out.first_at), 2)
+            span.set_attributes(attrs)
+            server_span.set_attributes(attrs)
+            if self.tel.capture_content and out.text:
+                finish = out.finish_reasons[0] if out.finish_reasons else None
+                server_span.set_attribute(T.ATTR_GEN_AI_OUTPUT_MESSAGES, T.output_messages_json("".join(out.text), finish))
+        # Metrics are recorded after the response went out: off the request's latency path.
+        asyncio.get_running_loop().call_soon(
+            functools.partial(
+                self.tel.record_operation,
+                operation=ex.operation,
+                request_model=ex.model,
+                response_model=out.response_model,
+                provider=T.provider_name(u.cfg.provider),
+                upstream=u.name,
+                server_address=_host(u.cfg.base_url),
+                duration_s=time.monotonic() - started,
+                ttft_s=out.ttft if ex.stream else None,  # time to first chunk exists for streams only
+                input_tokens=out.input_tokens,
+                output_tokens=out.output_tokens,
+                error_type=error_type,
+            )
         )
 
 
