@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -31,7 +31,6 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from . import telemetry as T
-from .capacity import Sample
 from .errors import GatewayError
 from .fleet import Fleet, Pool
 from .fleet_sync import FleetSync
@@ -39,13 +38,13 @@ from .health import OutlierDetector
 from .providers import provider_for
 from .providers.anthropic_wire import UpstreamStreamError, chat_response_to_messages
 from .redact import scrub
+from .measure import PROGRESS_SAMPLE_EVERY, Outcome, finish, mean_load, observe_body, observe_chunk, progress_sample, usage_only
 from .relay import AnthropicClientStream, OpenAIClientStream
 from .retry_budget import RetryBudget
 from .router import Decision, Estimate, Router
 from .settings import Settings
 from .sse import SSEDecoder
 from .stats import UpstreamStats
-from .tokens import count_text
 
 log = logging.getLogger("gateway.proxy")
 
@@ -81,27 +80,6 @@ class AttemptFailure(Exception):
     error_type: str
     retry_after: float | None = None
     rate_limited: bool = False
-
-
-@dataclass(slots=True)
-class Outcome:
-    output_tokens: int = 0
-    input_tokens: int | None = None
-    ttft: float | None = None
-    first_at: float | None = None
-    last_at: float | None = None
-    finish_reasons: list[str] = field(default_factory=list)
-    response_model: str | None = None
-    response_id: str | None = None
-    text: list[str] = field(default_factory=list)
-    # Progress samples while a stream runs: the time, text index and load integral of the last one.
-    mark_at: float | None = None
-    mark_text: int = 0
-    mark_area: tuple[float, float] | None = None
-
-
-#: A long stream reports its decode speed this often, so a server that slows down is seen before requests end.
-PROGRESS_SAMPLE_EVERY = 1.0
 
 
 class Proxy:
@@ -366,7 +344,7 @@ class Proxy:
             data = json.loads(raw)
             if prov.dialect != "openai":
                 data = prov.decode_response(data, ex.model)
-            _observe_body(out, data)
+            observe_body(out, data)
         except Exception:  # not JSON, or not the object this dialect promises
             raise AttemptFailure(502, f"upstream {u.name} returned an invalid response body", "upstream_bad_response")
         out.first_at = out.last_at = now
@@ -432,14 +410,14 @@ class Proxy:
                         for c in chunks:
                             if "error" in c and "choices" not in c:
                                 raise UpstreamStreamError(_error_message(json.dumps(c).encode()))
-                            _observe_chunk(out, c)
+                            observe_chunk(out, c)
                     except UpstreamStreamError as e:
                         raise _StreamBroken(f"upstream {u.name}: {scrub(str(e.message))[:500]}", "upstream_stream_error")
                     except Exception:  # valid SSE, but not the chunks this dialect promises
                         raise _StreamBroken(f"upstream {u.name} sent an invalid event", "upstream_bad_response")
                     if not native:
                         buf.extend(client.chunk(c) for c in chunks)
-                    elif ex.include_usage or ex.dialect != "openai" or not _usage_only(chunks):
+                    elif ex.include_usage or ex.dialect != "openai" or not usage_only(chunks):
                         buf.append(ev.raw)  # (the usage chunk the gateway asked for is dropped if the client did not)
                     if ev.event == "message_stop":
                         done = True
@@ -447,7 +425,7 @@ class Proxy:
                     done = True
                 if done:
                     for c in decoder.finish():
-                        _observe_chunk(out, c)
+                        observe_chunk(out, c)
                         if not native:
                             buf.append(client.chunk(c))
                     if not native or ex.dialect == "openai":  # native Anthropic streams end with their own message_stop
@@ -456,7 +434,7 @@ class Proxy:
                     if out.first_at is not None:
                         out.mark_area = u.load_area()  # decoding started: progress samples measure from here
                 elif out.last_at - (out.mark_at or out.first_at) >= PROGRESS_SAMPLE_EVERY:  # type: ignore[operator]
-                    _progress_sample(u, out)
+                    progress_sample(u, out)
                 if buf:
                     # A client that stops reading must not hold the upstream slot: writes get the idle budget.
                     try:
@@ -506,28 +484,11 @@ class Proxy:
 
     # ---- bookkeeping ----------------------------------------------------------------------------------------------
     def _finish(self, u: UpstreamStats, ex: Exchange, out: Outcome, n_start: tuple[float, float], t0: float) -> None:
-        n_mean = _mean_load(n_start, u.load_area(), u)
+        n_mean = mean_load(n_start, u.load_area(), u)
         self.router.release(u)
-        if not out.output_tokens and out.text:
-            out.output_tokens = count_text("".join(out.text))
-        u.record_tokens(out.output_tokens)
-        if out.output_tokens or out.input_tokens:
-            ex.used_tokens = (out.input_tokens if out.input_tokens is not None else ex.est.prompt_tokens) + out.output_tokens
-        if out.first_at is None or out.output_tokens < 2:
-            return
-        ttft = out.first_at - t0
-        if ex.stream:
-            tpot = (out.last_at - out.first_at) / (out.output_tokens - 1)  # type: ignore[operator]
-        else:  # one latency only: attribute the known TTFT level, the rest is decode (if that is clear)
-            ttft = u.curve.ttft
-            decode = out.last_at - t0 - ttft  # type: ignore[operator]
-            if decode < 0.5 * (out.last_at - t0):  # type: ignore[operator]
-                return
-            tpot = decode / out.output_tokens
-        out.ttft = ttft
-        u.record_sample(
-            Sample(time.time(), n_mean, tpot, ttft, ex.est.prompt_tokens, out.output_tokens)
-        )
+        used = finish(u, out, stream=ex.stream, prompt_tokens=ex.est.prompt_tokens, n_mean=n_mean, t0=t0)
+        if used:
+            ex.used_tokens = used
 
     def _annotate(
         self,
@@ -593,77 +554,6 @@ class _MidStreamFailure(Exception):
         self.response = response
         self.error_type = error_type
         self.message = message
-
-
-def _progress_sample(u: UpstreamStats, out: Outcome) -> None:
-    """Decode speed since the last mark, at the mean load over that time (TTFT unknown: -1)."""
-    since = out.mark_at or out.first_at
-    assert since is not None and out.last_at is not None and out.mark_area is not None
-    area = u.load_area()
-    tokens = count_text("".join(out.text[out.mark_text :]))
-    if tokens >= 2:
-        n = _mean_load(out.mark_area, area, u)
-        u.record_sample(Sample(time.time(), n, (out.last_at - since) / tokens, -1.0, 0, tokens))
-    out.mark_at, out.mark_text, out.mark_area = out.last_at, len(out.text), area
-
-
-def _mean_load(a: tuple[float, float], b: tuple[float, float], u: UpstreamStats) -> float:
-    dt = b[1] - a[1]
-    return (b[0] - a[0]) / dt if dt > 1e-6 else u.load
-
-
-def _observe_chunk(out: Outcome, c: dict) -> None:
-    """Stats from one canonical chunk: first/last token time, text (for counting), usage, finish reasons."""
-    usage = c.get("usage")
-    if usage:
-        _take_usage(out, usage)
-    choices = c.get("choices")
-    if not choices:
-        return
-    if out.response_model is None:
-        out.response_model = c.get("model")
-        out.response_id = c.get("id")
-    for ch in choices:
-        delta = ch.get("delta") or ch
-        text = delta.get("content") or delta.get("text")
-        if text or delta.get("tool_calls"):
-            now = time.monotonic()
-            if out.first_at is None:
-                out.first_at = now
-            out.last_at = now
-            if text:
-                out.text.append(text)
-        fr = ch.get("finish_reason")
-        if fr:
-            out.finish_reasons.append(fr)
-
-
-def _observe_body(out: Outcome, data: dict) -> None:
-    """Stats from a whole canonical response: usage, model, finish reasons, text (for counting and capture)."""
-    _take_usage(out, data.get("usage"))
-    out.response_model = data.get("model")
-    out.response_id = data.get("id")
-    for ch in data.get("choices") or ():
-        if ch.get("finish_reason"):
-            out.finish_reasons.append(ch["finish_reason"])
-        text = (ch.get("message") or {}).get("content") if "message" in ch else ch.get("text")
-        if isinstance(text, str) and text:
-            out.text.append(text)
-
-
-def _usage_only(chunks: list[dict]) -> bool:
-    return bool(chunks) and all(not c.get("choices") and "usage" in c for c in chunks)
-
-
-def _take_usage(out: Outcome, usage: dict | None) -> None:
-    if not usage:
-        return
-    ct = usage.get("completion_tokens")
-    if isinstance(ct, int):
-        out.output_tokens = ct
-    pt = usage.get("prompt_tokens")
-    if isinstance(pt, int):
-        out.input_tokens = pt
 
 
 def _error_message(body: bytes) -> str:
