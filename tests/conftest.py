@@ -126,3 +126,28 @@ async def start_gateway() -> AsyncIterator[StartGateway]:
 @pytest.fixture
 async def gateway(sim_fleet: SimFleet, start_gateway: StartGateway) -> Gateway:
     return await start_gateway(sim_fleet.config())
+
+
+StartUpstream = Callable[..., Awaitable[str]]
+
+
+@pytest.fixture
+async def start_upstream() -> AsyncIterator[StartUpstream]:
+    """A hand-written upstream for wire-level cases the simulator does not produce: `handler` serves
+    POST /v1/chat/completions; returns the base URL (…/v1)."""
+    runners: list[web.AppRunner] = []
+
+    async def start(handler) -> str:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        runners.append(runner)
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        return f"http://127.0.0.1:{port}/v1"
+
+    yield start
+    for r in runners:
+        await r.cleanup()
+

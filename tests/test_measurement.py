@@ -33,7 +33,7 @@ async def test_long_stream_reports_decode_speed_before_it_ends(gateway):
     assert 0.006 < s.tpot < 0.02  # sim-fast: 0.008 + 0.0004*1 s per token, plus loop jitter
 
 
-async def test_tokens_counted_with_tiktoken_when_upstream_sends_no_usage(start_gateway):
+async def test_tokens_counted_with_tiktoken_when_upstream_sends_no_usage(start_gateway, start_upstream):
     words = [" the", " model", " is", " fast", " and", " good"]
 
     async def chat(request: web.Request) -> web.StreamResponse:
@@ -49,26 +49,14 @@ async def test_tokens_counted_with_tiktoken_when_upstream_sends_no_usage(start_g
         await resp.write(f"data: {json.dumps(done)}\n\ndata: [DONE]\n\n".encode())
         return resp
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    try:
-        fleet = FleetConfig(
-            upstreams={"plain": UpstreamConfig(base_url=f"http://127.0.0.1:{port}/v1")},
-            models={"m": ModelConfig(upstreams=["plain"])},
-        )
-        gw = await start_gateway(fleet)
-        c = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
-        stream = await c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], stream=True)
-        text = "".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices])
-        assert text == "".join(words)
-        up = gw.proxy.fleet.upstreams["plain"]
-        assert up.window_sum(OUT) == 6
-        sample = (list(up.samples) + up.pending_samples)[-1]
-        assert sample.output_tokens == 6 and sample.ttft > 0
-    finally:
-        await runner.cleanup()
+    url = await start_upstream(chat)
+    fleet = FleetConfig(upstreams={"plain": UpstreamConfig(base_url=url)}, models={"m": ModelConfig(upstreams=["plain"])})
+    gw = await start_gateway(fleet)
+    c = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
+    stream = await c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], stream=True)
+    text = "".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices])
+    assert text == "".join(words)
+    up = gw.proxy.fleet.upstreams["plain"]
+    assert up.window_sum(OUT) == 6
+    sample = (list(up.samples) + up.pending_samples)[-1]
+    assert sample.output_tokens == 6 and sample.ttft > 0

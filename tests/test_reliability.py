@@ -536,14 +536,11 @@ def test_retry_budget_unit():
     assert sum(b.try_spend() for _ in range(10)) == 3  # 50% of 10 requests = 5 retries in the window, 2 used
 
 
-async def test_malformed_chunk_mid_stream_ends_with_in_band_error(start_gateway):
+async def test_malformed_chunk_mid_stream_ends_with_in_band_error(start_gateway, start_upstream):
     """Valid SSE carrying JSON that is not a chunk object: a clean in-band error, never a second HTTP response."""
-    from aiohttp import web as _web
-
-    from gateway.config import FleetConfig, ModelConfig, UpstreamConfig
 
     async def chat(request):
-        resp = _web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         ok = {"id": "c", "object": "chat.completion.chunk", "model": "x", "choices": [{"index": 0, "delta": {"content": " hi"}, "finish_reason": None}]}
         await resp.write(b"data: " + json.dumps(ok).encode() + b"\n\n")
@@ -552,32 +549,20 @@ async def test_malformed_chunk_mid_stream_ends_with_in_band_error(start_gateway)
         await asyncio.sleep(0.05)
         return resp
 
-    app = _web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    runner = _web.AppRunner(app)
-    await runner.setup()
-    site = _web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    try:
-        gw = await start_gateway(FleetConfig(
-            upstreams={"odd": UpstreamConfig(base_url=f"http://127.0.0.1:{port}/v1")},
-            models={"m": ModelConfig(upstreams=["odd"])},
-        ))
-        async with aiohttp.ClientSession() as s:
-            async with s.post(gw.url + "/v1/chat/completions", json={"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]}) as r:
-                assert r.status == 200
-                body = await asyncio.wait_for(r.text(), 5)
-        assert "HTTP/1.1" not in body
-        frames = [f for f in body.split("\n\n") if f]
-        err = json.loads(frames[-1][6:])
-        assert err["error"]["code"] == "upstream_bad_response"
-        assert gw.proxy.fleet.upstreams["odd"].inflight_local == 0
-    finally:
-        await runner.cleanup()
+    url = await start_upstream(chat)
+    gw = await start_gateway(FleetConfig(upstreams={"odd": UpstreamConfig(base_url=url)}, models={"m": ModelConfig(upstreams=["odd"])}))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + "/v1/chat/completions", json={"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]}) as r:
+            assert r.status == 200
+            body = await asyncio.wait_for(r.text(), 5)
+    assert "HTTP/1.1" not in body
+    frames = [f for f in body.split("\n\n") if f]
+    err = json.loads(frames[-1][6:])
+    assert err["error"]["code"] == "upstream_bad_response"
+    assert gw.proxy.fleet.upstreams["odd"].inflight_local == 0
 
 
-async def test_client_that_stops_reading_releases_the_upstream(start_gateway):
+async def test_client_that_stops_reading_releases_the_upstream(start_gateway, start_upstream):
     """Writes to a client that no longer reads get the idle budget; then the slot is freed."""
     big = " word" * 6000
 
@@ -590,29 +575,20 @@ async def test_client_that_stops_reading_releases_the_upstream(start_gateway):
             await resp.write(frame)
         return resp
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    try:
-        gw = await start_gateway(
-            FleetConfig(upstreams={"big": UpstreamConfig(base_url=f"http://127.0.0.1:{port}/v1")}, models={"m": ModelConfig(upstreams=["big"])}),
-            idle_timeout=1.0,
-        )
-        reader, writer = await asyncio.open_connection("127.0.0.1", int(gw.url.rsplit(":", 1)[1]))
-        body = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]}).encode()
-        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-        await writer.drain()
-        await reader.read(100)  # the stream started; from now on this client never reads
-        up = gw.proxy.fleet.upstreams["big"]
-        for _ in range(150):
-            await asyncio.sleep(0.1)
-            if up.inflight_local == 0:
-                break
-        assert up.inflight_local == 0, "a client that stopped reading still holds the upstream"
-        writer.close()
-    finally:
-        await runner.cleanup()
+    url = await start_upstream(chat)
+    gw = await start_gateway(
+        FleetConfig(upstreams={"big": UpstreamConfig(base_url=url)}, models={"m": ModelConfig(upstreams=["big"])}),
+        idle_timeout=1.0,
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(gw.url.rsplit(":", 1)[1]))
+    body = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]}).encode()
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    await writer.drain()
+    await reader.read(100)  # the stream started; from now on this client never reads
+    up = gw.proxy.fleet.upstreams["big"]
+    for _ in range(150):
+        await asyncio.sleep(0.1)
+        if up.inflight_local == 0:
+            break
+    assert up.inflight_local == 0, "a client that stopped reading still holds the upstream"
+    writer.close()
