@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from importlib import resources
+from pathlib import Path
 
 from aiohttp import web
 
@@ -95,9 +95,11 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(text=text, content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"})
 
 
+_DASHBOARD = Path(__file__).with_name("static") / "dashboard.html"
+
+
 async def dashboard(request: web.Request) -> web.Response:
-    html = resources.files("gateway").joinpath("static/dashboard.html").read_text()
-    return web.Response(text=html, content_type="text/html")
+    return web.Response(body=_DASHBOARD.read_bytes(), content_type="text/html", charset="utf-8")
 
 
 def create_app(settings: Settings, fleet_config: FleetConfig | None = None, telemetry: Telemetry | None = None) -> web.Application:

@@ -40,7 +40,11 @@ def _run_gateway(settings: Settings, reuse_port: bool = False) -> None:
     except ConfigError as e:
         print(e, file=sys.stderr)
         raise SystemExit(2)
-    serve(app, settings, reuse_port=reuse_port)
+    try:
+        serve(app, settings, reuse_port=reuse_port)
+    except OSError as e:
+        print(f"gateway: cannot listen on {settings.host}:{settings.port}: {e.strerror or e}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
@@ -70,33 +74,37 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:
-    """Simulated fleet on 9101-9103 plus the gateway on :8080 in one process."""
-    from .demo import DEMO_PORTS, REFERENCE_SIMS
+    """Simulated fleet on three ports from --sim-port (9101-9103) plus the gateway (:8080), in one process."""
+    from .app import create_app, serve
+    from .demo import REFERENCE_SIMS, reference_fleet
     from .sim import start_sim
 
     settings = _settings(port=ns.port)
     _logging(settings.log_level)
+    ports = {name: ns.sim_port + i for i, name in enumerate(REFERENCE_SIMS)}
 
     async def start_sims(app: web.Application) -> None:
-        runners = []
+        app[SIMS] = []
         for name, cfg in REFERENCE_SIMS.items():
-            runner, _ = await start_sim(cfg, "127.0.0.1", DEMO_PORTS[name])
-            runners.append(runner)
-            print(f"simulated upstream {name} on http://127.0.0.1:{DEMO_PORTS[name]}/v1", flush=True)
-        app[SIMS] = runners
+            runner, _ = await start_sim(cfg, "127.0.0.1", ports[name])
+            app[SIMS].append(runner)
+            print(f"simulated upstream {name} on http://127.0.0.1:{ports[name]}/v1", flush=True)
 
     async def stop_sims(app: web.Application) -> None:
         for r in app[SIMS]:
             await r.cleanup()
 
-    from .app import create_app, serve
-
-    app = create_app(settings)
+    app = create_app(settings, reference_fleet(ports))
     app.on_startup.insert(0, start_sims)
     app.on_cleanup.append(stop_sims)
     print("try: curl -s localhost:%d/v1/chat/completions -H 'Content-Type: application/json' "
           "-d '{\"model\":\"fleet-model\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'" % settings.port, flush=True)
-    serve(app, settings)
+    try:
+        serve(app, settings)
+    except OSError as e:
+        print(f"gateway demo: {e.strerror or e} — is another demo or gateway running? "
+              f"(choose other ports with --port / --sim-port)", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -154,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("demo", help="simulated 3-upstream fleet + gateway (what `make run` starts)")
     p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--sim-port", type=int, default=9101, help="first of the three simulator ports")
     p.set_defaults(fn=cmd_demo)
 
     from .sim.server import add_sim_arguments

@@ -44,10 +44,31 @@ models:
     assert "invalid YAML" in capsys.readouterr().err
 
 
+def _free_run(n: int) -> int:
+    """The first of n consecutive free loopback ports."""
+    import socket
+
+    for _ in range(50):
+        base = free_port()
+        try:
+            socks = []
+            for i in range(n):
+                sk = socket.socket()
+                socks.append(sk)
+                sk.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sk in socks:
+                sk.close()
+    raise RuntimeError("no run of free ports")
+
+
 async def test_demo_serves_and_stops_gracefully():
-    port = free_port()
+    port, sim_port = free_port(), _free_run(3)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "demo", "--port", str(port),
+        sys.executable, "-m", "gateway", "demo", "--port", str(port), "--sim-port", str(sim_port),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "GATEWAY_HOST": "127.0.0.1", "GATEWAY_SHUTDOWN_GRACE": "5"},
     )
@@ -63,6 +84,9 @@ async def test_demo_serves_and_stops_gracefully():
                     pass
                 assert time.monotonic() < deadline, "demo did not become ready"
                 await asyncio.sleep(0.2)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{port}/dashboard") as r:
+                assert r.status == 200 and "<canvas" in await r.text()
         c = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
         r = await c.chat.completions.create(model="fleet-model", messages=[{"role": "user", "content": "STOP_AFTER_3"}])
         assert r.usage.completion_tokens == 3
