@@ -122,7 +122,7 @@ class Proxy:
         pool = self.fleet.pool(ex.model)
         if pool is None:
             raise GatewayError(404, f"The model '{ex.model}' does not exist", code="model_not_found", param="model")
-        if not any(provider_for(u.cfg.provider).supports(ex.operation) for u in pool.upstreams):
+        if not any(ex.operation in u.operations for u in pool.upstreams):
             raise GatewayError(
                 400, f"The model '{ex.model}' does not support {ex.operation.replace('_', ' ')}",
                 code="unsupported_operation", param="model",

@@ -102,7 +102,7 @@ class Router:
         soonest = math.inf
         too_large = False
         for u in pool.upstreams:
-            if u.name in exclude or u.weight <= 0 or u.cfg.provider == "anthropic" and est.operation != "chat":
+            if u.name in exclude or u.weight <= 0 or est.operation not in u.operations:
                 continue
             if not u.fits_tpm(est.admitted_tokens):
                 too_large = True

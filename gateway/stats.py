@@ -13,6 +13,8 @@ from collections import deque
 
 from .capacity import CapacityCurve, Sample
 from .config import UpstreamConfig
+from .providers import provider_for
+from .providers.base import OPERATION_PATHS as OPERATIONS
 
 # Per-second counter fields.
 REQ, OUT, ADM, ERR, RL = range(5)
@@ -61,6 +63,7 @@ class UpstreamStats:
     def __init__(self, cfg: UpstreamConfig) -> None:
         self.cfg = cfg
         self.name = cfg.name
+        self.operations = frozenset(op for op in OPERATIONS if provider_for(cfg.provider).supports(op))
         self.curve = CapacityCurve(cfg.capacity, cfg.max_concurrency)
         self.weight = cfg.weight
         # Exact, this replica only.
