@@ -44,6 +44,7 @@ class FleetSync:
         self.status = "ok" if self.redis else "disabled"
         self.last_ok = 0.0
         self._loop = Periodic("fleet-sync", interval, self.sync_once)
+        self._stopped = False
         self._last_refit = 0.0
         self._cooldowns: dict[str, float] = {}
 
@@ -54,7 +55,8 @@ class FleetSync:
 
     async def stop(self) -> None:
         await self._loop.stop()
-        if self.redis is not None:
+        if self.redis is not None and not self._stopped:
+            self._stopped = True
             try:
                 await self.sync_once()  # flush the last deltas
                 p = self.redis.pipeline(transaction=False)
