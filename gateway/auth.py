@@ -165,7 +165,6 @@ class KeyStore:
         self.redis = redis
         self.hash_key = f"{prefix}:keys"
         self.ver_key = f"{prefix}:keys:ver"
-        self.refresh_interval = refresh
         self.replicas = replicas
         self.keys: dict[str, ApiKey] = {}
         self._ver: bytes | None = None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .config import FleetConfig, ModelConfig
 from .stats import UpstreamStats
@@ -16,7 +16,6 @@ class Pool:
     upstreams: list[UpstreamStats]
     strategy: str
     rr: int = 0  # round-robin cursor
-    waiters: int = field(default=0)
 
 
 class Fleet:

@@ -37,7 +37,6 @@ class FleetSync:
         self.fleet = fleet
         self.replica = replica_id
         self.prefix = prefix
-        self.interval = interval
         self.redis: aioredis.Redis | None = (
             aioredis.from_url(redis_url, socket_timeout=1.0, socket_connect_timeout=1.0) if redis_url else None
         )

@@ -85,7 +85,6 @@ class HealthChecker:
     def __init__(self, upstreams: dict[str, UpstreamStats], detector: OutlierDetector, interval: float, timeout: float):
         self.upstreams = upstreams
         self.detector = detector
-        self.interval = interval
         self.timeout = timeout
         self.down: dict[str, bool] = {}
         self._session: aiohttp.ClientSession | None = None

@@ -90,10 +90,6 @@ def observe_body(out: Outcome, data: dict) -> None:
             out.text.append(text)
 
 
-def usage_only(chunks: list[dict]) -> bool:
-    return bool(chunks) and all(not c.get("choices") and "usage" in c for c in chunks)
-
-
 def take_usage(out: Outcome, usage: dict | None) -> None:
     if not usage:
         return

@@ -38,13 +38,14 @@ from .health import OutlierDetector
 from .providers import provider_for
 from .providers.anthropic_wire import UpstreamStreamError, chat_response_to_messages
 from .redact import scrub
-from .measure import PROGRESS_SAMPLE_EVERY, Outcome, finish, mean_load, observe_body, observe_chunk, progress_sample, usage_only
+from .measure import PROGRESS_SAMPLE_EVERY, Outcome, finish, mean_load, observe_body, observe_chunk, progress_sample
 from .relay import AnthropicClientStream, OpenAIClientStream
 from .retry_budget import RetryBudget
 from .router import Decision, Estimate, Router
 from .settings import Settings
 from .sse import SSEDecoder
 from .stats import UpstreamStats
+from .tokens import max_output_tokens
 
 log = logging.getLogger("gateway.proxy")
 
@@ -137,8 +138,8 @@ class Proxy:
             span.set_attribute(T.ATTR_GEN_AI_REQUEST_MODEL, ex.model)
             span.set_attribute("http.request.method", "POST")
             span.set_attribute("url.path", request.path)
-            mt = ex.body.get("max_completion_tokens", ex.body.get("max_tokens"))
-            if isinstance(mt, int):
+            mt = max_output_tokens(ex.body)
+            if mt is not None:
                 span.set_attribute(T.ATTR_GEN_AI_REQUEST_MAX_TOKENS, mt)
             if self.tel.capture_content and "messages" in ex.body:
                 span.set_attribute(T.ATTR_GEN_AI_INPUT_MESSAGES, T.input_messages_json(ex.body["messages"]))
@@ -417,7 +418,7 @@ class Proxy:
                         raise _StreamBroken(f"upstream {u.name} sent an invalid event", "upstream_bad_response")
                     if not native:
                         buf.extend(client.chunk(c) for c in chunks)
-                    elif ex.include_usage or ex.dialect != "openai" or not usage_only(chunks):
+                    elif client.keeps(chunks):
                         buf.append(ev.raw)  # (the usage chunk the gateway asked for is dropped if the client did not)
                     if ev.event == "message_stop":
                         done = True

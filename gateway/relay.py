@@ -19,10 +19,12 @@ class OpenAIClientStream:
     def __init__(self, include_usage: bool) -> None:
         self.include_usage = include_usage
 
+    def keeps(self, chunks: list[dict]) -> bool:
+        """False for the usage-only chunk the gateway asked upstreams for when this client did not ask for it."""
+        return self.include_usage or not chunks or not all(not c.get("choices") and "usage" in c for c in chunks)
+
     def chunk(self, c: dict) -> bytes:
-        if not self.include_usage and not c.get("choices") and "usage" in c:
-            return b""
-        return encode_data(_dumps(c).encode())
+        return encode_data(_dumps(c).encode()) if self.keeps([c]) else b""
 
     def done(self) -> bytes:
         return DONE
@@ -38,6 +40,9 @@ class AnthropicClientStream:
 
     def __init__(self, model: str, input_tokens: int) -> None:
         self._t = ChatStreamToMessages(model, input_tokens)
+
+    def keeps(self, chunks: list[dict]) -> bool:
+        return True
 
     def chunk(self, c: dict) -> bytes:
         return b"".join(sse_event(e, d) for e, d in self._t.feed(c))
