@@ -36,8 +36,8 @@ from typing import Callable
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from .errors import GatewayError
-from .periodic import Periodic
+from gateway.errors import GatewayError
+from gateway.periodic import Periodic
 
 log = logging.getLogger("gateway.auth")
 

@@ -13,8 +13,8 @@ import sys
 from aiohttp import web
 from pydantic import ValidationError
 
-from .config import ConfigError, check_warnings, load_fleet
-from .settings import Settings
+from gateway.config import ConfigError, check_warnings, load_fleet
+from gateway.settings import Settings
 
 
 def _settings(**overrides) -> Settings:
@@ -33,7 +33,7 @@ def _logging(level: str) -> None:
 
 
 def _run_gateway(settings: Settings, reuse_port: bool = False) -> None:
-    from .app import create_app, serve
+    from gateway.http.app import create_app, serve
 
     try:
         app = create_app(settings)
@@ -75,9 +75,9 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
 def cmd_demo(ns: argparse.Namespace) -> int:
     """Simulated fleet on three ports from --sim-port (9101-9103) plus the gateway (:8080), in one process."""
-    from .app import create_app, serve
-    from .demo import REFERENCE_SIMS, reference_fleet
-    from .sim import start_sim
+    from gateway.http.app import create_app, serve
+    from gateway.sim.reference import REFERENCE_SIMS, reference_fleet
+    from gateway.sim import start_sim
 
     settings = _settings(port=ns.port)
     _logging(settings.log_level)
@@ -112,7 +112,7 @@ SIMS = web.AppKey("sims", list)
 
 
 def cmd_sim(ns: argparse.Namespace) -> int:
-    from .sim.server import config_from_args, serve_forever
+    from gateway.sim.server import config_from_args, serve_forever
 
     _logging("INFO")
     try:
@@ -142,11 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # bench and top own their flags; argparse.REMAINDER mishandles a leading option, so hand them over first.
     if argv[:1] == ["bench"]:
-        from .bench import main as bench_main
+        from gateway.tools.bench import main as bench_main
 
         return bench_main(argv[1:])
     if argv[:1] == ["top"]:
-        from .top import main as top_main
+        from gateway.tools.top import main as top_main
 
         return top_main(argv[1:])
     parser = argparse.ArgumentParser(prog="gateway", description="LLM throughput gateway")
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sim-port", type=int, default=9101, help="first of the three simulator ports")
     p.set_defaults(fn=cmd_demo)
 
-    from .sim.server import add_sim_arguments
+    from gateway.sim.server import add_sim_arguments
 
     p = sub.add_parser("sim", help="run a simulated upstream (GPU server or hosted API)")
     add_sim_arguments(p)

@@ -30,22 +30,22 @@ from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from . import telemetry as T
-from .errors import GatewayError
-from .fleet import Fleet, Pool
-from .fleet_sync import FleetSync
-from .health import OutlierDetector
-from .providers import provider_for
-from .providers.anthropic_wire import UpstreamStreamError, chat_response_to_messages
-from .redact import scrub
-from .measure import PROGRESS_SAMPLE_EVERY, Outcome, finish, mean_load, observe_body, observe_chunk, progress_sample
-from .relay import AnthropicClientStream, OpenAIClientStream
-from .retry_budget import RetryBudget
-from .router import Decision, Estimate, Router
-from .settings import Settings
-from .sse import SSEDecoder
-from .stats import UpstreamStats
-from .tokens import max_output_tokens
+from gateway.observability import telemetry as T
+from gateway.errors import GatewayError
+from gateway.state.fleet import Fleet, Pool
+from gateway.sync.fleet_sync import FleetSync
+from gateway.reliability.outlier import OutlierDetector
+from gateway.upstream import provider_for
+from gateway.dialects.anthropic_wire import UpstreamStreamError, chat_response_to_messages
+from gateway.observability.redact import scrub
+from gateway.state.measure import PROGRESS_SAMPLE_EVERY, Outcome, finish, mean_load, observe_body, observe_chunk, progress_sample
+from gateway.dialects.client_stream import AnthropicClientStream, OpenAIClientStream
+from gateway.reliability.retry_budget import RetryBudget
+from gateway.routing.router import Decision, Estimate, Router
+from gateway.settings import Settings
+from gateway.dialects.sse import SSEDecoder
+from gateway.state.stats import UpstreamStats
+from gateway.tokens import max_output_tokens
 
 log = logging.getLogger("gateway.proxy")
 

@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     @field_validator("default_strategy")
     @classmethod
     def _strategy(cls, v: str) -> str:
-        from .config import STRATEGIES
+        from gateway.config import STRATEGIES
 
         if v not in STRATEGIES:
             raise ValueError(f"unknown strategy {v!r}; choose one of {', '.join(STRATEGIES)}")

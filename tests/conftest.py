@@ -11,17 +11,25 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from gateway.app import create_app
+from gateway.http.app import create_app
 from gateway.config import FleetConfig
-from gateway.demo import REFERENCE_SIMS, reference_fleet
-from gateway.handlers import PROXY_KEY
+from gateway.sim.reference import REFERENCE_SIMS, reference_fleet
+from gateway.http.api import PROXY_KEY
 from gateway.proxy import Proxy
 from gateway.settings import Settings
 from gateway.sim import SimConfig, start_sim
 
-from .otlp_receiver import otlp_receiver  # noqa: F401  (a fixture for every test module)
+from tests.otlp_receiver import otlp_receiver  # noqa: F401  (a fixture for every test module)
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test by its folder: tests/unit, tests/integration, tests/e2e (`pytest -m unit`)."""
+    for item in items:
+        kind = item.path.parent.name
+        if kind in ("unit", "integration", "e2e"):
+            item.add_marker(getattr(pytest.mark, kind))
 
 
 def free_port() -> int:

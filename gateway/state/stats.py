@@ -1,0 +1,290 @@
+"""Live figures per upstream, all in memory. This is where tok/s is measured and windowed.
+
+The request path only touches this module (no I/O): it credits dispatches, records finished requests and reads
+cached fleet figures. fleet_sync merges these with the other replicas through Redis in the background and calls
+`refresh()` so the cached figures (fleet tok/s, RPM/TPM used, remote in-flight) stay current.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+
+from gateway.routing.capacity import CapacityCurve, Sample
+from gateway.config import UpstreamConfig
+from gateway.upstream import provider_for
+from gateway.upstream.base import OPERATION_PATHS as OPERATIONS
+
+# Per-second counter fields.
+REQ, OUT, ADM, ERR, RL = range(5)
+FIELDS = ("req", "out", "adm", "err", "rl")
+WINDOW_S = 60
+RATE_WINDOW_S = 10  # tok/s and error rates are averaged over this many seconds
+
+
+class Window:
+    """Per-second counters keyed by epoch second."""
+
+    __slots__ = ("buckets",)
+
+    def __init__(self) -> None:
+        self.buckets: dict[int, list[int]] = {}
+
+    def add(self, sec: int, field: int, v: int) -> None:
+        b = self.buckets.get(sec)
+        if b is None:
+            b = self.buckets[sec] = [0, 0, 0, 0, 0]
+        b[field] += v
+
+    def merge(self, other: "Window") -> None:
+        for sec, vals in other.buckets.items():
+            b = self.buckets.get(sec)
+            if b is None:
+                self.buckets[sec] = list(vals)
+            else:
+                for i, v in enumerate(vals):
+                    b[i] += v
+
+    def sum(self, field: int, since: int) -> int:
+        return sum(v[field] for s, v in self.buckets.items() if s >= since)
+
+    def prune(self, before: int) -> None:
+        for s in [s for s in self.buckets if s < before]:
+            del self.buckets[s]
+
+    def __bool__(self) -> bool:
+        return bool(self.buckets)
+
+
+class UpstreamStats:
+    """Everything the router knows about one upstream."""
+
+    def __init__(self, cfg: UpstreamConfig) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.operations = frozenset(op for op in OPERATIONS if provider_for(cfg.provider).supports(op))
+        self.curve = CapacityCurve(cfg.capacity, cfg.max_concurrency)
+        self.weight = cfg.weight
+        # Exact, this replica only.
+        self.inflight_local = 0
+        # Per-second totals: this replica's own (exact, current) and the other replicas' (from Redis). Flushes
+        # write this replica's absolute totals for the seconds that changed, so a retried flush cannot double count.
+        self.mine = Window()
+        self.dirty: set[int] = set()
+        self.others = Window()
+        self.pending_samples: list[Sample] = []
+        self.samples: deque[Sample] = deque(maxlen=400)
+        self._remote = 0
+        self._external = 0.0
+        # Integral of load over time, so a sample's concurrency is the mean over its interval, not a snapshot
+        # (a noisy n would flatten the fitted slope: regression dilution).
+        self._load_area = 0.0
+        self._load_at = time.monotonic()
+        self.replicas = 1
+        self.rank = 0  # this replica's index among the live ones (sorted ids): who gets a limit's remainder
+        self.cooldown_until = 0.0
+        # Cached at refresh; the request path reads these.
+        self.tok_s = 0.0
+        self.rps = 0.0
+        self.errors_per_min = 0.0
+        self.rate_limited_per_min = 0.0
+        self.used_req_60 = 0
+        self.used_tok_60 = 0
+        self.inflight_at_refresh = 0
+        self.req_since_refresh = 0
+        self.tok_since_refresh = 0
+        self.decode_tok_s = 0.0
+        # Outlier ejection (local to this replica; see health.py).
+        self.consecutive_failures = 0
+        self.ejected_until = 0.0
+        self.ejections = 0
+        self.probing = False
+
+    # ---- request path -------------------------------------------------------------------------------------
+    @property
+    def inflight(self) -> int:
+        return self.inflight_local + self._remote
+
+    @property
+    def load(self) -> float:
+        """Concurrency to plan with: the fleet's in-flight requests plus external load on the engine."""
+        return self.inflight_local + self._remote + self._external
+
+    @property
+    def inflight_remote(self) -> int:
+        """In flight here from the other live replicas (fleet_sync)."""
+        return self._remote
+
+    @inflight_remote.setter
+    def inflight_remote(self, v: int) -> None:
+        self._tick()
+        self._remote = v
+
+    @property
+    def external_load(self) -> float:
+        """Requests the engine reports beyond what the gateways sent (engine_metrics.py)."""
+        return self._external
+
+    @external_load.setter
+    def external_load(self, v: float) -> None:
+        self._tick()
+        self._external = v
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        self._load_area += self.load * (now - self._load_at)
+        self._load_at = now
+
+    def load_area(self) -> tuple[float, float]:
+        """(integral of load dt, monotonic time): the mean load between two readings is their quotient."""
+        self._tick()
+        return self._load_area, self._load_at
+
+    def credit(self, admitted_tokens: int) -> None:
+        """A request was dispatched here: count it at once so a burst spreads out."""
+        self._tick()
+        self.inflight_local += 1
+        self.req_since_refresh += 1
+        self.tok_since_refresh += admitted_tokens
+        sec = int(time.time())
+        self.mine.add(sec, REQ, 1)
+        self.mine.add(sec, ADM, admitted_tokens)
+        self.dirty.add(sec)
+
+    def release(self) -> None:
+        self._tick()
+        self.inflight_local -= 1
+
+    def record_tokens(self, output_tokens: int) -> None:
+        if output_tokens > 0:
+            self._add(OUT, output_tokens)
+
+    def record_sample(self, s: Sample) -> None:
+        self.pending_samples.append(s)
+        rate = 1.0 / s.tpot if s.tpot > 0 else 0.0
+        self.decode_tok_s = rate if self.decode_tok_s == 0 else 0.8 * self.decode_tok_s + 0.2 * rate
+
+    def record_error(self, rate_limited: bool) -> None:
+        self._add(RL if rate_limited else ERR, 1)
+
+    def _add(self, field: int, v: int) -> None:
+        sec = int(time.time())
+        self.mine.add(sec, field, v)
+        self.dirty.add(sec)
+
+    def window_sum(self, field: int, since: int = 0) -> int:
+        """Fleet-wide total of a per-second counter since an epoch second (this replica's part is current)."""
+        return self.others.sum(field, since) + self.mine.sum(field, since)
+
+    # ---- limits (read by the router) ----------------------------------------------------------------------
+    def _share(self, limit: int, used: int) -> int:
+        """This replica's share of what is left of a limit until the next refresh.
+
+        The headroom seen at the last refresh is split between the live replicas, the remainder going to the
+        lowest ranks, so the shares add up to the headroom exactly: the fleet cannot overshoot, whatever the
+        flush lag, and a headroom smaller than the number of replicas is still usable.
+        """
+        headroom = limit - used
+        if headroom <= 0:
+            return 0
+        n = max(1, self.replicas)
+        return headroom // n + (1 if self.rank < headroom % n else 0)
+
+    def has_slot(self) -> bool:
+        mc = self.cfg.max_concurrency
+        if self.load >= mc:
+            return False
+        grown = self.inflight_local - self.inflight_at_refresh
+        return grown + 1 <= self._share(mc, self.inflight_at_refresh + self.inflight_remote)
+
+    def fits_tpm(self, tokens: int) -> bool:
+        """Could a request of this size ever be admitted here (by this replica's share of an idle TPM window)?"""
+        tpm = self.cfg.tpm
+        return not tpm or tokens <= tpm // max(1, self.replicas) + (1 if self.rank < tpm % max(1, self.replicas) else 0)
+
+    def rate_allows(self, tokens: int, output_tokens: int) -> bool:
+        """RPM/TPM: the hard 60 s budget, and pacing so the budget is spent evenly rather than in bursts."""
+        cfg = self.cfg
+        if not (cfg.rpm or cfg.tpm):
+            return True
+        if cfg.rpm and self.req_since_refresh + 1 > self._share(cfg.rpm, self.used_req_60):
+            return False
+        if cfg.tpm and self.tok_since_refresh + tokens > self._share(cfg.tpm, self.used_tok_60):
+            return False
+        # Little's law: the limits sustain `rate` requests/s, so at the expected request duration they sustain
+        # rate*duration requests in flight. Holding that keeps the upstream busy all minute instead of burning
+        # the window's budget in the first seconds and then starving.
+        rate = min(cfg.rpm / 60 if cfg.rpm else math.inf, cfg.tpm / 60 / max(1, tokens) if cfg.tpm else math.inf)
+        duration = self.curve.ttft + output_tokens * self.curve.tpot(self.load + 1)
+        return self.load + 1 <= max(1.0, rate * duration)
+
+    # ---- background ---------------------------------------------------------------------------------------
+    def take_dirty(self) -> dict[int, list[int]]:
+        """This replica's totals for the seconds changed since the last flush (absolute values: idempotent)."""
+        out = {sec: list(self.mine.buckets[sec]) for sec in self.dirty if sec in self.mine.buckets}
+        self.dirty.clear()
+        return out
+
+    def take_samples(self) -> list[Sample]:
+        s, self.pending_samples = self.pending_samples, []
+        return s
+
+    def refresh(self, now: float) -> None:
+        """Recompute the cached figures from the other replicas' windows plus this replica's own."""
+        sec = int(now)
+        self.mine.prune(sec - WINDOW_S - 10)
+        self.others.prune(sec - WINDOW_S - 10)
+        view = Window()
+        view.merge(self.others)
+        view.merge(self.mine)
+        since10 = sec - RATE_WINDOW_S
+        # The current second is partial: average over the complete ones plus the elapsed fraction.
+        span = RATE_WINDOW_S + (now - sec)
+        self.tok_s = view.sum(OUT, since10) / span
+        self.rps = view.sum(REQ, since10) / span
+        self.errors_per_min = view.sum(ERR, since10) * 60 / span
+        self.rate_limited_per_min = view.sum(RL, since10) * 60 / span
+        # Bucket sec-60 counts too: part of it is still inside the provider's sliding 60 s window.
+        since60 = sec - WINDOW_S
+        self.used_req_60 = view.sum(REQ, since60)
+        self.used_tok_60 = view.sum(ADM, since60)
+        self.req_since_refresh = 0
+        self.tok_since_refresh = 0
+        self.inflight_at_refresh = self.inflight_local
+
+    def refit(self, now: float) -> None:
+        self.curve.fit(list(self.samples), now)
+
+    def state(self, now: float) -> str:
+        if self.weight <= 0:
+            return "draining"
+        if self.ejected_until > now:
+            return "ejected"
+        if self.cooldown_until > now:
+            return "cooldown"
+        return "healthy"
+
+    def snapshot(self, now: float, models: list[str]) -> dict:
+        c = self.cfg
+        return {
+            "name": self.name,
+            "provider": c.provider,
+            "kind": c.kind,
+            "models": models,
+            "weight": self.weight,
+            "state": self.state(now),
+            "inflight": self.inflight,
+            "inflight_local": self.inflight_local,
+            "external_load": round(self.external_load, 1),
+            "max_concurrency": c.max_concurrency,
+            "tok_s": round(self.tok_s, 1),
+            "rps": round(self.rps, 2),
+            "ttft_s": round(self.curve.ttft, 4),
+            "decode_tok_s": round(self.decode_tok_s, 1),
+            "errors_per_min": round(self.errors_per_min, 2),
+            "rate_limited_per_min": round(self.rate_limited_per_min, 2),
+            "ejections": self.ejections,
+            "capacity": self.curve.snapshot(),
+            "limits": {"rpm": c.rpm, "tpm": c.tpm, "rpm_used": self.used_req_60, "tpm_used": self.used_tok_60},
+        }

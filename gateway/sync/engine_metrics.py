@@ -1,0 +1,80 @@
+"""Scrapes local inference engines' Prometheus metrics (vLLM, SGLang) for load the gateway did not send.
+
+A GPU server may also serve other clients. Its own running+waiting counts minus what this fleet of gateways
+has in flight there is external load, which the router adds to the concurrency it plans with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+
+import aiohttp
+
+from gateway.state.fleet import Fleet
+from gateway.periodic import Periodic
+from gateway.state.stats import UpstreamStats
+
+log = logging.getLogger("gateway.sync.engine_metrics")
+
+_RUNNING = ("vllm:num_requests_running", "sglang:num_running_reqs")
+_WAITING = ("vllm:num_requests_waiting", "sglang:num_queue_reqs")
+_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eEinfNa]+)")
+
+
+def parse_load(text: str) -> tuple[float, float] | None:
+    """(running, waiting) summed over label sets, or None when the page has neither family."""
+    running = waiting = 0.0
+    seen = False
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        m = _LINE.match(line)
+        if not m:
+            continue
+        name = m.group(1)
+        if name in _RUNNING:
+            running += float(m.group(3))
+            seen = True
+        elif name in _WAITING:
+            waiting += float(m.group(3))
+            seen = True
+    return (running, waiting) if seen else None
+
+
+class EngineMetricsScraper:
+    def __init__(self, fleet: Fleet, interval: float = 1.0) -> None:
+        self.targets = [u for u in fleet.upstreams.values() if u.cfg.metrics_url]
+        self.interval = interval
+        self._loop = Periodic("engine-metrics", interval, self.scrape_all, immediate=True)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        if not self.targets:
+            return
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=max(0.5, self.interval)))
+        self._loop.start()
+
+    async def stop(self) -> None:
+        await self._loop.stop()
+        if self._session:
+            await self._session.close()
+
+    async def scrape_all(self) -> None:
+        await asyncio.gather(*(self.scrape(u) for u in self.targets))
+
+    async def scrape(self, u: UpstreamStats) -> None:
+        assert self._session is not None and u.cfg.metrics_url
+        inflight = u.inflight
+        try:
+            async with self._session.get(u.cfg.metrics_url) as r:
+                if r.status != 200:
+                    return
+                load = parse_load(await r.text())
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            u.external_load = 0.0  # unknown: plan with our own counts only
+            return
+        if load is not None:
+            running, waiting = load
+            u.external_load = max(0.0, running + waiting - inflight)

@@ -1,0 +1,55 @@
+"""Anthropic Messages upstream: translates canonical chat requests and responses (see anthropic_wire)."""
+
+from __future__ import annotations
+
+import json
+
+from gateway.config import UpstreamConfig
+from gateway.dialects.sse import Event
+from gateway.dialects.anthropic_wire import MessagesStreamToChat, chat_request_to_messages, messages_response_to_chat
+from gateway.upstream.base import Provider
+
+ANTHROPIC_VERSION = "2023-06-01"
+
+
+class AnthropicProvider(Provider):
+    kind = "anthropic"
+    dialect = "anthropic"
+
+    def supports(self, operation: str) -> bool:
+        return operation == "chat"
+
+    def url(self, up: UpstreamConfig, operation: str) -> str:
+        return up.base_url + ("/messages" if up.base_url.endswith("/v1") else "/v1/messages")
+
+    def headers(self, up: UpstreamConfig) -> dict[str, str]:
+        h = {"Content-Type": "application/json", "anthropic-version": ANTHROPIC_VERSION}
+        key = up.api_key()
+        if key:
+            h["x-api-key"] = key
+        return h
+
+    def encode_request(self, operation: str, body: dict, upstream_model: str) -> bytes:
+        return json.dumps(chat_request_to_messages(body, upstream_model), separators=(",", ":")).encode()
+
+    def decode_response(self, data: dict, client_model: str) -> dict:
+        return messages_response_to_chat(data, client_model)
+
+    def stream_decoder(self, client_model: str, include_usage: bool) -> "_Decoder":
+        return _Decoder(MessagesStreamToChat(client_model, include_usage=True))
+
+
+class _Decoder:
+    __slots__ = ("_t",)
+
+    def __init__(self, t: MessagesStreamToChat) -> None:
+        self._t = t
+
+    def feed(self, ev: Event) -> list[dict]:
+        if not ev.data:
+            return []
+        data = json.loads(ev.data)
+        return self._t.feed(ev.event or data.get("type", ""), data)
+
+    def finish(self) -> list[dict]:
+        return self._t.finish()

@@ -1,0 +1,71 @@
+"""The provider adapter interface. The gateway's canonical wire format is OpenAI's."""
+
+from __future__ import annotations
+
+import json
+from typing import Protocol
+
+from gateway.config import UpstreamConfig
+from gateway.dialects.sse import Event
+
+OPERATION_PATHS = {"chat": "/chat/completions", "text_completion": "/completions", "embeddings": "/embeddings"}
+
+
+class StreamDecoder(Protocol):
+    def feed(self, ev: Event) -> list[dict]:
+        """Canonical chat.completion.chunk dicts for one upstream SSE event (may be empty)."""
+
+    def finish(self) -> list[dict]: ...
+
+
+class Provider:
+    kind: str = "openai"
+    #: The wire format spoken: when the client speaks it too, bytes are relayed untouched both ways.
+    dialect: str = "openai"
+
+    def supports(self, operation: str) -> bool:
+        return operation in OPERATION_PATHS
+
+    def url(self, up: UpstreamConfig, operation: str) -> str:
+        return up.base_url + OPERATION_PATHS[operation]
+
+    def headers(self, up: UpstreamConfig) -> dict[str, str]:
+        h = {"Content-Type": "application/json"}
+        key = up.api_key()
+        if key:
+            h["Authorization"] = f"Bearer {key}"
+        return h
+
+    def encode_request(self, operation: str, body: dict, upstream_model: str) -> bytes:
+        out = dict(body)
+        out["model"] = upstream_model
+        if out.get("stream") and operation != "embeddings":
+            # Ask for usage so output tokens are exact; the relay drops the usage chunk if the client did not ask.
+            opts = dict(out.get("stream_options") or {})
+            opts["include_usage"] = True
+            out["stream_options"] = opts
+        return json.dumps(out, separators=(",", ":")).encode()
+
+    def encode_native(self, body: dict, upstream_model: str) -> bytes:
+        """The client's own body (same dialect as this provider), with only the model swapped."""
+        out = dict(body)
+        out["model"] = upstream_model
+        return json.dumps(out, separators=(",", ":")).encode()
+
+    def decode_response(self, data: dict, client_model: str) -> dict:
+        return data
+
+    def stream_decoder(self, client_model: str, include_usage: bool) -> StreamDecoder:
+        return OpenAIStreamDecoder()
+
+
+class OpenAIStreamDecoder:
+    __slots__ = ()
+
+    def feed(self, ev: Event) -> list[dict]:
+        if not ev.data or ev.data == b"[DONE]":
+            return []
+        return [json.loads(ev.data)]
+
+    def finish(self) -> list[dict]:
+        return []

@@ -1,0 +1,92 @@
+"""`gateway bench`: the analytic optimum (pure) and a --quick run end to end (real subprocesses, bounded)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.tools.bench import gpu_tok_s, hosted_max_workers, optimum, upstream_tok_s
+from gateway.sim.reference import REFERENCE_SIMS
+
+M, P = 128, 200
+
+
+def test_hosted_workers_respect_rate_limits() -> None:
+    h = REFERENCE_SIMS["hosted"]
+    n = hosted_max_workers(h, M, P)
+    cycle = h.ttft + (M - 1) / h.tok_s
+    assert n / cycle * 60 <= h.rpm < (n + 1) / cycle * 60  # the most workers that stay under 120 rpm
+    assert upstream_tok_s(h, n + 3, M, P) == upstream_tok_s(h, n, M, P)
+
+
+def test_gpu_curve_is_concave_and_capped_by_slots() -> None:
+    f = REFERENCE_SIMS["fast-gpu"]
+    xs = [gpu_tok_s(f, n, M, P) for n in range(0, 80)]
+    gains = [b - a for a, b in zip(xs, xs[1:])]
+    assert all(g >= -1e-9 for g in gains)
+    assert all(g2 <= g1 + 1e-9 for g1, g2 in zip(gains, gains[1:]))
+    assert xs[79] == xs[66]  # past the slots the extra requests only wait
+    assert gpu_tok_s(f, 20, M, P, slow=4) == pytest.approx(xs[20] / 4)
+
+
+@pytest.mark.parametrize("c", [1, 7, 20])
+def test_optimum_matches_brute_force(c: int) -> None:
+    res = optimum(REFERENCE_SIMS, c, M, P)
+    names = list(REFERENCE_SIMS)
+    best = max(
+        sum(upstream_tok_s(REFERENCE_SIMS[k], n, M, P) for k, n in zip(names, alloc))
+        for alloc in itertools.product(range(c + 1), repeat=len(names))
+        if sum(alloc) <= c
+    )
+    assert res["tok_s"] == pytest.approx(best, abs=0.1)
+    assert sum(res["allocation"].values()) <= c
+
+
+def test_default_workload_needs_all_three_upstreams() -> None:
+    res = optimum(REFERENCE_SIMS, 32, M, P)
+    assert all(n > 0 for n in res["allocation"].values())
+    assert res["allocation"]["hosted"] == hosted_max_workers(REFERENCE_SIMS["hosted"], M, P)
+    slowed = optimum(REFERENCE_SIMS, 32, M, P, {"fast-gpu": 4})
+    assert slowed["tok_s"] < res["tok_s"]
+    assert slowed["allocation"]["slow-gpu"] > res["allocation"]["slow-gpu"]
+
+
+@pytest.mark.timeout(120)
+def test_quick_bench_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway.tools.bench", "--quick", "--concurrency", "16",
+         "--scenarios", "throughput,adapt,overhead", "--out", str(out)],
+        capture_output=True, text=True, timeout=100,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "| throughput |" in proc.stdout and "Added p50" in proc.stdout
+    res = json.loads(out.read_text())
+    meta, sc = res["meta"], res["scenarios"]
+    assert meta["analytic_optimum"]["tok_s"] > 0 and meta["concurrency"] == 16
+    assert set(sc) == {"oracle", "throughput", "adapt", "overhead"}
+    for name in ("oracle", "throughput", "adapt"):
+        r = sc[name]
+        assert r["tok_s"] > 0 and r["requests"] > 0, name
+        assert r["error_count"] == 0, (name, r["errors"])
+        assert r["usage_mismatch"] == 0, name  # content chunks counted == usage.completion_tokens
+        assert r["latency_p50_ms"] > 0 and r["ttft_p50_ms"] > 0
+        assert set(r["upstreams"]) == {"fast-gpu", "slow-gpu", "hosted"}
+        assert r["pct_of_oracle"] > 0 and r["per_second"]
+    assert sc["oracle"]["pct_of_oracle"] == 100.0
+    # The oracle is pinned to the analytic allocation.
+    for n, k in meta["analytic_optimum"]["allocation"].items():
+        assert sc["oracle"]["upstreams"][n]["mean_inflight"] == pytest.approx(k, abs=1.0)
+    a = sc["adapt"]["adapt"]
+    assert 0 < a["new_optimum"]["tok_s"] < meta["analytic_optimum"]["tok_s"]
+    assert a["before_tok_s"] > 0 and a["after_tok_s_last"] > 0
+    ov = sc["overhead"]
+    assert ov["error_count"] == 0
+    assert ov["direct"]["rps"] > 0 and ov["gateway"]["rps"] > 0
+    assert ov["added_p50_ms"] is not None and ov["rps_ratio"] > 0
+    assert (out.parent / "logs").is_dir()

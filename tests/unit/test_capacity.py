@@ -1,0 +1,98 @@
+"""The capacity curve fit recovers a GPU server's t(n) = a + b*n from noisy samples and forgets old behaviour."""
+
+from __future__ import annotations
+
+import random
+import time
+
+from gateway.routing.capacity import CapacityCurve, Sample
+from gateway.config import CapacityHint
+
+
+def samples(a: float, b: float, ns, now: float, age: float = 0.0, noise: float = 0.05, seed: int = 1):
+    rnd = random.Random(seed)
+    out = []
+    for i, n in enumerate(ns):
+        t = (a + b * n) * (1 + rnd.uniform(-noise, noise))
+        out.append(Sample(now - age - i * 0.01, n, t, 0.1, 100, 128))
+    return out
+
+
+def test_fit_recovers_true_curve_despite_wrong_hint():
+    now = time.time()
+    c = CapacityCurve(CapacityHint(a=0.05, b=0.0, ttft=1.0), slots=64)
+    c.fit(samples(0.008, 0.0004, [random.Random(i).randint(1, 60) for i in range(300)], now), now)
+    assert abs(c.a - 0.008) / 0.008 < 0.15
+    assert abs(c.b - 0.0004) / 0.0004 < 0.15
+    assert 1800 < c.saturation() < 2000  # 64 / (0.008 + 0.0256)
+
+
+def test_hint_holds_slope_when_samples_see_one_concurrency():
+    now = time.time()
+    c = CapacityCurve(CapacityHint(a=0.01, b=0.001), slots=32)
+    c.fit(samples(0.011, 0.001, [1] * 50, now), now)
+    # All samples at n=1 cannot identify b: the prior keeps it near the hint instead of collapsing to 0 or blowing up.
+    assert 0.0005 < c.b < 0.002
+    assert abs(c.tpot(1) - 0.012) < 0.002
+
+
+def test_old_samples_are_forgotten():
+    now = time.time()
+    c = CapacityCurve(CapacityHint(a=0.008, b=0.0004), slots=64)
+    old = samples(0.008, 0.0004, range(1, 60), now, age=600)
+    new = samples(0.032, 0.0016, range(1, 60), now)  # the server became 4x slower
+    c.fit(old + new, now)
+    assert abs(c.a - 0.032) / 0.032 < 0.2 and abs(c.b - 0.0016) / 0.0016 < 0.2
+
+
+def test_aggregate_is_concave_and_flat_past_slots():
+    c = CapacityCurve(CapacityHint(a=0.02, b=0.0015), slots=16)
+    gains = [c.aggregate(n + 1) - c.aggregate(n) for n in range(0, 20)]
+    assert all(g1 >= g2 for g1, g2 in zip(gains, gains[1:]))
+    assert c.aggregate(20) == c.aggregate(16)
+
+
+def test_sample_row_round_trip():
+    s = Sample(1.5, 3.0, 0.01, 0.2, 10, 20)
+    assert Sample.from_row(s.to_row().encode()) == s
+
+
+def test_slowdown_at_one_concurrency_scales_the_hinted_shape():
+    """Samples at n=20 only, 4x slower than the hint: the slope follows the hint's shape, scaled, not 0."""
+    now = time.time()
+    c = CapacityCurve(CapacityHint(a=0.008, b=0.0004), slots=64)
+    c.fit(samples(0.032, 0.0016, [20] * 120, now), now)
+    assert abs(c.tpot(20) - 0.064) < 0.004
+    assert 0.001 < c.b < 0.0025
+
+
+def test_ttft_grows_with_prompt_size_when_sizes_vary():
+    now = time.time()
+    c = CapacityCurve(CapacityHint(a=0.01, b=0.001, ttft=0.2), slots=32)
+    rnd = random.Random(3)
+    rows = []
+    for i in range(200):
+        p = rnd.randint(100, 4000)
+        rows.append(Sample(now - i * 0.01, 4, 0.014, 0.05 + 0.0001 * p, p, 100))
+    c.fit(rows, now)
+    assert 0.00008 < c.prefill < 0.00011
+    assert abs(c.ttft_for(4000) - 0.45) < 0.06 and abs(c.ttft_for(100) - 0.06) < 0.06
+    # One prompt size only: no slope is invented.
+    c.fit([Sample(now, 4, 0.014, 0.3, 500, 100)] * 50, now)
+    assert c.prefill == 0.0 and abs(c.ttft_for(5000) - c.ttft) < 1e-9
+
+
+def test_router_sends_long_prompts_away_from_a_busy_gpu():
+    """A long prompt's prefill would stall the whole batch of a busy GPU server; a hosted API does not care."""
+    from gateway.sim.reference import DEMO_PORTS, reference_fleet
+    from gateway.state.fleet import Fleet
+    from gateway.routing.router import Estimate, throughput_gain
+
+    fleet = Fleet(reference_fleet(DEMO_PORTS), "throughput")
+    fast, hosted = fleet.upstreams["fast-gpu"], fleet.upstreams["hosted"]
+    fast.curve.prefill = 0.00002  # 20 us per prompt token: 8k tokens stall the batch for 0.16 s
+    for _ in range(8):
+        fast.credit(0)
+    short, long_ = Estimate(200, 128), Estimate(8000, 128)
+    assert throughput_gain(fast, short) > throughput_gain(hosted, short)
+    assert throughput_gain(fast, long_) < throughput_gain(hosted, long_)

@@ -1,0 +1,292 @@
+"""Routing decisions on real in-memory fleet state (no I/O): marginal gain, limits, queueing, strategies."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from gateway.config import FleetConfig
+from gateway.sim.reference import DEMO_PORTS, reference_fleet
+from gateway.errors import GatewayError
+from gateway.state.fleet import Fleet
+from gateway.reliability.outlier import OutlierDetector
+from gateway.routing.router import Estimate, Refusal, Router, throughput_gain
+
+
+def make(strategy: str = "throughput", **limits) -> tuple[Fleet, Router]:
+    cfg: FleetConfig = reference_fleet(DEMO_PORTS)
+    for name, kv in limits.items():
+        for k, v in kv.items():
+            setattr(cfg.upstreams[name], k, v)
+    fleet = Fleet(cfg, strategy)
+    for p in fleet.pools.values():
+        p.strategy = strategy
+    return fleet, Router(fleet, OutlierDetector(3, 1.0, 10.0), queue_max=4, queue_timeout=0.3)
+
+
+EST = Estimate(prompt_tokens=200, output_tokens=128)
+
+
+def test_low_load_picks_fastest_per_request_upstream():
+    fleet, router = make()
+    pool = fleet.pools["fleet-model"]
+    d = router.pick(pool, EST)
+    assert d.upstream.name == "fast-gpu"
+    assert set(d.scores) == {"fast-gpu", "slow-gpu", "hosted"}
+    assert "marginal gain" in d.reason
+
+
+def test_burst_water_fills_across_the_fleet():
+    """Credit each dispatch at once: a burst spreads out over every upstream in proportion to capacity."""
+    fleet, router = make()
+    pool = fleet.pools["fleet-model"]
+    counts: dict[str, int] = {}
+    for _ in range(60):
+        d = router._dispatch(router.pick(pool, EST), EST)
+        counts[d.upstream.name] = counts.get(d.upstream.name, 0) + 1
+    assert counts["fast-gpu"] > counts["slow-gpu"] > 0
+    assert counts.get("hosted", 0) > 0
+    # Greedy marginal gain: at the end every used upstream's next gain is close to the others'.
+    open_ = [u for u in pool.upstreams if u.has_slot() and u.rate_allows(EST.admitted_tokens, EST.output_tokens)]
+    assert len(open_) >= 2
+    gains = {u.name: throughput_gain(u, EST) for u in open_}
+    assert max(gains.values()) - min(gains.values()) < 0.5 * max(gains.values())
+
+
+def test_max_concurrency_is_never_exceeded_and_requests_queue():
+    fleet, router = make(**{"fast-gpu": {"max_concurrency": 2}, "slow-gpu": {"max_concurrency": 1}, "hosted": {"max_concurrency": 1}})
+    pool = fleet.pools["fleet-model"]
+    for _ in range(4):
+        router._dispatch(router.pick(pool, EST), EST)
+    assert [u.inflight for u in pool.upstreams] == [2, 1, 1]
+    with pytest.raises(Refusal) as r:
+        router.pick(pool, EST)
+    assert r.value.kind == "saturated"
+
+
+async def test_queue_serves_fifo_when_a_slot_frees_and_times_out_otherwise():
+    fleet, router = make(**{"fast-gpu": {"max_concurrency": 1}, "slow-gpu": {"weight": 0}, "hosted": {"weight": 0}})
+    pool = fleet.pools["fleet-model"]
+    first = await router.admit(pool, EST)
+    waiter = asyncio.create_task(router.admit(pool, EST))
+    await asyncio.sleep(0.05)
+    assert router.queue_depth()["fleet-model"] == 1
+    router.release(first.upstream)
+    second = await asyncio.wait_for(waiter, 1)
+    assert second.upstream.name == "fast-gpu" and second.queue_wait > 0.03
+    with pytest.raises(GatewayError) as e:
+        await router.admit(pool, EST)
+    assert e.value.status == 503 and e.value.code == "saturated"
+
+
+def test_rpm_limit_is_respected_and_reported():
+    fleet, router = make(**{"fast-gpu": {"weight": 0}, "slow-gpu": {"weight": 0}})
+    pool = fleet.pools["fleet-model"]
+    hosted = fleet.upstreams["hosted"]
+    hosted.cfg.rpm = 6
+    hosted.refresh(time.time())
+    sent = 0
+    with pytest.raises(Refusal) as r:
+        for _ in range(10):
+            router._dispatch(router.pick(pool, EST), EST)
+            hosted.release()
+            sent += 1
+    assert r.value.kind == "rate_limited"
+    assert sent == 6
+
+
+def test_rate_limits_are_paced_by_littles_law():
+    """rpm 120 = 2 req/s; a request lasts ttft + m*tpot ~ 2.5 s, so about 5 in flight sustain the budget."""
+    fleet, router = make(**{"fast-gpu": {"weight": 0}, "slow-gpu": {"weight": 0}})
+    pool = fleet.pools["fleet-model"]
+    hosted = fleet.upstreams["hosted"]
+    hosted.refresh(time.time())
+    n = 0
+    with pytest.raises(Refusal) as r:
+        for _ in range(40):
+            router._dispatch(router.pick(pool, EST), EST)
+            n += 1
+    assert r.value.kind == "rate_limited"
+    duration = hosted.curve.ttft + EST.output_tokens * hosted.curve.tpot(n)
+    assert n == int(2.0 * duration)  # not the whole 120-request budget at once
+
+
+def test_tpm_counts_prompt_and_max_tokens():
+    fleet, router = make(**{"fast-gpu": {"weight": 0}, "slow-gpu": {"weight": 0}})
+    pool = fleet.pools["fleet-model"]
+    hosted = fleet.upstreams["hosted"]
+    hosted.cfg.rpm, hosted.cfg.tpm = None, 6000
+    hosted.refresh(time.time())
+    big = Estimate(prompt_tokens=700, output_tokens=300)
+    n = 0
+    with pytest.raises(Refusal):
+        for _ in range(10):
+            router._dispatch(router.pick(pool, big), big)
+            n += 1
+    assert n * 1000 <= 6000
+
+
+def test_limits_are_shared_between_replicas():
+    """With 3 live replicas each may take a third of the headroom between refreshes: the fleet cannot overshoot."""
+    fleet, router = make(**{"fast-gpu": {"weight": 0}, "slow-gpu": {"weight": 0}})
+    hosted = fleet.upstreams["hosted"]
+    hosted.cfg.rpm = 600
+    hosted.cfg.max_concurrency = 30
+    hosted.replicas = 3
+    hosted.refresh(time.time())
+    pool = fleet.pools["fleet-model"]
+    n = 0
+    with pytest.raises(Refusal):
+        for _ in range(100):
+            router._dispatch(router.pick(pool, EST), EST)
+            n += 1
+    assert n == 10  # 30 slots / 3 replicas
+
+
+def test_weight_zero_drains_and_other_strategies():
+    fleet, router = make(**{"fast-gpu": {"weight": 0}})
+    pool = fleet.pools["fleet-model"]
+    assert router.pick(pool, EST).upstream.name != "fast-gpu"
+    for strategy in ("round_robin", "weighted", "least_busy", "lowest_latency"):
+        fleet, router = make(strategy)
+        pool = fleet.pools["fleet-model"]
+        names = set()
+        for _ in range(30):
+            d = router._dispatch(router.pick(pool, EST), EST)
+            assert d.strategy == strategy
+            names.add(d.upstream.name)
+        assert len(names) >= 2, strategy
+
+
+def test_ejected_upstream_is_skipped_then_probed_once():
+    fleet, router = make()
+    pool = fleet.pools["fleet-model"]
+    fast = fleet.upstreams["fast-gpu"]
+    for _ in range(3):
+        router.health.failure(fast)
+    assert fast.state(time.time()) == "ejected"
+    assert router.pick(pool, EST).upstream.name != "fast-gpu"
+    fast.ejected_until = time.time() - 0.01  # backoff elapsed: half-open
+    d = router._dispatch(router.pick(pool, EST), EST)
+    assert d.upstream is fast and fast.probing
+    assert router.pick(pool, EST).upstream is not fast  # only one probe at a time
+    router.health.success(fast)
+    assert not fast.probing and fast.consecutive_failures == 0
+
+
+def test_work_conserving_even_when_marginal_gain_is_negative():
+    """Short or embedding requests on a busy fleet are still dispatched while any upstream has a slot."""
+    fleet, router = make()
+    pool = fleet.pools["fleet-model"]
+    for _ in range(40):
+        router._dispatch(router.pick(pool, EST), EST)
+    tiny = Estimate(prompt_tokens=10, output_tokens=1)
+    d = router.pick(pool, tiny)
+    assert d.upstream.has_slot()
+    emb = Estimate(prompt_tokens=10, output_tokens=1, operation="embeddings")
+    d = router.pick(pool, emb)
+    assert d.strategy == "throughput" and "utilisation" in d.reason
+
+
+async def test_client_leaving_as_it_is_admitted_frees_slot_and_probe():
+    fleet, router = make(**{"fast-gpu": {"max_concurrency": 1}, "slow-gpu": {"weight": 0}, "hosted": {"weight": 0}})
+    pool = fleet.pools["fleet-model"]
+    fast = fleet.upstreams["fast-gpu"]
+    first = await router.admit(pool, EST)
+    waiter = asyncio.create_task(router.admit(pool, EST))
+    await asyncio.sleep(0.01)
+    for _ in range(3):
+        router.health.failure(fast)  # ejected ...
+    fast.ejected_until = time.time() - 0.01  # ... and now half-open
+    waiter.cancel()  # the client leaves ...
+    router.release(first.upstream)  # ... and in the same loop iteration its request is dispatched as the probe
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert fast.inflight_local == 0 and not fast.probing
+    assert router.pick(pool, EST).upstream is fast
+
+
+def _fleet(upstreams: dict[str, int], models: dict[str, list[str]]) -> tuple[Fleet, Router]:
+    from gateway.config import ModelConfig, UpstreamConfig
+
+    cfg = FleetConfig(
+        upstreams={n: UpstreamConfig(base_url=f"http://127.0.0.1:1/{n}", max_concurrency=c) for n, c in upstreams.items()},
+        models={m: ModelConfig(upstreams=ups) for m, ups in models.items()},
+    )
+    fleet = Fleet(cfg, "throughput")
+    return fleet, Router(fleet, OutlierDetector(3, 1.0, 10.0), queue_max=8, queue_timeout=2.0)
+
+
+async def test_a_retry_waiting_for_one_upstream_does_not_block_the_queue():
+    fleet, router = _fleet({"A": 8, "B": 1}, {"m": ["A", "B"]})
+    pool = fleet.pools["m"]
+    b = fleet.upstreams["B"]
+    b.credit(0)  # B is busy
+    retry = asyncio.create_task(router.admit(pool, EST, frozenset({"A"})))  # failed on A, may only use B
+    await asyncio.sleep(0.01)
+    assert router.queue_depth()["m"] == 1
+    d = await asyncio.wait_for(router.admit(pool, EST), 0.5)  # A is idle: no waiting behind the retry
+    assert d.upstream.name == "A" and d.queue_wait == 0.0
+    router.release(b)
+    assert (await asyncio.wait_for(retry, 0.5)).upstream is b
+
+
+async def test_models_sharing_an_upstream_are_served_oldest_first():
+    fleet, router = _fleet({"S": 1}, {"m1": ["S"], "m2": ["S"]})
+    s = fleet.upstreams["S"]
+    first = await router.admit(fleet.pools["m1"], EST)
+    older = asyncio.create_task(router.admit(fleet.pools["m2"], EST))
+    await asyncio.sleep(0.01)
+    newer = asyncio.create_task(router.admit(fleet.pools["m1"], EST))
+    await asyncio.sleep(0.01)
+    router.release(first.upstream)
+    await asyncio.sleep(0.01)
+    assert older.done() and not newer.done()
+    router.release(s)
+    await asyncio.wait_for(newer, 0.5)
+    await older
+
+
+def test_replica_shares_add_up_exactly():
+    """Three replicas see 3 of 4 slots taken: exactly one of them may add one; a 2-rpm limit serves two."""
+    admitted = 0
+    for rank in range(3):
+        fleet, router = make(**{"slow-gpu": {"weight": 0}, "hosted": {"weight": 0}, "fast-gpu": {"max_concurrency": 4}})
+        fast = fleet.upstreams["fast-gpu"]
+        fast.replicas, fast.rank, fast.inflight_remote = 3, rank, 3
+        fast.refresh(time.time())
+        try:
+            while True:
+                router._dispatch(router.pick(fleet.pools["fleet-model"], EST), EST)
+                admitted += 1
+        except Refusal:
+            pass
+    assert admitted == 1
+    admitted = 0
+    for rank in range(3):
+        fleet, router = make(**{"fast-gpu": {"weight": 0}, "slow-gpu": {"weight": 0}, "hosted": {"rpm": 2}})
+        hosted = fleet.upstreams["hosted"]
+        hosted.replicas, hosted.rank = 3, rank
+        hosted.refresh(time.time())
+        try:
+            while True:
+                router._dispatch(router.pick(fleet.pools["fleet-model"], EST), EST)
+                hosted.release()
+                admitted += 1
+        except Refusal:
+            pass
+    assert admitted == 2
+
+
+async def test_request_larger_than_any_tpm_share_is_refused_clearly():
+    fleet, router = make(**{"fast-gpu": {"weight": 0}, "slow-gpu": {"weight": 0}, "hosted": {"tpm": 9000, "rpm": None}})
+    hosted = fleet.upstreams["hosted"]
+    hosted.replicas = 3
+    big = Estimate(prompt_tokens=100, output_tokens=4000)
+    with pytest.raises(GatewayError) as e:
+        await router.admit(fleet.pools["fleet-model"], big)
+    assert e.value.status == 400 and e.value.param == "max_tokens" and "4100 tokens" in e.value.message
+    hosted.replicas = 1
+    assert (await router.admit(fleet.pools["fleet-model"], big)).upstream is hosted
