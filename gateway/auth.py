@@ -30,8 +30,8 @@ import logging
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from aiohttp import web
 from redis.exceptions import RedisError
@@ -77,7 +77,7 @@ class ApiKey:
         )
 
     @classmethod
-    def from_json(cls, dig: str, raw: bytes | str) -> "ApiKey":
+    def from_json(cls, dig: str, raw: bytes | str) -> ApiKey:
         d = json.loads(raw)
         return cls(dig, d.get("id") or dig[:16], d.get("name", ""), d.get("prefix", ""), d.get("rpm"), d.get("tpm"), d.get("created", 0.0))
 

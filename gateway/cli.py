@@ -76,8 +76,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 def cmd_demo(ns: argparse.Namespace) -> int:
     """Simulated fleet on three ports from --sim-port (9101-9103) plus the gateway (:8080), in one process."""
     from gateway.http.app import create_app, serve
-    from gateway.sim.reference import REFERENCE_SIMS, reference_fleet
     from gateway.sim import start_sim
+    from gateway.sim.reference import REFERENCE_SIMS, reference_fleet
 
     settings = _settings(port=ns.port)
     _logging(settings.log_level)

@@ -50,7 +50,7 @@ class UpstreamConfig(BaseModel):
         return v.rstrip("/")
 
     @model_validator(mode="after")
-    def _azure(self) -> "UpstreamConfig":
+    def _azure(self) -> UpstreamConfig:
         if self.provider == "azure" and not (self.deployment and self.api_version):
             raise ValueError("azure upstreams need 'deployment' and 'api_version'")
         return self
@@ -81,7 +81,7 @@ class FleetConfig(BaseModel):
     models: dict[str, ModelConfig]
 
     @model_validator(mode="after")
-    def _links(self) -> "FleetConfig":
+    def _links(self) -> FleetConfig:
         for name, up in self.upstreams.items():
             up.name = name
         for mname, m in self.models.items():

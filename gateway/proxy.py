@@ -30,22 +30,22 @@ from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from gateway.observability import telemetry as T
-from gateway.errors import GatewayError
-from gateway.state.fleet import Fleet, Pool
-from gateway.sync.fleet_sync import FleetSync
-from gateway.reliability.outlier import OutlierDetector
-from gateway.upstream import provider_for
 from gateway.dialects.anthropic_wire import UpstreamStreamError, chat_response_to_messages
-from gateway.observability.redact import scrub
-from gateway.state.measure import PROGRESS_SAMPLE_EVERY, Outcome, finish, mean_load, observe_body, observe_chunk, progress_sample
 from gateway.dialects.client_stream import AnthropicClientStream, OpenAIClientStream
+from gateway.dialects.sse import SSEDecoder
+from gateway.errors import GatewayError
+from gateway.observability import telemetry as T
+from gateway.observability.redact import scrub
+from gateway.reliability.outlier import OutlierDetector
 from gateway.reliability.retry_budget import RetryBudget
 from gateway.routing.router import Decision, Estimate, Router
 from gateway.settings import Settings
-from gateway.dialects.sse import SSEDecoder
+from gateway.state.fleet import Fleet, Pool
+from gateway.state.measure import PROGRESS_SAMPLE_EVERY, Outcome, finish, mean_load, observe_body, observe_chunk, progress_sample
 from gateway.state.stats import UpstreamStats
+from gateway.sync.fleet_sync import FleetSync
 from gateway.tokens import max_output_tokens
+from gateway.upstream import provider_for
 
 log = logging.getLogger("gateway.proxy")
 

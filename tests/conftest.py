@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import socket
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable
 
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from gateway.http.app import create_app
 from gateway.config import FleetConfig
-from gateway.sim.reference import REFERENCE_SIMS, reference_fleet
 from gateway.http.api import PROXY_KEY
+from gateway.http.app import create_app
 from gateway.proxy import Proxy
 from gateway.settings import Settings
 from gateway.sim import SimConfig, start_sim
-
+from gateway.sim.reference import REFERENCE_SIMS, reference_fleet
 from tests.otlp_receiver import otlp_receiver  # noqa: F401  (a fixture for every test module)
 
 REDIS_URL = "redis://127.0.0.1:6379/0"

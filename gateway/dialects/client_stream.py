@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from gateway.errors import GatewayError, sse_error_event
 from gateway.dialects.anthropic_wire import ChatStreamToMessages, sse_event
 from gateway.dialects.sse import DONE, encode_data
+from gateway.errors import GatewayError, sse_error_event
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 

@@ -10,8 +10,8 @@ import time
 from aiohttp import web
 
 from gateway.auth import API_KEY, KEYS
-from gateway.errors import GatewayError
 from gateway.dialects.anthropic_wire import messages_request_to_chat
+from gateway.errors import GatewayError
 from gateway.proxy import Exchange, Proxy
 from gateway.routing.router import DEFAULT_OUTPUT_TOKENS, Estimate
 from gateway.tokens import max_output_tokens, prompt_tokens

@@ -9,22 +9,22 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway.http import admin
-from gateway.http import api as handlers
-from gateway.observability import redact
 from gateway.auth import API_KEY, KEYS, KeyStore, presented_key
 from gateway.config import FleetConfig, load_fleet
 from gateway.errors import GatewayError
+from gateway.http import admin
+from gateway.http import api as handlers
+from gateway.http.api import PROXY_KEY
+from gateway.observability import redact
+from gateway.observability.telemetry import Telemetry
+from gateway.periodic import Periodic
+from gateway.proxy import STREAMING, Proxy
+from gateway.reliability.outlier import HealthChecker, OutlierDetector
+from gateway.routing.router import Router
+from gateway.settings import Settings
 from gateway.state.fleet import Fleet
 from gateway.sync.engine_metrics import EngineMetricsScraper
 from gateway.sync.fleet_sync import FleetSync
-from gateway.reliability.outlier import HealthChecker, OutlierDetector
-from gateway.http.api import PROXY_KEY
-from gateway.periodic import Periodic
-from gateway.proxy import STREAMING, Proxy
-from gateway.routing.router import Router
-from gateway.settings import Settings
-from gateway.observability.telemetry import Telemetry
 from gateway.tokens import encoding
 
 log = logging.getLogger("gateway")

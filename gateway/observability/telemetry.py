@@ -37,10 +37,16 @@ from opentelemetry.propagators.textmap import Getter
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     Gauge as _GaugeData,
+)
+from opentelemetry.sdk.metrics.export import (
     Histogram as _HistogramData,
+)
+from opentelemetry.sdk.metrics.export import (
     InMemoryMetricReader,
     MetricReader,
     PeriodicExportingMetricReader,
+)
+from opentelemetry.sdk.metrics.export import (
     Sum as _SumData,
 )
 from opentelemetry.sdk.resources import Resource

@@ -21,8 +21,8 @@ import time
 import aiohttp
 
 from gateway.periodic import Periodic
-from gateway.upstream import provider_for
 from gateway.state.stats import UpstreamStats
+from gateway.upstream import provider_for
 
 log = logging.getLogger("gateway.reliability.outlier")
 

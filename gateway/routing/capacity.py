@@ -27,7 +27,7 @@ class Sample:
         return f"{self.ts:.3f},{self.n:.2f},{self.tpot:.6f},{self.ttft:.4f},{self.prompt_tokens},{self.output_tokens}"
 
     @classmethod
-    def from_row(cls, row: str | bytes) -> "Sample":
+    def from_row(cls, row: str | bytes) -> Sample:
         if isinstance(row, bytes):
             row = row.decode()
         ts, n, tpot, ttft, p, o = row.split(",")

@@ -18,8 +18,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from gateway.errors import GatewayError
-from gateway.state.fleet import Fleet, Pool
 from gateway.reliability.outlier import OutlierDetector
+from gateway.state.fleet import Fleet, Pool
 from gateway.state.stats import UpstreamStats
 
 DEFAULT_OUTPUT_TOKENS = 256
@@ -174,7 +174,7 @@ class Router:
         d.queue_wait = time.monotonic() - w.since
         return d
 
-    def _holds_line(self, pool: Pool, w: "_Waiter") -> bool:
+    def _holds_line(self, pool: Pool, w: _Waiter) -> bool:
         """Does this waiter wait for capacity in general (FIFO applies), or only for the upstreams it may still
         use (a retry that excluded the one that failed it)? The latter must not block the requests behind it."""
         if w.future.done():

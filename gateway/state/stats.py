@@ -11,8 +11,8 @@ import math
 import time
 from collections import deque
 
-from gateway.routing.capacity import CapacityCurve, Sample
 from gateway.config import UpstreamConfig
+from gateway.routing.capacity import CapacityCurve, Sample
 from gateway.upstream import provider_for
 from gateway.upstream.base import OPERATION_PATHS as OPERATIONS
 
@@ -37,7 +37,7 @@ class Window:
             b = self.buckets[sec] = [0, 0, 0, 0, 0]
         b[field] += v
 
-    def merge(self, other: "Window") -> None:
+    def merge(self, other: Window) -> None:
         for sec, vals in other.buckets.items():
             b = self.buckets.get(sec)
             if b is None:

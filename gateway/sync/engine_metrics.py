@@ -12,8 +12,8 @@ import re
 
 import aiohttp
 
-from gateway.state.fleet import Fleet
 from gateway.periodic import Periodic
+from gateway.state.fleet import Fleet
 from gateway.state.stats import UpstreamStats
 
 log = logging.getLogger("gateway.sync.engine_metrics")

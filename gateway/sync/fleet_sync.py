@@ -20,9 +20,9 @@ import time
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from gateway.periodic import Periodic
 from gateway.routing.capacity import Sample
 from gateway.state.fleet import Fleet
-from gateway.periodic import Periodic
 from gateway.state.stats import WINDOW_S, Window
 
 log = logging.getLogger("gateway.sync.fleet_sync")

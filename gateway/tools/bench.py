@@ -41,8 +41,8 @@ from typing import Any
 
 import aiohttp
 
-from gateway.tools.scenarios import registry
 from gateway.sim import SimConfig
+from gateway.tools.scenarios import registry
 
 # ------------------------------------------------------------------------------------------- analytic model
 
@@ -174,7 +174,7 @@ class Procs:
 
     async def start(self, args: list[str], log_name: str, env: dict[str, str] | None = None,
                     stdout_pipe: bool = False) -> asyncio.subprocess.Process:
-        log = open(self.logdir / log_name, "ab")
+        log = open(self.logdir / log_name, "ab")  # noqa: ASYNC230 (before the process starts)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *args, stdout=asyncio.subprocess.PIPE if stdout_pipe else log, stderr=log,

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from gateway.upstream.anthropic import AnthropicProvider
+from gateway.upstream.azure import AzureProvider
 from gateway.upstream.base import Provider
 from gateway.upstream.openai import OpenAIProvider
-from gateway.upstream.azure import AzureProvider
-from gateway.upstream.anthropic import AnthropicProvider
 
 _PROVIDERS: dict[str, Provider] = {
     "openai": OpenAIProvider(),

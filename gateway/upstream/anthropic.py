@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 from gateway.config import UpstreamConfig
-from gateway.dialects.sse import Event
 from gateway.dialects.anthropic_wire import MessagesStreamToChat, chat_request_to_messages, messages_response_to_chat
+from gateway.dialects.sse import Event
 from gateway.upstream.base import Provider
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -35,7 +35,7 @@ class AnthropicProvider(Provider):
     def decode_response(self, data: dict, client_model: str) -> dict:
         return messages_response_to_chat(data, client_model)
 
-    def stream_decoder(self, client_model: str, include_usage: bool) -> "_Decoder":
+    def stream_decoder(self, client_model: str, include_usage: bool) -> _Decoder:
         return _Decoder(MessagesStreamToChat(client_model, include_usage=True))
 
 

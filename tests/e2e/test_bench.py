@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.tools.bench import gpu_tok_s, hosted_max_workers, optimum, upstream_tok_s
 from gateway.sim.reference import REFERENCE_SIMS
+from gateway.tools.bench import gpu_tok_s, hosted_max_workers, optimum, upstream_tok_s
 
 M, P = 128, 200
 

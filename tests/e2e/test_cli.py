@@ -13,7 +13,6 @@ import openai
 import pytest
 
 from gateway.cli import main
-
 from tests.conftest import free_port
 
 

@@ -10,9 +10,8 @@ import pytest
 from gateway.routing.capacity import Sample
 from gateway.sim.reference import DEMO_PORTS, reference_fleet
 from gateway.state.fleet import Fleet
-from gateway.sync.fleet_sync import HEARTBEAT_TTL, FleetSync
 from gateway.state.stats import OUT
-
+from gateway.sync.fleet_sync import HEARTBEAT_TTL, FleetSync
 from tests.conftest import REDIS_URL
 from tests.redis_server import RedisServer
 

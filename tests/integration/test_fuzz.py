@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import aiohttp
 import pytest
@@ -19,11 +20,10 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.http.app import create_app
 from gateway.config import FleetConfig, ModelConfig, UpstreamConfig
+from gateway.http.app import create_app
 from gateway.settings import Settings
 from gateway.sim import SimConfig, start_sim
-
 from tests.conftest import free_port
 
 EXAMPLES = 150

@@ -15,15 +15,14 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from gateway.http.app import DRAINING, create_app, gate_middleware, readyz
 from gateway.auth import KEYS
 from gateway.config import CapacityHint, FleetConfig, ModelConfig, UpstreamConfig
 from gateway.errors import GatewayError
+from gateway.http.app import DRAINING, create_app, gate_middleware, readyz
 from gateway.reliability.outlier import OutlierDetector
 from gateway.settings import Settings
 from gateway.sim import SimConfig, start_sim
 from gateway.state.stats import UpstreamStats
-
 from tests.conftest import free_port
 from tests.redis_server import RedisServer
 

@@ -20,8 +20,8 @@ from gateway.auth import KEYS, digest
 from gateway.config import FleetConfig, ModelConfig, UpstreamConfig
 from gateway.errors import GatewayError
 from gateway.observability.redact import scrub
-from gateway.sim import SimConfig
 from gateway.observability.telemetry import Telemetry
+from gateway.sim import SimConfig
 
 ADMIN_KEY = "adm_Zq81LmN0pXr7Tt"
 UPSTREAM_KEY = "upk_live_7Hc9QeZ2xV4mN8wB"

@@ -9,7 +9,6 @@ import openai
 from gateway.config import CapacityHint, FleetConfig, ModelConfig, UpstreamConfig
 from gateway.sim import SimConfig
 
-
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 import time
 
-from gateway.routing.capacity import CapacityCurve, Sample
 from gateway.config import CapacityHint
+from gateway.routing.capacity import CapacityCurve, Sample
 
 
 def samples(a: float, b: float, ns, now: float, age: float = 0.0, noise: float = 0.05, seed: int = 1):
@@ -84,9 +84,9 @@ def test_ttft_grows_with_prompt_size_when_sizes_vary():
 
 def test_router_sends_long_prompts_away_from_a_busy_gpu():
     """A long prompt's prefill would stall the whole batch of a busy GPU server; a hosted API does not care."""
+    from gateway.routing.router import Estimate, throughput_gain
     from gateway.sim.reference import DEMO_PORTS, reference_fleet
     from gateway.state.fleet import Fleet
-    from gateway.routing.router import Estimate, throughput_gain
 
     fleet = Fleet(reference_fleet(DEMO_PORTS), "throughput")
     fast, hosted = fleet.upstreams["fast-gpu"], fleet.upstreams["hosted"]

@@ -8,11 +8,11 @@ import time
 import pytest
 
 from gateway.config import FleetConfig
-from gateway.sim.reference import DEMO_PORTS, reference_fleet
 from gateway.errors import GatewayError
-from gateway.state.fleet import Fleet
 from gateway.reliability.outlier import OutlierDetector
 from gateway.routing.router import Estimate, Refusal, Router, throughput_gain
+from gateway.sim.reference import DEMO_PORTS, reference_fleet
+from gateway.state.fleet import Fleet
 
 
 def make(strategy: str = "throughput", **limits) -> tuple[Fleet, Router]:
