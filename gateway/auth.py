@@ -33,7 +33,6 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from aiohttp import web
 from redis.exceptions import RedisError
 
 from gateway.errors import GatewayError
@@ -279,7 +278,3 @@ class KeyStore:
         log.warning("key store: redis had no keys; restored %d from this replica's copy", len(self.keys))
         self._ver = None  # reload (and merge with what other replicas wrote back) next cycle
 
-
-KEYS = web.AppKey("keys", KeyStore)
-#: The caller's key record, set on the request by the auth middleware.
-API_KEY = web.RequestKey("api_key", ApiKey)

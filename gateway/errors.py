@@ -1,10 +1,25 @@
-"""OpenAI-shaped errors. Every failure the client sees goes through GatewayError."""
+"""One exception tree for everything that can go wrong on the request path (the pattern of httpx's exceptions).
+
+GatewayError            what the client sees: status, message, OpenAI `code`/`param`, Retry-After
+├── UpstreamError       one attempt on one upstream failed; `retryable` says whether another upstream may serve it
+│   ├── UpstreamConnectError   connect refused/reset, DNS (502)
+│   ├── UpstreamTimeout        no answer / no first token / idle stream / total deadline (504)
+│   ├── UpstreamRateLimited    429 (or 503/529 with Retry-After): busy, not broken (429)
+│   ├── UpstreamStatusError    a 5xx or other retryable status (502/504)
+│   ├── UpstreamProtocolError  a body or event that is not what the dialect promises, or too large (502)
+│   └── UpstreamRejected       the upstream refused the request itself (400, 413, 422...): the client's fault,
+│                              the upstream is healthy, never retried
+├── ClientDisconnected (499)   the client left; recorded on spans and metrics, never answered
+└── (plain GatewayError)       refused by the gateway: validation, auth, limits, queue
+
+Whether to retry is a property of the exception (`retryable`), and whether the upstream is to blame (`blames_upstream`)
+feeds outlier detection; nothing on the path compares error strings. The HTTP layer turns any of these into an
+OpenAI- or Anthropic-shaped JSON body (gateway/http/errors.py); this module does not know about HTTP servers.
+"""
 
 from __future__ import annotations
 
 import json
-
-from aiohttp import web
 
 _TYPES = {
     400: "invalid_request_error",
@@ -23,7 +38,6 @@ _TYPES = {
     504: "timeout_error",
 }
 
-
 _ANTHROPIC_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -37,6 +51,13 @@ _ANTHROPIC_TYPES = {
 
 
 class GatewayError(Exception):
+    """A failure with the status and body the client gets."""
+
+    #: Another upstream may serve the same request.
+    retryable = False
+    #: The upstream misbehaved (outlier detection counts it); False for the client's own faults.
+    blames_upstream = False
+
     def __init__(
         self,
         status: int,
@@ -57,6 +78,11 @@ class GatewayError(Exception):
     def type(self) -> str:
         return _TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
 
+    @property
+    def error_type(self) -> str:
+        """The `error.type` of spans and metrics: the code when there is one, else the status."""
+        return self.code or str(self.status)
+
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
@@ -65,12 +91,65 @@ class GatewayError(Exception):
         kind = _ANTHROPIC_TYPES.get(self.status, "api_error")
         return {"type": "error", "error": {"type": kind, "message": self.message}}
 
-    def response(self, dialect: str = "openai") -> web.Response:
-        headers = {}
-        if self.retry_after is not None:
-            headers["Retry-After"] = str(max(1, int(self.retry_after + 0.999)))
-        body = self.anthropic_body() if dialect == "anthropic" else self.body()
-        return web.Response(status=self.status, body=json.dumps(body).encode(), content_type="application/json", headers=headers)
+    def body_for(self, dialect: str) -> dict:
+        return self.anthropic_body() if dialect == "anthropic" else self.body()
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(1, int(self.retry_after + 0.999)))}
+
+
+class UpstreamError(GatewayError):
+    """One attempt failed because of the upstream (before or after the first byte reached the client)."""
+
+    retryable = True
+    blames_upstream = True
+    status_default = 502
+
+    def __init__(self, message: str, *, code: str, status: int | None = None, retry_after: float | None = None) -> None:
+        super().__init__(status or self.status_default, message, code=code, retry_after=retry_after)
+
+
+class UpstreamConnectError(UpstreamError):
+    pass
+
+
+class UpstreamTimeout(UpstreamError):
+    status_default = 504
+
+
+class UpstreamRateLimited(UpstreamError):
+    """Busy, not broken: it may serve the retry once its cooldown is over; not an outlier."""
+
+    status_default = 429
+    blames_upstream = False
+
+
+class UpstreamStatusError(UpstreamError):
+    pass
+
+
+class UpstreamProtocolError(UpstreamError):
+    pass
+
+
+class UpstreamRejected(UpstreamError):
+    """The upstream refused the request itself: the client sees the upstream's status, nobody retries."""
+
+    retryable = False
+    blames_upstream = False
+
+    @property
+    def error_type(self) -> str:
+        return str(self.status)
+
+
+class ClientDisconnected(GatewayError):
+    """The client went away (or stopped reading and was cut off) before its response was complete."""
+
+    def __init__(self) -> None:
+        super().__init__(499, "the client disconnected", code="client_disconnected")
 
 
 def sse_error_event(err: GatewayError) -> bytes:

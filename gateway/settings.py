@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     ttft_timeout: float = 60.0
     idle_timeout: float = 60.0
     total_timeout: float = 600.0
+    #: Largest non-streamed upstream body, and largest single SSE event, the gateway accepts (bytes; clean 502 past it).
+    max_response_bytes: int = 32 * 1024 * 1024
+    max_event_bytes: int = 4 * 1024 * 1024
 
     queue_max: int = 1024
     queue_timeout: float = 30.0

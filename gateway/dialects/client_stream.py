@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import json
+from typing import Protocol
 
 from gateway.dialects.anthropic_wire import ChatStreamToMessages, sse_event
 from gateway.dialects.sse import DONE, encode_data
 from gateway.errors import GatewayError, sse_error_event
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+class ClientStream(Protocol):
+    def keeps(self, chunks: list[dict]) -> bool:
+        """Whether an upstream frame of the same dialect carrying these chunks is relayed as is."""
+        ...
+
+    def chunk(self, c: dict) -> bytes: ...
+
+    def done(self) -> bytes: ...
+
+    def error(self, err: GatewayError) -> bytes: ...
 
 
 class OpenAIClientStream:

@@ -38,6 +38,11 @@ class SSEDecoder:
         self._buf = buf[start:]
         return out
 
+    @property
+    def pending(self) -> int:
+        """Bytes of an event not yet terminated (a bound on it stops an endless event from growing memory)."""
+        return len(self._buf)
+
     def tail(self) -> list[Event]:
         """A last event that was not terminated by a blank line (some servers do that)."""
         if not self._buf.strip():

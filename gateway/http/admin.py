@@ -9,16 +9,15 @@ import time
 
 from aiohttp import web
 
-from gateway.auth import KEYS
 from gateway.errors import GatewayError
-from gateway.http.api import PROXY_KEY, read_json
+from gateway.http.api import KEYS, PROXY_KEY, SYNC, read_json
 
 
 def fleet_snapshot(app: web.Application) -> dict:
     proxy = app[PROXY_KEY]
     return {
         "replica": proxy.s.replica_id,
-        "redis": proxy.sync.status,
+        "redis": app[SYNC].status,
         "time": time.time(),
         "queue_depth": proxy.router.queue_depth(),
         "upstreams": proxy.fleet.snapshot(),
@@ -57,7 +56,7 @@ async def admin_set_weight(request: web.Request) -> web.Response:
     w = body.get("weight")
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
         raise GatewayError(400, "'weight' must be a number >= 0 (0 drains the upstream)", param="weight")
-    await proxy.sync.set_weight(name, float(w))
+    await request.app[SYNC].set_weight(name, float(w))
     proxy.router.wake()
     return web.json_response({"upstream": name, "weight": float(w)})
 

@@ -1,29 +1,30 @@
-"""HTTP endpoints of the inbound API: parse and validate once, then hand an Exchange to the proxy."""
+"""HTTP endpoints of the inbound API: parse and validate once, then hand a request context to the proxy."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import math
 import time
 
 from aiohttp import web
 
-from gateway.auth import API_KEY, KEYS
+from gateway.auth import ApiKey, KeyStore
+from gateway.context import RequestContext
 from gateway.dialects.anthropic_wire import messages_request_to_chat
 from gateway.errors import GatewayError
-from gateway.proxy import Exchange, Proxy
-from gateway.routing.router import DEFAULT_OUTPUT_TOKENS, Estimate
-from gateway.tokens import max_output_tokens, prompt_tokens
+from gateway.http.validation import build_context, validate
+from gateway.http.writer import HttpWriter
+from gateway.observability.telemetry import Telemetry
+from gateway.proxy import Proxy
+from gateway.sync.fleet_sync import FleetSync
 
 PROXY_KEY = web.AppKey("proxy", Proxy)
-
-_MAX_INT = 2**31 - 1
-#: Above this body size the prompt is estimated as bytes/4 instead of tokenized: tiktoken costs ~0.4 us per
-#: character on the event loop, so a 4 MB prompt would stall every other request for ~2 s.
-_TOKENIZE_MAX_BYTES = 64 * 1024
+SYNC = web.AppKey("sync", FleetSync)
+TELEMETRY = web.AppKey("telemetry", Telemetry)
+KEYS = web.AppKey("keys", KeyStore)
+#: The caller's key record, set on the request by the auth middleware.
+API_KEY = web.RequestKey("api_key", ApiKey)
 BODY_BYTES = web.RequestKey("gw_body_bytes", int)
-_MAX_MODEL_NAME = 256
 
 
 def _no_constants(name: str):
@@ -52,143 +53,47 @@ async def read_json(request: web.Request) -> dict:
     return body
 
 
-def _require(cond: bool, message: str, param: str) -> None:
-    if not cond:
-        raise GatewayError(400, message, param=param, code="invalid_value")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _validate_common(body: dict) -> None:
-    m = body.get("model")
-    _require(isinstance(m, str) and m != "", "'model' is required and must be a string", "model")
-    _require(len(m) <= _MAX_MODEL_NAME, f"'model' is longer than {_MAX_MODEL_NAME} characters", "model")
-    stream = body.get("stream", False)
-    _require(isinstance(stream, bool) or stream is None, "'stream' must be a boolean", "stream")
-    for k in ("max_tokens", "max_completion_tokens"):
-        v = body.get(k)
-        _require(v is None or (_is_int(v) and 1 <= v <= _MAX_INT), f"'{k}' must be an integer between 1 and {_MAX_INT}", k)
-    for k in ("temperature", "top_p"):
-        v = body.get(k)
-        _require(
-            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)), f"'{k}' must be a number", k
-        )
-    so = body.get("stream_options")
-    _require(so is None or isinstance(so, dict), "'stream_options' must be an object", "stream_options")
-    stop = body.get("stop")
-    _require(
-        stop is None or isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(x, str) for x in stop)),
-        "'stop' must be a string or an array of strings", "stop",
-    )
-    tools = body.get("tools")
-    if tools is not None:
-        _require(isinstance(tools, list), "'tools' must be an array", "tools")
-        for i, t in enumerate(tools):
-            _require(
-                isinstance(t, dict) and isinstance(t.get("type", "function"), str) and isinstance(t.get("function", {}), dict),
-                f"tools[{i}] must be an object with a 'type' and a 'function' object",
-                f"tools[{i}]",
-            )
-
-
-def _validate_messages(msgs) -> None:
-    _require(isinstance(msgs, list) and len(msgs) > 0, "'messages' must be a non-empty array", "messages")
-    for i, m in enumerate(msgs):
-        _require(isinstance(m, dict) and isinstance(m.get("role"), str), f"messages[{i}] must be an object with a 'role'", f"messages[{i}]")
-        c = m.get("content")
-        _require(
-            c is None or isinstance(c, (str, list)),
-            f"messages[{i}].content must be a string or an array of content parts",
-            f"messages[{i}].content",
-        )
-        if isinstance(c, list):
-            for j, part in enumerate(c):
-                _require(
-                    isinstance(part, dict)
-                    and isinstance(part.get("type"), str)
-                    and (part["type"] != "text" or isinstance(part.get("text"), str)),
-                    f"messages[{i}].content[{j}] must be a content part object with a 'type' (text parts need a string 'text')",
-                    f"messages[{i}].content[{j}]",
-                )
-
-
-def _validate_tokens_input(v, param: str) -> None:
-    """A string, an array of strings, an array of token ids, or an array of arrays of token ids (non-empty)."""
-    ok = isinstance(v, str) or (
-        isinstance(v, list)
-        and len(v) > 0
-        and (
-            all(isinstance(x, str) for x in v)
-            or all(_is_int(x) and 0 <= x <= _MAX_INT for x in v)
-            or all(isinstance(x, list) and x and all(_is_int(t) and 0 <= t <= _MAX_INT for t in x) for x in v)
-        )
-    )
-    _require(ok, f"'{param}' must be a string, an array of strings or an array of token arrays", param)
-    _require(not (isinstance(v, str) and v == "" and param == "input"), f"'{param}' must not be empty", param)
-
-
-def _exchange(request: web.Request, operation: str, body: dict, dialect: str = "openai") -> Exchange:
-    stream = bool(body.get("stream")) and operation != "embeddings"
-    so = body.get("stream_options") or {}
-    size = request.get(BODY_BYTES, 0)
-    # Count only the field this operation reads (validated above): junk in other fields cannot break or skew it.
-    field = {"chat": "messages", "text_completion": "prompt", "embeddings": "input"}[operation]
-    pt = prompt_tokens({field: body[field]}) if size <= _TOKENIZE_MAX_BYTES else size // 4
-    est = Estimate(pt, max_output_tokens(body) or DEFAULT_OUTPUT_TOKENS, operation)
-    if operation == "embeddings":
-        est.output_tokens = 1
-    return Exchange(
-        operation=operation,
-        model=body["model"],
-        body=body,
-        stream=stream,
-        include_usage=bool(so.get("include_usage")),
-        dialect=dialect,
-        est=est,
-        headers=request.headers,
-    )
-
-
-async def _run(request: web.Request, ex: Exchange) -> web.StreamResponse:
+async def _run(request: web.Request, ctx: RequestContext) -> web.StreamResponse:
     """Charge the caller's API key (RPM/TPM, 429 when over), proxy, then settle the real token usage."""
     proxy = request.app[PROXY_KEY]
     rec = request.get(API_KEY)
+    writer = HttpWriter(request)
     if rec is None:
-        return await proxy.handle(request, ex)
-    charged = ex.est.admitted_tokens
-    booked = request.app[KEYS].admit(rec, charged)
-    ex.principal = rec
-    try:
-        return await proxy.handle(request, ex)
-    finally:
-        rec.settle(ex.used_tokens - charged, booked)
+        await proxy.handle(ctx, writer)
+    else:
+        charged = ctx.est.admitted_tokens
+        booked = request.app[KEYS].admit(rec, charged)
+        ctx.principal = rec
+        try:
+            await proxy.handle(ctx, writer)
+        finally:
+            rec.settle(ctx.used_tokens - charged, booked)
+    assert writer.response is not None
+    return writer.response
+
+
+def _context(request: web.Request, operation: str, body: dict, dialect: str = "openai") -> RequestContext:
+    return build_context(
+        operation, body, dialect=dialect, headers=request.headers, size=request.get(BODY_BYTES, 0), path=request.path
+    )
+
+
+async def _openai(request: web.Request, operation: str) -> web.StreamResponse:
+    body = await read_json(request)
+    validate(operation, body)
+    return await _run(request, _context(request, operation, body))
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    body = await read_json(request)
-    _validate_common(body)
-    _validate_messages(body.get("messages"))
-    return await _run(request, _exchange(request, "chat", body))
+    return await _openai(request, "chat")
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    body = await read_json(request)
-    _validate_common(body)
-    p = body.get("prompt")
-    _require(isinstance(p, (str, list)) and len(p) > 0, "'prompt' is required (string or array)", "prompt")
-    _validate_tokens_input(p, "prompt")
-    return await _run(request, _exchange(request, "text_completion", body))
+    return await _openai(request, "text_completion")
 
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
-    body = await read_json(request)
-    _validate_common(body)
-    inp = body.get("input")
-    _require(isinstance(inp, (str, list)) and len(inp) > 0, "'input' is required (string or array)", "input")
-    _validate_tokens_input(inp, "input")
-    return await _run(request, _exchange(request, "embeddings", body))
+    return await _openai(request, "embeddings")
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
@@ -200,11 +105,10 @@ async def messages(request: web.Request) -> web.StreamResponse:
         raise GatewayError(400, str(e) or "invalid Messages request") from None
     except Exception:  # any other shape the translator cannot read is still the request's fault
         raise GatewayError(400, "invalid Messages request") from None
-    _validate_common(chat)
-    _validate_messages(chat.get("messages"))
-    ex = _exchange(request, "chat", chat, dialect="anthropic")
-    ex.native = body  # sent as is to Anthropic upstreams
-    return await _run(request, ex)
+    validate("chat", chat)
+    ctx = _context(request, "chat", chat, dialect="anthropic")
+    ctx.native = body  # sent as is to Anthropic upstreams
+    return await _run(request, ctx)
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -9,57 +9,92 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway.auth import API_KEY, KEYS, KeyStore, presented_key
+from gateway.auth import KeyStore, presented_key
 from gateway.config import FleetConfig, load_fleet
 from gateway.errors import GatewayError
+from gateway.hooks import Hooks
 from gateway.http import admin
 from gateway.http import api as handlers
-from gateway.http.api import PROXY_KEY
+from gateway.http.api import API_KEY, KEYS, PROXY_KEY, SYNC, TELEMETRY
+from gateway.http.errors import Handler, dialect_of, error_response, lookup
+from gateway.http.writer import STREAMING
 from gateway.observability import redact
+from gateway.observability.subscribers import Metrics, Tracing
 from gateway.observability.telemetry import Telemetry
 from gateway.periodic import Periodic
-from gateway.proxy import STREAMING, Proxy
+from gateway.proxy import Proxy
 from gateway.reliability.outlier import HealthChecker, OutlierDetector
+from gateway.reliability.verdicts import Verdicts
 from gateway.routing.router import Router
 from gateway.settings import Settings
 from gateway.state.fleet import Fleet
+from gateway.state.measure import Measurement
 from gateway.sync.engine_metrics import EngineMetricsScraper
 from gateway.sync.fleet_sync import FleetSync
 from gateway.tokens import encoding
+from gateway.upstream.client import UpstreamClient
 
 log = logging.getLogger("gateway")
 DRAINING = web.AppKey("draining", list)
 CHECKER = web.AppKey("checker", HealthChecker)
 
 
+def _gateway_error(request: web.Request, e: BaseException, dialect: str) -> web.StreamResponse:
+    assert isinstance(e, GatewayError)
+    return error_response(e, dialect)
+
+
+def _too_large(request: web.Request, e: BaseException, dialect: str) -> web.StreamResponse:
+    limit = request.app[PROXY_KEY].s.max_body_bytes
+    return error_response(GatewayError(413, f"request body too large (limit {limit} bytes)", code="body_too_large"), dialect)
+
+
+def _http_exception(request: web.Request, e: BaseException, dialect: str) -> web.StreamResponse:
+    assert isinstance(e, web.HTTPException)
+    if e.status < 400:
+        raise e
+    msg = {404: f"no route for {request.method} {request.path}", 405: f"method {request.method} not allowed"}
+    return error_response(GatewayError(e.status, msg.get(e.status, e.reason), code=e.reason.lower().replace(" ", "_")), dialect)
+
+
+def _client_gone(request: web.Request, e: BaseException, dialect: str) -> web.StreamResponse:
+    # The client went away (or stopped reading and was cut off): nobody to answer, nothing to log as an error.
+    log.debug("client gone on %s %s", request.method, request.path)
+    return web.Response(status=499)
+
+
+def _too_deep(request: web.Request, e: BaseException, dialect: str) -> web.StreamResponse:
+    return error_response(GatewayError(400, "the request is nested too deeply", code="invalid_json"), dialect)
+
+
+def _unexpected(request: web.Request, e: BaseException, dialect: str) -> web.StreamResponse:
+    log.error("unhandled error on %s %s", request.method, request.path, exc_info=e)
+    if request.get(STREAMING):
+        raise e  # headers are out: aiohttp drops the connection rather than write a second response
+    return error_response(GatewayError(500, "internal gateway error", code="internal_error"), dialect)
+
+
+#: Exception type -> response, looked up along the exception's MRO (the most specific handler wins).
+ERROR_HANDLERS: dict[type[BaseException], Handler] = {
+    GatewayError: _gateway_error,
+    web.HTTPRequestEntityTooLarge: _too_large,
+    web.HTTPException: _http_exception,
+    ConnectionResetError: _client_gone,
+    RecursionError: _too_deep,
+    Exception: _unexpected,
+}
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler):
-    dialect = "anthropic" if request.path == "/v1/messages" else "openai"
     try:
         return await handler(request)
-    except GatewayError as e:
-        return e.response(dialect)
-    except web.HTTPRequestEntityTooLarge:
-        limit = request.app[PROXY_KEY].s.max_body_bytes
-        return GatewayError(413, f"request body too large (limit {limit} bytes)", code="body_too_large").response(dialect)
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise
-        msg = {404: f"no route for {request.method} {request.path}", 405: f"method {request.method} not allowed"}
-        return GatewayError(e.status, msg.get(e.status, e.reason), code=e.reason.lower().replace(" ", "_")).response(dialect)
     except asyncio.CancelledError:
         raise
-    except ConnectionResetError:
-        # The client went away (or stopped reading and was cut off): nobody to answer, nothing to log as an error.
-        log.debug("client gone on %s %s", request.method, request.path)
-        return web.Response(status=499)
-    except RecursionError:
-        return GatewayError(400, "the request is nested too deeply", code="invalid_json").response(dialect)
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        if request.get(STREAMING):
-            raise  # headers are out: aiohttp drops the connection rather than write a second response
-        return GatewayError(500, "internal gateway error", code="internal_error").response(dialect)
+    except Exception as e:
+        h = lookup(ERROR_HANDLERS, e)
+        assert h is not None  # Exception is registered
+        return h(request, e, dialect_of(request.path))
 
 
 @web.middleware
@@ -81,8 +116,9 @@ async def gate_middleware(request: web.Request, handler):
 
 async def healthz(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
-    status = "degraded" if proxy.sync.status == "degraded" else "ok"
-    return web.json_response({"status": status, "redis": proxy.sync.status, "replica": proxy.s.replica_id})
+    sync = request.app[SYNC]
+    status = "degraded" if sync.status == "degraded" else "ok"
+    return web.json_response({"status": status, "redis": sync.status, "replica": proxy.s.replica_id})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -92,8 +128,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    proxy = request.app[PROXY_KEY]
-    text = proxy.tel.prometheus_text(admin.fleet_snapshot(request.app))
+    request.app[PROXY_KEY]
+    text = request.app[TELEMETRY].prometheus_text(admin.fleet_snapshot(request.app))
     return web.Response(text=text, content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"})
 
 
@@ -120,7 +156,11 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
     )
     router = Router(fleet, health, settings.queue_max, settings.queue_timeout)
     sync = FleetSync(fleet, settings.replica_id, settings.redis_url, settings.redis_prefix, settings.flush_interval)
-    proxy = Proxy(settings, fleet, router, health, sync, tel)
+    client = UpstreamClient(settings.connect_timeout, settings.max_response_bytes, settings.max_event_bytes)
+    hooks = Hooks()
+    for sub in (Measurement(), Verdicts(health, sync), Tracing(tel), Metrics(tel)):
+        hooks.subscribe(sub)
+    proxy = Proxy(settings, fleet, router, client, hooks)
     scraper = EngineMetricsScraper(fleet)
     keys = KeyStore(
         sync.redis, settings.redis_prefix, settings.api_key_refresh_interval,
@@ -139,6 +179,8 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
         handler_args={"max_line_size": settings.max_header_bytes, "max_field_size": settings.max_header_bytes},
     )
     app[PROXY_KEY] = proxy
+    app[SYNC] = sync
+    app[TELEMETRY] = tel
     app[KEYS] = keys
     app[DRAINING] = []
     handlers.add_routes(app)
@@ -156,7 +198,7 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
 
     async def on_startup(app: web.Application) -> None:
         encoding()  # load the tokenizer before the first request
-        await proxy.start()
+        await client.start()
         await sync.start()
         await scraper.start()
         await keys.start()
@@ -175,7 +217,7 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
         await keys.stop()
         await scraper.stop()
         await sync.stop()
-        await proxy.stop()
+        await client.stop()
         await tel.shutdown()
 
     app.on_startup.append(on_startup)

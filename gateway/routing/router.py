@@ -17,24 +17,11 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from gateway.context import Estimate, RequestContext
 from gateway.errors import GatewayError
 from gateway.reliability.outlier import OutlierDetector
 from gateway.state.fleet import Fleet, Pool
 from gateway.state.stats import UpstreamStats
-
-DEFAULT_OUTPUT_TOKENS = 256
-
-
-@dataclass(slots=True)
-class Estimate:
-    prompt_tokens: int
-    output_tokens: int  # expected (max_tokens when given)
-    operation: str = "chat"
-
-    @property
-    def admitted_tokens(self) -> int:
-        """What hosted APIs charge against TPM at admission."""
-        return self.prompt_tokens + self.output_tokens
 
 
 @dataclass(slots=True)
@@ -93,8 +80,9 @@ class Router:
         self._queues: dict[str, deque[_Waiter]] = {m: deque() for m in fleet.pools}
 
     # ---- choosing --------------------------------------------------------------------------------------------
-    def pick(self, pool: Pool, est: Estimate, exclude: frozenset[str] = frozenset()) -> Decision:
+    def pick(self, pool: Pool, ctx: RequestContext, exclude: frozenset[str] = frozenset()) -> Decision:
         """Choose now or raise Refusal. Pure decision on in-memory figures: no I/O."""
+        est = ctx.est
         now = time.time()
         cands: list[UpstreamStats] = []
         why = "unavailable"
@@ -135,15 +123,15 @@ class Router:
             if why == "unavailable":
                 raise Refusal("unavailable", f"no upstream in the pool for model {pool.model!r} can serve this request")
             raise Refusal(why, f"every upstream for model {pool.model!r} is {why.replace('_', ' ')}")
-        return _STRATEGIES[pool.strategy](pool, cands, est)
+        return _STRATEGIES[pool.strategy](pool, cands, ctx)
 
     # ---- admission (queue when everything is busy) ----------------------------------------------------------
-    async def admit(self, pool: Pool, est: Estimate, exclude: frozenset[str] = frozenset()) -> Decision:
+    async def admit(self, pool: Pool, ctx: RequestContext, exclude: frozenset[str] = frozenset()) -> Decision:
         """Dispatch now, or wait in the pool's FIFO queue; raise GatewayError when waiting cannot help."""
         q = self._queues[pool.model]
         if not any(self._holds_line(pool, w) for w in q):  # nobody waits ahead for the same capacity
             try:
-                return self._dispatch(self.pick(pool, est, exclude), est)
+                return self._dispatch(self.pick(pool, ctx, exclude), ctx.est)
             except Refusal as r:
                 if r.kind == "unavailable":
                     raise GatewayError(503, r.detail, code="no_upstream") from None
@@ -156,7 +144,7 @@ class Router:
             last = Refusal("saturated", "queued behind earlier requests")
         if len(q) >= self.queue_max:
             raise GatewayError(503, f"gateway queue for model {pool.model!r} is full", code="queue_full", retry_after=1)
-        w = _Waiter(pool, est, exclude, asyncio.get_running_loop().create_future(), time.monotonic(), last)
+        w = _Waiter(pool, ctx, exclude, asyncio.get_running_loop().create_future(), time.monotonic(), last)
         q.append(w)
         try:
             d = await asyncio.wait_for(asyncio.shield(w.future), self.queue_timeout)
@@ -182,7 +170,7 @@ class Router:
         if not w.exclude:
             return True
         try:
-            self.pick(pool, w.est)
+            self.pick(pool, w.ctx)
         except Refusal:
             return True
         return False
@@ -220,14 +208,14 @@ class Router:
             if model in blocked or w.future.done():
                 continue
             try:
-                d = self.pick(w.pool, w.est, w.exclude)
+                d = self.pick(w.pool, w.ctx, w.exclude)
             except Refusal as r:
                 w.last = r
                 if self._holds_line(w.pool, w):
                     blocked.add(model)
                 continue
             self._queues[model].remove(w)
-            w.future.set_result(self._dispatch(d, w.est))
+            w.future.set_result(self._dispatch(d, w.ctx.est))
 
     def queue_depth(self) -> dict[str, int]:
         return {m: len(q) for m, q in self._queues.items()}
@@ -236,7 +224,7 @@ class Router:
 @dataclass(eq=False)
 class _Waiter:
     pool: Pool
-    est: Estimate
+    ctx: RequestContext
     exclude: frozenset[str]
     future: asyncio.Future
     since: float
@@ -244,9 +232,10 @@ class _Waiter:
 
 
 # ---- strategies ----------------------------------------------------------------------------------------------
-def _throughput(pool: Pool, cands: list[UpstreamStats], est: Estimate) -> Decision:
+def _throughput(pool: Pool, cands: list[UpstreamStats], ctx: RequestContext) -> Decision:
+    est = ctx.est
     if est.operation == "embeddings":  # no decode phase: spread by utilisation instead
-        d = _least_busy(pool, cands, est)
+        d = _least_busy(pool, cands, ctx)
         d.strategy = "throughput"
         return d
     scores = {u.name: throughput_gain(u, est) * u.weight for u in cands}
@@ -256,24 +245,25 @@ def _throughput(pool: Pool, cands: list[UpstreamStats], est: Estimate) -> Decisi
     return Decision(best, "throughput", f"max marginal gain {scores[best.name]:.1f} tok/s", scores)
 
 
-def _weighted(pool: Pool, cands: list[UpstreamStats], est: Estimate) -> Decision:
+def _weighted(pool: Pool, cands: list[UpstreamStats], ctx: RequestContext) -> Decision:
     u = random.choices(cands, weights=[c.weight for c in cands])[0]
     return Decision(u, "weighted", f"weighted random (weight {u.weight:g})", {c.name: c.weight for c in cands})
 
 
-def _round_robin(pool: Pool, cands: list[UpstreamStats], est: Estimate) -> Decision:
+def _round_robin(pool: Pool, cands: list[UpstreamStats], ctx: RequestContext) -> Decision:
     pool.rr += 1
     u = cands[pool.rr % len(cands)]
     return Decision(u, "round_robin", "next in rotation", {})
 
 
-def _least_busy(pool: Pool, cands: list[UpstreamStats], est: Estimate) -> Decision:
+def _least_busy(pool: Pool, cands: list[UpstreamStats], ctx: RequestContext) -> Decision:
     scores = {u.name: u.load / u.cfg.max_concurrency for u in cands}
     u = min(cands, key=lambda c: (scores[c.name], -c.weight))
     return Decision(u, "least_busy", f"lowest utilisation {scores[u.name]:.2f}", scores)
 
 
-def _lowest_latency(pool: Pool, cands: list[UpstreamStats], est: Estimate) -> Decision:
+def _lowest_latency(pool: Pool, cands: list[UpstreamStats], ctx: RequestContext) -> Decision:
+    est = ctx.est
     m = max(1, est.output_tokens)
     scores = {u.name: u.curve.ttft_for(est.prompt_tokens) + m * u.curve.tpot(u.load + 1) for u in cands}
     u = min(cands, key=lambda c: scores[c.name])

@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from gateway.errors import UpstreamRateLimited
 from gateway.routing.capacity import Sample
 from gateway.state.stats import UpstreamStats
 from gateway.tokens import count_text
+
+if TYPE_CHECKING:
+    from gateway.context import RequestContext
+    from gateway.hooks import Attempt
 
 
 @dataclass(slots=True)
@@ -17,6 +23,7 @@ class Outcome:
 
     output_tokens: int = 0
     input_tokens: int | None = None
+    cached_tokens: int = 0
     ttft: float | None = None
     first_at: float | None = None
     last_at: float | None = None
@@ -99,6 +106,9 @@ def take_usage(out: Outcome, usage: dict | None) -> None:
     pt = usage.get("prompt_tokens")
     if isinstance(pt, int):
         out.input_tokens = pt
+    details = usage.get("prompt_tokens_details")
+    if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+        out.cached_tokens = details["cached_tokens"]
 
 
 def finish(u: UpstreamStats, out: Outcome, *, stream: bool, prompt_tokens: int, n_mean: float, t0: float) -> int:
@@ -123,3 +133,37 @@ def finish(u: UpstreamStats, out: Outcome, *, stream: bool, prompt_tokens: int, 
     out.ttft = ttft
     u.record_sample(Sample(time.time(), n_mean, tpot, ttft, prompt_tokens, out.output_tokens))
     return used
+
+
+class Measurement:
+    """Hook subscriber: measures every attempt into its upstream's live figures and the request's usage.
+
+    The load integral is read when the attempt starts and ends, so a sample's concurrency is the mean over its
+    lifetime; decoding starts a fresh mark for progress samples of long streams.
+    """
+
+    def attempt_start(self, ctx: RequestContext, a: Attempt) -> None:
+        a.extras["load_start"] = a.upstream.load_area()
+
+    def first_token(self, ctx: RequestContext, a: Attempt) -> None:
+        a.outcome.mark_area = a.upstream.load_area()
+
+    def progress(self, ctx: RequestContext, a: Attempt) -> None:
+        if a.outcome.mark_area is not None:
+            progress_sample(a.upstream, a.outcome)
+
+    def attempt_end(self, ctx: RequestContext, a: Attempt) -> None:
+        u, out, err = a.upstream, a.outcome, a.error
+        if err is not None and (err.blames_upstream or isinstance(err, UpstreamRateLimited)):
+            u.record_error(isinstance(err, UpstreamRateLimited))
+        start = a.extras.get("load_start")
+        if start is None:  # never sent
+            return
+        n_mean = mean_load(start, u.load_area(), u)
+        used = finish(u, out, stream=ctx.stream, prompt_tokens=ctx.est.prompt_tokens, n_mean=n_mean, t0=a.t0)
+        if used:
+            ctx.used_tokens = used
+        if err is None or a.streamed:  # this attempt produced the response
+            ctx.usage.input_tokens = out.input_tokens
+            ctx.usage.cached_tokens = out.cached_tokens
+            ctx.usage.output_tokens = out.output_tokens

@@ -15,9 +15,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from gateway.auth import KEYS
 from gateway.config import CapacityHint, FleetConfig, ModelConfig, UpstreamConfig
 from gateway.errors import GatewayError
+from gateway.http.api import KEYS
 from gateway.http.app import DRAINING, create_app, gate_middleware, readyz
 from gateway.reliability.outlier import OutlierDetector
 from gateway.settings import Settings

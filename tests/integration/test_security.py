@@ -16,9 +16,10 @@ import pytest
 from aiohttp import web
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from gateway.auth import KEYS, digest
+from gateway.auth import digest
 from gateway.config import FleetConfig, ModelConfig, UpstreamConfig
 from gateway.errors import GatewayError
+from gateway.http.api import KEYS
 from gateway.observability.redact import scrub
 from gateway.observability.telemetry import Telemetry
 from gateway.sim import SimConfig

@@ -8,9 +8,10 @@ import time
 import pytest
 
 from gateway.config import FleetConfig
+from gateway.context import Estimate, RequestContext
 from gateway.errors import GatewayError
 from gateway.reliability.outlier import OutlierDetector
-from gateway.routing.router import Estimate, Refusal, Router, throughput_gain
+from gateway.routing.router import Refusal, Router, throughput_gain
 from gateway.sim.reference import DEMO_PORTS, reference_fleet
 from gateway.state.fleet import Fleet
 
@@ -26,7 +27,13 @@ def make(strategy: str = "throughput", **limits) -> tuple[Fleet, Router]:
     return fleet, Router(fleet, OutlierDetector(3, 1.0, 10.0), queue_max=4, queue_timeout=0.3)
 
 
-EST = Estimate(prompt_tokens=200, output_tokens=128)
+def req(prompt_tokens: int, output_tokens: int, operation: str = "chat") -> RequestContext:
+    """A request context carrying only what routing reads."""
+    est = Estimate(prompt_tokens=prompt_tokens, output_tokens=output_tokens, operation=operation)
+    return RequestContext(operation, "fleet-model", {}, True, False, "openai", est)
+
+
+EST = req(prompt_tokens=200, output_tokens=128)
 
 
 def test_low_load_picks_fastest_per_request_upstream():
@@ -44,14 +51,14 @@ def test_burst_water_fills_across_the_fleet():
     pool = fleet.pools["fleet-model"]
     counts: dict[str, int] = {}
     for _ in range(60):
-        d = router._dispatch(router.pick(pool, EST), EST)
+        d = router._dispatch(router.pick(pool, EST), EST.est)
         counts[d.upstream.name] = counts.get(d.upstream.name, 0) + 1
     assert counts["fast-gpu"] > counts["slow-gpu"] > 0
     assert counts.get("hosted", 0) > 0
     # Greedy marginal gain: at the end every used upstream's next gain is close to the others'.
-    open_ = [u for u in pool.upstreams if u.has_slot() and u.rate_allows(EST.admitted_tokens, EST.output_tokens)]
+    open_ = [u for u in pool.upstreams if u.has_slot() and u.rate_allows(EST.est.admitted_tokens, EST.est.output_tokens)]
     assert len(open_) >= 2
-    gains = {u.name: throughput_gain(u, EST) for u in open_}
+    gains = {u.name: throughput_gain(u, EST.est) for u in open_}
     assert max(gains.values()) - min(gains.values()) < 0.5 * max(gains.values())
 
 
@@ -59,7 +66,7 @@ def test_max_concurrency_is_never_exceeded_and_requests_queue():
     fleet, router = make(**{"fast-gpu": {"max_concurrency": 2}, "slow-gpu": {"max_concurrency": 1}, "hosted": {"max_concurrency": 1}})
     pool = fleet.pools["fleet-model"]
     for _ in range(4):
-        router._dispatch(router.pick(pool, EST), EST)
+        router._dispatch(router.pick(pool, EST), EST.est)
     assert [u.inflight for u in pool.upstreams] == [2, 1, 1]
     with pytest.raises(Refusal) as r:
         router.pick(pool, EST)
@@ -90,7 +97,7 @@ def test_rpm_limit_is_respected_and_reported():
     sent = 0
     with pytest.raises(Refusal) as r:
         for _ in range(10):
-            router._dispatch(router.pick(pool, EST), EST)
+            router._dispatch(router.pick(pool, EST), EST.est)
             hosted.release()
             sent += 1
     assert r.value.kind == "rate_limited"
@@ -106,10 +113,10 @@ def test_rate_limits_are_paced_by_littles_law():
     n = 0
     with pytest.raises(Refusal) as r:
         for _ in range(40):
-            router._dispatch(router.pick(pool, EST), EST)
+            router._dispatch(router.pick(pool, EST), EST.est)
             n += 1
     assert r.value.kind == "rate_limited"
-    duration = hosted.curve.ttft + EST.output_tokens * hosted.curve.tpot(n)
+    duration = hosted.curve.ttft + EST.est.output_tokens * hosted.curve.tpot(n)
     assert n == int(2.0 * duration)  # not the whole 120-request budget at once
 
 
@@ -119,11 +126,11 @@ def test_tpm_counts_prompt_and_max_tokens():
     hosted = fleet.upstreams["hosted"]
     hosted.cfg.rpm, hosted.cfg.tpm = None, 6000
     hosted.refresh(time.time())
-    big = Estimate(prompt_tokens=700, output_tokens=300)
+    big = req(prompt_tokens=700, output_tokens=300)
     n = 0
     with pytest.raises(Refusal):
         for _ in range(10):
-            router._dispatch(router.pick(pool, big), big)
+            router._dispatch(router.pick(pool, big), big.est)
             n += 1
     assert n * 1000 <= 6000
 
@@ -140,7 +147,7 @@ def test_limits_are_shared_between_replicas():
     n = 0
     with pytest.raises(Refusal):
         for _ in range(100):
-            router._dispatch(router.pick(pool, EST), EST)
+            router._dispatch(router.pick(pool, EST), EST.est)
             n += 1
     assert n == 10  # 30 slots / 3 replicas
 
@@ -154,7 +161,7 @@ def test_weight_zero_drains_and_other_strategies():
         pool = fleet.pools["fleet-model"]
         names = set()
         for _ in range(30):
-            d = router._dispatch(router.pick(pool, EST), EST)
+            d = router._dispatch(router.pick(pool, EST), EST.est)
             assert d.strategy == strategy
             names.add(d.upstream.name)
         assert len(names) >= 2, strategy
@@ -169,7 +176,7 @@ def test_ejected_upstream_is_skipped_then_probed_once():
     assert fast.state(time.time()) == "ejected"
     assert router.pick(pool, EST).upstream.name != "fast-gpu"
     fast.ejected_until = time.time() - 0.01  # backoff elapsed: half-open
-    d = router._dispatch(router.pick(pool, EST), EST)
+    d = router._dispatch(router.pick(pool, EST), EST.est)
     assert d.upstream is fast and fast.probing
     assert router.pick(pool, EST).upstream is not fast  # only one probe at a time
     router.health.success(fast)
@@ -181,11 +188,11 @@ def test_work_conserving_even_when_marginal_gain_is_negative():
     fleet, router = make()
     pool = fleet.pools["fleet-model"]
     for _ in range(40):
-        router._dispatch(router.pick(pool, EST), EST)
-    tiny = Estimate(prompt_tokens=10, output_tokens=1)
+        router._dispatch(router.pick(pool, EST), EST.est)
+    tiny = req(prompt_tokens=10, output_tokens=1)
     d = router.pick(pool, tiny)
     assert d.upstream.has_slot()
-    emb = Estimate(prompt_tokens=10, output_tokens=1, operation="embeddings")
+    emb = req(prompt_tokens=10, output_tokens=1, operation="embeddings")
     d = router.pick(pool, emb)
     assert d.strategy == "throughput" and "utilisation" in d.reason
 
@@ -259,7 +266,7 @@ def test_replica_shares_add_up_exactly():
         fast.refresh(time.time())
         try:
             while True:
-                router._dispatch(router.pick(fleet.pools["fleet-model"], EST), EST)
+                router._dispatch(router.pick(fleet.pools["fleet-model"], EST), EST.est)
                 admitted += 1
         except Refusal:
             pass
@@ -272,7 +279,7 @@ def test_replica_shares_add_up_exactly():
         hosted.refresh(time.time())
         try:
             while True:
-                router._dispatch(router.pick(fleet.pools["fleet-model"], EST), EST)
+                router._dispatch(router.pick(fleet.pools["fleet-model"], EST), EST.est)
                 hosted.release()
                 admitted += 1
         except Refusal:
@@ -284,7 +291,7 @@ async def test_request_larger_than_any_tpm_share_is_refused_clearly():
     fleet, router = make(**{"fast-gpu": {"weight": 0}, "slow-gpu": {"weight": 0}, "hosted": {"tpm": 9000, "rpm": None}})
     hosted = fleet.upstreams["hosted"]
     hosted.replicas = 3
-    big = Estimate(prompt_tokens=100, output_tokens=4000)
+    big = req(prompt_tokens=100, output_tokens=4000)
     with pytest.raises(GatewayError) as e:
         await router.admit(fleet.pools["fleet-model"], big)
     assert e.value.status == 400 and e.value.param == "max_tokens" and "4100 tokens" in e.value.message
