@@ -9,34 +9,21 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway.auth import KeyStore, presented_key
+from gateway.auth import presented_key
 from gateway.config import FleetConfig, load_fleet
 from gateway.errors import GatewayError
-from gateway.hooks import Hooks
 from gateway.http import admin
 from gateway.http import api as handlers
 from gateway.http.api import API_KEY, KEYS, PROXY_KEY, SYNC, TELEMETRY
 from gateway.http.errors import Handler, dialect_of, error_response, lookup
 from gateway.http.writer import STREAMING
-from gateway.observability import redact
-from gateway.observability.subscribers import Metrics, Tracing
 from gateway.observability.telemetry import Telemetry
-from gateway.periodic import Periodic
-from gateway.proxy import Proxy
-from gateway.reliability.outlier import HealthChecker, OutlierDetector
-from gateway.reliability.verdicts import Verdicts
-from gateway.routing.router import Router
+from gateway.runtime import Runtime
 from gateway.settings import Settings
-from gateway.state.fleet import Fleet
-from gateway.state.measure import Measurement
-from gateway.sync.engine_metrics import EngineMetricsScraper
-from gateway.sync.fleet_sync import FleetSync
-from gateway.tokens import encoding
-from gateway.upstream.client import UpstreamClient
 
 log = logging.getLogger("gateway")
 DRAINING = web.AppKey("draining", list)
-CHECKER = web.AppKey("checker", HealthChecker)
+RUNTIME = web.AppKey("runtime", Runtime)
 
 
 def _gateway_error(request: web.Request, e: BaseException, dialect: str) -> web.StreamResponse:
@@ -141,47 +128,18 @@ async def dashboard(request: web.Request) -> web.Response:
 
 
 def create_app(settings: Settings, fleet_config: FleetConfig | None = None, telemetry: Telemetry | None = None) -> web.Application:
-    cfg = fleet_config or load_fleet(settings.config)
-    redact.install()
-    if settings.admin_key is not None:
-        redact.add_secret(settings.admin_key.get_secret_value())
-    for up in cfg.upstreams.values():
-        redact.add_secret(up.api_key())
-    if settings.require_api_key and settings.admin_key is None:
-        log.warning("GATEWAY_REQUIRE_API_KEY is set but GATEWAY_ADMIN_KEY is not: no API key can be created")
-    fleet = Fleet(cfg, settings.default_strategy)
-    tel = telemetry or Telemetry(capture_content=settings.capture_content)
-    health = OutlierDetector(
-        settings.eject_after_failures, settings.eject_base_seconds, settings.eject_max_seconds, tel.record_ejection
-    )
-    router = Router(fleet, health, settings.queue_max, settings.queue_timeout)
-    sync = FleetSync(fleet, settings.replica_id, settings.redis_url, settings.redis_prefix, settings.flush_interval)
-    client = UpstreamClient(settings.connect_timeout, settings.max_response_bytes, settings.max_event_bytes)
-    hooks = Hooks()
-    for sub in (Measurement(), Verdicts(health, sync), Tracing(tel), Metrics(tel)):
-        hooks.subscribe(sub)
-    proxy = Proxy(settings, fleet, router, client, hooks)
-    scraper = EngineMetricsScraper(fleet)
-    keys = KeyStore(
-        sync.redis, settings.redis_prefix, settings.api_key_refresh_interval,
-        lambda: max((u.replicas for u in fleet.upstreams.values()), default=1),
-    )
-    checker = (
-        HealthChecker(fleet.upstreams, health, settings.health_check_interval, settings.health_check_timeout)
-        if settings.health_check_interval > 0
-        else None
-    )
-
+    rt = Runtime(settings, fleet_config or load_fleet(settings.config), telemetry)
     app = web.Application(
         middlewares=[error_middleware, gate_middleware],
         client_max_size=settings.max_body_bytes,
         # Request line and each header line are capped; aiohttp answers 400/431 itself when they are exceeded.
         handler_args={"max_line_size": settings.max_header_bytes, "max_field_size": settings.max_header_bytes},
     )
-    app[PROXY_KEY] = proxy
-    app[SYNC] = sync
-    app[TELEMETRY] = tel
-    app[KEYS] = keys
+    app[RUNTIME] = rt
+    app[PROXY_KEY] = rt.proxy
+    app[SYNC] = rt.sync
+    app[TELEMETRY] = rt.telemetry
+    app[KEYS] = rt.keys
     app[DRAINING] = []
     handlers.add_routes(app)
     admin.add_routes(app)
@@ -190,35 +148,14 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/dashboard", dashboard)
 
-    # The sync loop refreshes limits; wake queued requests each cycle so new headroom is used at once.
-    async def wake() -> None:
-        router.wake()
-
-    waker = Periodic("router-wake", settings.flush_interval, wake)
-
     async def on_startup(app: web.Application) -> None:
-        encoding()  # load the tokenizer before the first request
-        await client.start()
-        await sync.start()
-        await scraper.start()
-        await keys.start()
-        if checker is not None:
-            app[CHECKER] = checker
-            await checker.start()
-        waker.start()
+        await rt.start()
 
     async def on_shutdown(app: web.Application) -> None:
         await _drain(app, settings.shutdown_grace)
 
     async def on_cleanup(app: web.Application) -> None:
-        await waker.stop()
-        if checker is not None:
-            await checker.stop()
-        await keys.stop()
-        await scraper.stop()
-        await sync.stop()
-        await client.stop()
-        await tel.shutdown()
+        await rt.stop()
 
     app.on_startup.append(on_startup)
     app.on_shutdown.append(on_shutdown)

@@ -1,0 +1,91 @@
+"""Assembles one gateway replica's components, independent of HTTP: fleet state, router, Redis sync, upstream
+client, hook subscribers, proxy and background loops, started and stopped in dependency order. The inbound HTTP
+layer (gateway/http/app.py) serves a Runtime; in-process callers (batch runner, tests) can use its proxy directly.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from gateway.auth import KeyStore
+from gateway.config import FleetConfig
+from gateway.hooks import Hooks
+from gateway.observability import redact
+from gateway.observability.subscribers import Metrics, Tracing
+from gateway.observability.telemetry import Telemetry
+from gateway.periodic import Periodic
+from gateway.proxy import Proxy
+from gateway.reliability.outlier import HealthChecker, OutlierDetector
+from gateway.reliability.verdicts import Verdicts
+from gateway.routing.router import Router
+from gateway.settings import Settings
+from gateway.state.fleet import Fleet
+from gateway.state.measure import Measurement
+from gateway.sync.engine_metrics import EngineMetricsScraper
+from gateway.sync.fleet_sync import FleetSync
+from gateway.tokens import encoding
+from gateway.upstream.client import UpstreamClient
+
+log = logging.getLogger("gateway")
+
+
+class Runtime:
+    def __init__(self, settings: Settings, cfg: FleetConfig, telemetry: Telemetry | None = None) -> None:
+        _register_secrets(settings, cfg)
+        self.settings = settings
+        self.fleet = Fleet(cfg, settings.default_strategy)
+        self.telemetry = telemetry or Telemetry(capture_content=settings.capture_content)
+        s = settings
+        self.health = OutlierDetector(s.eject_after_failures, s.eject_base_seconds, s.eject_max_seconds, self.telemetry.record_ejection)
+        self.router = Router(self.fleet, self.health, s.queue_max, s.queue_timeout)
+        self.sync = FleetSync(self.fleet, s.replica_id, s.redis_url, s.redis_prefix, s.flush_interval)
+        self.client = UpstreamClient(s.connect_timeout, s.max_response_bytes, s.max_event_bytes)
+        self.hooks = Hooks()
+        for sub in (Measurement(), Verdicts(self.health, self.sync), Tracing(self.telemetry), Metrics(self.telemetry)):
+            self.hooks.subscribe(sub)
+        self.proxy = Proxy(s, self.fleet, self.router, self.client, self.hooks)
+        self.scraper = EngineMetricsScraper(self.fleet)
+        self.keys = KeyStore(self.sync.redis, s.redis_prefix, s.api_key_refresh_interval, self._replicas)
+        self.checker = (
+            HealthChecker(self.fleet.upstreams, self.health, s.health_check_interval, s.health_check_timeout)
+            if s.health_check_interval > 0
+            else None
+        )
+        # The sync loop refreshes limits; wake queued requests each cycle so new headroom is used at once.
+        self.waker = Periodic("router-wake", s.flush_interval, self._wake)
+
+    def _replicas(self) -> int:
+        return max((u.replicas for u in self.fleet.upstreams.values()), default=1)
+
+    async def _wake(self) -> None:
+        self.router.wake()
+
+    async def start(self) -> None:
+        encoding()  # load the tokenizer before the first request
+        await self.client.start()
+        await self.sync.start()
+        await self.scraper.start()
+        await self.keys.start()
+        if self.checker is not None:
+            await self.checker.start()
+        self.waker.start()
+
+    async def stop(self) -> None:
+        await self.waker.stop()
+        if self.checker is not None:
+            await self.checker.stop()
+        await self.keys.stop()
+        await self.scraper.stop()
+        await self.sync.stop()
+        await self.client.stop()
+        await self.telemetry.shutdown()
+
+
+def _register_secrets(settings: Settings, cfg: FleetConfig) -> None:
+    redact.install()
+    if settings.admin_key is not None:
+        redact.add_secret(settings.admin_key.get_secret_value())
+    for up in cfg.upstreams.values():
+        redact.add_secret(up.api_key())
+    if settings.require_api_key and settings.admin_key is None:
+        log.warning("GATEWAY_REQUIRE_API_KEY is set but GATEWAY_ADMIN_KEY is not: no API key can be created")
