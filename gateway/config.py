@@ -59,12 +59,51 @@ class UpstreamConfig(BaseModel):
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
 
+class ServiceClass(BaseModel):
+    """Targets of one class of requests in a pool (see gateway/routing/classes.py for how they are enforced)."""
+
+    model_config = ConfigDict(extra="forbid")
+    #: Every running request of this class should decode at least this fast (output tok/s per request; 0: no floor).
+    min_tok_s: float = Field(0.0, ge=0)
+    #: Time to first token target in seconds (None: no target).
+    max_ttft_s: float | None = Field(None, gt=0)
+    #: Lower is served first from the gateway queue.
+    priority: int = 0
+    #: Share of the pool's capacity this class may always use, whatever other classes want (starvation guard).
+    min_share: float = Field(0.0, ge=0, le=1)
+    #: How long a request waits in the gateway for an upstream that meets the targets before going best-effort.
+    wait_s: float = Field(1.0, ge=0)
+    #: Waiting this long in the queue raises a request's priority by one step (aging: nothing waits forever).
+    aging_s: float = Field(5.0, gt=0)
+    #: How long a request of this class may wait in the gateway queue at most (None: GATEWAY_QUEUE_TIMEOUT).
+    max_wait_s: float | None = Field(None, gt=0)
+
+
+def default_classes() -> dict[str, ServiceClass]:
+    return {
+        "interactive": ServiceClass(min_tok_s=20.0, max_ttft_s=2.0, priority=0, wait_s=1.0),
+        "batch": ServiceClass(priority=10, min_share=0.1, wait_s=0.0, aging_s=10.0, max_wait_s=300.0),
+    }
+
+
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     upstreams: list[str] = Field(min_length=1)
     strategy: str | None = None
     aliases: list[str] = Field(default_factory=list)
+    #: Service classes of this pool: `interactive` and `batch` always exist (their targets may be overridden).
+    classes: dict[str, ServiceClass] = Field(default_factory=default_classes)
+    default_class: str = "interactive"
+
+    @model_validator(mode="after")
+    def _classes(self) -> ModelConfig:
+        merged = default_classes()
+        merged.update(self.classes)
+        self.classes = merged
+        if self.default_class not in self.classes:
+            raise ValueError(f"default_class {self.default_class!r} is not one of the pool's classes ({', '.join(self.classes)})")
+        return self
 
     @field_validator("strategy")
     @classmethod

@@ -52,7 +52,9 @@ class RequestContext:
     native: dict | None = None  # the client's own body when it is not in the canonical dialect
     principal: Any = None  # the gateway API key (auth.ApiKey) when keys are required
     path: str = ""  # the inbound path (for spans)
-    service_class: str = "interactive"
+    #: The service class: as requested (header / service_tier; "" when not) until the proxy resolves it.
+    service_class: str = ""
+    class_source: str | None = None  # where the requested class came from (for the 400 naming it)
     cache_key: str | None = None  # session / prompt-cache key the client gave (stickiness)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     started: float = field(default_factory=time.monotonic)
@@ -65,3 +67,4 @@ class RequestContext:
     status: int = 0  # final status (0 while running)
     #: Per-request scratch space for hooks (like aiohttp's trace_request_ctx): hook name -> its state.
     extras: dict[str, Any] = field(default_factory=dict)
+    outcome: Any = None  # the measured Outcome of the attempt that produced the response

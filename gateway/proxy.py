@@ -26,6 +26,7 @@ from gateway.errors import ClientDisconnected, GatewayError, UpstreamError, Upst
 from gateway.hooks import Attempt, Hooks
 from gateway.observability.redact import scrub
 from gateway.reliability.retry_budget import RetryBudget
+from gateway.routing import classes
 from gateway.routing.router import Router
 from gateway.settings import Settings
 from gateway.state.fleet import Fleet, Pool
@@ -93,6 +94,8 @@ class Proxy:
                 400, f"The model '{ctx.model}' does not support {ctx.operation.replace('_', ' ')}",
                 code="unsupported_operation", param="model",
             )
+        key_default = getattr(ctx.principal, "service_class", None)
+        ctx.service_class = classes.resolve(pool, ctx.service_class or None, ctx.class_source, key_default)
         return pool
 
     async def _attempts(self, ctx: RequestContext, pool: Pool, writer: ResponseWriter) -> None:
@@ -157,7 +160,7 @@ class Proxy:
             a.error = ClientDisconnected()
             raise
         finally:
-            self.router.release(u)
+            self.router.release(u, ctx)
             self.hooks.emit("attempt_end", ctx, a)
 
     async def _relay_body(

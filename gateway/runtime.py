@@ -58,7 +58,7 @@ class Runtime:
         return max((u.replicas for u in self.fleet.upstreams.values()), default=1)
 
     async def _wake(self) -> None:
-        self.router.wake()
+        self.router.tick()
 
     async def start(self) -> None:
         encoding()  # load the tokenizer before the first request

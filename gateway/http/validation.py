@@ -4,10 +4,12 @@ callers (the batch runner) validate and build contexts the same way as the HTTP 
 from __future__ import annotations
 
 import math
+import uuid
 from collections.abc import Mapping
 
 from gateway.context import DEFAULT_OUTPUT_TOKENS, Estimate, RequestContext
 from gateway.errors import GatewayError
+from gateway.routing.classes import requested_class
 from gateway.tokens import max_output_tokens, prompt_tokens
 
 _MAX_INT = 2**31 - 1
@@ -106,6 +108,8 @@ def build_context(
     est = Estimate(pt, max_output_tokens(body) or DEFAULT_OUTPUT_TOKENS, operation)
     if operation == "embeddings":
         est.output_tokens = 1
+    hdrs = headers if headers is not None else {}
+    service_class, source = requested_class(hdrs, body)
     return RequestContext(
         operation=operation,
         model=body["model"],
@@ -114,9 +118,20 @@ def build_context(
         include_usage=bool(so.get("include_usage")),
         dialect=dialect,
         est=est,
-        headers=headers if headers is not None else {},
+        headers=hdrs,
         path=path,
+        service_class=service_class or "",
+        class_source=source,
+        request_id=_request_id(hdrs),
     )
+
+
+def _request_id(headers: Mapping[str, str]) -> str:
+    """The client's x-request-id when it sent a sane one (echoed back and put on spans), else a new one."""
+    given = headers.get("x-request-id")
+    if given and len(given) <= 128 and given.isprintable():
+        return given
+    return uuid.uuid4().hex
 
 
 #: Which body field holds the input of each operation, and its validator.

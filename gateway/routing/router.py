@@ -17,9 +17,11 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from gateway.config import ServiceClass
 from gateway.context import Estimate, RequestContext
 from gateway.errors import GatewayError
 from gateway.reliability.outlier import OutlierDetector
+from gateway.routing.classes import ClassPolicy
 from gateway.state.fleet import Fleet, Pool
 from gateway.state.stats import UpstreamStats
 
@@ -78,10 +80,26 @@ class Router:
         self.queue_max = queue_max
         self.queue_timeout = queue_timeout
         self._queues: dict[str, deque[_Waiter]] = {m: deque() for m in fleet.pools}
+        self.classes = ClassPolicy()
 
     # ---- choosing --------------------------------------------------------------------------------------------
-    def pick(self, pool: Pool, ctx: RequestContext, exclude: frozenset[str] = frozenset()) -> Decision:
-        """Choose now or raise Refusal. Pure decision on in-memory figures: no I/O."""
+    def pick(self, pool: Pool, ctx: RequestContext, exclude: frozenset[str] = frozenset(), best_effort: bool = False) -> Decision:
+        """Choose now or raise Refusal. Pure decision on in-memory figures: no I/O.
+
+        `best_effort` drops the service class's targets (the request waited its class's `wait_s` for an upstream
+        that meets them) but never the hard limits: slots, rate limits, health.
+        """
+        cands = self._candidates(pool, ctx, exclude)
+        if not best_effort:
+            cands = self.classes.admit(pool, cands, ctx)
+            if not cands:
+                raise Refusal(
+                    "class_limited", f"no upstream for model {pool.model!r} can serve the {ctx.service_class} class within its targets now"
+                )
+        return STRATEGIES[pool.strategy](pool, cands, ctx)
+
+    def _candidates(self, pool: Pool, ctx: RequestContext, exclude: frozenset[str]) -> list[UpstreamStats]:
+        """Upstreams that can take the request now (slot, rate limits, health), or the Refusal saying why none can."""
         est = ctx.est
         now = time.time()
         cands: list[UpstreamStats] = []
@@ -100,10 +118,7 @@ class Router:
                 soonest = min(soonest, until - now)
                 blocked = "cooldown" if u.cooldown_until > now or blocked == "cooldown" else "ejected"
                 continue
-            if not self.health.available(u, now):  # half-open, its probe is in flight
-                why = "saturated"
-                continue
-            if not u.has_slot():
+            if not self.health.available(u, now) or not u.has_slot():  # half-open with its probe in flight, or full
                 why = "saturated"
                 continue
             if not u.rate_allows(est.admitted_tokens, est.output_tokens):
@@ -111,49 +126,40 @@ class Router:
                 continue
             cands.append(u)
         if not cands:
-            if why == "unavailable" and blocked:
-                state = "rate limited" if blocked == "cooldown" else "failing"
-                raise Refusal(blocked, f"every upstream for model {pool.model!r} is {state}", soonest)
-            if why == "unavailable" and too_large:
-                raise Refusal(
-                    "too_large",
-                    f"the request needs {est.admitted_tokens} tokens (prompt + max_tokens), more than the tokens-per-minute "
-                    f"limit of any upstream for model {pool.model!r} allows a single request; lower max_tokens",
-                )
-            if why == "unavailable":
-                raise Refusal("unavailable", f"no upstream in the pool for model {pool.model!r} can serve this request")
-            raise Refusal(why, f"every upstream for model {pool.model!r} is {why.replace('_', ' ')}")
-        return _STRATEGIES[pool.strategy](pool, cands, ctx)
+            raise _none_left(pool, est, why, blocked, soonest, too_large)
+        return cands
 
     # ---- admission (queue when everything is busy) ----------------------------------------------------------
     async def admit(self, pool: Pool, ctx: RequestContext, exclude: frozenset[str] = frozenset()) -> Decision:
-        """Dispatch now, or wait in the pool's FIFO queue; raise GatewayError when waiting cannot help."""
+        """Dispatch now, or wait in the pool's priority queue; raise GatewayError when waiting cannot help."""
         q = self._queues[pool.model]
-        if not any(self._holds_line(pool, w) for w in q):  # nobody waits ahead for the same capacity
+        cls = pool.cfg.classes[ctx.service_class]
+        timeout = cls.max_wait_s if cls.max_wait_s is not None else self.queue_timeout
+        if not any(w.cls.priority <= cls.priority and self._holds_line(pool, w) for w in q):  # nobody waits ahead
             try:
-                return self._dispatch(self.pick(pool, ctx, exclude), ctx.est)
+                return self._dispatch(self.pick(pool, ctx, exclude), ctx)
             except Refusal as r:
                 if r.kind == "unavailable":
                     raise GatewayError(503, r.detail, code="no_upstream") from None
                 if r.kind == "too_large":
                     raise GatewayError(400, r.detail, code="exceeds_upstream_limits", param="max_tokens") from None
-                if r.wait > self.queue_timeout:  # nothing comes back before the queue would give up
+                if r.wait > timeout:  # nothing comes back before the queue would give up
                     raise _refused(r, r.wait) from None
                 last = r
         else:
             last = Refusal("saturated", "queued behind earlier requests")
         if len(q) >= self.queue_max:
             raise GatewayError(503, f"gateway queue for model {pool.model!r} is full", code="queue_full", retry_after=1)
-        w = _Waiter(pool, ctx, exclude, asyncio.get_running_loop().create_future(), time.monotonic(), last)
+        w = _Waiter(pool, ctx, cls, exclude, asyncio.get_running_loop().create_future(), time.monotonic(), last)
         q.append(w)
         try:
-            d = await asyncio.wait_for(asyncio.shield(w.future), self.queue_timeout)
+            d = await asyncio.wait_for(asyncio.shield(w.future), timeout)
         except asyncio.TimeoutError:
             w.future.cancel()
-            raise _refused(w.last, 1.0, f"; waited {self.queue_timeout:.0f}s") from None
+            raise _refused(w.last, 1.0, f"; waited {timeout:.0f}s") from None
         except asyncio.CancelledError:
             if w.future.done() and not w.future.cancelled():
-                self.undispatch(w.future.result().upstream)  # admitted just as the client left
+                self.undispatch(w.future.result().upstream, ctx)  # admitted just as the client left
             w.future.cancel()
             raise
         finally:
@@ -163,8 +169,8 @@ class Router:
         return d
 
     def _holds_line(self, pool: Pool, w: _Waiter) -> bool:
-        """Does this waiter wait for capacity in general (FIFO applies), or only for the upstreams it may still
-        use (a retry that excluded the one that failed it)? The latter must not block the requests behind it."""
+        """Does this waiter wait for capacity in general (the queue's order applies), or only for the upstreams
+        it may still use (a retry that excluded the one that failed it)? The latter must not block the others."""
         if w.future.done():
             return False
         if not w.exclude:
@@ -175,25 +181,27 @@ class Router:
             return True
         return False
 
-    def _dispatch(self, d: Decision, est: Estimate) -> Decision:
-        d.upstream.credit(est.admitted_tokens)
+    def _dispatch(self, d: Decision, ctx: RequestContext) -> Decision:
+        d.upstream.credit(ctx.est.admitted_tokens, ctx.service_class)
         self.health.dispatched(d.upstream)
         return d
 
-    def undispatch(self, u: UpstreamStats) -> None:
+    def undispatch(self, u: UpstreamStats, ctx: RequestContext) -> None:
         """A dispatched request never reached the upstream: free its slot and any half-open probe it held."""
         self.health.abandoned(u)
-        self.release(u)
+        self.release(u, ctx)
 
-    def release(self, u: UpstreamStats) -> None:
-        u.release()
+    def release(self, u: UpstreamStats, ctx: RequestContext) -> None:
+        u.release(ctx.service_class)
         self.wake(u)
 
     def wake(self, u: UpstreamStats | None = None) -> None:
-        """Serve queued requests oldest first, across every model that can use `u` (all when None).
+        """Serve queued requests, across every model that can use `u` (all when None): by class priority (raised
+        by one step per `aging_s` waited, so nothing waits forever), then oldest first.
 
-        A waiter that cannot be placed keeps its pool's later waiters waiting (FIFO), unless it only waits for
-        the upstreams its excludes leave it; other pools go on being served.
+        A waiter that cannot be placed keeps the later waiters of its pool and class waiting (FIFO within a class),
+        unless it only waits for the upstreams its excludes leave it. A waiter whose class targets cannot be met
+        within the class's `wait_s` goes best-effort (recorded on its context: an SLO miss).
         """
         pools = [
             self.fleet.pools[m] for m, q in self._queues.items()
@@ -201,34 +209,64 @@ class Router:
         ]
         if not pools:
             return
-        waiters = sorted((w for p in pools for w in self._queues[p.model]), key=lambda w: w.since)
-        blocked: set[str] = set()
+        now = time.monotonic()
+        waiters = sorted((w for p in pools for w in self._queues[p.model]), key=lambda w: (w.rank(now), w.since))
+        blocked: set[tuple[str, str]] = set()
         for w in waiters:
-            model = w.pool.model
-            if model in blocked or w.future.done():
+            line = (w.pool.model, w.ctx.service_class)
+            if line in blocked or w.future.done():
                 continue
+            best_effort = w.cls.wait_s > 0 and now - w.since >= w.cls.wait_s
             try:
-                d = self.pick(w.pool, w.ctx, w.exclude)
+                d = self.pick(w.pool, w.ctx, w.exclude, best_effort)
             except Refusal as r:
                 w.last = r
                 if self._holds_line(w.pool, w):
-                    blocked.add(model)
+                    blocked.add(line)
                 continue
-            self._queues[model].remove(w)
-            w.future.set_result(self._dispatch(d, w.ctx.est))
+            if best_effort:
+                w.ctx.extras["best_effort"] = True
+            self._queues[w.pool.model].remove(w)
+            w.future.set_result(self._dispatch(d, w.ctx))
+
+    def tick(self) -> None:
+        """Periodic: update each pool's class demand estimate, then serve the queues (new headroom, waits over)."""
+        for p in self.fleet.pools.values():
+            self.classes.observe(p)
+        self.wake()
 
     def queue_depth(self) -> dict[str, int]:
         return {m: len(q) for m, q in self._queues.items()}
+
+
+def _none_left(pool: Pool, est: Estimate, why: str, blocked: str, soonest: float, too_large: bool) -> Refusal:
+    if why == "unavailable" and blocked:
+        state = "rate limited" if blocked == "cooldown" else "failing"
+        return Refusal(blocked, f"every upstream for model {pool.model!r} is {state}", soonest)
+    if why == "unavailable" and too_large:
+        return Refusal(
+            "too_large",
+            f"the request needs {est.admitted_tokens} tokens (prompt + max_tokens), more than the tokens-per-minute "
+            f"limit of any upstream for model {pool.model!r} allows a single request; lower max_tokens",
+        )
+    if why == "unavailable":
+        return Refusal("unavailable", f"no upstream in the pool for model {pool.model!r} can serve this request")
+    return Refusal(why, f"every upstream for model {pool.model!r} is {why.replace('_', ' ')}")
 
 
 @dataclass(eq=False)
 class _Waiter:
     pool: Pool
     ctx: RequestContext
+    cls: ServiceClass
     exclude: frozenset[str]
     future: asyncio.Future
     since: float
     last: Refusal
+
+    def rank(self, now: float) -> float:
+        """Queue order: the class's priority, one step better for every `aging_s` waited."""
+        return self.cls.priority - (now - self.since) / self.cls.aging_s
 
 
 # ---- strategies ----------------------------------------------------------------------------------------------
@@ -270,7 +308,7 @@ def _lowest_latency(pool: Pool, cands: list[UpstreamStats], ctx: RequestContext)
     return Decision(u, "lowest_latency", f"lowest predicted latency {scores[u.name]:.2f}s", scores)
 
 
-_STRATEGIES = {
+STRATEGIES = {
     "throughput": _throughput,
     "weighted": _weighted,
     "round_robin": _round_robin,

@@ -68,6 +68,8 @@ class UpstreamStats:
         self.weight = cfg.weight
         # Exact, this replica only.
         self.inflight_local = 0
+        #: In flight from this replica by service class (the router's class admission reads these).
+        self.inflight_by_class: dict[str, int] = {}
         # Per-second totals: this replica's own (exact, current) and the other replicas' (from Redis). Flushes
         # write this replica's absolute totals for the seconds that changed, so a retried flush cannot double count.
         self.mine = Window()
@@ -141,10 +143,14 @@ class UpstreamStats:
         self._tick()
         return self._load_area, self._load_at
 
-    def credit(self, admitted_tokens: int) -> None:
+    def class_inflight(self, service_class: str) -> int:
+        return self.inflight_by_class.get(service_class, 0)
+
+    def credit(self, admitted_tokens: int, service_class: str = "") -> None:
         """A request was dispatched here: count it at once so a burst spreads out."""
         self._tick()
         self.inflight_local += 1
+        self.inflight_by_class[service_class] = self.inflight_by_class.get(service_class, 0) + 1
         self.req_since_refresh += 1
         self.tok_since_refresh += admitted_tokens
         sec = int(time.time())
@@ -152,9 +158,10 @@ class UpstreamStats:
         self.mine.add(sec, ADM, admitted_tokens)
         self.dirty.add(sec)
 
-    def release(self) -> None:
+    def release(self, service_class: str = "") -> None:
         self._tick()
         self.inflight_local -= 1
+        self.inflight_by_class[service_class] -= 1
 
     def record_tokens(self, output_tokens: int) -> None:
         if output_tokens > 0:
@@ -191,8 +198,9 @@ class UpstreamStats:
         n = max(1, self.replicas)
         return headroom // n + (1 if self.rank < headroom % n else 0)
 
-    def has_slot(self) -> bool:
-        mc = self.cfg.max_concurrency
+    def has_slot(self, limit: int | None = None) -> bool:
+        """Room for one more request within max_concurrency (or a lower `limit`), this replica's share of it."""
+        mc = self.cfg.max_concurrency if limit is None else min(limit, self.cfg.max_concurrency)
         if self.load >= mc:
             return False
         grown = self.inflight_local - self.inflight_at_refresh

@@ -27,10 +27,10 @@ def make(strategy: str = "throughput", **limits) -> tuple[Fleet, Router]:
     return fleet, Router(fleet, OutlierDetector(3, 1.0, 10.0), queue_max=4, queue_timeout=0.3)
 
 
-def req(prompt_tokens: int, output_tokens: int, operation: str = "chat") -> RequestContext:
+def req(prompt_tokens: int, output_tokens: int, operation: str = "chat", service_class: str = "interactive") -> RequestContext:
     """A request context carrying only what routing reads."""
     est = Estimate(prompt_tokens=prompt_tokens, output_tokens=output_tokens, operation=operation)
-    return RequestContext(operation, "fleet-model", {}, True, False, "openai", est)
+    return RequestContext(operation, "fleet-model", {}, True, False, "openai", est, service_class=service_class)
 
 
 EST = req(prompt_tokens=200, output_tokens=128)
@@ -51,7 +51,7 @@ def test_burst_water_fills_across_the_fleet():
     pool = fleet.pools["fleet-model"]
     counts: dict[str, int] = {}
     for _ in range(60):
-        d = router._dispatch(router.pick(pool, EST), EST.est)
+        d = router._dispatch(router.pick(pool, EST), EST)
         counts[d.upstream.name] = counts.get(d.upstream.name, 0) + 1
     assert counts["fast-gpu"] > counts["slow-gpu"] > 0
     assert counts.get("hosted", 0) > 0
@@ -66,7 +66,7 @@ def test_max_concurrency_is_never_exceeded_and_requests_queue():
     fleet, router = make(**{"fast-gpu": {"max_concurrency": 2}, "slow-gpu": {"max_concurrency": 1}, "hosted": {"max_concurrency": 1}})
     pool = fleet.pools["fleet-model"]
     for _ in range(4):
-        router._dispatch(router.pick(pool, EST), EST.est)
+        router._dispatch(router.pick(pool, EST), EST)
     assert [u.inflight for u in pool.upstreams] == [2, 1, 1]
     with pytest.raises(Refusal) as r:
         router.pick(pool, EST)
@@ -80,7 +80,7 @@ async def test_queue_serves_fifo_when_a_slot_frees_and_times_out_otherwise():
     waiter = asyncio.create_task(router.admit(pool, EST))
     await asyncio.sleep(0.05)
     assert router.queue_depth()["fleet-model"] == 1
-    router.release(first.upstream)
+    router.release(first.upstream, EST)
     second = await asyncio.wait_for(waiter, 1)
     assert second.upstream.name == "fast-gpu" and second.queue_wait > 0.03
     with pytest.raises(GatewayError) as e:
@@ -97,8 +97,8 @@ def test_rpm_limit_is_respected_and_reported():
     sent = 0
     with pytest.raises(Refusal) as r:
         for _ in range(10):
-            router._dispatch(router.pick(pool, EST), EST.est)
-            hosted.release()
+            router._dispatch(router.pick(pool, EST), EST)
+            hosted.release("interactive")
             sent += 1
     assert r.value.kind == "rate_limited"
     assert sent == 6
@@ -113,7 +113,7 @@ def test_rate_limits_are_paced_by_littles_law():
     n = 0
     with pytest.raises(Refusal) as r:
         for _ in range(40):
-            router._dispatch(router.pick(pool, EST), EST.est)
+            router._dispatch(router.pick(pool, EST), EST)
             n += 1
     assert r.value.kind == "rate_limited"
     duration = hosted.curve.ttft + EST.est.output_tokens * hosted.curve.tpot(n)
@@ -130,7 +130,7 @@ def test_tpm_counts_prompt_and_max_tokens():
     n = 0
     with pytest.raises(Refusal):
         for _ in range(10):
-            router._dispatch(router.pick(pool, big), big.est)
+            router._dispatch(router.pick(pool, big), big)
             n += 1
     assert n * 1000 <= 6000
 
@@ -147,7 +147,7 @@ def test_limits_are_shared_between_replicas():
     n = 0
     with pytest.raises(Refusal):
         for _ in range(100):
-            router._dispatch(router.pick(pool, EST), EST.est)
+            router._dispatch(router.pick(pool, EST), EST)
             n += 1
     assert n == 10  # 30 slots / 3 replicas
 
@@ -161,7 +161,7 @@ def test_weight_zero_drains_and_other_strategies():
         pool = fleet.pools["fleet-model"]
         names = set()
         for _ in range(30):
-            d = router._dispatch(router.pick(pool, EST), EST.est)
+            d = router._dispatch(router.pick(pool, EST), EST)
             assert d.strategy == strategy
             names.add(d.upstream.name)
         assert len(names) >= 2, strategy
@@ -176,7 +176,7 @@ def test_ejected_upstream_is_skipped_then_probed_once():
     assert fast.state(time.time()) == "ejected"
     assert router.pick(pool, EST).upstream.name != "fast-gpu"
     fast.ejected_until = time.time() - 0.01  # backoff elapsed: half-open
-    d = router._dispatch(router.pick(pool, EST), EST.est)
+    d = router._dispatch(router.pick(pool, EST), EST)
     assert d.upstream is fast and fast.probing
     assert router.pick(pool, EST).upstream is not fast  # only one probe at a time
     router.health.success(fast)
@@ -188,7 +188,7 @@ def test_work_conserving_even_when_marginal_gain_is_negative():
     fleet, router = make()
     pool = fleet.pools["fleet-model"]
     for _ in range(40):
-        router._dispatch(router.pick(pool, EST), EST.est)
+        router._dispatch(router.pick(pool, EST), EST)
     tiny = req(prompt_tokens=10, output_tokens=1)
     d = router.pick(pool, tiny)
     assert d.upstream.has_slot()
@@ -208,7 +208,7 @@ async def test_client_leaving_as_it_is_admitted_frees_slot_and_probe():
         router.health.failure(fast)  # ejected ...
     fast.ejected_until = time.time() - 0.01  # ... and now half-open
     waiter.cancel()  # the client leaves ...
-    router.release(first.upstream)  # ... and in the same loop iteration its request is dispatched as the probe
+    router.release(first.upstream, EST)  # ... and in the same loop iteration its request is dispatched as the probe
     with pytest.raises(asyncio.CancelledError):
         await waiter
     assert fast.inflight_local == 0 and not fast.probing
@@ -230,13 +230,13 @@ async def test_a_retry_waiting_for_one_upstream_does_not_block_the_queue():
     fleet, router = _fleet({"A": 8, "B": 1}, {"m": ["A", "B"]})
     pool = fleet.pools["m"]
     b = fleet.upstreams["B"]
-    b.credit(0)  # B is busy
+    b.credit(0, "interactive")  # B is busy
     retry = asyncio.create_task(router.admit(pool, EST, frozenset({"A"})))  # failed on A, may only use B
     await asyncio.sleep(0.01)
     assert router.queue_depth()["m"] == 1
     d = await asyncio.wait_for(router.admit(pool, EST), 0.5)  # A is idle: no waiting behind the retry
     assert d.upstream.name == "A" and d.queue_wait == 0.0
-    router.release(b)
+    router.release(b, EST)
     assert (await asyncio.wait_for(retry, 0.5)).upstream is b
 
 
@@ -248,10 +248,10 @@ async def test_models_sharing_an_upstream_are_served_oldest_first():
     await asyncio.sleep(0.01)
     newer = asyncio.create_task(router.admit(fleet.pools["m1"], EST))
     await asyncio.sleep(0.01)
-    router.release(first.upstream)
+    router.release(first.upstream, EST)
     await asyncio.sleep(0.01)
     assert older.done() and not newer.done()
-    router.release(s)
+    router.release(s, EST)
     await asyncio.wait_for(newer, 0.5)
     await older
 
@@ -266,7 +266,7 @@ def test_replica_shares_add_up_exactly():
         fast.refresh(time.time())
         try:
             while True:
-                router._dispatch(router.pick(fleet.pools["fleet-model"], EST), EST.est)
+                router._dispatch(router.pick(fleet.pools["fleet-model"], EST), EST)
                 admitted += 1
         except Refusal:
             pass
@@ -279,8 +279,8 @@ def test_replica_shares_add_up_exactly():
         hosted.refresh(time.time())
         try:
             while True:
-                router._dispatch(router.pick(fleet.pools["fleet-model"], EST), EST.est)
-                hosted.release()
+                router._dispatch(router.pick(fleet.pools["fleet-model"], EST), EST)
+                hosted.release("interactive")
                 admitted += 1
         except Refusal:
             pass
