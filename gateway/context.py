@@ -68,3 +68,4 @@ class RequestContext:
     #: Per-request scratch space for hooks (like aiohttp's trace_request_ctx): hook name -> its state.
     extras: dict[str, Any] = field(default_factory=dict)
     outcome: Any = None  # the measured Outcome of the attempt that produced the response
+    slo: Any = None  # goodput.SloVerdict once the request ended

@@ -30,6 +30,7 @@ from gateway.routing import classes
 from gateway.routing.router import Router
 from gateway.settings import Settings
 from gateway.state.fleet import Fleet, Pool
+from gateway.state.goodput import perf_comment, perf_headers
 from gateway.state.measure import PROGRESS_SAMPLE_EVERY, Outcome, observe_body, observe_chunk
 from gateway.upstream import Provider, provider_for
 from gateway.upstream.client import Reply, Timeouts, Transport
@@ -177,7 +178,7 @@ class Proxy:
             raise UpstreamProtocolError(f"upstream {a.upstream.name} returned an invalid response body", code="upstream_bad_response") from None
         body = raw if prov.dialect == ctx.dialect else DIALECTS[ctx.dialect].body(ctx, data)
         ctx.upstream = a.upstream.name
-        await writer.send(200, body, {**_JSON, **ctx.response_headers})
+        await writer.send(200, body, {**_JSON, **ctx.response_headers, **perf_headers(ctx, out, out.last_at)})
 
     async def _relay_stream(
         self, ctx: RequestContext, a: Attempt, prov: Provider, resp: Reply, writer: ResponseWriter, t: Timeouts
@@ -208,7 +209,7 @@ class Proxy:
                 raise UpstreamProtocolError(f"upstream {a.upstream.name} closed the stream early", code="upstream_disconnected")
             tail = decoder.finish()
             _observe(a, tail)
-            await self._write(ctx, a, writer, self._stream_end(ctx, tail, enc, native), t.deadline)
+            await self._write(ctx, a, writer, self._stream_end(ctx, out, tail, enc, native), t.deadline)
             await writer.end()
         except UpstreamError as e:
             if not a.streamed:
@@ -220,12 +221,13 @@ class Proxy:
                 await _fail_stream(writer, enc, GatewayError(503, "the gateway is shutting down", code="shutting_down"))
             raise
 
-    def _stream_end(self, ctx: RequestContext, tail: list[dict], enc: ClientStream, native: bool) -> bytes:
+    def _stream_end(self, ctx: RequestContext, out: Outcome, tail: list[dict], enc: ClientStream, native: bool) -> bytes:
         """Chunks the decoder held back, and the dialect's end of stream (native Anthropic streams carry their own)."""
         parts = []
         for c in tail:
             if not native:
                 parts.append(enc.chunk(c))
+        parts.append(perf_comment(ctx, out, time.monotonic()))
         if not native or ctx.dialect == "openai":
             parts.append(enc.done())
         return b"".join(parts)
@@ -238,7 +240,9 @@ class Proxy:
             async with asyncio.timeout(max(0.05, min(self.s.idle_timeout, deadline - time.monotonic()))):
                 if not writer.started:
                     ctx.upstream = a.upstream.name
-                    await writer.open_stream(ctx.response_headers)
+                    await writer.open_stream(
+                        {**ctx.response_headers, "x-gateway-upstream": ctx.upstream, "x-gateway-class": ctx.service_class}
+                    )
                 a.streamed = True
                 if data:
                     await writer.write(data)

@@ -20,6 +20,7 @@ from gateway.reliability.verdicts import Verdicts
 from gateway.routing.router import Router
 from gateway.settings import Settings
 from gateway.state.fleet import Fleet
+from gateway.state.goodput import SloTracker
 from gateway.state.measure import Measurement
 from gateway.sync.engine_metrics import EngineMetricsScraper
 from gateway.sync.fleet_sync import FleetSync
@@ -41,7 +42,10 @@ class Runtime:
         self.sync = FleetSync(self.fleet, s.replica_id, s.redis_url, s.redis_prefix, s.flush_interval)
         self.client = UpstreamClient(s.connect_timeout, s.max_response_bytes, s.max_event_bytes)
         self.hooks = Hooks()
-        for sub in (Measurement(), Verdicts(self.health, self.sync), Tracing(self.telemetry), Metrics(self.telemetry)):
+        self.slo = SloTracker(self.fleet)
+        # Order matters where one reads what another wrote: measurement first, SLO verdicts before tracing.
+        subscribers = (Measurement(), Verdicts(self.health, self.sync), self.slo, Tracing(self.telemetry), Metrics(self.telemetry))
+        for sub in subscribers:
             self.hooks.subscribe(sub)
         self.proxy = Proxy(s, self.fleet, self.router, self.client, self.hooks)
         self.scraper = EngineMetricsScraper(self.fleet)

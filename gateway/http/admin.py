@@ -10,17 +10,19 @@ import time
 from aiohttp import web
 
 from gateway.errors import GatewayError
-from gateway.http.api import KEYS, PROXY_KEY, SYNC, read_json
+from gateway.http.api import KEYS, PROXY_KEY, RUNTIME, SYNC, read_json
 
 
 def fleet_snapshot(app: web.Application) -> dict:
-    proxy = app[PROXY_KEY]
+    rt = app[RUNTIME]
     return {
-        "replica": proxy.s.replica_id,
-        "redis": app[SYNC].status,
+        "replica": rt.settings.replica_id,
+        "redis": rt.sync.status,
         "time": time.time(),
-        "queue_depth": proxy.router.queue_depth(),
-        "upstreams": proxy.fleet.snapshot(),
+        "queue_depth": rt.router.queue_depth(),
+        "upstreams": rt.fleet.snapshot(),
+        "slo": rt.slo.snapshot(),
+        "interactive_demand": {m: round(d, 2) for m, d in rt.router.classes.demand.items()},
     }
 
 

@@ -16,8 +16,10 @@ from gateway.http.validation import build_context, validate
 from gateway.http.writer import HttpWriter
 from gateway.observability.telemetry import Telemetry
 from gateway.proxy import Proxy
+from gateway.runtime import Runtime
 from gateway.sync.fleet_sync import FleetSync
 
+RUNTIME = web.AppKey("runtime", Runtime)
 PROXY_KEY = web.AppKey("proxy", Proxy)
 SYNC = web.AppKey("sync", FleetSync)
 TELEMETRY = web.AppKey("telemetry", Telemetry)
@@ -25,6 +27,8 @@ KEYS = web.AppKey("keys", KeyStore)
 #: The caller's key record, set on the request by the auth middleware.
 API_KEY = web.RequestKey("api_key", ApiKey)
 BODY_BYTES = web.RequestKey("gw_body_bytes", int)
+#: The request's id (the client's x-request-id, or one made up): every response carries it back.
+REQUEST_ID = web.RequestKey("gw_request_id", str)
 
 
 def _no_constants(name: str):
@@ -73,9 +77,11 @@ async def _run(request: web.Request, ctx: RequestContext) -> web.StreamResponse:
 
 
 def _context(request: web.Request, operation: str, body: dict, dialect: str = "openai") -> RequestContext:
-    return build_context(
+    ctx = build_context(
         operation, body, dialect=dialect, headers=request.headers, size=request.get(BODY_BYTES, 0), path=request.path
     )
+    request[REQUEST_ID] = ctx.request_id
+    return ctx
 
 
 async def _openai(request: web.Request, operation: str) -> web.StreamResponse:

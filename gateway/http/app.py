@@ -14,8 +14,9 @@ from gateway.config import FleetConfig, load_fleet
 from gateway.errors import GatewayError
 from gateway.http import admin
 from gateway.http import api as handlers
-from gateway.http.api import API_KEY, KEYS, PROXY_KEY, SYNC, TELEMETRY
+from gateway.http.api import API_KEY, KEYS, PROXY_KEY, REQUEST_ID, RUNTIME, SYNC, TELEMETRY
 from gateway.http.errors import Handler, dialect_of, error_response, lookup
+from gateway.http.validation import request_id
 from gateway.http.writer import STREAMING
 from gateway.observability.telemetry import Telemetry
 from gateway.runtime import Runtime
@@ -23,7 +24,6 @@ from gateway.settings import Settings
 
 log = logging.getLogger("gateway")
 DRAINING = web.AppKey("draining", list)
-RUNTIME = web.AppKey("runtime", Runtime)
 
 
 def _gateway_error(request: web.Request, e: BaseException, dialect: str) -> web.StreamResponse:
@@ -75,13 +75,16 @@ ERROR_HANDLERS: dict[type[BaseException], Handler] = {
 @web.middleware
 async def error_middleware(request: web.Request, handler):
     try:
-        return await handler(request)
+        resp = await handler(request)
     except asyncio.CancelledError:
         raise
     except Exception as e:
         h = lookup(ERROR_HANDLERS, e)
         assert h is not None  # Exception is registered
-        return h(request, e, dialect_of(request.path))
+        resp = h(request, e, dialect_of(request.path))
+    if not resp.prepared:  # streams carry it from their first byte
+        resp.headers.setdefault("x-request-id", request.get(REQUEST_ID) or request_id(request.headers))
+    return resp
 
 
 @web.middleware

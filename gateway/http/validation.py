@@ -110,6 +110,7 @@ def build_context(
         est.output_tokens = 1
     hdrs = headers if headers is not None else {}
     service_class, source = requested_class(hdrs, body)
+    rid = request_id(hdrs)
     return RequestContext(
         operation=operation,
         model=body["model"],
@@ -122,11 +123,12 @@ def build_context(
         path=path,
         service_class=service_class or "",
         class_source=source,
-        request_id=_request_id(hdrs),
+        request_id=rid,
+        response_headers={"x-request-id": rid},
     )
 
 
-def _request_id(headers: Mapping[str, str]) -> str:
+def request_id(headers: Mapping[str, str]) -> str:
     """The client's x-request-id when it sent a sane one (echoed back and put on spans), else a new one."""
     given = headers.get("x-request-id")
     if given and len(given) <= 128 and given.isprintable():

@@ -26,6 +26,7 @@ from gateway.tokens import max_output_tokens
 if TYPE_CHECKING:
     from gateway.context import RequestContext
     from gateway.hooks import Attempt
+    from gateway.state.goodput import SloVerdict
 
 _SERVER = "tracing.server"
 _CLIENT = "tracing.client"
@@ -111,10 +112,28 @@ class Tracing:
         span: Span = ctx.extras[_SERVER]
         if span.is_recording():
             span.set_attribute("http.response.status_code", ctx.status)
+            if ctx.slo is not None:
+                span.set_attributes(_slo_attrs(ctx.slo))
             if isinstance(error, GatewayError):
                 span.set_attribute(T.ATTR_ERROR_TYPE, str(error.status))
                 span.set_status(Status(StatusCode.ERROR, error.message))
         span.end()
+
+
+def _slo_attrs(v: SloVerdict) -> dict[str, Any]:
+    attrs: dict[str, Any] = {
+        "gateway.class": v.service_class,
+        "gateway.slo.met": v.met,
+        "gateway.slo.min_tok_s": v.min_tok_s,
+        "gateway.slo.best_effort": v.best_effort,
+    }
+    if v.max_ttft_s is not None:
+        attrs["gateway.slo.max_ttft_s"] = v.max_ttft_s
+    if v.ttft_s is not None:
+        attrs[T.ATTR_GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK] = round(v.ttft_s, 4)
+    if v.tok_s is not None:
+        attrs["gateway.request.output_tokens_per_second"] = round(v.tok_s, 2)
+    return attrs
 
 
 def _outcome_attrs(a: Attempt) -> dict[str, Any]:

@@ -164,6 +164,7 @@ class Measurement:
         if used:
             ctx.used_tokens = used
         if err is None or a.streamed:  # this attempt produced the response
+            ctx.outcome = out
             ctx.usage.input_tokens = out.input_tokens
             ctx.usage.cached_tokens = out.cached_tokens
             ctx.usage.output_tokens = out.output_tokens

@@ -158,9 +158,12 @@ async def test_stream_relayed_in_dialect_with_usage_dropped_when_not_asked() -> 
     ctx = build_context("chat", request(stream=True))
     w = InProcessWriter()
     await r.proxy.handle(ctx, w)
-    events = [e for e in w.body.split(b"\n\n") if e]
-    assert events[-1] == b"data: [DONE]"
-    payloads = [json.loads(e[6:]) for e in events[:-1]]
+    frames = [e for e in w.body.split(b"\n\n") if e]
+    assert frames[-1] == b"data: [DONE]"
+    (perf,) = [f for f in frames if f.startswith(b":")]  # the client's own speed, as an SSE comment
+    assert f"upstream={ctx.upstream} class=interactive ttft_ms=".encode() in perf and b" tok_s=" in perf
+    assert w.headers["x-gateway-class"] == "interactive" and w.headers["x-gateway-upstream"] == ctx.upstream
+    payloads = [json.loads(e[6:]) for e in frames[:-1] if e.startswith(b"data: ")]
     assert "".join(p["choices"][0]["delta"].get("content", "") for p in payloads if p["choices"]) == "Hello"
     assert not any("usage" in p for p in payloads), "the client did not ask for usage"
     assert r.transport.calls[0][1]["stream_options"] == {"include_usage": True}, "the gateway asks upstream for it"
