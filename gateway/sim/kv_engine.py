@@ -68,6 +68,8 @@ def cost_model(cfg: SimConfig) -> tuple[CostModel, int, int]:
     if capacity <= 0:
         raise ValueError("the KV engine needs --kv-cache-tokens or a --preset")
     budget = cfg.max_batched_tokens or (p.max_batched_tokens if p else 2048)
+    if cfg.block_size < 1 or cfg.spec_k < 0 or not 0.0 <= cfg.spec_accept <= 1.0 or budget < 1 + cfg.spec_k:
+        raise ValueError("need block_size >= 1, spec_k >= 0, 0 <= spec_accept <= 1, max_batched_tokens > spec_k")
     if p is None:
         return CostModel("simple", base_step=cfg.base_step, per_seq=cfg.per_seq,
                          prefill_per_token=cfg.prefill_per_token, spec_draft_cost=cfg.spec_draft_cost), capacity, budget

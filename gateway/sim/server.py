@@ -589,7 +589,10 @@ async def start_sim(cfg: SimConfig, host: str = "127.0.0.1", port: int = 0) -> t
 
 async def serve_forever(cfg: SimConfig, host: str, port: int) -> None:
     """Run the sim until cancelled (used by `gateway sim`)."""
-    runner, bound = await start_sim(cfg, host, port)
+    try:
+        runner, bound = await start_sim(cfg, host, port)
+    except ValueError as e:  # an inconsistent configuration: say so instead of a traceback
+        raise SystemExit(f"gateway sim: {e}") from None
     print(f"sim {cfg.name!r} ({cfg.mode}) listening on http://{host}:{bound}/v1", flush=True)
     try:
         await asyncio.Event().wait()
