@@ -142,7 +142,12 @@ class _HostedStream(TokenStream):
     async def _sleep(self, delay: float) -> None:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        handle = loop.call_later(max(0.0, delay), lambda: fut.done() or fut.set_result(None))
+
+        def wake() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        handle = loop.call_later(max(0.0, delay), wake)
         self._waiter = fut
         try:
             await fut

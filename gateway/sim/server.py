@@ -272,9 +272,8 @@ class Wire:
             return [self._delta({"role": "assistant", "content": ""})]
         if j.api == "completions":
             return []
-        msg = {"id": self.id, "type": "message", "role": "assistant", "content": [], "model": j.model,
-               "stop_reason": None, "stop_sequence": None,
-               "usage": _ant_usage(j, 1)}
+        msg: dict[str, Any] = {"id": self.id, "type": "message", "role": "assistant", "content": [], "model": j.model,
+                               "stop_reason": None, "stop_sequence": None, "usage": _ant_usage(j, 1)}
         block = ({"type": "tool_use", "id": j.tool_id, "name": j.tool, "input": {}} if j.tool
                  else {"type": "text", "text": ""})
         return [_sse({"type": "message_start", "message": msg}, "message_start"),

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import replace
 
 import pytest
 
@@ -12,42 +11,7 @@ from gateway.sim import SimConfig
 from gateway.sim.kv_engine import KvEngine, KvSeq
 from gateway.sim.kvcache import KvCache
 from gateway.sim.profile import PRESETS, interp_ms
-
-
-@dataclass
-class Driver:
-    """Runs an engine in virtual time and records when each sequence received each token."""
-
-    engine: KvEngine
-    now: float = 0.0
-    seqs: list[KvSeq] = field(default_factory=list)
-    times: dict[int, list[float]] = field(default_factory=dict)
-    steps: list[float] = field(default_factory=list)
-
-    def open(self, prompt: int, n: int, hashes: Sequence[int] = ()) -> KvSeq:
-        seq = self.engine.open(prompt, n, 0, hashes)
-        assert isinstance(seq, KvSeq)
-        self.seqs.append(seq)
-        self.times[seq.id] = []
-        return seq
-
-    def step(self) -> None:
-        plan = self.engine.schedule()
-        assert plan.prefill or plan.decode, "engine stuck with work queued"
-        before = [s.emitted for s in self.seqs]
-        self.now += plan.seconds
-        self.steps.append(plan.seconds)
-        self.engine.commit(plan)
-        for seq, n in zip(self.seqs, before):
-            self.times[seq.id] += [self.now] * (seq.emitted - n)
-
-    def run(self, until: KvSeq | None = None, max_steps: int = 100_000) -> None:
-        for _ in range(max_steps):
-            if not (self.engine.running or self.engine.waiting) or (until is not None and until.emitted >= until.n):
-                return
-            self.step()
-        if until is not None:
-            raise AssertionError("did not finish")
+from gateway.sim.virtual import Driver, capacity_hint, closed_loop
 
 
 def drained(seq: KvSeq) -> list[int]:
@@ -236,3 +200,23 @@ def test_speculative_decoding_gain_shrinks_with_batch() -> None:
     high = _decode_rate(256, 4) / _decode_rate(256, 0)
     assert low > 1.5  # memory-bound: ~2.8 tokens per step for little extra step time
     assert high < 1.1  # compute-bound: verifying 5x the tokens costs as much as it gains
+
+
+# ----------------------------------------------------------------------------- closed-loop figures
+def test_closed_loop_throughput_preemption_and_hit_rate() -> None:
+    h100 = SimConfig(preset="h100-llama8b", slots=64)
+    one, many = closed_loop(h100, 1, 512, 64), closed_loop(h100, 32, 512, 64)
+    assert 150 < one.tok_s < 180  # ~1 token per ~5.7 ms step
+    assert many.tok_s > 15 * one.tok_s and many.preemptions_per_min == 0 and many.hit_rate == 0
+    shared = closed_loop(h100, 8, 1024, 32, shared_prefix=768)
+    assert 0.7 < shared.hit_rate <= 0.75 and shared.ttft < closed_loop(h100, 8, 1024, 32).ttft
+    tight = replace(h100, kv_cache_tokens=16 * 1024)  # 32 x (512 + 256) tokens do not fit
+    pressed = closed_loop(tight, 32, 512, 256)
+    assert pressed.preemptions_per_min > 0 and pressed.tok_s < closed_loop(h100, 32, 512, 256).tok_s
+
+
+def test_capacity_hint_matches_the_preset() -> None:
+    hint = capacity_hint(SimConfig(preset="h100-llama8b", slots=64))
+    assert 0.004 < hint["a"] < 0.007 and 0 < hint["b"] < 0.0002 and 0.005 < hint["ttft"] < 0.03
+    slow = capacity_hint(SimConfig(preset="a10g-llama8b", slots=16))
+    assert slow["a"] > 4 * hint["a"]
