@@ -226,3 +226,30 @@ def test_cli_flags_for_the_kv_engine_and_prompt_caching() -> None:
     with pytest.raises(SystemExit):
         p.parse_args(["--preset", "nope"])
     assert "--spec-k" in p.format_help() and "speculative" in p.format_help()
+
+
+async def test_calibrated_fleet_behind_the_gateway(start_sims: Any, start_gateway: Any) -> None:
+    """The helper fleet serves through a real gateway: requests complete, the engine-metrics scraper
+    reads the KV sims, and a repeated long prompt comes back with cached tokens on a GPU upstream."""
+    from gateway.sim.reference import calibrated_fleet, calibrated_sims
+
+    sims = calibrated_sims(kv_scale=0.1)
+    assert all(s.kv_engine for n, s in sims.items() if n != "hosted")
+    fleet = await start_sims(sims)
+    gw = await start_gateway(calibrated_fleet(fleet.ports, sims))
+    client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
+    msgs = conversation(1500, "Go on.")
+    usages = []
+    for _ in range(6):
+        r = await client.chat.completions.create(model="fleet-model", messages=msgs, max_tokens=4)
+        assert r.usage is not None and r.usage.completion_tokens == 4
+        usages.append(r.usage)
+    engines = [fleet.apps[n]["sim"] for n in ("fast-gpu", "slow-gpu")]
+    assert all(isinstance(e, KvEngine) for e in engines)
+    assert sum(e.completed for e in engines) + fleet.apps["hosted"]["sim"].completed == 6
+    assert sum(e.prefix_hits for e in engines) + fleet.apps["hosted"]["sim"].prefix_hits > 0
+    # The gateway relays the upstreams' usage details; 6 requests over 3 upstreams: at least one repeat hits.
+    details = [u.prompt_tokens_details for u in usages]
+    assert all(d is not None for d in details) and details[0].cached_tokens == 0  # type: ignore[union-attr]
+    assert any(d.cached_tokens for d in details if d is not None)
+    await client.close()
