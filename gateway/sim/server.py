@@ -486,6 +486,10 @@ async def metrics(request: web.Request) -> web.Response:
     lines = []
     for name, kind, value in rows:
         lines += [f"# TYPE vllm:{name} {kind}", f"vllm:{name}{lbl} {value}"]
+    if isinstance(sim, KvEngine):  # as vLLM: the KV capacity behind kv_cache_usage_perc, as info labels
+        lines += ["# TYPE vllm:cache_config_info gauge",
+                  f'vllm:cache_config_info{{block_size="{sim.kv.block_size}",num_gpu_blocks="{sim.kv.num_blocks}",'
+                  f'enable_prefix_caching="{sim.kv.prefix_caching}"}} 1']
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})
 

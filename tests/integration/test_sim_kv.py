@@ -19,6 +19,7 @@ from gateway.routing import prefix
 from gateway.sim import SimConfig, start_sim
 from gateway.sim.hosted import HostedModel
 from gateway.sim.kv_engine import KvEngine
+from gateway.sim.profile import PRESETS
 from gateway.sim.server import WORDS, add_sim_arguments, config_from_args
 
 pytestmark = pytest.mark.timeout(30)
@@ -172,6 +173,8 @@ async def test_metrics_keep_the_names_the_engine_scraper_reads(sim: Sim) -> None
     for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "num_preemptions_total",
                  "prefix_cache_queries_total", "prefix_cache_hits_total", "generation_tokens_total"):
         assert f'vllm:{name}{{model_name="llama"}} ' in text, name
+    blocks = PRESETS["h100-llama8b"].kv_cache_tokens // 16
+    assert f'vllm:cache_config_info{{block_size="16",num_gpu_blocks="{blocks}",enable_prefix_caching="True"}} 1' in text
 
 
 async def test_hosted_prompt_caching(sim: Sim) -> None:
