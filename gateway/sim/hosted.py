@@ -90,6 +90,7 @@ class PromptCache:
     def lookup(self, prompt_tokens: int, hashes: Sequence[int], now: float) -> int:
         """Cached tokens for this prompt (0 below `min_tokens`, else the fresh leading run, at least
         `min_tokens` long); records the prompt's blocks as seen."""
+        self.queries += prompt_tokens
         if prompt_tokens < self.min_tokens:
             return 0
         run = 0
@@ -102,7 +103,6 @@ class PromptCache:
             self._seen.move_to_end(h)
         while len(self._seen) > self.max_blocks:
             self._seen.popitem(last=False)
-        self.queries += prompt_tokens
         self.hits += cached
         return cached
 

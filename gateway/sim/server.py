@@ -203,9 +203,11 @@ def parse_job(api: Api, body: Any, sim: SimModel, model_default: str) -> Job:
         n, finish = limit, "length" if max_tokens else "stop"
     prompt_tokens, hashes = max(1, chars // 4), list[int]()
     block = sim.prefix_block_size
-    if block is not None or sim.cfg.kv_engine:  # real token ids only where a cache or KV budget needs them
-        count, hashes = prefix.prompt_block_hashes(body, block or prefix.BLOCK_SIZE)
+    if block is not None:  # real token ids only where a cache or a KV budget needs them
+        count, hashes = prefix.prompt_block_hashes(body, block)
         prompt_tokens = max(1, count)
+    elif sim.cfg.kv_engine:
+        prompt_tokens = max(1, len(prefix.prompt_token_ids(body)))
     so = body.get("stream_options")
     return Job(api=api, model=str(body.get("model") or model_default), prompt_tokens=prompt_tokens,
                n=n, finish=finish, stream=bool(body.get("stream")),

@@ -128,3 +128,11 @@ def capacity_hint(cfg: SimConfig, prompt_tokens: int = 256, max_tokens: int = 12
     t1, t2 = 1.0 / one.tok_s, n2 / half.tok_s
     b = max(0.0, (t2 - t1) / (n2 - 1))
     return {"a": round(max(1e-4, t1 - b), 6), "b": round(b, 7), "ttft": round(one.ttft, 4)}
+
+
+def tok_s_curve(cfg: SimConfig, max_workers: int, prompt_tokens: int, max_tokens: int,
+                shared_prefix: int = 0) -> list[float]:
+    """Closed-loop aggregate tok/s for 0..max_workers workers (capped at `slots` running; the rest queue):
+    the per-upstream curve the bench's optimum needs for a KV sim, where the slot model's formula is wrong."""
+    return [0.0] + [closed_loop(cfg, n, prompt_tokens, max_tokens, shared_prefix=shared_prefix).tok_s
+                    for n in range(1, max_workers + 1)]

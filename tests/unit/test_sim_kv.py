@@ -11,7 +11,7 @@ from gateway.sim import SimConfig
 from gateway.sim.kv_engine import KvEngine, KvSeq
 from gateway.sim.kvcache import KvCache
 from gateway.sim.profile import PRESETS, interp_ms
-from gateway.sim.virtual import Driver, capacity_hint, closed_loop
+from gateway.sim.virtual import Driver, capacity_hint, closed_loop, tok_s_curve
 
 
 def drained(seq: KvSeq) -> list[int]:
@@ -220,3 +220,12 @@ def test_capacity_hint_matches_the_preset() -> None:
     assert 0.004 < hint["a"] < 0.007 and 0 < hint["b"] < 0.0002 and 0.005 < hint["ttft"] < 0.03
     slow = capacity_hint(SimConfig(preset="a10g-llama8b", slots=16))
     assert slow["a"] > 4 * hint["a"]
+
+
+def test_tok_s_curve_bends_with_speculative_decoding() -> None:
+    plain = tok_s_curve(SimConfig(preset="h100-llama8b", slots=64), 16, 256, 64)
+    spec = tok_s_curve(SimConfig(preset="h100-llama8b", slots=64, spec_k=4), 16, 256, 64)
+    assert plain[0] == spec[0] == 0 and len(plain) == 17
+    assert all(b > a for a, b in zip(plain[1:], plain[2:]))  # more workers, more tok/s
+    gains = [s / p for s, p in zip(spec[1:], plain[1:])]
+    assert gains[0] > 1.5 and gains[-1] < gains[0] - 0.2  # per-worker gain shrinks: not a + b*n any more
