@@ -12,6 +12,7 @@ import itertools
 import random
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -20,6 +21,10 @@ if TYPE_CHECKING:
 
 class SimStopped(Exception):
     """The model shut down while a stream was still open."""
+
+
+class PromptTooLong(Exception):
+    """The request can never fit this engine (prompt + output beyond its KV cache): a 400."""
 
 
 class RateLimited(Exception):
@@ -32,9 +37,11 @@ class RateLimited(Exception):
 
 
 class TokenStream:
-    """Async iterator of token indices; `close()` must be called when done (idempotent)."""
+    """Async iterator of token indices; `close()` must be called when done (idempotent).
+    `cached_tokens`: prompt tokens served from a prefix / prompt cache, None when the model has no cache."""
 
     n: int
+    cached_tokens: int | None = None
 
     def __aiter__(self) -> TokenStream:
         return self
@@ -62,6 +69,7 @@ class SimModel:
         self.rejected_429 = 0
         self.errors_500 = 0
         self.inflight_peak = 0
+        self.preemptions = 0
         self._ids = 0
 
     # -- lifecycle -------------------------------------------------------------------
@@ -72,9 +80,29 @@ class SimModel:
         pass
 
     # -- admission -------------------------------------------------------------------
-    def open(self, prompt_tokens: int, n_tokens: int, budget: int) -> TokenStream:
-        """Admit a request producing `n_tokens`; `budget` is its tpm cost. May raise RateLimited."""
+    def open(self, prompt_tokens: int, n_tokens: int, budget: int, hashes: Sequence[int] = ()) -> TokenStream:
+        """Admit a request producing `n_tokens`; `budget` is its tpm cost; `hashes` its prompt's chained
+        block hashes (gateway.routing.prefix) when `prefix_block_size` asks for them. May raise RateLimited."""
         raise NotImplementedError
+
+    @property
+    def prefix_block_size(self) -> int | None:
+        """Block size the model caches prompt prefixes in, or None (no prefix cache: no hashing needed)."""
+        return None
+
+    @property
+    def prefix_queries(self) -> int:
+        """Prompt tokens looked up in the prefix cache (vllm:prefix_cache_queries_total)."""
+        return 0
+
+    @property
+    def prefix_hits(self) -> int:
+        """Of those, tokens found cached (vllm:prefix_cache_hits_total)."""
+        return 0
+
+    def kv_usage(self) -> float:
+        """Fraction of the KV cache in use; the slot model approximates it by running / slots."""
+        return self.running / max(1, self.cfg.slots)
 
     def next_id(self) -> int:
         self._ids += 1
@@ -114,6 +142,10 @@ class SimModel:
             "inflight_peak": self.inflight_peak,
             "errors_500": self.errors_500,
             "prompt_tokens": self.prompt_tokens_total,
+            "preemptions": self.preemptions,
+            "prefix_cache_queries": self.prefix_queries,
+            "prefix_cache_hits": self.prefix_hits,
+            "kv_cache_usage": self.kv_usage(),
             "mode": self.mode,
             "slowdown": self.slowdown_now(),
         }
@@ -193,7 +225,7 @@ class GpuEngine(SimModel):
         self._running.clear()
         self._waiting.clear()
 
-    def open(self, prompt_tokens: int, n_tokens: int, budget: int) -> TokenStream:
+    def open(self, prompt_tokens: int, n_tokens: int, budget: int, hashes: Sequence[int] = ()) -> TokenStream:
         seq = _Seq(self, next(self._seq_ids), prompt_tokens, n_tokens)
         if n_tokens <= 0:
             seq.closed = True

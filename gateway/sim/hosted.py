@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from gateway.sim.engine import RateLimited, SimModel, SimStopped, TokenStream
@@ -71,12 +72,48 @@ def retry_after_header(seconds: float) -> str:
     return str(max(1, math.ceil(seconds - 1e-6)))
 
 
-class _HostedStream(TokenStream):
-    """First token after ttft*slowdown, then one every slowdown/tok_s seconds."""
+#: Hosted providers cache prompts in 128-token increments (OpenAI) past a minimum length.
+PROMPT_CACHE_BLOCK = 128
 
-    def __init__(self, model: HostedModel, n: int) -> None:
+
+class PromptCache:
+    """Provider prompt caching: a prompt of at least `min_tokens` whose leading 128-token blocks were seen
+    within `ttl` seconds is served partly from cache. Blocks are chained hashes (gateway.routing.prefix), so
+    a hit means the whole prefix matched. Bounded: the least recently seen blocks are forgotten first."""
+
+    def __init__(self, min_tokens: int, ttl: float, max_blocks: int = 100_000) -> None:
+        self.min_tokens, self.ttl, self.max_blocks = min_tokens, ttl, max_blocks
+        self._seen: OrderedDict[int, float] = OrderedDict()  # block hash -> last seen (monotonic)
+        self.queries = 0
+        self.hits = 0
+
+    def lookup(self, prompt_tokens: int, hashes: Sequence[int], now: float) -> int:
+        """Cached tokens for this prompt (0 below `min_tokens`, else the fresh leading run, at least
+        `min_tokens` long); records the prompt's blocks as seen."""
+        self.queries += prompt_tokens
+        if prompt_tokens < self.min_tokens:
+            return 0
+        run = 0
+        while run < len(hashes) and now - self._seen.get(hashes[run], -math.inf) <= self.ttl:
+            run += 1
+        cached = run * PROMPT_CACHE_BLOCK
+        cached = min(cached, prompt_tokens - 1) if cached >= self.min_tokens else 0
+        for h in hashes:
+            self._seen[h] = now
+            self._seen.move_to_end(h)
+        while len(self._seen) > self.max_blocks:
+            self._seen.popitem(last=False)
+        self.hits += cached
+        return cached
+
+
+class _HostedStream(TokenStream):
+    """First token after ttft*slowdown (less the cached share's saving), then one every slowdown/tok_s s."""
+
+    def __init__(self, model: HostedModel, n: int, ttft_factor: float = 1.0) -> None:
         self.model = model
         self.n = n
+        self.ttft_factor = ttft_factor
         self.i = 0
         self.t0 = time.monotonic()
         self.deadline = self.t0
@@ -91,7 +128,7 @@ class _HostedStream(TokenStream):
             raise SimStopped("model stopped")
         cfg, slow = self.model.cfg, self.model.slowdown_now()
         if self.i == 0:
-            self.deadline = self.t0 + cfg.ttft * slow
+            self.deadline = self.t0 + cfg.ttft * slow * self.ttft_factor
         else:
             self.deadline += slow / max(cfg.tok_s, 1e-9)
         await self._sleep(self.deadline - time.monotonic())
@@ -105,7 +142,12 @@ class _HostedStream(TokenStream):
     async def _sleep(self, delay: float) -> None:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        handle = loop.call_later(max(0.0, delay), lambda: fut.done() or fut.set_result(None))
+
+        def wake() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        handle = loop.call_later(max(0.0, delay), wake)
         self._waiter = fut
         try:
             await fut
@@ -133,12 +175,25 @@ class HostedModel(SimModel):
         super().__init__(cfg)
         self.limiter = RateLimiter(cfg)
         self._streams: set[_HostedStream] = set()
+        self.prompt_cache = PromptCache(cfg.prompt_cache_min_tokens, cfg.prompt_cache_ttl)
+
+    @property
+    def prefix_block_size(self) -> int | None:
+        return PROMPT_CACHE_BLOCK if self.cfg.prompt_cache_min_tokens > 0 else None
+
+    @property
+    def prefix_queries(self) -> int:
+        return self.prompt_cache.queries
+
+    @property
+    def prefix_hits(self) -> int:
+        return self.prompt_cache.hits
 
     @property
     def running(self) -> int:
         return len(self._streams)
 
-    def open(self, prompt_tokens: int, n_tokens: int, budget: int) -> TokenStream:
+    def open(self, prompt_tokens: int, n_tokens: int, budget: int, hashes: Sequence[int] = ()) -> TokenStream:
         mc = self.cfg.max_concurrency
         try:
             if mc is not None and len(self._streams) >= mc:
@@ -148,11 +203,20 @@ class HostedModel(SimModel):
             self.rejected_429 += 1
             raise
         self.prompt_tokens_total += prompt_tokens
-        stream = _HostedStream(self, n_tokens)
+        stream = self._stream(prompt_tokens, n_tokens, hashes)
         self._streams.add(stream)
         self.inflight_peak = max(self.inflight_peak, len(self._streams))
         if n_tokens <= 0:
             self.completed += 1
+        return stream
+
+    def _stream(self, prompt_tokens: int, n_tokens: int, hashes: Sequence[int]) -> _HostedStream:
+        """With prompt caching on, the cached share of the prompt skips `prompt_cache_speedup` of the TTFT."""
+        if self.prefix_block_size is None:
+            return _HostedStream(self, n_tokens)
+        cached = self.prompt_cache.lookup(prompt_tokens, hashes, time.monotonic())
+        stream = _HostedStream(self, n_tokens, 1.0 - self.cfg.prompt_cache_speedup * cached / max(1, prompt_tokens))
+        stream.cached_tokens = cached
         return stream
 
     async def stop(self) -> None:

@@ -12,13 +12,16 @@ import re
 import struct
 import time
 import warnings
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 from aiohttp import web
 
-from gateway.sim.engine import GpuEngine, RateLimited, SimModel, SimStopped, TokenStream
+from gateway.routing import prefix
+from gateway.sim.engine import GpuEngine, PromptTooLong, RateLimited, SimModel, SimStopped, TokenStream
 from gateway.sim.hosted import HostedModel, retry_after_header
+from gateway.sim.kv_engine import KvEngine
+from gateway.sim.profile import PRESETS
 
 
 @dataclass
@@ -46,6 +49,25 @@ class SimConfig:
     slowdown_factor: float = 4.0
     api_key: str | None = None  # Bearer / api-key / x-api-key, else 401
     seed: int = 0
+    # gpu KV engine (gateway/sim/kv_engine.py), selected by preset or kv_cache_tokens; unset -> the slot model
+    preset: str | None = None  # gateway/sim/profile.py PRESETS: calibrated cost model + KV capacity
+    kv_cache_tokens: int | None = None  # KV capacity in tokens (default: the preset's)
+    block_size: int = 16  # tokens per KV block
+    max_batched_tokens: int | None = None  # per-step token budget (default: the preset's, else 2048)
+    chunked_prefill: bool = True  # False: prefill-only steps that stall decodes (vLLM v0)
+    prefix_caching: bool = True  # automatic prefix caching of prompt blocks
+    spec_k: int = 0  # speculative decoding: draft tokens per step (0 = off)
+    spec_accept: float = 0.7  # probability each draft token is accepted
+    spec_draft_cost: float = 0.1  # one draft pass / one target decode step, same batch
+    # hosted: provider prompt caching (0 = off)
+    prompt_cache_min_tokens: int = 0  # prompts at least this long may be served partly from cache
+    prompt_cache_ttl: float = 300.0  # seconds a prefix stays cached after it was last seen
+    prompt_cache_speedup: float = 0.8  # fraction of the TTFT saved for the cached share of the prompt
+
+    @property
+    def kv_engine(self) -> bool:
+        """True when the GPU mode uses the KV-cache engine rather than the simple slot model."""
+        return self.mode == "gpu" and (self.preset is not None or self.kv_cache_tokens is not None)
 
 
 # Each is a single cl100k token with its leading space, so one chunk == one token.
@@ -120,6 +142,8 @@ class Job:
     budget: int
     rid: int
     created: int
+    hashes: list[int] = field(default_factory=list)  # chained prompt block hashes, when the model caches
+    cached_tokens: int | None = None  # known once the model admitted the request
 
     def piece(self, i: int) -> str:
         if self.tool is not None:
@@ -177,12 +201,18 @@ def parse_job(api: Api, body: Any, sim: SimModel, model_default: str) -> Job:
         n, finish = int(m.group(1)), "stop"
     else:
         n, finish = limit, "length" if max_tokens else "stop"
-    prompt_tokens = max(1, chars // 4)
+    prompt_tokens, hashes = max(1, chars // 4), list[int]()
+    block = sim.prefix_block_size
+    if block is not None:  # real token ids only where a cache or a KV budget needs them
+        count, hashes = prefix.prompt_block_hashes(body, block)
+        prompt_tokens = max(1, count)
+    elif sim.cfg.kv_engine:
+        prompt_tokens = max(1, len(prefix.prompt_token_ids(body)))
     so = body.get("stream_options")
     return Job(api=api, model=str(body.get("model") or model_default), prompt_tokens=prompt_tokens,
                n=n, finish=finish, stream=bool(body.get("stream")),
                include_usage=isinstance(so, dict) and bool(so.get("include_usage")), tool=tool,
-               budget=prompt_tokens + limit, rid=sim.next_id(), created=int(time.time()))
+               budget=prompt_tokens + limit, rid=sim.next_id(), created=int(time.time()), hashes=hashes)
 
 
 # ------------------------------------------------------------------------------- wire formats
@@ -191,9 +221,20 @@ def _sse(obj: Any, event: str | None = None) -> bytes:
     return (f"event: {event}\n" if event else "").encode() + f"data: {data}\n\n".encode()
 
 
-def _usage(job: Job, count: int) -> dict[str, int]:
-    return {"prompt_tokens": job.prompt_tokens, "completion_tokens": count,
-            "total_tokens": job.prompt_tokens + count}
+def _usage(job: Job, count: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"prompt_tokens": job.prompt_tokens, "completion_tokens": count,
+                           "total_tokens": job.prompt_tokens + count}
+    if job.cached_tokens is not None:  # as OpenAI and vLLM (--enable-prompt-tokens-details) report it
+        out["prompt_tokens_details"] = {"cached_tokens": job.cached_tokens}
+    return out
+
+
+def _ant_usage(job: Job, output_tokens: int) -> dict[str, int]:
+    """Anthropic usage: input_tokens excludes what was read from the cache (cache_read_input_tokens)."""
+    if job.cached_tokens is None:
+        return {"input_tokens": job.prompt_tokens, "output_tokens": output_tokens}
+    return {"input_tokens": job.prompt_tokens - job.cached_tokens, "cache_read_input_tokens": job.cached_tokens,
+            "output_tokens": output_tokens}
 
 
 _ANT_STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
@@ -233,9 +274,8 @@ class Wire:
             return [self._delta({"role": "assistant", "content": ""})]
         if j.api == "completions":
             return []
-        msg = {"id": self.id, "type": "message", "role": "assistant", "content": [], "model": j.model,
-               "stop_reason": None, "stop_sequence": None,
-               "usage": {"input_tokens": j.prompt_tokens, "output_tokens": 1}}
+        msg: dict[str, Any] = {"id": self.id, "type": "message", "role": "assistant", "content": [], "model": j.model,
+                               "stop_reason": None, "stop_sequence": None, "usage": _ant_usage(j, 1)}
         block = ({"type": "tool_use", "id": j.tool_id, "name": j.tool, "input": {}} if j.tool
                  else {"type": "text", "text": ""})
         return [_sse({"type": "message_start", "message": msg}, "message_start"),
@@ -277,7 +317,7 @@ class Wire:
                        if j.tool else [{"type": "text", "text": j.text(count)}])
             return {"id": self.id, "type": "message", "role": "assistant", "content": content,
                     "model": j.model, "stop_reason": _ANT_STOP[j.finish], "stop_sequence": None,
-                    "usage": {"input_tokens": j.prompt_tokens, "output_tokens": count}}
+                    "usage": _ant_usage(j, count)}
         base: dict[str, Any] = {"id": self.id, "object": self.obj, "created": j.created, "model": j.model,
                                 "system_fingerprint": None}
         if j.api == "completions":
@@ -315,10 +355,12 @@ async def _generate(request: web.Request, api: Api, model_default: str | None = 
         return error_response(api, 500, "Simulated upstream failure", code="sim_error")
     limit_headers = sim.limiter.headers if isinstance(sim, HostedModel) else dict
     try:
-        stream = sim.open(job.prompt_tokens, job.n, job.budget)
+        stream = sim.open(job.prompt_tokens, job.n, job.budget, job.hashes)
     except RateLimited as e:
         headers = {"Retry-After": retry_after_header(e.retry_after), **limit_headers()}
         return error_response(api, 429, e.message, code="rate_limit_exceeded", headers=headers)
+    except PromptTooLong as e:
+        return error_response(api, 400, str(e), param="messages", code="context_length_exceeded")
     wire = Wire(job)
     try:
         if job.stream:
@@ -326,6 +368,7 @@ async def _generate(request: web.Request, api: Api, model_default: str | None = 
         count = 0
         async for _ in stream:
             count += 1
+        job.cached_tokens = stream.cached_tokens
         return web.json_response(wire.full(count), headers=limit_headers())
     except SimStopped:
         return error_response(api, 503, "Simulator shutting down")
@@ -349,10 +392,12 @@ async def _stream(request: web.Request, sim: SimModel, wire: Wire, stream: Token
                 i = await stream.__anext__()
             except StopAsyncIteration:
                 break
+            wire.job.cached_tokens = stream.cached_tokens  # known once the model admitted it
             data = b"".join(wire.head()) if not started else b""
             started = True
             await resp.write(data + wire.token(i))
             count += 1
+        wire.job.cached_tokens = stream.cached_tokens
         await resp.write(b"".join(([] if started else wire.head()) + wire.tail(count)))
         await resp.write_eof()
     except (ConnectionResetError, SimStopped):
@@ -431,14 +476,22 @@ async def models(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     sim = _sim(request)
     lbl = '{model_name="%s"}' % sim.cfg.name.replace("\\", "\\\\").replace('"', '\\"')
-    usage = sim.running / max(1, sim.cfg.slots)
-    rows = [("num_requests_running", "gauge", sim.running), ("num_requests_waiting", "gauge", sim.waiting),
-            ("kv_cache_usage_perc", "gauge", usage), ("gpu_cache_usage_perc", "gauge", usage),
-            ("generation_tokens_total", "counter", sim.tokens_generated),
-            ("prompt_tokens_total", "counter", sim.prompt_tokens_total)]
+    usage = sim.kv_usage()
+    rows: list[tuple[str, str, float]] = [
+        ("num_requests_running", "gauge", sim.running), ("num_requests_waiting", "gauge", sim.waiting),
+        ("kv_cache_usage_perc", "gauge", usage), ("gpu_cache_usage_perc", "gauge", usage),
+        ("num_preemptions_total", "counter", sim.preemptions),
+        ("prefix_cache_queries_total", "counter", sim.prefix_queries),
+        ("prefix_cache_hits_total", "counter", sim.prefix_hits),
+        ("generation_tokens_total", "counter", sim.tokens_generated),
+        ("prompt_tokens_total", "counter", sim.prompt_tokens_total)]
     lines = []
     for name, kind, value in rows:
         lines += [f"# TYPE vllm:{name} {kind}", f"vllm:{name}{lbl} {value}"]
+    if isinstance(sim, KvEngine):  # as vLLM: the KV capacity behind kv_cache_usage_perc, as info labels
+        lines += ["# TYPE vllm:cache_config_info gauge",
+                  f'vllm:cache_config_info{{block_size="{sim.kv.block_size}",num_gpu_blocks="{sim.kv.num_blocks}",'
+                  f'enable_prefix_caching="{sim.kv.prefix_caching}"}} 1']
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})
 
@@ -500,7 +553,7 @@ async def _auth(request: web.Request, handler: Any) -> web.StreamResponse:
 def create_app(cfg: SimConfig) -> web.Application:
     """Build the simulator app; app["sim"] is the live model (a copy of cfg is used)."""
     cfg = replace(cfg)
-    sim: SimModel = GpuEngine(cfg) if cfg.mode == "gpu" else HostedModel(cfg)
+    sim: SimModel = HostedModel(cfg) if cfg.mode == "hosted" else KvEngine(cfg) if cfg.kv_engine else GpuEngine(cfg)
     app = web.Application(middlewares=[_auth], client_max_size=32 * 1024 * 1024)
     with warnings.catch_warnings():  # the public contract is the plain key app["sim"]
         warnings.simplefilter("ignore")
@@ -541,7 +594,10 @@ async def start_sim(cfg: SimConfig, host: str = "127.0.0.1", port: int = 0) -> t
 
 async def serve_forever(cfg: SimConfig, host: str, port: int) -> None:
     """Run the sim until cancelled (used by `gateway sim`)."""
-    runner, bound = await start_sim(cfg, host, port)
+    try:
+        runner, bound = await start_sim(cfg, host, port)
+    except ValueError as e:  # an inconsistent configuration: say so instead of a traceback
+        raise SystemExit(f"gateway sim: {e}") from None
     print(f"sim {cfg.name!r} ({cfg.mode}) listening on http://{host}:{bound}/v1", flush=True)
     try:
         await asyncio.Event().wait()
@@ -554,7 +610,49 @@ _ARG_TYPES: dict[str, type] = {
     "name": str, "mode": str, "base_step": float, "per_seq": float, "prefill_per_token": float, "slots": int,
     "ttft": float, "tok_s": float, "rpm": int, "tpm": int, "window": float, "max_concurrency": int,
     "default_max_tokens": int, "error_rate": float, "slowdown": float, "slowdown_at": float,
-    "slowdown_factor": float, "api_key": str, "seed": int,
+    "slowdown_factor": float, "api_key": str, "seed": int, "preset": str, "kv_cache_tokens": int,
+    "block_size": int, "max_batched_tokens": int, "chunked_prefill": bool, "prefix_caching": bool, "spec_k": int,
+    "spec_accept": float, "spec_draft_cost": float, "prompt_cache_min_tokens": int, "prompt_cache_ttl": float,
+    "prompt_cache_speedup": float,
+}
+
+_HELP: dict[str, str] = {
+    "name": "model name served and reported in /metrics",
+    "mode": "gpu: one continuous-batching engine; hosted: independent requests behind rate limits",
+    "base_step": "gpu slot model: fixed seconds per engine step",
+    "per_seq": "gpu slot model: extra seconds per step per running sequence",
+    "prefill_per_token": "gpu slot model: seconds per prompt token prefilled in a step",
+    "slots": "gpu: max running sequences (vLLM max_num_seqs); the rest wait FIFO",
+    "ttft": "hosted: seconds to the first token",
+    "tok_s": "hosted: tokens per second after the first",
+    "rpm": "hosted: requests per window, then 429 + Retry-After",
+    "tpm": "hosted: tokens (prompt + max tokens) per window, then 429",
+    "window": "hosted: rate-limit window in seconds",
+    "max_concurrency": "hosted: more requests in flight get a 429",
+    "default_max_tokens": "output tokens when the request gives no max_tokens",
+    "error_rate": "fraction of requests answered 500 before any output",
+    "slowdown": "multiplier on every step / token time",
+    "slowdown_at": "seconds after start when --slowdown-factor kicks in",
+    "slowdown_factor": "slowdown multiplier applied from --slowdown-at",
+    "api_key": "require this key (Bearer, api-key or x-api-key), else 401",
+    "seed": "random seed (errors, speculative acceptance)",
+    "preset": "gpu: KV-cache engine with a calibrated cost model and KV capacity: " + ", ".join(
+        f"{n} ({p.help})" for n, p in PRESETS.items()),
+    "kv_cache_tokens": "gpu: KV-cache capacity in tokens; alone (no --preset) selects the KV engine with the "
+                       "slot model's step formula",
+    "block_size": "gpu KV engine: tokens per KV block (prefix caching granularity)",
+    "max_batched_tokens": "gpu KV engine: token budget per step (decode tokens + prefill chunks); "
+                          "default: the preset's, else 2048",
+    "chunked_prefill": "gpu KV engine: mix prefill chunks into decode steps (off: prefill-only steps stall "
+                       "the running batch, as vLLM v0)",
+    "prefix_caching": "gpu KV engine: reuse cached prompt blocks (automatic prefix caching)",
+    "spec_k": "gpu KV engine: speculative decoding draft length (0 = off)",
+    "spec_accept": "gpu KV engine: probability each draft token is accepted",
+    "spec_draft_cost": "gpu KV engine: cost of one draft pass relative to a target decode step",
+    "prompt_cache_min_tokens": "hosted: provider prompt caching for prompts of at least this many tokens "
+                               "(0 = off; OpenAI: 1024)",
+    "prompt_cache_ttl": "hosted: seconds a prompt prefix stays cached after it was last seen",
+    "prompt_cache_speedup": "hosted: fraction of the TTFT saved for the cached share of the prompt",
 }
 
 
@@ -562,13 +660,19 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one --flag per SimConfig field plus --host/--port."""
     defaults = SimConfig()
     for f in fields(SimConfig):
-        kw: dict[str, Any] = {"type": _ARG_TYPES[f.name], "default": getattr(defaults, f.name),
-                              "help": f"(default: {getattr(defaults, f.name)})"}
+        default = getattr(defaults, f.name)
+        kw: dict[str, Any] = {"default": default, "help": f"{_HELP[f.name]} (default: {default})"}
+        if _ARG_TYPES[f.name] is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = _ARG_TYPES[f.name]
         if f.name == "mode":
             kw["choices"] = ["gpu", "hosted"]
+        elif f.name == "preset":
+            kw["choices"] = list(PRESETS)
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=9101)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=9101, help="port to listen on")
 
 
 def config_from_args(ns: argparse.Namespace) -> SimConfig:

@@ -1,0 +1,95 @@
+"""Prompt prefixes as chained token-block hashes: the one definition shared by the simulator's KV cache
+and (later) the router's prefix index. Pure: no I/O.
+
+An engine with automatic prefix caching (vLLM, SGLang) keeps the KV state of fixed-size token blocks and
+reuses a block when a new prompt starts with exactly the same tokens. The KV values of a token depend on
+*every* token before it (attention), so a block is only reusable after the same whole prefix. vLLM therefore
+names a block by a *chained* hash: hash(previous block's hash, this block's tokens). Two consequences we rely on:
+
+- equal hash at position i implies the whole prefix up to block i is equal, so "how much of this prompt is
+  cached" is the length of the leading run of hashes a cache holds, and a lookup never needs the tokens;
+- the same 16 tokens after different prefixes get different hashes, as their KV values differ.
+
+Only full blocks get a hash (a partial last block is never shared, as in vLLM). Hashes are stable across
+processes (blake2b, not Python's salted hash()) so gateway replicas can share an index through Redis.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections.abc import Sequence
+from typing import Any
+
+from gateway import tokens
+
+#: Tokens per KV block, vLLM's default.
+BLOCK_SIZE = 16
+#: Parent of the first block: a fixed seed so every process computes the same chain.
+ROOT_HASH = 0
+
+
+def block_hashes(token_ids: Sequence[int], block_size: int = BLOCK_SIZE, parent: int = ROOT_HASH) -> list[int]:
+    """Chained hashes of the full `block_size`-token blocks of `token_ids` (a partial tail is ignored).
+
+    hash_i = blake2b-64(hash_{i-1} || tokens of block i); hash_{-1} = `parent`.
+    """
+    if block_size < 1:
+        raise ValueError("block_size must be >= 1")
+    out: list[int] = []
+    h = parent
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        data = h.to_bytes(8, "little") + array("I", token_ids[start:start + block_size]).tobytes()
+        h = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+        out.append(h)
+    return out
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def _encode(text: str) -> list[int]:
+    return tokens.encoding().encode_ordinary(text) if text else []
+
+
+def prompt_token_ids(body: dict[str, Any]) -> list[int]:
+    """Token ids of a request's prompt (OpenAI chat / completions body; a top-level Anthropic `system` too).
+
+    Chat messages are rendered as `<|role|>\\n content \\n` and encoded *one message at a time*, then
+    concatenated: appending a turn never changes the tokens of earlier messages, so a conversation's
+    next request shares the previous one's blocks (tokenizing the joined text could merge tokens across a
+    message boundary). The exact ids differ from the served model's chat template; what matters is that
+    the gateway and the simulator agree and that prefixes stay prefixes.
+    """
+    ids: list[int] = []
+    system = body.get("system")
+    if system is not None:
+        ids += _encode(f"<|system|>\n{_content_text(system)}\n")
+    msgs = body.get("messages")
+    if isinstance(msgs, list):
+        for m in msgs:
+            if isinstance(m, dict):
+                ids += _encode(f"<|{m.get('role', 'user')}|>\n{_content_text(m.get('content'))}\n")
+        return ids
+    prompt = body.get("prompt", body.get("input", ""))
+    if isinstance(prompt, str):
+        return ids + _encode(prompt)
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(t, int) for t in prompt):
+            return ids + [t for t in prompt if 0 <= t < 2**32]
+        if isinstance(prompt[0], str):
+            return ids + _encode(prompt[0])  # a batch of prompts: the first one's prefix
+        if isinstance(prompt[0], list):
+            return ids + [t for t in prompt[0] if isinstance(t, int) and 0 <= t < 2**32]
+    return ids
+
+
+def prompt_block_hashes(body: dict[str, Any], block_size: int = BLOCK_SIZE) -> tuple[int, list[int]]:
+    """(prompt token count, chained block hashes) of a request body."""
+    ids = prompt_token_ids(body)
+    return len(ids), block_hashes(ids, block_size)
