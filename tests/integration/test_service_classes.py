@@ -1,0 +1,52 @@
+"""Service classes over loopback: two replicas sharing Redis keep the interactive limit exact; the class is chosen
+by header or service_tier and validated; the client sees its own speed."""
+
+from __future__ import annotations
+
+import aiohttp
+import openai
+import pytest
+
+from gateway.config import FleetConfig
+
+
+def one_gpu_fleet(url: str, floor: float) -> FleetConfig:
+    # t(n) = 0.01 + 0.005 n seconds per token: a floor of 40 tok/s allows n <= (0.025 - 0.01) / 0.005 = 3.
+    return FleetConfig.model_validate({
+        "upstreams": {"gpu": {"base_url": url + "/v1", "model": "sim-gpu", "max_concurrency": 16,
+                              "capacity": {"a": 0.01, "b": 0.005, "ttft": 0.05}}},
+        "models": {"m": {"upstreams": ["gpu"], "classes": {"interactive": {"min_tok_s": floor, "wait_s": 30.0}}}},
+    })
+
+
+async def test_class_selection_errors_and_speed_headers(sim_fleet, start_gateway):
+    gw = await start_gateway(sim_fleet.config())
+    client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0)
+    msgs = [{"role": "user", "content": "hello"}]
+    raw = await client.chat.completions.with_raw_response.create(model="fleet-model", messages=msgs, max_tokens=8)
+    h = raw.headers
+    assert h["x-gateway-class"] == "interactive" and h["x-gateway-upstream"] in sim_fleet.ports
+    assert float(h["x-gateway-latency-ms"]) > 0 and "x-request-id" in h
+    raw = await client.chat.completions.with_raw_response.create(
+        model="fleet-model", messages=msgs, max_tokens=8, service_tier="flex"
+    )
+    assert raw.headers["x-gateway-class"] == "batch"
+    with pytest.raises(openai.BadRequestError) as e:
+        await client.chat.completions.create(
+            model="fleet-model", messages=msgs, max_tokens=8, extra_headers={"X-Gateway-Class": "platinum"}
+        )
+    assert e.value.code == "invalid_service_class"
+    # Streams: the SDK reads straight through the SSE comment that carries the request's own speed.
+    stream = await client.chat.completions.create(model="fleet-model", messages=msgs, max_tokens=8, stream=True)
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text
+    async with aiohttp.ClientSession() as s, s.post(
+        gw.url + "/v1/chat/completions", json={"model": "fleet-model", "messages": msgs, "max_tokens": 8, "stream": True},
+        headers={"x-request-id": "req-abc"},
+    ) as r:
+        body = await r.read()
+        assert r.headers["x-request-id"] == "req-abc" and r.headers["x-gateway-class"] == "interactive"
+    assert b"\n: gateway upstream=" in b"\n" + body and b"ttft_ms=" in body
+    async with aiohttp.ClientSession() as s, s.get(gw.url + "/v1/gateway/upstreams") as r:
+        snap = await r.json()
+    assert snap["slo"]["classes"]["fleet-model"]["interactive"]["requests"] >= 2

@@ -1,0 +1,160 @@
+"""Service classes: selection and its errors, the per-class concurrency limit from a curve, admission, queue order."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.config import FleetConfig, ServiceClass
+from gateway.context import Estimate, RequestContext
+from gateway.errors import GatewayError
+from gateway.reliability.outlier import OutlierDetector
+from gateway.routing import classes
+from gateway.routing.classes import ClassPolicy, interactive_limit
+from gateway.routing.router import Refusal, Router
+from gateway.state.fleet import Fleet
+
+
+def fleet_of(slots: dict[str, int], interactive: ServiceClass | None = None) -> tuple[Fleet, Router]:
+    """GPU upstreams with t(n) = 0.008 + 0.0004 n (floor 40 tok/s -> n_f = 42) and the given slots."""
+    ups = {
+        n: {"base_url": f"http://127.0.0.1:1/{n}", "max_concurrency": mc, "capacity": {"a": 0.008, "b": 0.0004, "ttft": 0.1}}
+        for n, mc in slots.items()
+    }
+    model: dict = {"upstreams": list(slots)}
+    if interactive is not None:
+        model["classes"] = {"interactive": interactive.model_dump()}
+    fleet = Fleet(FleetConfig.model_validate({"upstreams": ups, "models": {"m": model}}), "throughput")
+    return fleet, Router(fleet, OutlierDetector(3, 1.0, 10.0), queue_max=16, queue_timeout=5.0)
+
+
+FLOOR40 = ServiceClass(min_tok_s=40.0, max_ttft_s=1.0, wait_s=0.5)
+
+
+def req(service_class: str = "interactive", prompt: int = 100, output: int = 64) -> RequestContext:
+    return RequestContext("chat", "m", {}, True, False, "openai", Estimate(prompt, output), service_class=service_class)
+
+
+def fill(router: Router, fleet: Fleet, name: str, n: int, service_class: str) -> None:
+    for _ in range(n):
+        fleet.upstreams[name].credit(0, service_class)
+
+
+# ---- selection ----------------------------------------------------------------------------------------------
+def test_class_comes_from_header_then_service_tier() -> None:
+    assert classes.requested_class({"X-Gateway-Class": "Batch"}, {"service_tier": "priority"}) == ("batch", "X-Gateway-Class")
+    assert classes.requested_class({}, {"service_tier": "flex"}) == ("batch", "service_tier")
+    assert classes.requested_class({}, {"service_tier": "priority"}) == ("interactive", "service_tier")
+    assert classes.requested_class({}, {"service_tier": "auto"}) == (None, None)
+    assert classes.requested_class({}, {}) == (None, None)
+    with pytest.raises(GatewayError) as e:
+        classes.requested_class({}, {"service_tier": "turbo"})
+    assert e.value.status == 400 and e.value.param == "service_tier"
+
+
+def test_resolve_order_and_unknown_class() -> None:
+    fleet, _ = fleet_of({"A": 8})
+    pool = fleet.pools["m"]
+    assert classes.resolve(pool, None, None, None) == "interactive"  # pool default
+    assert classes.resolve(pool, None, None, "batch") == "batch"  # the key's default
+    assert classes.resolve(pool, "interactive", "X-Gateway-Class", "batch") == "interactive"  # explicit wins
+    with pytest.raises(GatewayError) as e:
+        classes.resolve(pool, "gold", "X-Gateway-Class", None)
+    assert e.value.status == 400 and e.value.code == "invalid_service_class" and e.value.param == "X-Gateway-Class"
+
+
+# ---- the limit a floor puts on a curve -----------------------------------------------------------------------
+def test_interactive_limit_from_curve() -> None:
+    fleet, _ = fleet_of({"A": 64, "B": 16})
+    a, b = fleet.upstreams["A"], fleet.upstreams["B"]
+    assert interactive_limit(a, FLOOR40) == 42  # (1/40 - 0.008) / 0.0004 = 42.5
+    assert interactive_limit(b, FLOOR40) == 16  # capped by the engine's slots
+    assert interactive_limit(a, ServiceClass(min_tok_s=200.0)) == 0  # a alone is 1/0.008 = 125 tok/s
+    assert interactive_limit(a, ServiceClass()) == 64  # no floor
+    a.curve.b = 0.0
+    assert interactive_limit(a, FLOOR40) == 64  # flat curve (hosted-like)
+
+
+def test_interactive_admitted_only_within_its_floor_and_ttft() -> None:
+    fleet, router = fleet_of({"A": 64}, FLOOR40)
+    pool, a = fleet.pools["m"], fleet.upstreams["A"]
+    fill(router, fleet, "A", 41, "batch")
+    assert router.pick(pool, req()).upstream is a  # 42nd sequence still decodes at >= 40 tok/s
+    fill(router, fleet, "A", 1, "batch")
+    with pytest.raises(Refusal) as r:
+        router.pick(pool, req())
+    assert r.value.kind == "class_limited"
+    assert router.pick(pool, req(), best_effort=True).upstream is a  # slots remain for best effort
+    fleet2, router2 = fleet_of({"A": 64}, FLOOR40)
+    fleet2.upstreams["A"].curve.ttft = 2.0
+    with pytest.raises(Refusal):
+        router2.pick(fleet2.pools["m"], req())  # predicted TTFT over the 1 s target
+
+
+def test_batch_never_pushes_running_interactive_below_floor() -> None:
+    fleet, router = fleet_of({"A": 64, "B": 64}, FLOOR40)
+    pool = fleet.pools["m"]
+    fill(router, fleet, "A", 1, "interactive")
+    fill(router, fleet, "A", 41, "batch")  # A at its interactive limit
+    d = router.pick(pool, req("batch"))
+    assert d.upstream.name == "B", "batch must not go where interactive requests would slow below their floor"
+
+
+def test_batch_keeps_room_for_interactive_demand_but_gets_its_min_share() -> None:
+    fleet, router = fleet_of({"A": 64}, FLOOR40)
+    pool = fleet.pools["m"]
+    policy: ClassPolicy = router.classes
+    fill(router, fleet, "A", 10, "interactive")
+    policy.observe(pool)  # demand estimate: ~10 interactive in flight
+    assert policy.reserve(pool) >= 1
+    fill(router, fleet, "A", 30, "batch")  # room left for interactive: 42 - 40 = 2 < reserve 3*sqrt(10)+1
+    with pytest.raises(Refusal) as r:
+        router.pick(pool, req("batch"))
+    assert r.value.kind == "class_limited"
+    # ... unless batch is below its guaranteed share of the pool (10% of 64 slots = 6).
+    fleet2, router2 = fleet_of({"A": 64}, FLOOR40)
+    fill(router2, fleet2, "A", 40, "interactive")
+    router2.classes.observe(fleet2.pools["m"])
+    assert router2.pick(fleet2.pools["m"], req("batch")).upstream.name == "A"
+
+
+# ---- queue ---------------------------------------------------------------------------------------------------
+async def test_queue_serves_interactive_before_older_batch_and_aging_lifts_batch() -> None:
+    fleet, router = fleet_of({"A": 1}, ServiceClass())  # no targets: only priorities matter here
+    pool = fleet.pools["m"]
+    first = await router.admit(pool, req("batch"))
+    older_batch = asyncio.create_task(router.admit(pool, req("batch")))
+    await asyncio.sleep(0)
+    newer_interactive = asyncio.create_task(router.admit(pool, req("interactive")))
+    await asyncio.sleep(0)
+    assert router.queue_depth()["m"] == 2
+    router.release(first.upstream, req("batch"))
+    d = await asyncio.wait_for(newer_interactive, 1.0)
+    assert not older_batch.done(), "interactive (priority 0) is served before batch (priority 10)"
+    # Aging: a batch request that has waited 10 priority steps' worth outranks a new interactive one.
+    newest_interactive = asyncio.create_task(router.admit(pool, req("interactive")))
+    await asyncio.sleep(0)
+    for w in router._queues["m"]:
+        if w.ctx.service_class == "batch":
+            w.since -= 11 * w.cls.aging_s
+    router.release(d.upstream, req("interactive"))
+    await asyncio.wait_for(older_batch, 1.0)
+    assert not newest_interactive.done()
+    newest_interactive.cancel()
+
+
+async def test_interactive_goes_best_effort_after_its_wait() -> None:
+    fleet, router = fleet_of({"A": 64}, FLOOR40)
+    pool = fleet.pools["m"]
+    fill(router, fleet, "A", 42, "batch")  # past the interactive limit, slots remain
+    ctx = req()
+    task = asyncio.create_task(router.admit(pool, ctx))
+    await asyncio.sleep(0)
+    assert not task.done()
+    router.wake()
+    assert not task.done(), "waits while its wait_s has not passed"
+    router._queues["m"][0].since -= FLOOR40.wait_s
+    router.wake()
+    d = await asyncio.wait_for(task, 1.0)
+    assert d.upstream.name == "A" and ctx.extras.get("best_effort") is True
