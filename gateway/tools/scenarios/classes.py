@@ -1,0 +1,225 @@
+"""`mixed`: interactive readers and a batch backlog on the same heterogeneous fleet (issue: service classes).
+
+Interactive: open-loop Poisson arrivals of short streamed answers, with a decode floor and a TTFT target; after the
+first phase their rate doubles (the surge). Batch: a closed-loop backlog of long requests sent with
+`X-Gateway-Class: batch`. The same load runs against four gateways, one after the other, on fresh simulators:
+service classes on (`classes`), the same router without class targets (`single_class`: the one-objective throughput
+maximiser), round_robin and least_busy. Every request is judged client-side against the interactive targets.
+
+Reported per variant and class: SLO attainment, goodput, tok/s, TTFT p50/p99; the total tok/s against the fleet's
+best total (every GPU server at its slots, the hosted API's whole RPM budget spent on batch-length answers);
+attainment after the surge (from 10 s after it on) and batch tok/s in each phase.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from gateway.tools import bench as B
+from gateway.tools.scenarios import scenario
+
+FLOOR_TOK_S = 40.0
+MAX_TTFT_S = 1.0
+INTERACTIVE_TOKENS = 64
+BATCH_TOKENS = 512
+PROMPT_TOKENS = 200
+VARIANTS = (("classes", "throughput", True), ("single_class", "throughput", False),
+            ("round_robin", "round_robin", False), ("least_busy", "least_busy", False))
+
+
+@dataclass
+class Rec:
+    cls: str
+    start: float
+    first: float | None
+    end: float
+    tokens: int
+    ok: bool
+
+    def met(self) -> bool:
+        if not self.ok or self.first is None:
+            return False
+        if self.first - self.start > MAX_TTFT_S:
+            return False
+        return self.tokens < 2 or (self.tokens - 1) / max(1e-9, self.end - self.first) >= FLOOR_TOK_S
+
+
+async def _one(session: aiohttp.ClientSession, url: str, body: bytes, cls: str, origin: float, out: list[Rec]) -> None:
+    t0 = time.monotonic()
+    first = None
+    n = 0
+    ok = False
+    try:
+        async with session.post(url, data=body, headers={"Content-Type": "application/json", "X-Gateway-Class": cls}) as r:
+            if r.status == 200:
+                async for line in r.content:
+                    if line.startswith(b'data: {"error"'):
+                        break
+                    if line.startswith(b"data: {") and b'"content":"' in line and b'"content":""' not in line:
+                        first = first or time.monotonic()
+                        n += 1
+                    elif line.startswith(b"data: [DONE]"):
+                        ok = True
+            else:
+                await r.read()
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+        pass
+    out.append(Rec(cls, t0 - origin, None if first is None else first - origin, time.monotonic() - origin, n, ok))
+
+
+async def _drive(url: str, rate: float, batch_workers: int, phase: float, seed: int) -> list[Rec]:
+    """Phase 1 at `rate` interactive req/s, phase 2 at twice that; the batch backlog runs throughout."""
+    rng = random.Random(seed)
+    recs: list[Rec] = []
+    ibody = B.chat_body(B.MODEL, PROMPT_TOKENS, INTERACTIVE_TOKENS)
+    bbody = B.chat_body(B.MODEL, PROMPT_TOKENS, BATCH_TOKENS)
+    origin = time.monotonic()
+    stop = origin + 2 * phase
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as s:
+        async def batch_worker() -> None:
+            while time.monotonic() < stop:
+                await _one(s, url + "/v1/chat/completions", bbody, "batch", origin, recs)
+
+        async def arrivals() -> None:
+            inflight: set[asyncio.Task] = set()
+            t = origin
+            while True:
+                now = time.monotonic()
+                r = rate if now - origin < phase else 2 * rate
+                t += rng.expovariate(r)
+                if t >= stop:
+                    break
+                await asyncio.sleep(max(0.0, t - time.monotonic()))
+                task = asyncio.create_task(_one(s, url + "/v1/chat/completions", ibody, "interactive", origin, recs))
+                inflight.add(task)
+                task.add_done_callback(inflight.discard)
+            await asyncio.gather(*inflight, return_exceptions=True)
+
+        workers = [asyncio.create_task(batch_worker()) for _ in range(batch_workers)]
+        await arrivals()
+        await asyncio.sleep(max(0.0, stop - time.monotonic()))
+        for w in workers:
+            w.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+    return recs
+
+
+def _class_figures(recs: list[Rec], t0: float, t1: float) -> dict:
+    rows = [r for r in recs if t0 <= r.start < t1]
+    done = [r for r in recs if t0 <= r.end < t1]
+    ttfts = [r.first - r.start for r in rows if r.first is not None]
+    span = max(1e-9, t1 - t0)
+    return {
+        "requests": len(rows),
+        "attainment_pct": round(100 * sum(r.met() for r in rows) / len(rows), 2) if rows else None,
+        "tok_s": round(sum(r.tokens for r in done) / span, 1),
+        "goodput_tok_s": round(sum(r.tokens for r in done if r.met()) / span, 1),
+        "ttft_p50_ms": B._ms(B._pct(ttfts, 50)),
+        "ttft_p99_ms": B._ms(B._pct(ttfts, 99)),
+        "errors": sum(1 for r in rows if not r.ok),
+    }
+
+
+def summarise(recs: list[Rec], warmup: float, phase: float, best_total: float) -> dict:
+    inter = [r for r in recs if r.cls == "interactive"]
+    batch = [r for r in recs if r.cls == "batch"]
+    end = 2 * phase
+    out: dict[str, Any] = {
+        "interactive": _class_figures(inter, warmup, end),
+        "batch": _class_figures(batch, warmup, end),
+        "phase1": {"interactive": _class_figures(inter, warmup, phase), "batch": _class_figures(batch, warmup, phase)},
+        "surge": {"interactive": _class_figures(inter, phase, end), "batch": _class_figures(batch, phase, end)},
+        "after_surge_10s": _class_figures(inter, phase + 10.0, end) if end - phase > 12 else None,
+    }
+    total = out["interactive"]["tok_s"] + out["batch"]["tok_s"]
+    out["total_tok_s"] = round(total, 1)
+    out["pct_of_best_total"] = round(100 * total / best_total, 1)
+    out["recovery_s"] = _recovery(inter, phase, end)
+    return out
+
+
+def _recovery(inter: list[Rec], surge: float, end: float, bucket: float = 2.0) -> float | None:
+    """Seconds after the surge from which every 2-s bucket of interactive arrivals has >= 99% attainment."""
+    edges = [surge + i * bucket for i in range(int((end - surge) // bucket))]
+    good_from = None
+    for e in edges:
+        rows = [r for r in inter if e <= r.start < e + bucket]
+        ok = not rows or sum(r.met() for r in rows) / len(rows) >= 0.99
+        if ok and good_from is None:
+            good_from = e
+        elif not ok:
+            good_from = None
+    return None if good_from is None else round(good_from - surge, 1)
+
+
+def best_total(sims: dict) -> float:
+    """Every GPU server at its slots, plus the hosted API's RPM budget spent on batch-length answers."""
+    total = 0.0
+    for c in sims.values():
+        if c.mode == "gpu":
+            total += B.gpu_tok_s(c, c.slots, BATCH_TOKENS, PROMPT_TOKENS)
+        else:
+            total += min(c.rpm / 60 * BATCH_TOKENS if c.rpm else float("inf"), (c.max_concurrency or 1) * c.tok_s)
+    return total
+
+
+def _fleet(ports: dict[str, int], sims: dict, strategy: str, classes_on: bool) -> dict:
+    fleet = B.fleet_yaml(ports, sims, strategy)
+    targets = {"min_tok_s": FLOOR_TOK_S, "max_ttft_s": MAX_TTFT_S} if classes_on else {"min_tok_s": 0.0, "max_ttft_s": None}
+    fleet["models"][B.MODEL]["classes"] = {"interactive": {**targets, "wait_s": 2.0}}
+    return fleet
+
+
+@scenario("mixed", render=lambda r: render(r))
+async def mixed(bench: Any) -> dict:
+    o = bench.o
+    phase = o.compare_duration
+    rate = 6.0 if not o.quick else 3.0
+    batch_workers = 96 if not o.quick else 24
+    best = best_total(bench.sims)
+    res: dict[str, Any] = {"rate": rate, "batch_workers": batch_workers, "phase_s": phase, "best_total_tok_s": round(best, 1),
+                           "floor_tok_s": FLOOR_TOK_S, "max_ttft_s": MAX_TTFT_S, "variants": {}}
+    for name, strategy, classes_on in VARIANTS:
+        sims = await B.start_sims(bench.procs, bench.sims, f"mixed-{name}")
+        gw = None
+        try:
+            gw = await B.start_gateway(bench.procs, _fleet(sims.ports, bench.sims, strategy, classes_on), f"mixed-{name}",
+                                       strategy=strategy)
+            recs = await _drive(gw.url, rate, batch_workers, phase, seed=7)
+        finally:
+            await bench._teardown(gw, sims)
+        res["variants"][name] = summarise(recs, o.warmup, phase, best)
+        print(f"  mixed/{name}: " + json.dumps({k: res["variants"][name][k] for k in ("total_tok_s", "pct_of_best_total")}
+                                              | {"attainment": res["variants"][name]["interactive"]["attainment_pct"]}), flush=True)
+    res["error_count"] = sum(v["interactive"]["errors"] for v in res["variants"].values())
+    return res
+
+
+def render(r: dict) -> list[str]:
+    lines = [
+        f"Interactive: Poisson {r['rate']:g} req/s then {2 * r['rate']:g} req/s (surge at {r['phase_s']:g} s), "
+        f"{INTERACTIVE_TOKENS}-token answers, targets >= {r['floor_tok_s']:g} tok/s and TTFT <= {r['max_ttft_s']:g} s; "
+        f"batch: {r['batch_workers']} closed-loop workers, {BATCH_TOKENS}-token answers. Fleet's best total "
+        f"{r['best_total_tok_s']:,.0f} tok/s.",
+        "",
+        "| variant | interactive attainment | after surge (+10 s) | recovery | interactive TTFT p50 / p99 | interactive goodput | "
+        "batch tok/s (phase 1 / surge) | total tok/s | % of best total |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, v in r["variants"].items():
+        i, after = v["interactive"], v.get("after_surge_10s") or {}
+        lines.append(
+            f"| {name} | {B._f(i['attainment_pct'], 1, '%')} | {B._f(after.get('attainment_pct'), 1, '%')} | "
+            f"{B._f(v['recovery_s'], 0, ' s')} | {B._f(i['ttft_p50_ms'], 0)} / {B._f(i['ttft_p99_ms'], 0)} ms | "
+            f"{B._f(i['goodput_tok_s'], 0)} | {B._f(v['phase1']['batch']['tok_s'], 0)} / {B._f(v['surge']['batch']['tok_s'], 0)} | "
+            f"{B._f(v['total_tok_s'], 0)} | {B._f(v['pct_of_best_total'], 1, '%')} |"
+        )
+    return lines
