@@ -45,7 +45,7 @@ from gateway.state.measure import PROGRESS_SAMPLE_EVERY, Outcome, finish, mean_l
 from gateway.state.stats import UpstreamStats
 from gateway.sync.fleet_sync import FleetSync
 from gateway.tokens import max_output_tokens
-from gateway.upstream import provider_for
+from gateway.upstream import provider_for, telemetry_provider_name
 
 log = logging.getLogger("gateway.proxy")
 
@@ -220,9 +220,10 @@ class Proxy:
         contacted = False  # the upstream was actually called
         with self.tel.tracer.start_as_current_span(f"{ex.operation} {upstream_model}", kind=SpanKind.CLIENT) as span:
             span.set_attribute(T.ATTR_GEN_AI_OPERATION_NAME, ex.operation)
-            span.set_attribute(T.ATTR_GEN_AI_PROVIDER_NAME, T.provider_name(cfg.provider))
+            span.set_attribute(T.ATTR_GEN_AI_PROVIDER_NAME, telemetry_provider_name(cfg))  # ops: engine-aware (issue 12.7)
             span.set_attribute(T.ATTR_GEN_AI_REQUEST_MODEL, upstream_model)
             span.set_attribute(T.ATTR_SERVER_ADDRESS, _host(cfg.base_url))
+            span.set_attribute(T.ATTR_SERVER_PORT, T.server_address_port(cfg.base_url)[1])  # ops: issue 12.7
             span.set_attribute(T.ATTR_UPSTREAM, u.name)
             span.set_attribute(T.ATTR_ATTEMPT, attempt)
             self.tel.inject(headers)
@@ -296,7 +297,7 @@ class Proxy:
                 if not verdict:
                     self.health.abandoned(u)  # a half-open probe that ended without a verdict frees the probe slot
                 self._finish(u, ex, out, n_start, t0)
-                self._annotate(span, server_span, ex, out, u, started, error_type)
+                self._annotate(span, server_span, ex, out, u, t0, error_type)  # ops: duration from the attempt's start
         return result
 
     async def _upstream_error(self, u: UpstreamStats, resp: aiohttp.ClientResponse) -> Exception:
@@ -513,7 +514,7 @@ class Proxy:
             if out.finish_reasons:
                 attrs[T.ATTR_GEN_AI_RESPONSE_FINISH_REASONS] = out.finish_reasons
             if out.ttft is not None:
-                attrs[T.ATTR_TTFT_MS] = round(out.ttft * 1000, 2)
+                attrs[T.ATTR_GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK] = round(out.ttft, 6)  # ops: semconv name, seconds
             if out.first_at and out.last_at and out.output_tokens > 1 and out.last_at > out.first_at:
                 attrs[T.ATTR_OUTPUT_TOKENS_PER_SECOND] = round((out.output_tokens - 1) / (out.last_at - out.first_at), 2)
             span.set_attributes(attrs)
@@ -528,9 +529,10 @@ class Proxy:
                 operation=ex.operation,
                 request_model=ex.model,
                 response_model=out.response_model,
-                provider=T.provider_name(u.cfg.provider),
+                provider=telemetry_provider_name(u.cfg),  # ops: engine-aware (issue 12.7)
                 upstream=u.name,
                 server_address=_host(u.cfg.base_url),
+                server_port=T.server_address_port(u.cfg.base_url)[1],  # ops: issue 12.7
                 duration_s=time.monotonic() - started,
                 ttft_s=out.ttft if ex.stream else None,  # time to first chunk exists for streams only
                 input_tokens=out.input_tokens,

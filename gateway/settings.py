@@ -68,8 +68,6 @@ class Settings(BaseSettings):
     @field_validator("default_strategy")
     @classmethod
     def _strategy(cls, v: str) -> str:
-        from gateway.config import STRATEGIES
+        from gateway.config import check_strategy
 
-        if v not in STRATEGIES:
-            raise ValueError(f"unknown strategy {v!r}; choose one of {', '.join(STRATEGIES)}")
-        return v
+        return check_strategy(v)

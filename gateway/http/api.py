@@ -23,6 +23,8 @@ _MAX_INT = 2**31 - 1
 #: character on the event loop, so a 4 MB prompt would stall every other request for ~2 s.
 _TOKENIZE_MAX_BYTES = 64 * 1024
 BODY_BYTES = web.RequestKey("gw_body_bytes", int)
+#: The model the client asked for, once the body is parsed (the request-metrics middleware labels with it).
+REQUEST_MODEL = web.RequestKey("gw_request_model", str)
 _MAX_MODEL_NAME = 256
 
 
@@ -49,6 +51,8 @@ async def read_json(request: web.Request) -> dict:
         raise GatewayError(400, "We could not parse the JSON body of your request. It must be valid JSON.") from None
     if not isinstance(body, dict):
         raise GatewayError(400, "The JSON body must be an object.")
+    if isinstance(body.get("model"), str):
+        request[REQUEST_MODEL] = body["model"]
     return body
 
 

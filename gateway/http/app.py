@@ -8,13 +8,14 @@ import signal
 from pathlib import Path
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.auth import API_KEY, KEYS, KeyStore, presented_key
 from gateway.config import FleetConfig, load_fleet
 from gateway.errors import GatewayError
 from gateway.http import admin
 from gateway.http import api as handlers
-from gateway.http.api import PROXY_KEY
+from gateway.http.api import PROXY_KEY, REQUEST_MODEL
 from gateway.observability import redact
 from gateway.observability.telemetry import Telemetry
 from gateway.periodic import Periodic
@@ -32,9 +33,44 @@ DRAINING = web.AppKey("draining", list)
 CHECKER = web.AppKey("checker", HealthChecker)
 
 
+def is_anthropic_path(path: str) -> bool:
+    """/v1/messages and everything under it speak Anthropic's wire format, errors included (404, 405 too)."""
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+@web.middleware
+async def request_metrics_middleware(request: web.Request, handler):
+    """Outermost: one ``gateway_requests_total`` count per API request with the status the client got, also
+    for requests refused before routing (400, 401, 404, 413, 429 ...). Sees the error middleware's response."""
+    if not request.path.startswith("/v1/"):
+        return await handler(request)
+    code = 500
+    try:
+        resp = await handler(request)
+        code = resp.status
+        return resp
+    except web.HTTPException as e:
+        code = e.status
+        raise
+    except (asyncio.CancelledError, ConnectionResetError):
+        code = 499  # the client went away before the answer
+        raise
+    finally:
+        _count_request(request, code)
+
+
+def _count_request(request: web.Request, code: int) -> None:
+    proxy = request.app[PROXY_KEY]
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    asked = request.get(REQUEST_MODEL)
+    resolved = proxy.fleet.config.resolve(asked) if asked else None  # never a raw client string: bounded labels
+    proxy.tel.record_request(route=route, model=resolved[0] if resolved else "", code=code)
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler):
-    dialect = "anthropic" if request.path == "/v1/messages" else "openai"
+    dialect = "anthropic" if is_anthropic_path(request.path) else "openai"
     try:
         return await handler(request)
     except GatewayError as e:
@@ -94,7 +130,8 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
     text = proxy.tel.prometheus_text(admin.fleet_snapshot(request.app))
-    return web.Response(text=text, content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"})
+    headers = {"Content-Type": CONTENT_TYPE_LATEST, "X-Content-Type-Options": "nosniff"}
+    return web.Response(body=text.encode(), headers=headers)
 
 
 _DASHBOARD = Path(__file__).with_name("static") / "dashboard.html"
@@ -133,7 +170,7 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
     )
 
     app = web.Application(
-        middlewares=[error_middleware, gate_middleware],
+        middlewares=[request_metrics_middleware, error_middleware, gate_middleware],
         client_max_size=settings.max_body_bytes,
         # Request line and each header line are capped; aiohttp answers 400/431 itself when they are exceeded.
         handler_args={"max_line_size": settings.max_header_bytes, "max_field_size": settings.max_header_bytes},

@@ -15,6 +15,7 @@ import math
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.errors import GatewayError
@@ -135,7 +136,7 @@ class Router:
             if why == "unavailable":
                 raise Refusal("unavailable", f"no upstream in the pool for model {pool.model!r} can serve this request")
             raise Refusal(why, f"every upstream for model {pool.model!r} is {why.replace('_', ' ')}")
-        return _STRATEGIES[pool.strategy](pool, cands, est)
+        return STRATEGIES[pool.strategy](pool, cands, est)
 
     # ---- admission (queue when everything is busy) ----------------------------------------------------------
     async def admit(self, pool: Pool, est: Estimate, exclude: frozenset[str] = frozenset()) -> Decision:
@@ -280,7 +281,9 @@ def _lowest_latency(pool: Pool, cands: list[UpstreamStats], est: Estimate) -> De
     return Decision(u, "lowest_latency", f"lowest predicted latency {scores[u.name]:.2f}s", scores)
 
 
-_STRATEGIES = {
+#: The one registry of routing strategies: config and settings validation, docs and the router read it.
+#: Adding a strategy = a function here (or imported here) plus its entry and its test.
+STRATEGIES: dict[str, Callable[[Pool, list[UpstreamStats], Estimate], Decision]] = {
     "throughput": _throughput,
     "weighted": _weighted,
     "round_robin": _round_robin,
