@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from gateway.auth import API_KEY, KEYS, KeyStore, presented_key
 from gateway.config import FleetConfig, load_fleet
 from gateway.errors import GatewayError
-from gateway.http import admin
+from gateway.http import admin, count_tokens
 from gateway.http import api as handlers
 from gateway.http.api import PROXY_KEY, REQUEST_MODEL
 from gateway.observability import redact
@@ -179,6 +179,7 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
     app[KEYS] = keys
     app[DRAINING] = []
     handlers.add_routes(app)
+    count_tokens.add_routes(app)
     admin.add_routes(app)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
