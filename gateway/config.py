@@ -201,12 +201,20 @@ def _report(p: Path, e: ValidationError, raw: dict) -> str:
     return "\n".join([f"{p}: {len(problems)} problem(s)", *problems])
 
 
+def missing_key_warnings(fleet: FleetConfig) -> list[str]:
+    """Upstreams whose key variable is unset or empty: every request to them would be a 401 from the upstream,
+    then an ejection that looks like an outage. Logged at start-up, shown on /healthz and by check-config."""
+    return [
+        f"upstream {name!r}: env var {up.api_key_env} is empty or not set; its requests will fail authentication"
+        for name, up in fleet.upstreams.items()
+        if up.api_key_env and not os.environ.get(up.api_key_env, "").strip()
+    ]
+
+
 def check_warnings(fleet: FleetConfig) -> list[str]:
     """Non-fatal findings for `gateway check-config`."""
-    out = []
+    out = missing_key_warnings(fleet)
     for name, up in fleet.upstreams.items():
-        if up.api_key_env and not os.environ.get(up.api_key_env):
-            out.append(f"upstream {name!r}: env var {up.api_key_env} is not set")
         if up.kind == "hosted" and not (up.rpm or up.tpm):
             out.append(f"upstream {name!r}: hosted upstream without rpm/tpm limits")
     used = {u for m in fleet.models.values() for u in m.upstreams}

@@ -11,7 +11,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.auth import API_KEY, KEYS, KeyStore, presented_key
-from gateway.config import FleetConfig, load_fleet
+from gateway.config import FleetConfig, load_fleet, missing_key_warnings
 from gateway.errors import GatewayError
 from gateway.http import admin, count_tokens
 from gateway.http import api as handlers
@@ -30,6 +30,8 @@ from gateway.tokens import encoding
 
 log = logging.getLogger("gateway")
 DRAINING = web.AppKey("draining", list)
+#: Configuration findings that do not stop the start (empty key variables ...), shown on /healthz.
+WARNINGS = web.AppKey("warnings", list)
 CHECKER = web.AppKey("checker", HealthChecker)
 
 
@@ -118,7 +120,10 @@ async def gate_middleware(request: web.Request, handler):
 async def healthz(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
     status = "degraded" if proxy.sync.status == "degraded" else "ok"
-    return web.json_response({"status": status, "redis": proxy.sync.status, "replica": proxy.s.replica_id})
+    body = {"status": status, "redis": proxy.sync.status, "replica": proxy.s.replica_id}
+    if request.app[WARNINGS]:
+        body["warnings"] = request.app[WARNINGS]
+    return web.json_response(body)
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -148,6 +153,9 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
         redact.add_secret(settings.admin_key.get_secret_value())
     for up in cfg.upstreams.values():
         redact.add_secret(up.api_key())
+    warnings = missing_key_warnings(cfg)
+    for w in warnings:
+        log.warning("%s", w)
     if settings.require_api_key and settings.admin_key is None:
         log.warning("GATEWAY_REQUIRE_API_KEY is set but GATEWAY_ADMIN_KEY is not: no API key can be created")
     fleet = Fleet(cfg, settings.default_strategy)
@@ -178,6 +186,7 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
     app[PROXY_KEY] = proxy
     app[KEYS] = keys
     app[DRAINING] = []
+    app[WARNINGS] = warnings
     handlers.add_routes(app)
     count_tokens.add_routes(app)
     admin.add_routes(app)

@@ -558,17 +558,40 @@ _ARG_TYPES: dict[str, type] = {
 }
 
 
+_ARG_HELP: dict[str, str] = {
+    "name": "name reported in responses and logs",
+    "mode": "gpu: one continuous-batching loop shared by all requests; hosted: independent requests (an API)",
+    "base_step": "gpu: seconds per decode step with nothing running",
+    "per_seq": "gpu: extra seconds per step for each running sequence",
+    "prefill_per_token": "gpu: extra seconds per step for each prompt token admitted in it",
+    "slots": "gpu: max running sequences; the rest wait FIFO",
+    "ttft": "hosted: seconds to the first token",
+    "tok_s": "hosted: output tokens per second per request",
+    "rpm": "hosted: requests per window before 429 + Retry-After",
+    "tpm": "hosted: tokens (prompt + max_tokens) per window before 429",
+    "window": "hosted: rate-limit window in seconds",
+    "max_concurrency": "hosted: more requests in flight than this get a 429",
+    "default_max_tokens": "output tokens when the request sets no max_tokens",
+    "error_rate": "fraction of requests answered 500 before any output",
+    "slowdown": "multiplier on step time (gpu) or ttft and 1/tok_s (hosted)",
+    "slowdown_at": "seconds after start when --slowdown-factor kicks in (a fault to adapt to)",
+    "slowdown_factor": "slowdown applied from --slowdown-at on",
+    "api_key": "require this key (Bearer, api-key or x-api-key header), else 401",
+    "seed": "random seed (error injection, generated words)",
+}
+
+
 def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one --flag per SimConfig field plus --host/--port."""
     defaults = SimConfig()
     for f in fields(SimConfig):
         kw: dict[str, Any] = {"type": _ARG_TYPES[f.name], "default": getattr(defaults, f.name),
-                              "help": f"(default: {getattr(defaults, f.name)})"}
+                              "help": f"{_ARG_HELP.get(f.name, '')} (default: {getattr(defaults, f.name)})".strip()}
         if f.name == "mode":
             kw["choices"] = ["gpu", "hosted"]
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=9101)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=9101, help="port to listen on (default: 9101)")
 
 
 def config_from_args(ns: argparse.Namespace) -> SimConfig:
