@@ -120,7 +120,7 @@ async def gate_middleware(request: web.Request, handler):
 async def healthz(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
     status = "degraded" if proxy.sync.status == "degraded" else "ok"
-    body = {"status": status, "redis": proxy.sync.status, "replica": proxy.s.replica_id}
+    body: dict[str, object] = {"status": status, "redis": proxy.sync.status, "replica": proxy.s.replica_id}
     if request.app[WARNINGS]:
         body["warnings"] = request.app[WARNINGS]
     return web.json_response(body)

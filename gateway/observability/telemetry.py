@@ -603,7 +603,7 @@ def _sdk_families(data: MetricsData | None) -> Iterator[Metric]:
                 d = metric.data
                 name = _prom_name(metric.name, metric.unit)
                 if isinstance(d, _HistogramData):
-                    yield _histogram(name, metric.description, d)
+                    yield _histogram(name, metric.description or "", d)
                 elif isinstance(d, _SumData) and d.is_monotonic:  # the gateway's only other instrument kind
                     fam = Metric(name, metric.description or name, "counter")  # "_total" is added to the samples
                     for dp in d.data_points:

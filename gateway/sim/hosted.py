@@ -105,7 +105,7 @@ class _HostedStream(TokenStream):
     async def _sleep(self, delay: float) -> None:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        handle = loop.call_later(max(0.0, delay), lambda: fut.done() or fut.set_result(None))
+        handle = loop.call_later(max(0.0, delay), lambda: None if fut.done() else fut.set_result(None))
         self._waiter = fut
         try:
             await fut

@@ -233,7 +233,7 @@ class Wire:
             return [self._delta({"role": "assistant", "content": ""})]
         if j.api == "completions":
             return []
-        msg = {"id": self.id, "type": "message", "role": "assistant", "content": [], "model": j.model,
+        msg: dict[str, Any] = {"id": self.id, "type": "message", "role": "assistant", "content": [], "model": j.model,
                "stop_reason": None, "stop_sequence": None,
                "usage": {"input_tokens": j.prompt_tokens, "output_tokens": 1}}
         block = ({"type": "tool_use", "id": j.tool_id, "name": j.tool, "input": {}} if j.tool

@@ -106,7 +106,7 @@ _COLUMNS = (
 
 
 def _row(u: dict[str, Any]) -> list[str]:
-    cap = u.get("capacity") if isinstance(u.get("capacity"), dict) else {}
+    cap: dict[str, Any] = u["capacity"] if isinstance(u.get("capacity"), dict) else {}
     sat = _num(cap.get("saturation_tok_s"))
     toks = _num(u.get("tok_s"))
     sat_pct = f"{100 * toks / sat:.0f}%" if sat and toks is not None else "-"
@@ -140,7 +140,7 @@ def render(snap: dict[str, Any], *, url: str = "", color: bool = False, width: i
     when = time.strftime("%H:%M:%S", time.localtime(ts)) if ts is not None else "-"
     tot_toks = sum(_num(u.get("tok_s")) or 0.0 for u in ups)
     tot_inflight = sum(_num(u.get("inflight")) or 0.0 for u in ups)
-    queues = snap.get("queue_depth") if isinstance(snap.get("queue_depth"), dict) else {}
+    queues: dict[str, Any] = snap["queue_depth"] if isinstance(snap.get("queue_depth"), dict) else {}
     redis_s = f"{_REDIS_COLORS.get(redis, '')}{redis}{_RESET}" if color else redis
 
     lines = [

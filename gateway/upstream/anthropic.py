@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-
 from typing import TYPE_CHECKING
 
 from gateway.dialects.anthropic_wire import MessagesStreamToChat, chat_request_to_messages, messages_response_to_chat

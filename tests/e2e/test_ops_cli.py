@@ -99,3 +99,21 @@ async def test_empty_key_variable_is_warned_at_start_and_on_healthz(sim_fleet, s
     assert body["status"] == "ok"
     assert len(body["warnings"]) == 2 and "OPS_TEST_KEY_EMPTY" in body["warnings"][0] + body["warnings"][1]
     assert "sk-present" not in str(body)
+
+
+def test_make_test_runs_ruff_and_mypy_before_pytest_and_ci_runs_make_test():
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    # -n: print the recipe only (nothing is installed or run); a private VENV path keeps it away from any real venv.
+    out = subprocess.run(
+        ["make", "-n", "test", "VENV=/nonexistent-venv"], cwd=root, capture_output=True, text=True, timeout=60, check=True
+    ).stdout.splitlines()
+    idx = {tool: next(i for i, line in enumerate(out) if line.startswith(f"/nonexistent-venv/bin/{tool} ")) for tool in ("ruff", "mypy", "pytest")}
+    assert idx["ruff"] < idx["pytest"] and idx["mypy"] < idx["pytest"]
+    assert out[idx["ruff"]].split()[1:] == ["check", "gateway", "tests"]
+    assert out[idx["mypy"]].split()[1:] == ["gateway"]
+    assert any("prometheus" in line and "apt-get install" in line for line in out)  # installed when missing
+    ci = (root / ".ci" / "run").read_text().splitlines()
+    assert [line for line in ci if line and not line.startswith("#") and not line.startswith(("set ", "cd "))] == ["make test"]
