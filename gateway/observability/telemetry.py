@@ -390,7 +390,9 @@ class Telemetry:
         # ---- metrics ------------------------------------------------------------
         self._reader = InMemoryMetricReader()
         readers: list[MetricReader] = [self._reader]
-        if _otlp_metrics_wanted():
+        #: True when metrics are also pushed over OTLP (besides the /metrics scrape).
+        self.otlp_metrics = _otlp_metrics_wanted()
+        if self.otlp_metrics:
             from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
             readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))

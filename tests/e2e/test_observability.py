@@ -120,7 +120,9 @@ async def test_real_prometheus_scrapes_the_gateway(gateway, tmp_path: Path):
     await _traffic(gateway.url)
     ctype, text = await _metrics(gateway.url)
     assert ctype == CONTENT_TYPE_LATEST
-    r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    r = await asyncio.to_thread(
+        subprocess.run, [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+    )
     assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), r.stdout + r.stderr
 
     target = gateway.url.removeprefix("http://")
