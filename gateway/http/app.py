@@ -146,6 +146,16 @@ async def dashboard(request: web.Request) -> web.Response:
     return web.Response(body=_DASHBOARD.read_bytes(), content_type="text/html", charset="utf-8")
 
 
+def _startup_warnings(cfg: FleetConfig, settings: Settings) -> list[str]:
+    """Logged once at start-up; the fleet ones are also shown on /healthz (a missing key looks like an outage)."""
+    warnings = missing_key_warnings(cfg)
+    for w in warnings:
+        log.warning("%s", w)
+    if settings.require_api_key and settings.admin_key is None:
+        log.warning("GATEWAY_REQUIRE_API_KEY is set but GATEWAY_ADMIN_KEY is not: no API key can be created")
+    return warnings
+
+
 def create_app(settings: Settings, fleet_config: FleetConfig | None = None, telemetry: Telemetry | None = None) -> web.Application:
     cfg = fleet_config or load_fleet(settings.config)
     redact.install()
@@ -153,11 +163,7 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
         redact.add_secret(settings.admin_key.get_secret_value())
     for up in cfg.upstreams.values():
         redact.add_secret(up.api_key())
-    warnings = missing_key_warnings(cfg)
-    for w in warnings:
-        log.warning("%s", w)
-    if settings.require_api_key and settings.admin_key is None:
-        log.warning("GATEWAY_REQUIRE_API_KEY is set but GATEWAY_ADMIN_KEY is not: no API key can be created")
+    warnings = _startup_warnings(cfg, settings)
     fleet = Fleet(cfg, settings.default_strategy)
     tel = telemetry or Telemetry(capture_content=settings.capture_content)
     health = OutlierDetector(

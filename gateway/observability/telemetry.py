@@ -106,7 +106,6 @@ ATTR_GEN_AI_OUTPUT_MESSAGES = "gen_ai.output.messages"
 ATTR_SERVER_ADDRESS = "server.address"
 ATTR_SERVER_PORT = "server.port"
 ATTR_ERROR_TYPE = "error.type"
-ATTR_HTTP_RESPONSE_STATUS_CODE = "http.response.status_code"
 
 # Gateway-specific span attributes.
 ATTR_UPSTREAM = "gateway.upstream.name"
@@ -363,7 +362,10 @@ class Telemetry:
         self.resource = Resource.create({"service.name": self.service_name})
         self._shutdown_done = False
 
-        # ---- traces -------------------------------------------------------------
+        self._init_tracing(span_exporter)
+        self._init_metrics()
+
+    def _init_tracing(self, span_exporter: SpanExporter | None) -> None:
         otlp_traces = bool(
             _env("OTEL_EXPORTER_OTLP_ENDPOINT") or _env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
         ) and _env("OTEL_TRACES_EXPORTER").lower() != "none"
@@ -387,7 +389,7 @@ class Telemetry:
         #: True when spans are recorded and exported.
         self.tracing_enabled = self.tracer_provider is not None
 
-        # ---- metrics ------------------------------------------------------------
+    def _init_metrics(self) -> None:
         self._reader = InMemoryMetricReader()
         readers: list[MetricReader] = [self._reader]
         #: True when metrics are also pushed over OTLP (besides the /metrics scrape).
@@ -464,7 +466,7 @@ class Telemetry:
         code: int | str | None = None,
         server_port: int | None = None,
     ) -> None:
-        """Record one finished upstream operation (call once per client request).
+        """Record one finished upstream attempt (call once per attempt; the HTTP layer counts requests).
 
         * ``provider``: a semconv ``gen_ai.provider.name`` value (use :func:`provider_name`);
           a raw kind is mapped too.
