@@ -32,6 +32,7 @@ Call ``await telemetry.shutdown()`` on exit: nothing is registered with ``atexit
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import re
@@ -170,6 +171,7 @@ def output_messages_json(text: str, finish_reason: str | None) -> str:
     return json.dumps([msg])
 
 
+@functools.lru_cache(maxsize=256)  # per attempt on the request path: a dict lookup after the first call
 def provider_name(kind: str) -> str:
     """Map a fleet provider kind ("openai", "azure", "anthropic") to ``gen_ai.provider.name``, from the
     provider registry (gateway.upstream). Values that already are semconv values pass through; unknown ones
@@ -184,6 +186,7 @@ def provider_name(kind: str) -> str:
     return k or PROVIDERS["openai"].telemetry_name
 
 
+@functools.lru_cache(maxsize=256)  # per attempt on the request path; base URLs are few
 def server_address_port(base_url: str) -> tuple[str, int]:
     """``server.address`` and ``server.port`` of an upstream URL (the port defaults by scheme, as the
     convention asks for the port the client connected to)."""
