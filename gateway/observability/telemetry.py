@@ -36,12 +36,13 @@ import functools
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 from opentelemetry import trace
 from opentelemetry.context import Context
+from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
@@ -333,6 +334,16 @@ def _env_flag(name: str) -> bool:
     return _env(name).lower() in ("1", "true", "yes", "on")
 
 
+def _observe(counts: dict[tuple[str, str, str], int], labels: tuple[str, str, str]) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    """Observable-counter callback over a dict of cumulative counts keyed by label values. Readers may call it
+    from their own thread: ``dict(counts)`` is one C-level copy under the GIL, safe against concurrent increments."""
+
+    def callback(options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(n, dict(zip(labels, key))) for key, n in dict(counts).items()]
+
+    return callback
+
+
 def _otlp_metrics_wanted() -> bool:
     """OTLP metric push follows the standard variables (``OTEL_METRICS_EXPORTER`` defaults to otlp). A trace-only
     backend such as Jaeger rejects metrics: deployments that point ``OTEL_EXPORTER_OTLP_ENDPOINT`` at one set
@@ -426,13 +437,19 @@ class Telemetry:
             ),
             explicit_bucket_boundaries_advisory=list(TTFC_BUCKETS),
         )
-        self._requests = meter.create_counter(
+        # The two per-request counters are plain dict increments (~0.2 us, vs ~20 us for an SDK counter add),
+        # read by observable counters when a reader collects (a /metrics scrape or an OTLP export).
+        self._request_counts: dict[tuple[str, str, str], int] = {}
+        self._attempt_counts: dict[tuple[str, str, str], int] = {}
+        meter.create_observable_counter(
             METRIC_GATEWAY_REQUESTS,
+            callbacks=[_observe(self._request_counts, ("model", "route", "code"))],
             unit="{request}",
             description="Client requests answered by the gateway, by model, route and the HTTP status the client got.",
         )
-        self._attempts = meter.create_counter(
+        meter.create_observable_counter(
             METRIC_GATEWAY_ATTEMPTS,
+            callbacks=[_observe(self._attempt_counts, ("model", "upstream", "code"))],
             unit="{attempt}",
             description="Attempts on upstreams, by model, upstream and HTTP status (a retried request has several).",
         )
@@ -505,7 +522,8 @@ class Telemetry:
         if output_tokens is not None:
             self._tokens.record(int(output_tokens), {**attrs, ATTR_GEN_AI_TOKEN_TYPE: TOKEN_TYPE_OUTPUT})
         status = code if code is not None else status_code(error_type)
-        self._attempts.add(1, {"model": request_model or "", "upstream": upstream or "", "code": str(status)})
+        key = (request_model or "", upstream or "", str(status))
+        self._attempt_counts[key] = self._attempt_counts.get(key, 0) + 1
 
     def record_request(self, *, route: str, model: str, code: int) -> None:
         """Count one client request with the status it got (``gateway_requests_total{model,route,code}``).
@@ -513,7 +531,8 @@ class Telemetry:
         Called once per request by the HTTP layer, also for requests refused before routing. ``route`` is the
         matched route pattern (bounded), ``model`` a configured model name or "" (never the client's raw
         string: an unknown model must not create a new series)."""
-        self._requests.add(1, {"model": model, "route": route, "code": str(code)})
+        key = (model, route, str(code))
+        self._request_counts[key] = self._request_counts.get(key, 0) + 1
 
     def record_ejection(self, upstream: str) -> None:
         """Count one ejection of ``upstream`` (``gateway_ejections_total{upstream}``)."""

@@ -222,6 +222,7 @@ async def test_gzip_export_and_otlp_metrics(otlp_receiver: OTLPReceiver, monkeyp
         provider="openai", upstream="fast-gpu", server_address="gpu1.internal", server_port=8000,
         duration_s=1.5, ttft_s=0.2, input_tokens=100, output_tokens=300, error_type=None,
     )
+    tel.record_request(route="/v1/chat/completions", model="fleet-model", code=404)
     # shutdown flushes both providers (in a thread, so this loop can serve the receiver)
     await asyncio.wait_for(tel.shutdown(), 20)
     [root] = await otlp_receiver.wait_for(lambda s: s["name"] == "root span")
@@ -247,6 +248,13 @@ async def test_gzip_export_and_otlp_metrics(otlp_receiver: OTLPReceiver, monkeyp
     assert by_type["output"]["explicit_bounds"] == list(tm.TOKEN_BUCKETS)
     [ttfc] = [m for m in otlp_receiver.metrics if m["name"] == tm.METRIC_TIME_TO_FIRST_CHUNK]
     assert ttfc["data_points"][0]["explicit_bounds"] == list(tm.TTFC_BUCKETS)
+    # the per-request counters are exported too (observable counters over the in-memory counts)
+    [req] = [m for m in otlp_receiver.metrics if m["name"] == tm.METRIC_GATEWAY_REQUESTS]
+    assert req["type"] == "sum" and req["data_points"] == [
+        {"attributes": {"model": "fleet-model", "route": "/v1/chat/completions", "code": "404"}, "value": 1}
+    ]
+    [att] = [m for m in otlp_receiver.metrics if m["name"] == tm.METRIC_GATEWAY_ATTEMPTS]
+    assert att["data_points"] == [{"attributes": {"model": "fleet-model", "upstream": "fast-gpu", "code": "200"}, "value": 1}]
     encodings = {(path, enc) for path, _, enc in otlp_receiver.requests}
     assert ("/v1/traces", "gzip") in encodings and ("/v1/metrics", "gzip") in encodings
 
