@@ -144,3 +144,24 @@ async def test_attempt_status_and_duration_from_the_attempt_start(start_sims, st
     assert value(text, f"{dur}_sum", error_type="upstream_500") >= delay
     ok = [v for n, lbl, v in samples(text) if n == f"{dur}_sum" and "error_type" not in lbl]
     assert len(ok) == 1 and ok[0] < delay / 2  # the good attempt is timed from its own start
+
+
+async def test_requests_refused_before_routing_are_counted_401_and_429(sim_fleet, start_gateway):
+    admin = {"Authorization": "Bearer ops-admin-key-123"}
+    gw = await start_gateway(sim_fleet.config(), require_api_key=True, admin_key="ops-admin-key-123")
+    body = {"model": "fleet-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + "/admin/keys", json={"name": "ops", "rpm": 1}, headers=admin) as r:
+            assert r.status == 201
+            key = (await r.json())["key"]
+        statuses = []
+        for h in ({}, {"Authorization": f"Bearer {key}"}, {"Authorization": f"Bearer {key}"}):
+            async with s.post(gw.url + "/v1/chat/completions", json=body, headers=h) as r:
+                statuses.append(r.status)
+    assert statuses == [401, 200, 429]
+    _, text = await scrape(gw)
+    route = "/v1/chat/completions"
+    assert value(text, "gateway_requests_total", route=route, model="", code="401") == 1  # before the body is read
+    assert value(text, "gateway_requests_total", route=route, model="fleet-model", code="200") == 1
+    assert value(text, "gateway_requests_total", route=route, model="fleet-model", code="429") == 1
+    assert not [lbl for n, lbl, _ in samples(text) if n == "gateway_requests_total" and lbl["route"].startswith("/admin")]
