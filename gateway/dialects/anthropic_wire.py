@@ -473,7 +473,9 @@ def _image_part(source: dict[str, Any]) -> dict[str, Any]:
     if stype == "base64":
         url = f"data:{source.get('media_type')};base64,{source.get('data')}"
     elif stype == "url":
-        url = str(source.get("url") or "")
+        if not isinstance(source.get("url"), str):
+            raise ValueError("an image source of type 'url' needs a string 'url'")
+        url = source["url"]
     else:
         raise ValueError(f"unsupported image source type {stype!r}")
     return {"type": "image_url", "image_url": {"url": url}}
