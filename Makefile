@@ -5,7 +5,7 @@ PYTHON ?= python3
 APT := $(shell command -v apt-get 2>/dev/null)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install run test bench redis chromium check clean
+.PHONY: install run test lint bench redis chromium prometheus check clean
 
 install: $(VENV)/.installed
 
@@ -25,10 +25,19 @@ redis:
 chromium:
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 
+# Prometheus and promtool for the scrape test (Debian's package).
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
+
 run: install
 	$(VENV)/bin/gateway demo
 
-test: install redis chromium
+# Static checks first (cheap, and a type error fails fast): ruff on code and tests, mypy on the runtime package.
+lint: install
+	$(VENV)/bin/ruff check gateway tests
+	$(VENV)/bin/mypy gateway
+
+test: install redis chromium prometheus lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests
 
 bench: install redis

@@ -23,8 +23,10 @@ def _settings(**overrides) -> Settings:
         return Settings(**overrides)
     except ValidationError as e:
         for err in e.errors():
-            name = "GATEWAY_" + "_".join(str(x) for x in err["loc"]).upper()
-            print(f"{name}: {err['msg']}", file=sys.stderr)
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["loc"]:
+                msg = "GATEWAY_" + "_".join(str(x) for x in err["loc"]).upper() + ": " + msg
+            print(msg, file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -149,19 +151,25 @@ def main(argv: list[str] | None = None) -> int:
         from gateway.tools.top import main as top_main
 
         return top_main(argv[1:])
+    ns = build_parser().parse_args(argv)
+    return ns.fn(ns) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag has a help text (tests/e2e/test_cli.py checks it)."""
     parser = argparse.ArgumentParser(prog="gateway", description="LLM throughput gateway")
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("serve", help="run the gateway (settings from GATEWAY_* env)")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
+    p.add_argument("--host", help="address to listen on (default: GATEWAY_HOST or 0.0.0.0)")
+    p.add_argument("--port", type=int, help="port to listen on (default: GATEWAY_PORT or 8080)")
     p.add_argument("--config", help="fleet YAML (default: GATEWAY_CONFIG or the embedded demo fleet)")
     p.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT) and Redis")
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("demo", help="simulated 3-upstream fleet + gateway (what `make run` starts)")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=int, default=8080, help="gateway port (default: 8080)")
     p.add_argument("--sim-port", type=int, default=9101, help="first of the three simulator ports")
     p.set_defaults(fn=cmd_demo)
 
@@ -172,11 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_sim)
 
     p = sub.add_parser("check-config", help="validate a fleet YAML")
-    p.add_argument("path", nargs="?")
+    p.add_argument("path", nargs="?", help="fleet YAML to check (default: GATEWAY_CONFIG or the embedded demo fleet)")
     p.set_defaults(fn=cmd_check_config)
 
     sub.add_parser("bench", help="throughput benchmark on a simulated heterogeneous fleet (gateway bench --help)")
     sub.add_parser("top", help="live terminal view of a running gateway (gateway top --help)")
-
-    ns = parser.parse_args(argv)
-    return ns.fn(ns) or 0
+    return parser

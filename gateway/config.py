@@ -3,15 +3,46 @@
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-ProviderKind = Literal["openai", "azure", "anthropic"]
+from gateway.upstream import provider_kinds
+
 UpstreamKind = Literal["gpu", "hosted"]
-STRATEGIES = ("throughput", "weighted", "round_robin", "least_busy", "lowest_latency")
+
+
+def _known_provider(v: str) -> str:
+    kinds = provider_kinds()
+    if v not in kinds:
+        raise ValueError(f"unknown provider {v!r}; choose one of {', '.join(kinds)}")
+    return v
+
+
+#: A key of the provider registry (gateway.upstream.PROVIDERS): the registry is the only list of kinds.
+ProviderKind = Annotated[str, AfterValidator(_known_provider)]
+
+
+def strategy_names() -> tuple[str, ...]:
+    """The routing strategies, from the router's registry (imported late: the router imports this module)."""
+    from gateway.routing.router import STRATEGIES
+
+    return tuple(STRATEGIES)
+
+
+def check_strategy(v: str) -> str:
+    """Validator shared by the fleet YAML (per model) and settings (GATEWAY_DEFAULT_STRATEGY)."""
+    names = strategy_names()
+    if v not in names:
+        raise ValueError(f"unknown strategy {v!r}; choose one of {', '.join(names)}")
+    return v
+
+
+_ENGINE = re.compile(r"^[a-z0-9][a-z0-9_.\-]*$")
 
 
 class CapacityHint(BaseModel):
@@ -41,6 +72,18 @@ class UpstreamConfig(BaseModel):
     metrics_url: str | None = None  # vLLM/SGLang Prometheus endpoint
     capacity: CapacityHint = Field(default_factory=CapacityHint)
     timeout: float | None = Field(None, gt=0, description="overrides the total timeout")
+    engine: str | None = Field(
+        None,
+        description="serving engine behind an OpenAI-compatible API (vllm, sglang, tgi, llama.cpp, ollama ...): "
+        "reported as gen_ai.provider.name instead of the provider's own name",
+    )
+
+    @field_validator("engine")
+    @classmethod
+    def _engine(cls, v: str | None) -> str | None:
+        if v is not None and not _ENGINE.match(v):
+            raise ValueError("must be a lower-case name such as vllm, sglang, tgi, llama.cpp, ollama")
+        return v
 
     @field_validator("base_url")
     @classmethod
@@ -108,9 +151,7 @@ class ModelConfig(BaseModel):
     @field_validator("strategy")
     @classmethod
     def _strategy(cls, v: str | None) -> str | None:
-        if v is not None and v not in STRATEGIES:
-            raise ValueError(f"unknown strategy {v!r}; choose one of {', '.join(STRATEGIES)}")
-        return v
+        return None if v is None else check_strategy(v)
 
 
 class FleetConfig(BaseModel):
@@ -123,10 +164,9 @@ class FleetConfig(BaseModel):
     def _links(self) -> FleetConfig:
         for name, up in self.upstreams.items():
             up.name = name
-        for mname, m in self.models.items():
-            for u in m.upstreams:
-                if u not in self.upstreams:
-                    raise ValueError(f"model {mname!r} names unknown upstream {u!r}")
+        problems = link_problems(self.upstreams, {k: m.model_dump() for k, m in self.models.items()})
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     def resolve(self, model: str) -> tuple[str, ModelConfig] | None:
@@ -137,6 +177,30 @@ class FleetConfig(BaseModel):
             if model in cfg.aliases:
                 return name, cfg
         return None
+
+
+def link_problems(upstreams: Iterable[str], models: Mapping[str, Any]) -> list[str]:
+    """Cross-references between models and upstreams, checked on the raw YAML too so that they are reported
+    beside field errors (pydantic skips the model validator once a field is invalid)."""
+    known = set(upstreams)
+    out: list[str] = []
+    owner: dict[str, str] = {}
+    for mname, m in models.items():
+        m = m if isinstance(m, Mapping) else {}
+        ups = m.get("upstreams")
+        for u in ups if isinstance(ups, list) else ():
+            if isinstance(u, str) and u not in known:
+                out.append(f"model {mname!r} names unknown upstream {u!r}")
+        aliases = m.get("aliases")
+        for a in aliases if isinstance(aliases, list) else ():
+            if not isinstance(a, str):
+                continue
+            if a in models and a != mname:
+                out.append(f"model {mname!r}: alias {a!r} is the name of another model")
+            elif a in owner and owner[a] != mname:
+                out.append(f"model {mname!r}: alias {a!r} is also an alias of model {owner[a]!r}")
+            owner.setdefault(a, mname)
+    return out
 
 
 class ConfigError(Exception):
@@ -157,19 +221,39 @@ def load_fleet(path: str | Path) -> FleetConfig:
     try:
         return FleetConfig.model_validate(raw)
     except ValidationError as e:
-        lines = [f"{p}: {e.error_count()} problem(s)"]
-        for err in e.errors():
-            loc = ".".join(str(x) for x in err["loc"]) or "(top)"
-            lines.append(f"  {loc}: {err['msg']}")
-        raise ConfigError("\n".join(lines)) from None
+        raise ConfigError(_report(p, e, raw)) from None
+
+
+def _report(p: Path, e: ValidationError, raw: dict) -> str:
+    """Every problem in one message: field errors, then the cross-reference ones pydantic did not get to."""
+    problems: list[str] = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(top)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if loc == "(top)":
+            problems.extend(f"  (top): {m}" for m in msg.split("; "))
+        else:
+            problems.append(f"  {loc}: {msg}")
+    ups, models = raw.get("upstreams"), raw.get("models")
+    if isinstance(ups, dict) and isinstance(models, dict):
+        problems += [f"  (top): {m}" for m in link_problems(ups, models) if f"  (top): {m}" not in problems]
+    return "\n".join([f"{p}: {len(problems)} problem(s)", *problems])
+
+
+def missing_key_warnings(fleet: FleetConfig) -> list[str]:
+    """Upstreams whose key variable is unset or empty: every request to them would be a 401 from the upstream,
+    then an ejection that looks like an outage. Logged at start-up, shown on /healthz and by check-config."""
+    return [
+        f"upstream {name!r}: env var {up.api_key_env} is empty or not set; its requests will fail authentication"
+        for name, up in fleet.upstreams.items()
+        if up.api_key_env and not os.environ.get(up.api_key_env, "").strip()
+    ]
 
 
 def check_warnings(fleet: FleetConfig) -> list[str]:
     """Non-fatal findings for `gateway check-config`."""
-    out = []
+    out = missing_key_warnings(fleet)
     for name, up in fleet.upstreams.items():
-        if up.api_key_env and not os.environ.get(up.api_key_env):
-            out.append(f"upstream {name!r}: env var {up.api_key_env} is not set")
         if up.kind == "hosted" and not (up.rpm or up.tpm):
             out.append(f"upstream {name!r}: hosted upstream without rpm/tpm limits")
     used = {u for m in fleet.models.values() for u in m.upstreams}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 
 from gateway.auth import KeyStore
-from gateway.config import FleetConfig
+from gateway.config import FleetConfig, missing_key_warnings
 from gateway.hooks import Hooks
 from gateway.observability import redact
 from gateway.observability.subscribers import Metrics, Tracing
@@ -33,6 +33,8 @@ log = logging.getLogger("gateway")
 class Runtime:
     def __init__(self, settings: Settings, cfg: FleetConfig, telemetry: Telemetry | None = None) -> None:
         _register_secrets(settings, cfg)
+        #: Configuration findings that do not stop the start (empty key variables ...), shown on /healthz.
+        self.warnings = _startup_warnings(cfg, settings)
         self.settings = settings
         self.fleet = Fleet(cfg, settings.default_strategy)
         self.telemetry = telemetry or Telemetry(capture_content=settings.capture_content)
@@ -91,5 +93,13 @@ def _register_secrets(settings: Settings, cfg: FleetConfig) -> None:
         redact.add_secret(settings.admin_key.get_secret_value())
     for up in cfg.upstreams.values():
         redact.add_secret(up.api_key())
+
+
+def _startup_warnings(cfg: FleetConfig, settings: Settings) -> list[str]:
+    """Logged once at start-up; the fleet ones are also shown on /healthz (a missing key looks like an outage)."""
+    warnings = missing_key_warnings(cfg)
+    for w in warnings:
+        log.warning("%s", w)
     if settings.require_api_key and settings.admin_key is None:
         log.warning("GATEWAY_REQUIRE_API_KEY is set but GATEWAY_ADMIN_KEY is not: no API key can be created")
+    return warnings

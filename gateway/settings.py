@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import socket
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_FLEET = Path(__file__).with_name("default_fleet.yaml")
+ENV_PREFIX = "GATEWAY_"
+#: GATEWAY_* variables read by the command-line tools, not by the server (`gateway top`, `gateway bench`).
+TOOL_ENV_VARS = frozenset({"GATEWAY_URL", "GATEWAY_BENCH_REDIS_URL"})
 
 
 def _replica_id() -> str:
@@ -18,7 +23,7 @@ def _replica_id() -> str:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="GATEWAY_", env_file=None, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=None, extra="ignore")
 
     host: str = "0.0.0.0"
     port: int = 8080
@@ -71,8 +76,32 @@ class Settings(BaseSettings):
     @field_validator("default_strategy")
     @classmethod
     def _strategy(cls, v: str) -> str:
-        from gateway.config import STRATEGIES
+        from gateway.config import check_strategy
 
-        if v not in STRATEGIES:
-            raise ValueError(f"unknown strategy {v!r}; choose one of {', '.join(STRATEGIES)}")
-        return v
+        return check_strategy(v)
+
+    @model_validator(mode="after")
+    def _no_unknown_env(self) -> Settings:
+        problems = unknown_env_vars(os.environ)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def known_env_vars() -> list[str]:
+    return sorted([ENV_PREFIX + name.upper() for name in Settings.model_fields] + list(TOOL_ENV_VARS))
+
+
+def unknown_env_vars(environ: Mapping[str, str]) -> list[str]:
+    """One message per GATEWAY_* variable no setting reads, with the closest known name: a misspelt variable
+    (GATEWAY_REDIS_ULR) must stop the start, not be ignored while the gateway runs on defaults."""
+    known = known_env_vars()
+    out = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known:
+            continue
+        close = difflib.get_close_matches(upper, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else f"; known: {', '.join(known)}"
+        out.append(f"unknown environment variable {name}{hint}")
+    return out

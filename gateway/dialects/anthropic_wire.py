@@ -295,7 +295,7 @@ def chat_request_to_messages(body: dict[str, Any], upstream_model: str) -> dict[
             raise ValueError("'stop' must be a string or an array of strings")
     if "stream" in body:
         req["stream"] = bool(body["stream"])
-    tools = _tools_to_anthropic(body.get("tools") or ())
+    tools = _tools_to_anthropic(body.get("tools") or [])
     if tools:
         req["tools"] = tools
         choice = _tool_choice_to_anthropic(body.get("tool_choice"))
@@ -473,7 +473,9 @@ def _image_part(source: dict[str, Any]) -> dict[str, Any]:
     if stype == "base64":
         url = f"data:{source.get('media_type')};base64,{source.get('data')}"
     elif stype == "url":
-        url = source.get("url")
+        if not isinstance(source.get("url"), str):
+            raise ValueError("an image source of type 'url' needs a string 'url'")
+        url = source["url"]
     else:
         raise ValueError(f"unsupported image source type {stype!r}")
     return {"type": "image_url", "image_url": {"url": url}}
@@ -691,7 +693,7 @@ class ChatStreamToMessages:
 
     def _start(self, chunk_id: str | None, out: list[tuple[str, dict[str, Any]]]) -> None:
         self.id = _message_id(chunk_id)
-        message = {
+        message: dict[str, Any] = {
             "id": self.id,
             "type": "message",
             "role": "assistant",
@@ -721,7 +723,7 @@ class ChatStreamToMessages:
         fn = call.get("function") or {}
         index = self._tool_blocks.get(position)
         if index is None:
-            block = {
+            block: dict[str, Any] = {
                 "type": "tool_use",
                 "id": call.get("id") or f"toolu_{self.id}_{position}",
                 "name": fn.get("name") or "",

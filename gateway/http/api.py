@@ -29,6 +29,8 @@ API_KEY = web.RequestKey("api_key", ApiKey)
 BODY_BYTES = web.RequestKey("gw_body_bytes", int)
 #: The request's id (the client's x-request-id, or one made up): every response carries it back.
 REQUEST_ID = web.RequestKey("gw_request_id", str)
+#: The model the client asked for, once the body is parsed (the request-metrics middleware labels with it).
+REQUEST_MODEL = web.RequestKey("gw_request_model", str)
 
 
 def _no_constants(name: str):
@@ -54,6 +56,8 @@ async def read_json(request: web.Request) -> dict:
         raise GatewayError(400, "We could not parse the JSON body of your request. It must be valid JSON.") from None
     if not isinstance(body, dict):
         raise GatewayError(400, "The JSON body must be an object.")
+    if isinstance(body.get("model"), str):
+        request[REQUEST_MODEL] = body["model"]
     return body
 
 

@@ -8,13 +8,14 @@ import signal
 from pathlib import Path
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.auth import presented_key
 from gateway.config import FleetConfig, load_fleet
 from gateway.errors import GatewayError
-from gateway.http import admin
+from gateway.http import admin, count_tokens
 from gateway.http import api as handlers
-from gateway.http.api import API_KEY, KEYS, PROXY_KEY, REQUEST_ID, RUNTIME, SYNC, TELEMETRY
+from gateway.http.api import API_KEY, KEYS, PROXY_KEY, REQUEST_ID, REQUEST_MODEL, RUNTIME, SYNC, TELEMETRY
 from gateway.http.errors import Handler, dialect_of, error_response, lookup
 from gateway.http.validation import request_id
 from gateway.http.writer import STREAMING
@@ -73,6 +74,36 @@ ERROR_HANDLERS: dict[type[BaseException], Handler] = {
 
 
 @web.middleware
+async def request_metrics_middleware(request: web.Request, handler):
+    """Outermost: one ``gateway_requests_total`` count per API request with the status the client got, also
+    for requests refused before routing (400, 401, 404, 413, 429 ...). Sees the error middleware's response."""
+    if not request.path.startswith("/v1/"):
+        return await handler(request)
+    code = 500
+    try:
+        resp = await handler(request)
+        code = resp.status
+        return resp
+    except web.HTTPException as e:
+        code = e.status
+        raise
+    except (asyncio.CancelledError, ConnectionResetError):
+        code = 499  # the client went away before the answer
+        raise
+    finally:
+        _count_request(request, code)
+
+
+def _count_request(request: web.Request, code: int) -> None:
+    rt = request.app[RUNTIME]
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    asked = request.get(REQUEST_MODEL)
+    resolved = rt.fleet.config.resolve(asked) if asked else None  # never a raw client string: bounded labels
+    rt.telemetry.record_request(route=route, model=resolved[0] if resolved else "", code=code)
+
+
+@web.middleware
 async def error_middleware(request: web.Request, handler):
     try:
         resp = await handler(request)
@@ -108,7 +139,10 @@ async def healthz(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
     sync = request.app[SYNC]
     status = "degraded" if sync.status == "degraded" else "ok"
-    return web.json_response({"status": status, "redis": sync.status, "replica": proxy.s.replica_id})
+    body: dict[str, object] = {"status": status, "redis": sync.status, "replica": proxy.s.replica_id}
+    if request.app[RUNTIME].warnings:
+        body["warnings"] = request.app[RUNTIME].warnings
+    return web.json_response(body)
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -118,9 +152,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    request.app[PROXY_KEY]
     text = request.app[TELEMETRY].prometheus_text(admin.fleet_snapshot(request.app))
-    return web.Response(text=text, content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"})
+    headers = {"Content-Type": CONTENT_TYPE_LATEST, "X-Content-Type-Options": "nosniff"}
+    return web.Response(body=text.encode(), headers=headers)
 
 
 _DASHBOARD = Path(__file__).with_name("static") / "dashboard.html"
@@ -133,7 +167,7 @@ async def dashboard(request: web.Request) -> web.Response:
 def create_app(settings: Settings, fleet_config: FleetConfig | None = None, telemetry: Telemetry | None = None) -> web.Application:
     rt = Runtime(settings, fleet_config or load_fleet(settings.config), telemetry)
     app = web.Application(
-        middlewares=[error_middleware, gate_middleware],
+        middlewares=[request_metrics_middleware, error_middleware, gate_middleware],
         client_max_size=settings.max_body_bytes,
         # Request line and each header line are capped; aiohttp answers 400/431 itself when they are exceeded.
         handler_args={"max_line_size": settings.max_header_bytes, "max_field_size": settings.max_header_bytes},
@@ -145,6 +179,7 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
     app[KEYS] = rt.keys
     app[DRAINING] = []
     handlers.add_routes(app)
+    count_tokens.add_routes(app)
     admin.add_routes(app)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -24,8 +24,13 @@ def error_response(err: GatewayError, dialect: str = "openai") -> web.Response:
     )
 
 
+def is_anthropic_path(path: str) -> bool:
+    """/v1/messages and everything under it speak Anthropic's wire format, errors included (404, 405 too)."""
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
 def dialect_of(path: str) -> str:
-    return "anthropic" if path.startswith("/v1/messages") else "openai"
+    return "anthropic" if is_anthropic_path(path) else "openai"
 
 
 def lookup(handlers: dict[type[BaseException], Handler], exc: BaseException) -> Handler | None:

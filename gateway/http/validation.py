@@ -31,6 +31,7 @@ def _is_int(v) -> bool:
 def _validate_common(body: dict) -> None:
     m = body.get("model")
     _require(isinstance(m, str) and m != "", "'model' is required and must be a string", "model")
+    assert isinstance(m, str)  # for mypy: _require raised otherwise
     _require(len(m) <= _MAX_MODEL_NAME, f"'model' is longer than {_MAX_MODEL_NAME} characters", "model")
     stream = body.get("stream", False)
     _require(isinstance(stream, bool) or stream is None, "'stream' must be a boolean", "stream")

@@ -21,7 +21,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from gateway.errors import GatewayError
 from gateway.observability import telemetry as T
-from gateway.tokens import max_output_tokens
+from gateway.upstream import telemetry_provider_name
 
 if TYPE_CHECKING:
     from gateway.context import RequestContext
@@ -50,10 +50,8 @@ class Tracing:
             "url.path": ctx.path,
             T.ATTR_GEN_AI_REQUEST_STREAM: ctx.stream,
             "gateway.request.id": ctx.request_id,
+            **T.request_parameter_attributes(ctx.body),
         }
-        mt = max_output_tokens(ctx.body)
-        if mt is not None:
-            attrs[T.ATTR_GEN_AI_REQUEST_MAX_TOKENS] = mt
         span.set_attributes(attrs)
         if self.tel.capture_content and "messages" in ctx.body:
             span.set_attribute(T.ATTR_GEN_AI_INPUT_MESSAGES, T.input_messages_json(ctx.body["messages"]))
@@ -67,6 +65,8 @@ class Tracing:
             span.set_attribute(T.ATTR_ROUTE_STRATEGY, d.strategy)
             span.set_attribute(T.ATTR_QUEUE_WAIT_MS, round(d.queue_wait * 1000, 2))
         span.set_attribute(T.ATTR_UPSTREAM, d.upstream.name)
+        span.set_attribute(T.ATTR_GEN_AI_PROVIDER_NAME, telemetry_provider_name(d.upstream.cfg))
+        span.set_attribute("gateway.class", ctx.service_class)
         span.set_attribute(T.ATTR_ROUTE_REASON, d.reason)
         span.set_attribute(T.ATTR_ROUTE_CANDIDATES, json.dumps({k: round(v, 3) for k, v in d.scores.items()}))
         span.set_attribute(T.ATTR_RETRY_COUNT, a.number - 1)
@@ -78,14 +78,14 @@ class Tracing:
         a.extras[_CLIENT] = span
         self.tel.inject(a.headers, trace.set_span_in_context(span) if span.get_span_context().is_valid else parent)
         if span.is_recording():
-            span.set_attributes({
-                T.ATTR_GEN_AI_OPERATION_NAME: ctx.operation,
-                T.ATTR_GEN_AI_PROVIDER_NAME: T.provider_name(cfg.provider),
-                T.ATTR_GEN_AI_REQUEST_MODEL: a.upstream_model,
-                T.ATTR_SERVER_ADDRESS: host(cfg.base_url),
-                T.ATTR_UPSTREAM: a.upstream.name,
-                T.ATTR_ATTEMPT: a.number,
-            })
+            # One rule for gen_ai.request.model on every span and metric: the model the client asked for; the name
+            # the upstream knows it by is gateway.upstream.model.
+            span.set_attributes(T.client_span_attributes(
+                operation=ctx.operation, provider=telemetry_provider_name(cfg), request_model=ctx.model,
+                base_url=cfg.base_url, body=ctx.body,
+            ))
+            span.set_attributes({T.ATTR_UPSTREAM: a.upstream.name, "gateway.upstream.model": a.upstream_model,
+                                 T.ATTR_ATTEMPT: a.number})
 
     def attempt_end(self, ctx: RequestContext, a: Attempt) -> None:
         span: Span | None = a.extras.get(_CLIENT)
@@ -93,7 +93,7 @@ class Tracing:
         if span is None:
             return
         if span.is_recording() or server.is_recording():
-            attrs = _outcome_attrs(a)
+            attrs = _outcome_attrs(ctx, a)
             span.set_attributes(attrs)
             server.set_attributes(attrs)
             if a.status:
@@ -136,19 +136,13 @@ def _slo_attrs(v: SloVerdict) -> dict[str, Any]:
     return attrs
 
 
-def _outcome_attrs(a: Attempt) -> dict[str, Any]:
+def _outcome_attrs(ctx: RequestContext, a: Attempt) -> dict[str, Any]:
     out = a.outcome
-    attrs: dict[str, Any] = {T.ATTR_GEN_AI_USAGE_OUTPUT_TOKENS: out.output_tokens}
-    if out.response_model:
-        attrs[T.ATTR_GEN_AI_RESPONSE_MODEL] = out.response_model
-    if out.response_id:
-        attrs[T.ATTR_GEN_AI_RESPONSE_ID] = out.response_id
-    if out.input_tokens is not None:
-        attrs[T.ATTR_GEN_AI_USAGE_INPUT_TOKENS] = out.input_tokens
-    if out.finish_reasons:
-        attrs[T.ATTR_GEN_AI_RESPONSE_FINISH_REASONS] = out.finish_reasons
-    if out.ttft is not None:
-        attrs[T.ATTR_TTFT_MS] = round(out.ttft * 1000, 2)
+    attrs = T.response_attributes(
+        response_model=out.response_model, response_id=out.response_id, finish_reasons=out.finish_reasons,
+        input_tokens=out.input_tokens, output_tokens=out.output_tokens,
+        ttfc_s=out.first_at - a.t0 if ctx.stream and out.first_at is not None else None,
+    )
     if out.first_at and out.last_at and out.output_tokens > 1 and out.last_at > out.first_at:
         attrs[T.ATTR_OUTPUT_TOKENS_PER_SECOND] = round((out.output_tokens - 1) / (out.last_at - out.first_at), 2)
     return attrs
@@ -168,10 +162,11 @@ class Metrics:
                 operation=ctx.operation,
                 request_model=ctx.model,
                 response_model=out.response_model,
-                provider=T.provider_name(u.cfg.provider),
+                provider=telemetry_provider_name(u.cfg),
                 upstream=u.name,
                 server_address=host(u.cfg.base_url),
-                duration_s=time.monotonic() - ctx.started,
+                server_port=T.server_address_port(u.cfg.base_url)[1],
+                duration_s=time.monotonic() - a.t0,  # the attempt's own duration
                 ttft_s=out.ttft if ctx.stream else None,  # time to first chunk exists for streams only
                 input_tokens=out.input_tokens,
                 output_tokens=out.output_tokens,

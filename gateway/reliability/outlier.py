@@ -118,8 +118,9 @@ class HealthChecker:
 
     async def probe(self, u: UpstreamStats) -> bool:
         cfg = u.cfg
-        url = cfg.metrics_url or cfg.base_url + "/models"
-        headers = provider_for(cfg.provider).headers(cfg)
+        prov = provider_for(cfg.provider)
+        url = cfg.metrics_url or prov.health_url(cfg)
+        headers = prov.headers(cfg)
         headers.pop("Content-Type", None)
         assert self._session is not None
         try:

@@ -656,6 +656,8 @@ _HELP: dict[str, str] = {
 }
 
 
+
+
 def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one --flag per SimConfig field plus --host/--port."""
     defaults = SimConfig()

@@ -199,17 +199,30 @@ class UpstreamStats:
         return headroom // n + (1 if self.rank < headroom % n else 0)
 
     def has_slot(self, limit: int | None = None) -> bool:
-        """Room for one more request within max_concurrency (or a lower `limit`), this replica's share of it."""
-        mc = self.cfg.max_concurrency if limit is None else min(limit, self.cfg.max_concurrency)
+        """Room for one more request within max_concurrency, this replica's share of it; with a lower `limit` (a
+        service class's speed limit) also within this replica's fixed share of that limit.
+
+        max_concurrency is shared dynamically (each replica takes its part of the headroom seen at the last sync).
+        A class limit is split statically by replica rank instead: a floor on per-request speed must hold exactly,
+        and a fixed split cannot overshoot however stale the other replicas' figures are.
+        """
+        mc = self.cfg.max_concurrency
+        if limit is not None and (limit < mc or self.replicas > 1):
+            if self.load >= limit or self.inflight_local + 1 > self.static_share(limit):
+                return False
         if self.load >= mc:
             return False
         grown = self.inflight_local - self.inflight_at_refresh
         return grown + 1 <= self._share(mc, self.inflight_at_refresh + self.inflight_remote)
 
+    def static_share(self, limit: int) -> int:
+        """This replica's fixed part of `limit`: an even split, the remainder to the lowest ranks."""
+        n = max(1, self.replicas)
+        return limit // n + (1 if self.rank < limit % n else 0)
+
     def fits_tpm(self, tokens: int) -> bool:
         """Could a request of this size ever be admitted here (by this replica's share of an idle TPM window)?"""
-        tpm = self.cfg.tpm
-        return not tpm or tokens <= tpm // max(1, self.replicas) + (1 if self.rank < tpm % max(1, self.replicas) else 0)
+        return not self.cfg.tpm or tokens <= self.static_share(self.cfg.tpm)
 
     def rate_allows(self, tokens: int, output_tokens: int) -> bool:
         """RPM/TPM: the hard 60 s budget, and pacing so the budget is spent evenly rather than in bursts."""

@@ -19,6 +19,7 @@ import time
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+from redis.typing import EncodableT, FieldT
 
 from gateway.periodic import Periodic
 from gateway.routing.capacity import Sample
@@ -129,7 +130,7 @@ class FleetSync:
         p.zadd(self._k("hb"), {me: now})
         p.hset(self._k("inflight"), me, json.dumps({n: u.inflight_local for n, u in ups.items()}))
         for n, secs in dirty.items():
-            by_slot: dict[int, dict[str, int]] = {}
+            by_slot: dict[int, dict[FieldT, EncodableT]] = {}  # redis-py's own types: Mapping keys are invariant
             for s, vals in secs.items():
                 fields = by_slot.setdefault(s // SLOT, {})
                 for i, v in enumerate(vals):
@@ -161,8 +162,8 @@ class FleetSync:
         try:
             res = await p.execute()
         except BaseException:
-            for k, v in cooldowns.items():
-                self._cooldowns[k] = max(v, self._cooldowns.get(k, 0.0))
+            for k, until in cooldowns.items():
+                self._cooldowns[k] = max(until, self._cooldowns.get(k, 0.0))
             raise
 
         i = len(res) - (len(ups) * len(slots)) - 4 - (len(ups) if refit else 0)

@@ -986,16 +986,17 @@ def parse(argv: list[str]) -> Opts:
     p.add_argument("--oracle-duration", type=float, default=None, help="measured seconds for the oracle (default 15)")
     p.add_argument("--warmup", type=float, default=None, help="warm-up seconds before measuring (default 2)")
     p.add_argument("--concurrency", type=int, default=32, help="closed-loop workers (default 32)")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--prompt-tokens", type=int, default=200)
+    p.add_argument("--max-tokens", type=int, default=128, help="max_tokens of each request (default 128)")
+    p.add_argument("--prompt-tokens", type=int, default=200, help="prompt size in tokens (default 200)")
     p.add_argument("--fault-at", type=float, default=None, help="adapt: seconds into the window (default 10)")
     p.add_argument("--adapt-after", type=float, default=None, help="adapt: measured seconds after the fault (default 25)")
-    p.add_argument("--slowdown", type=float, default=4.0)
+    p.add_argument("--slowdown", type=float, default=4.0, help="adapt: slowdown factor of the fault (default 4)")
     p.add_argument("--workers", type=int, default=3, help="replicas: gateway processes")
-    p.add_argument("--redis-url", default=os.environ.get("GATEWAY_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    p.add_argument("--redis-url", default=os.environ.get("GATEWAY_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"),
+                   help="replicas: shared Redis (default: $GATEWAY_BENCH_REDIS_URL or redis://127.0.0.1:6379/0)")
     p.add_argument("--overhead-duration", type=float, default=None, help="seconds per overhead sub-phase (default 3)")
-    p.add_argument("--overhead-concurrency", type=int, default=32)
-    p.add_argument("--out", default=".bench/result.json")
+    p.add_argument("--overhead-concurrency", type=int, default=32, help="overhead: closed-loop workers (default 32)")
+    p.add_argument("--out", default=".bench/result.json", help="result JSON path (default .bench/result.json)")
     p.add_argument("--quick", action="store_true", help="tiny durations (tests, smoke)")
     ns = p.parse_args(argv)
     q = ns.quick
@@ -1020,7 +1021,7 @@ def main(argv: list[str]) -> int:
         argv = argv[1:]
     if argv and argv[0] == "_sims":
         p = argparse.ArgumentParser(prog="gateway.tools.bench _sims")
-        p.add_argument("--spec", required=True)
+        p.add_argument("--spec", required=True, help="JSON list of simulators to start (internal)")
         ns = p.parse_args(argv[1:])
         asyncio.run(_sims_main(json.loads(ns.spec)))
         return 0

@@ -106,7 +106,7 @@ _COLUMNS = (
 
 
 def _row(u: dict[str, Any]) -> list[str]:
-    cap = u.get("capacity") if isinstance(u.get("capacity"), dict) else {}
+    cap: dict[str, Any] = u["capacity"] if isinstance(u.get("capacity"), dict) else {}
     sat = _num(cap.get("saturation_tok_s"))
     toks = _num(u.get("tok_s"))
     sat_pct = f"{100 * toks / sat:.0f}%" if sat and toks is not None else "-"
@@ -140,7 +140,7 @@ def render(snap: dict[str, Any], *, url: str = "", color: bool = False, width: i
     when = time.strftime("%H:%M:%S", time.localtime(ts)) if ts is not None else "-"
     tot_toks = sum(_num(u.get("tok_s")) or 0.0 for u in ups)
     tot_inflight = sum(_num(u.get("inflight")) or 0.0 for u in ups)
-    queues = snap.get("queue_depth") if isinstance(snap.get("queue_depth"), dict) else {}
+    queues: dict[str, Any] = snap["queue_depth"] if isinstance(snap.get("queue_depth"), dict) else {}
     redis_s = f"{_REDIS_COLORS.get(redis, '')}{redis}{_RESET}" if color else redis
 
     lines = [
@@ -169,11 +169,26 @@ def render(snap: dict[str, Any], *, url: str = "", color: bool = False, width: i
         lines.append(fmt(r, str(u.get("state") or "")))
     if not rows:
         lines.append("(no upstreams)")
+    lines += _slo_lines(snap.get("slo"))
     if width:
         # keep the frame from wrapping on narrow terminals (color codes are only on
         # short lines' prefix/suffix, so cut plain lines only)
         lines = [ln if "\x1b" in ln or len(ln) <= width else ln[:width] for ln in lines]
     return "\n".join(lines) + "\n"
+
+
+def _slo_lines(slo: Any) -> list[str]:
+    """Service classes: per pool and class, the last window's requests, SLO attainment, tok/s and goodput."""
+    classes = slo.get("classes") if isinstance(slo, dict) else None
+    if not classes:
+        return []
+    out = ["", f"service classes (last {fmt_int(slo.get('window_s'))} s): model/class  requests  attainment  tok/s  goodput"]
+    for model, by_class in sorted(classes.items()):
+        for cls, f in sorted(by_class.items()):
+            att = _num(f.get("attainment"))
+            out.append(f"  {model}/{cls}  {fmt_int(f.get('requests'))}  {'-' if att is None else f'{100 * att:.1f}%'}  "
+                       f"{fmt_rate(f.get('tok_s'))}  {fmt_rate(f.get('goodput_tok_s'))}")
+    return out
 
 
 # ---- main ----------------------------------------------------------------------------------

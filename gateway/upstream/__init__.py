@@ -1,21 +1,37 @@
-"""Upstream provider adapters: where a provider's wire format and auth are handled."""
+"""Upstream provider adapters: where a provider's wire format and auth are handled.
+
+``PROVIDERS`` is the one registry of provider kinds: config validation (``provider:`` in the fleet YAML),
+telemetry (``gen_ai.provider.name``) and the health checker all read it. Adding a provider = a class in this
+package plus a line here (and its test).
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from gateway.upstream.anthropic import AnthropicProvider
 from gateway.upstream.azure import AzureProvider
 from gateway.upstream.base import Provider
 from gateway.upstream.openai import OpenAIProvider
 
-_PROVIDERS: dict[str, Provider] = {
-    "openai": OpenAIProvider(),
-    "azure": AzureProvider(),
-    "anthropic": AnthropicProvider(),
-}
+if TYPE_CHECKING:
+    from gateway.config import UpstreamConfig
+
+PROVIDERS: dict[str, Provider] = {p.kind: p for p in (OpenAIProvider(), AzureProvider(), AnthropicProvider())}
 
 
 def provider_for(kind: str) -> Provider:
-    return _PROVIDERS[kind]
+    return PROVIDERS[kind]
 
 
-__all__ = ["Provider", "provider_for"]
+def provider_kinds() -> tuple[str, ...]:
+    return tuple(PROVIDERS)
+
+
+def telemetry_provider_name(up: UpstreamConfig) -> str:
+    """``gen_ai.provider.name`` of one upstream: its configured ``engine`` (vllm, sglang, tgi, llama.cpp, ollama ...)
+    when set, else its provider class's semconv name (openai, azure.ai.openai, anthropic)."""
+    return up.engine or PROVIDERS[up.provider].telemetry_name
+
+
+__all__ = ["PROVIDERS", "Provider", "provider_for", "provider_kinds", "telemetry_provider_name"]

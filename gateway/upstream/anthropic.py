@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
-from gateway.config import UpstreamConfig
 from gateway.dialects.anthropic_wire import MessagesStreamToChat, chat_request_to_messages, messages_response_to_chat
 from gateway.dialects.sse import Event
 from gateway.upstream.base import Provider
+
+if TYPE_CHECKING:
+    from gateway.config import UpstreamConfig
 
 ANTHROPIC_VERSION = "2023-06-01"
 
@@ -15,6 +18,10 @@ ANTHROPIC_VERSION = "2023-06-01"
 class AnthropicProvider(Provider):
     kind = "anthropic"
     dialect = "anthropic"
+    telemetry_name = "anthropic"
+
+    def health_url(self, up: UpstreamConfig) -> str:
+        return up.base_url + ("/models" if up.base_url.endswith("/v1") else "/v1/models")
 
     def supports(self, operation: str) -> bool:
         return operation == "chat"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from gateway.config import UpstreamConfig
 from gateway.dialects.sse import Event
+
+if TYPE_CHECKING:  # config derives its provider kinds from this package: no import cycle at run time
+    from gateway.config import UpstreamConfig
 
 OPERATION_PATHS = {"chat": "/chat/completions", "text_completion": "/completions", "embeddings": "/embeddings"}
 
@@ -19,9 +21,20 @@ class StreamDecoder(Protocol):
 
 
 class Provider:
+    """One upstream wire format. Everything the rest of the gateway knows about a provider kind comes from here:
+    the config's ``provider:`` values, the ``gen_ai.provider.name`` telemetry value and the health-probe path."""
+
     kind: str = "openai"
     #: The wire format spoken: when the client speaks it too, bytes are relayed untouched both ways.
     dialect: str = "openai"
+    #: ``gen_ai.provider.name`` (GenAI semconv v1.41.0 well-known value) when the upstream sets no ``engine``.
+    telemetry_name: str = "openai"
+    #: Other spellings accepted as this provider's telemetry name (e.g. "azure_openai").
+    aliases: tuple[str, ...] = ()
+
+    def health_url(self, up: UpstreamConfig) -> str:
+        """What the active health check GETs when the upstream has no ``metrics_url``: a cheap, auth-checked list."""
+        return up.base_url + "/models"
 
     def supports(self, operation: str) -> bool:
         return operation in OPERATION_PATHS

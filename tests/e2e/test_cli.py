@@ -117,4 +117,4 @@ def test_bad_settings_exit_with_a_clear_message(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         main(["check-config"])
     assert e.value.code == 2
-    assert "GATEWAY_DEFAULT_STRATEGY: Value error, unknown strategy 'fastest'" in capsys.readouterr().err
+    assert "GATEWAY_DEFAULT_STRATEGY: unknown strategy 'fastest'" in capsys.readouterr().err

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 from pathlib import Path
@@ -48,6 +49,14 @@ KNOWN_METRICS = {
     "gateway_upstream_ejections_total",
     "gateway_queue_depth",
     "gateway_requests_total",
+    "gateway_upstream_attempts_total",
+    "gateway_upstream_capacity_tokens_per_second",
+    "gateway_upstream_weight",
+    "gateway_upstream_max_concurrency",
+    "gateway_upstream_rate_limit_used",
+    "gateway_upstream_rate_limit",
+    "gateway_upstream_rate_limited_per_minute",
+    "gateway_redis_up",
     *(f"gen_ai_client_token_usage{s}" for s in ("_bucket", "_sum", "_count")),
     *(f"gen_ai_client_operation_duration_seconds{s}" for s in ("_bucket", "_sum", "_count")),
 }
@@ -134,6 +143,11 @@ def test_k8s_expected_kinds_present() -> None:
         ("Deployment", "redis"),
         ("Service", "redis"),
         *((k, s) for s in SIM_SERVICES for k in ("Deployment", "Service")),
+        ("Deployment", "jaeger"),
+        ("Service", "jaeger"),
+        ("Deployment", "prometheus"),
+        ("Service", "prometheus"),
+        ("ConfigMap", "prometheus-config"),
     ]:
         assert expected in kinds, f"missing {expected}"
 
@@ -483,3 +497,64 @@ def test_dockerfile_healthcheck_and_cmd() -> None:
             for s in srcs:
                 matches = list(ROOT.glob(s))
                 assert matches or "*" in s, f"COPY source {s} missing"
+
+
+# --------------------------------------------------------------------------- telemetry wiring (issue 12, item 8)
+
+
+def _k8s_gateway_env() -> dict[str, str]:
+    (dep,) = [d for d in _k8s_objects("Deployment") if d["metadata"]["name"] == "gateway"]
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: str(e.get("value")) for e in c["env"]}
+
+
+def _telemetry_under(env: dict[str, str], monkeypatch: pytest.MonkeyPatch):
+    from gateway.observability.telemetry import Telemetry
+
+    for k in [k for k in os.environ if k.startswith("OTEL_")]:
+        monkeypatch.delenv(k)
+    for k, v in env.items():
+        if k.startswith("OTEL_"):
+            monkeypatch.setenv(k, v)
+    return Telemetry()
+
+
+@pytest.mark.parametrize("where", ["compose", "k8s"])
+async def test_traces_to_jaeger_and_no_otlp_metrics(where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = _env(_compose()["services"]["gateway-1"]) if where == "compose" else _k8s_gateway_env()
+    endpoint = urlsplit(env["OTEL_EXPORTER_OTLP_ENDPOINT"])
+    if where == "compose":
+        ports = {int(str(p).split(":")[-1]) for p in _compose()["services"]["jaeger"]["ports"]}
+    else:
+        ports = _k8s_service_names()["jaeger"]
+    assert endpoint.hostname == "jaeger" and endpoint.port in ports  # a Jaeger these files contain
+    tel = _telemetry_under(env, monkeypatch)
+    try:
+        assert tel.tracing_enabled  # traces go to Jaeger
+        assert not tel.otlp_metrics  # Jaeger takes no metrics: no push, no export error every interval
+    finally:
+        await tel.shutdown(0.1)
+
+
+@pytest.mark.parametrize("where", ["compose", "k8s"])
+def test_gateway_env_has_no_unknown_gateway_variables(where: str) -> None:
+    from gateway.settings import unknown_env_vars
+
+    env = _env(_compose()["services"]["gateway-1"]) if where == "compose" else _k8s_gateway_env()
+    assert unknown_env_vars(env) == []
+
+
+def test_k8s_prometheus_scrapes_every_gateway_pod() -> None:
+    (cm,) = [c for c in _k8s_objects("ConfigMap") if c["metadata"]["name"] == "prometheus-config"]
+    prom = yaml.safe_load(cm["data"]["prometheus.yml"])
+    (job,) = [j for j in prom["scrape_configs"] if j["job_name"] == "llm-gateway"]
+    assert job["metrics_path"] == "/metrics"
+    (sd,) = job["dns_sd_configs"]
+    (svc,) = [s for s in _k8s_objects("Service") if s["metadata"]["name"] == sd["names"][0]]
+    assert svc["spec"]["clusterIP"] == "None"  # headless: one A record per pod, each replica scraped
+    (dep,) = [d for d in _k8s_objects("Deployment") if d["metadata"]["name"] == "gateway"]
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    assert sd["port"] == 8080 and sd["type"] == "A"
+    (pdep,) = [d for d in _k8s_objects("Deployment") if d["metadata"]["name"] == "prometheus"]
+    vols = pdep["spec"]["template"]["spec"]["volumes"]
+    assert any(v.get("configMap", {}).get("name") == "prometheus-config" for v in vols)

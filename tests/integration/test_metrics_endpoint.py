@@ -28,8 +28,8 @@ async def test_metrics_after_traffic(gateway):
         async with s.get(gateway.url + "/dashboard") as r:
             assert r.status == 200 and "<canvas" in await r.text()
     assert re.search(r'^gen_ai_client_token_usage_bucket\{.*gen_ai_token_type="output".*\} \d+', text, re.M)
-    counts = re.findall(r"^gen_ai_client_operation_duration_seconds_count\{.*\} (\d+)$", text, re.M)
-    assert sum(int(x) for x in counts) == 12  # one series per response model (upstream)
+    counts = re.findall(r"^gen_ai_client_operation_duration_seconds_count\{.*\} ([0-9.]+)$", text, re.M)
+    assert sum(float(x) for x in counts) == 12  # one series per response model (upstream)
     assert "gen_ai_client_operation_time_to_first_chunk_seconds_bucket" in text
     m = re.findall(r'^gateway_upstream_tokens_per_second\{upstream="([^"]+)"\} ([0-9.]+)', text, re.M)
     assert {u for u, _ in m} == {"fast-gpu", "slow-gpu", "hosted"}

@@ -3,20 +3,48 @@ by header or service_tier and validated; the client sees its own speed."""
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import openai
 import pytest
 
 from gateway.config import FleetConfig
+from gateway.sim import SimConfig
+
+from ..conftest import REDIS_URL
 
 
 def one_gpu_fleet(url: str, floor: float) -> FleetConfig:
-    # t(n) = 0.01 + 0.005 n seconds per token: a floor of 40 tok/s allows n <= (0.025 - 0.01) / 0.005 = 3.
+    # t(n) = 0.01 + 0.005 n seconds per token: a floor of 36 tok/s allows n <= (0.0278 - 0.01) / 0.005 = 3.56, i.e. 3
+    # (with room for an 18% slower simulator on a busy machine).
     return FleetConfig.model_validate({
         "upstreams": {"gpu": {"base_url": url + "/v1", "model": "sim-gpu", "max_concurrency": 16,
                               "capacity": {"a": 0.01, "b": 0.005, "ttft": 0.05}}},
         "models": {"m": {"upstreams": ["gpu"], "classes": {"interactive": {"min_tok_s": floor, "wait_s": 30.0}}}},
     })
+
+
+async def test_two_replicas_keep_the_interactive_limit_exact(start_sims, start_gateway, redis_prefix, redis_client):
+    sims = await start_sims({"gpu": SimConfig(name="sim-gpu", mode="gpu", base_step=0.01, per_seq=0.005, slots=16)})
+    cfg = one_gpu_fleet(sims.url("gpu"), floor=36.0)
+    common = dict(redis_url=REDIS_URL, redis_prefix=redis_prefix, flush_interval=0.05)
+    gws = [await start_gateway(cfg, **common) for _ in range(2)]
+    await asyncio.sleep(0.2)  # both replicas heartbeat: each knows the other is there
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 40, "stream": True}
+
+    async def one(session: aiohttp.ClientSession, gw_url: str) -> int:
+        async with session.post(gw_url + "/v1/chat/completions", json=body) as r:
+            await r.read()
+            return r.status
+
+    async with aiohttp.ClientSession() as s:
+        statuses = await asyncio.gather(*(one(s, gws[i % 2].url) for i in range(12)))
+        async with s.get(sims.url("gpu") + "/sim/stats") as r:
+            stats = await r.json()
+    assert statuses == [200] * 12
+    assert stats["inflight_peak"] <= 3, f"interactive limit n_f = 3 exceeded across replicas: {stats['inflight_peak']}"
+    assert stats["completed"] == 12
 
 
 async def test_class_selection_errors_and_speed_headers(sim_fleet, start_gateway):

@@ -9,6 +9,7 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from prometheus_client.utils import floatToGoString
 
 from gateway.observability import telemetry as tm
 from gateway.observability.telemetry import Telemetry, provider_name, span_name
@@ -157,11 +158,11 @@ async def test_span_exported_with_attributes_and_client_parent(
         assert tel.tracing_enabled
         ctx = tel.extract({"Traceparent": TRACEPARENT, "tracestate": "vendor=x"})
         with tel.tracer.start_as_current_span(
-            span_name(tm.OP_CHAT, "fleet-model"),
+            span_name("chat", "fleet-model"),
             context=ctx,
             kind=SpanKind.CLIENT,
             attributes={
-                tm.ATTR_GEN_AI_OPERATION_NAME: tm.OP_CHAT,
+                tm.ATTR_GEN_AI_OPERATION_NAME: "chat",
                 tm.ATTR_GEN_AI_PROVIDER_NAME: provider_name("azure"),
                 tm.ATTR_GEN_AI_REQUEST_MODEL: "fleet-model",
                 tm.ATTR_GEN_AI_REQUEST_MAX_TOKENS: 256,
@@ -221,6 +222,7 @@ async def test_gzip_export_and_otlp_metrics(otlp_receiver: OTLPReceiver, monkeyp
         provider="openai", upstream="fast-gpu", server_address="gpu1.internal", server_port=8000,
         duration_s=1.5, ttft_s=0.2, input_tokens=100, output_tokens=300, error_type=None,
     )
+    tel.record_request(route="/v1/chat/completions", model="fleet-model", code=404)
     # shutdown flushes both providers (in a thread, so this loop can serve the receiver)
     await asyncio.wait_for(tel.shutdown(), 20)
     [root] = await otlp_receiver.wait_for(lambda s: s["name"] == "root span")
@@ -246,6 +248,13 @@ async def test_gzip_export_and_otlp_metrics(otlp_receiver: OTLPReceiver, monkeyp
     assert by_type["output"]["explicit_bounds"] == list(tm.TOKEN_BUCKETS)
     [ttfc] = [m for m in otlp_receiver.metrics if m["name"] == tm.METRIC_TIME_TO_FIRST_CHUNK]
     assert ttfc["data_points"][0]["explicit_bounds"] == list(tm.TTFC_BUCKETS)
+    # the per-request counters are exported too (observable counters over the in-memory counts)
+    [req] = [m for m in otlp_receiver.metrics if m["name"] == tm.METRIC_GATEWAY_REQUESTS]
+    assert req["type"] == "sum" and req["data_points"] == [
+        {"attributes": {"model": "fleet-model", "route": "/v1/chat/completions", "code": "404"}, "value": 1}
+    ]
+    [att] = [m for m in otlp_receiver.metrics if m["name"] == tm.METRIC_GATEWAY_ATTEMPTS]
+    assert att["data_points"] == [{"attributes": {"model": "fleet-model", "upstream": "fast-gpu", "code": "200"}, "value": 1}]
     encodings = {(path, enc) for path, _, enc in otlp_receiver.requests}
     assert ("/v1/traces", "gzip") in encodings and ("/v1/metrics", "gzip") in encodings
 
@@ -353,14 +362,14 @@ async def test_prometheus_histograms_counters() -> None:
     ttfc = "gen_ai_client_operation_time_to_first_chunk_seconds"
     assert types[dur] == "histogram" and types[tok] == "histogram" and types[ttfc] == "histogram"
     assert helps[dur] == "GenAI operation duration."
-    assert types["gateway_requests_total"] == "counter"
+    assert types["gateway_upstream_attempts_total"] == "counter"
     assert types["gateway_ejections_total"] == "counter"
 
     ok = {"gen_ai_operation_name": "chat", "gen_ai_provider_name": "openai",
           "gen_ai_request_model": "fleet-model", "gen_ai_response_model": "fleet-model",
           "server_address": "gpu1"}
     buckets = [(lbl["le"], v) for lbl, v in _find(samples, f"{dur}_bucket", **ok)]
-    assert [le for le, _ in buckets] == [tm._fmt_value(float(b)) for b in tm.DURATION_BUCKETS] + ["+Inf"]
+    assert [le for le, _ in buckets] == [floatToGoString(b) for b in tm.DURATION_BUCKETS] + ["+Inf"]
     assert all("error_type" not in lbl for lbl, _ in _find(samples, f"{dur}_bucket", **ok))
     counts = dict(buckets)
     assert counts["0.04"] == 0 and counts["0.08"] == 1 and counts["2.56"] == 1
@@ -392,9 +401,9 @@ async def test_prometheus_histograms_counters() -> None:
     assert _one(samples, f"{ttfc}_sum") == pytest.approx(1.03)
     assert _one(samples, f"{ttfc}_bucket", le="0.04") == 1
 
-    assert _one(samples, "gateway_requests_total", model="fleet-model", upstream="fast-gpu", code="200") == 2
-    assert _one(samples, "gateway_requests_total", code="504") == 1
-    assert _one(samples, "gateway_requests_total", code="429") == 1
+    assert _one(samples, "gateway_upstream_attempts_total", model="fleet-model", upstream="fast-gpu", code="200") == 2
+    assert _one(samples, "gateway_upstream_attempts_total", code="504") == 1
+    assert _one(samples, "gateway_upstream_attempts_total", code="429") == 1
     assert _one(samples, "gateway_ejections_total", upstream="fast-gpu") == 2
     assert _one(samples, "target_info", service_name="llm-gateway") == 1
 

@@ -51,7 +51,20 @@ class Rec:
         return self.tokens < 2 or (self.tokens - 1) / max(1e-9, self.end - self.first) >= FLOOR_TOK_S
 
 
-async def _one(session: aiohttp.ClientSession, url: str, body: bytes, cls: str, origin: float, out: list[Rec]) -> None:
+class Load:
+    """What one run produced: every request, and output tokens per class per second as they streamed."""
+
+    def __init__(self) -> None:
+        self.recs: list[Rec] = []
+        self.buckets: dict[str, dict[int, int]] = {"interactive": {}, "batch": {}}
+
+    def tok_s(self, cls: str, t0: float, t1: float) -> float:
+        b = self.buckets[cls]
+        return sum(v for s, v in b.items() if t0 <= s < t1) / max(1e-9, t1 - t0)
+
+
+async def _one(session: aiohttp.ClientSession, url: str, body: bytes, cls: str, origin: float, load: Load) -> None:
+    buckets = load.buckets[cls]
     t0 = time.monotonic()
     first = None
     n = 0
@@ -63,21 +76,24 @@ async def _one(session: aiohttp.ClientSession, url: str, body: bytes, cls: str, 
                     if line.startswith(b'data: {"error"'):
                         break
                     if line.startswith(b"data: {") and b'"content":"' in line and b'"content":""' not in line:
-                        first = first or time.monotonic()
+                        now = time.monotonic()
+                        first = first or now
                         n += 1
+                        sec = int(now - origin)
+                        buckets[sec] = buckets.get(sec, 0) + 1
                     elif line.startswith(b"data: [DONE]"):
                         ok = True
             else:
                 await r.read()
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
         pass
-    out.append(Rec(cls, t0 - origin, None if first is None else first - origin, time.monotonic() - origin, n, ok))
+    load.recs.append(Rec(cls, t0 - origin, None if first is None else first - origin, time.monotonic() - origin, n, ok))
 
 
-async def _drive(url: str, rate: float, batch_workers: int, phase: float, seed: int) -> list[Rec]:
+async def _drive(url: str, rate: float, batch_workers: int, phase: float, seed: int) -> Load:
     """Phase 1 at `rate` interactive req/s, phase 2 at twice that; the batch backlog runs throughout."""
     rng = random.Random(seed)
-    recs: list[Rec] = []
+    recs = Load()
     ibody = B.chat_body(B.MODEL, PROMPT_TOKENS, INTERACTIVE_TOKENS)
     bbody = B.chat_body(B.MODEL, PROMPT_TOKENS, BATCH_TOKENS)
     origin = time.monotonic()
@@ -112,7 +128,8 @@ async def _drive(url: str, rate: float, batch_workers: int, phase: float, seed: 
     return recs
 
 
-def _class_figures(recs: list[Rec], t0: float, t1: float) -> dict:
+def _class_figures(load: Load, cls: str, t0: float, t1: float) -> dict:
+    recs = [r for r in load.recs if r.cls == cls]
     rows = [r for r in recs if t0 <= r.start < t1]
     done = [r for r in recs if t0 <= r.end < t1]
     ttfts = [r.first - r.start for r in rows if r.first is not None]
@@ -120,7 +137,7 @@ def _class_figures(recs: list[Rec], t0: float, t1: float) -> dict:
     return {
         "requests": len(rows),
         "attainment_pct": round(100 * sum(r.met() for r in rows) / len(rows), 2) if rows else None,
-        "tok_s": round(sum(r.tokens for r in done) / span, 1),
+        "tok_s": round(load.tok_s(cls, t0, t1), 1),
         "goodput_tok_s": round(sum(r.tokens for r in done if r.met()) / span, 1),
         "ttft_p50_ms": B._ms(B._pct(ttfts, 50)),
         "ttft_p99_ms": B._ms(B._pct(ttfts, 99)),
@@ -128,16 +145,15 @@ def _class_figures(recs: list[Rec], t0: float, t1: float) -> dict:
     }
 
 
-def summarise(recs: list[Rec], warmup: float, phase: float, best_total: float) -> dict:
-    inter = [r for r in recs if r.cls == "interactive"]
-    batch = [r for r in recs if r.cls == "batch"]
+def summarise(load: Load, warmup: float, phase: float, best_total: float) -> dict:
+    inter = [r for r in load.recs if r.cls == "interactive"]
     end = 2 * phase
     out: dict[str, Any] = {
-        "interactive": _class_figures(inter, warmup, end),
-        "batch": _class_figures(batch, warmup, end),
-        "phase1": {"interactive": _class_figures(inter, warmup, phase), "batch": _class_figures(batch, warmup, phase)},
-        "surge": {"interactive": _class_figures(inter, phase, end), "batch": _class_figures(batch, phase, end)},
-        "after_surge_10s": _class_figures(inter, phase + 10.0, end) if end - phase > 12 else None,
+        "interactive": _class_figures(load, "interactive", warmup, end),
+        "batch": _class_figures(load, "batch", warmup, end),
+        "phase1": {c: _class_figures(load, c, warmup, phase) for c in ("interactive", "batch")},
+        "surge": {c: _class_figures(load, c, phase, end) for c in ("interactive", "batch")},
+        "after_surge_10s": _class_figures(load, "interactive", phase + 10.0, end) if end - phase > 12 else None,
     }
     total = out["interactive"]["tok_s"] + out["batch"]["tok_s"]
     out["total_tok_s"] = round(total, 1)
