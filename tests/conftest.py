@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from gateway.config import FleetConfig
-from gateway.http.api import PROXY_KEY
+from gateway.http.api import PROXY_KEY, SYNC
 from gateway.http.app import create_app
 from gateway.proxy import Proxy
 from gateway.settings import Settings
@@ -46,6 +46,10 @@ class Gateway:
     @property
     def proxy(self) -> Proxy:
         return self.app[PROXY_KEY]
+
+    async def sync(self) -> None:
+        """One fleet-sync cycle now (flush this replica's figures, pull the others'): instead of sleeping for one."""
+        await self.app[SYNC].sync_once()
 
     async def stop(self) -> None:
         await self.runner.cleanup()

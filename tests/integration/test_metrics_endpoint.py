@@ -20,7 +20,7 @@ async def test_metrics_after_traffic(gateway):
             pass
 
     await asyncio.gather(*(one(i) for i in range(12)))
-    await asyncio.sleep(0.4)  # one fleet-sync cycle folds the counts into the windows
+    await gateway.sync()  # one fleet-sync cycle folds the counts into the windows
     async with aiohttp.ClientSession() as s:
         async with s.get(gateway.url + "/metrics") as r:
             assert r.status == 200

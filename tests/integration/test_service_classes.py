@@ -30,7 +30,8 @@ async def test_two_replicas_keep_the_interactive_limit_exact(start_sims, start_g
     cfg = one_gpu_fleet(sims.url("gpu"), floor=36.0)
     common = dict(redis_url=REDIS_URL, redis_prefix=redis_prefix, flush_interval=0.05)
     gws = [await start_gateway(cfg, **common) for _ in range(2)]
-    await asyncio.sleep(0.2)  # both replicas heartbeat: each knows the other is there
+    for gw in (*gws, gws[0]):  # both replicas heartbeat: each knows the other is there
+        await gw.sync()
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 40, "stream": True}
 
     async def one(session: aiohttp.ClientSession, gw_url: str) -> int:
