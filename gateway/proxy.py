@@ -264,18 +264,18 @@ class Proxy:
                         resp.release()
                     else:
                         resp.close()  # never reuse a half-read connection; the upstream sees the disconnect
-                self.health.success(u)
+                self.health.success(u, t0)  # t0: the detector ignores outcomes of attempts older than an ejection
                 verdict = True
             except AttemptFailure as f:
                 error_type = f.error_type
                 span.set_attribute(T.ATTR_ERROR_TYPE, f.error_type)
                 span.set_status(Status(StatusCode.ERROR, f.message))
-                self._failed(u, f)
+                self._failed(u, f, t0)  # t0: failures of attempts in flight together count once (outlier.py)
                 verdict = not f.rate_limited
                 raise
             except GatewayError as g:  # the upstream rejected the request itself (4xx): it is healthy
                 if contacted:
-                    self.health.success(u)
+                    self.health.success(u, t0)
                     verdict = True
                 error_type = str(g.status)
                 span.set_attribute(T.ATTR_ERROR_TYPE, error_type)
@@ -288,7 +288,7 @@ class Proxy:
                 error_type = m.error_type
                 span.set_attribute(T.ATTR_ERROR_TYPE, m.error_type)
                 span.set_status(Status(StatusCode.ERROR, m.message))
-                self.health.failure(u)
+                self.health.failure(u, t0)
                 verdict = True
                 u.record_error(False)
                 result = m.response
@@ -323,10 +323,10 @@ class Proxy:
         # The request itself is bad (400, 413, 422 ...): the client should see it; no retry.
         return GatewayError(st, message, code="upstream_rejected")
 
-    def _failed(self, u: UpstreamStats, f: AttemptFailure) -> None:
+    def _failed(self, u: UpstreamStats, f: AttemptFailure, started: float) -> None:
         u.record_error(f.rate_limited)
         if not f.rate_limited:
-            self.health.failure(u)
+            self.health.failure(u, started)
 
     # ---- non-streamed ---------------------------------------------------------------------------------------------
     async def _relay_body(

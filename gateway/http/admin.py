@@ -21,7 +21,7 @@ def fleet_snapshot(app: web.Application) -> dict:
         "redis": proxy.sync.status,
         "time": time.time(),
         "queue_depth": proxy.router.queue_depth(),
-        "upstreams": proxy.fleet.snapshot(),
+        "upstreams": proxy.fleet.snapshot(proxy.health),
     }
 
 

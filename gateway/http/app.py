@@ -116,7 +116,10 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
     fleet = Fleet(cfg, settings.default_strategy)
     tel = telemetry or Telemetry(capture_content=settings.capture_content)
     health = OutlierDetector(
-        settings.eject_after_failures, settings.eject_base_seconds, settings.eject_max_seconds, tel.record_ejection
+        settings.eject_after_failures, settings.eject_base_seconds, settings.eject_max_seconds, tel.record_ejection,
+        max_ejection_percent=settings.eject_max_percent, success_rate_ratio=settings.eject_success_rate_ratio,
+        min_requests=settings.eject_min_requests, window=settings.eject_window_seconds,
+        pools=[p.cfg.upstreams for p in fleet.pools.values()],
     )
     router = Router(fleet, health, settings.queue_max, settings.queue_timeout)
     sync = FleetSync(fleet, settings.replica_id, settings.redis_url, settings.redis_prefix, settings.flush_interval)
@@ -127,8 +130,9 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
         lambda: max((u.replicas for u in fleet.upstreams.values()), default=1),
     )
     checker = (
-        HealthChecker(fleet.upstreams, health, settings.health_check_interval, settings.health_check_timeout)
-        if settings.health_check_interval > 0
+        HealthChecker(fleet.upstreams, health, settings.health_check_interval, settings.health_check_timeout,
+                      settings.eject_probe_interval)
+        if settings.health_check_interval > 0 or settings.eject_probe_interval > 0
         else None
     )
 

@@ -15,6 +15,7 @@ import math
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.errors import GatewayError
@@ -68,6 +69,19 @@ def _refused(r: Refusal, retry_after: float, suffix: str = "") -> GatewayError:
     return GatewayError(503, r.detail + suffix, code=code, retry_after=retry_after)
 
 
+def error_adjusted(gain: float, p_success: float) -> float:
+    """Expected gain of sending a request to an upstream that succeeds with probability `p_success`.
+
+    A failed attempt delivers nothing, and its retry then takes about as much capacity elsewhere as the request
+    would have used here: gain*p - gain*(1-p) = gain*(2p-1) for a positive gain. So an upstream failing 30% of
+    requests is worth 40% of a healthy one, and one failing half or more is chosen only when nothing better has
+    a slot (work-conserving). A negative gain (the least harmful place) only gets worse with failures.
+    """
+    if p_success >= 1.0:
+        return gain
+    return gain - 2.0 * (1.0 - p_success) * abs(gain)
+
+
 def throughput_gain(u: UpstreamStats, est: Estimate) -> float:
     c = u.curve
     n = u.load
@@ -107,7 +121,7 @@ class Router:
             if not u.fits_tpm(est.admitted_tokens):
                 too_large = True
                 continue
-            until = max(u.cooldown_until, u.ejected_until)
+            until = max(u.cooldown_until, self.health.ejected_until(u))
             if until > now:
                 soonest = min(soonest, until - now)
                 blocked = "cooldown" if u.cooldown_until > now or blocked == "cooldown" else "ejected"
@@ -135,7 +149,7 @@ class Router:
             if why == "unavailable":
                 raise Refusal("unavailable", f"no upstream in the pool for model {pool.model!r} can serve this request")
             raise Refusal(why, f"every upstream for model {pool.model!r} is {why.replace('_', ' ')}")
-        return _STRATEGIES[pool.strategy](pool, cands, est)
+        return _STRATEGIES[pool.strategy](pool, cands, est, self.health.success_probability)
 
     # ---- admission (queue when everything is busy) ----------------------------------------------------------
     async def admit(self, pool: Pool, est: Estimate, exclude: frozenset[str] = frozenset()) -> Decision:
@@ -244,36 +258,41 @@ class _Waiter:
 
 
 # ---- strategies ----------------------------------------------------------------------------------------------
-def _throughput(pool: Pool, cands: list[UpstreamStats], est: Estimate) -> Decision:
+# Each gets the pool, the candidates (free slot, headroom, not ejected), the estimate and each upstream's recent
+# success probability (from the outlier detector); only `throughput` weighs the latter.
+SuccessOdds = Callable[[UpstreamStats], float]
+
+
+def _throughput(pool: Pool, cands: list[UpstreamStats], est: Estimate, odds: SuccessOdds) -> Decision:
     if est.operation == "embeddings":  # no decode phase: spread by utilisation instead
-        d = _least_busy(pool, cands, est)
+        d = _least_busy(pool, cands, est, odds)
         d.strategy = "throughput"
         return d
-    scores = {u.name: throughput_gain(u, est) * u.weight for u in cands}
+    scores = {u.name: error_adjusted(throughput_gain(u, est), odds(u)) * u.weight for u in cands}
     # Work-conserving: every candidate has a free slot, so even a negative best gain is dispatched (the least
     # harmful place); requests wait in the gateway only when no upstream has a slot or rate-limit headroom.
     best = max(cands, key=lambda u: scores[u.name])
     return Decision(best, "throughput", f"max marginal gain {scores[best.name]:.1f} tok/s", scores)
 
 
-def _weighted(pool: Pool, cands: list[UpstreamStats], est: Estimate) -> Decision:
+def _weighted(pool: Pool, cands: list[UpstreamStats], est: Estimate, odds: SuccessOdds) -> Decision:
     u = random.choices(cands, weights=[c.weight for c in cands])[0]
     return Decision(u, "weighted", f"weighted random (weight {u.weight:g})", {c.name: c.weight for c in cands})
 
 
-def _round_robin(pool: Pool, cands: list[UpstreamStats], est: Estimate) -> Decision:
+def _round_robin(pool: Pool, cands: list[UpstreamStats], est: Estimate, odds: SuccessOdds) -> Decision:
     pool.rr += 1
     u = cands[pool.rr % len(cands)]
     return Decision(u, "round_robin", "next in rotation", {})
 
 
-def _least_busy(pool: Pool, cands: list[UpstreamStats], est: Estimate) -> Decision:
+def _least_busy(pool: Pool, cands: list[UpstreamStats], est: Estimate, odds: SuccessOdds) -> Decision:
     scores = {u.name: u.load / u.cfg.max_concurrency for u in cands}
     u = min(cands, key=lambda c: (scores[c.name], -c.weight))
     return Decision(u, "least_busy", f"lowest utilisation {scores[u.name]:.2f}", scores)
 
 
-def _lowest_latency(pool: Pool, cands: list[UpstreamStats], est: Estimate) -> Decision:
+def _lowest_latency(pool: Pool, cands: list[UpstreamStats], est: Estimate, odds: SuccessOdds) -> Decision:
     m = max(1, est.output_tokens)
     scores = {u.name: u.curve.ttft_for(est.prompt_tokens) + m * u.curve.tpot(u.load + 1) for u in cands}
     u = min(cands, key=lambda c: scores[c.name])
