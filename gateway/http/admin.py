@@ -12,6 +12,7 @@ from aiohttp import web
 from gateway.auth import KEYS
 from gateway.errors import GatewayError
 from gateway.http.api import PROXY_KEY, read_json
+from gateway.sync.fleet_sync import StoreUnavailable
 
 
 def fleet_snapshot(app: web.Application) -> dict:
@@ -57,7 +58,13 @@ async def admin_set_weight(request: web.Request) -> web.Response:
     w = body.get("weight")
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
         raise GatewayError(400, "'weight' must be a number >= 0 (0 drains the upstream)", param="weight")
-    await proxy.sync.set_weight(name, float(w))
+    try:
+        await proxy.sync.set_weight(name, float(w))
+    except StoreUnavailable as e:
+        raise GatewayError(
+            503, f"{e}; the weight was not changed on any replica, retry when it is back", code="store_unavailable",
+            retry_after=1,
+        ) from None
     proxy.router.wake()
     return web.json_response({"upstream": name, "weight": float(w)})
 
