@@ -15,6 +15,7 @@ from gateway.errors import GatewayError
 from gateway.http import admin
 from gateway.http import api as handlers
 from gateway.http.api import PROXY_KEY
+from gateway.http.protocol import GatewayRunner, install_expect_handler
 from gateway.observability import redact
 from gateway.observability.telemetry import Telemetry
 from gateway.periodic import Periodic
@@ -151,6 +152,7 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/dashboard", dashboard)
+    install_expect_handler(app)
 
     # The sync loop refreshes limits; wake queued requests each cycle so new headroom is used at once.
     async def wake() -> None:
@@ -218,7 +220,7 @@ def serve(app: web.Application, settings: Settings, *, reuse_port: bool = False)
 
 
 async def _serve(app: web.Application, settings: Settings, reuse_port: bool) -> None:
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=settings.shutdown_grace)
+    runner = GatewayRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=settings.shutdown_grace)
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port)

@@ -19,6 +19,7 @@ from gateway.auth import KEYS
 from gateway.config import CapacityHint, FleetConfig, ModelConfig, UpstreamConfig
 from gateway.errors import GatewayError
 from gateway.http.app import DRAINING, create_app, gate_middleware, readyz
+from gateway.http.protocol import GatewayRunner
 from gateway.reliability.outlier import OutlierDetector
 from gateway.settings import Settings
 from gateway.sim import SimConfig, start_sim
@@ -447,7 +448,7 @@ async def _own_gateway(fleet: FleetConfig, **settings) -> tuple[str, web.Applica
     """A gateway this test shuts down itself (the fixture's would clean it up a second time)."""
     s = Settings(replica_id=f"t-{uuid.uuid4().hex[:6]}", **settings)
     app = create_app(s, fleet)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=s.shutdown_grace)
+    runner = GatewayRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=s.shutdown_grace)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
