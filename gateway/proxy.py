@@ -239,7 +239,9 @@ class Proxy:
                         code="invalid_request",
                     ) from None
                 contacted = True
-                deadline = t0 + (cfg.timeout or self.s.total_timeout)
+                # (rel, issue 15) streams get their own cap: total_timeout is sized so a non-streamed retry fits in
+                # the SDKs' 600 s, and must not cut long streams that the TTFT/idle timeouts already watch.
+                deadline = t0 + (cfg.timeout or (self.s.stream_total_timeout if ex.stream else self.s.total_timeout))
                 # Streams: headers within the TTFT budget. Non-streamed: the body comes when generation is done.
                 head_limit = min(self.s.ttft_timeout, deadline - t0) if ex.stream else deadline - t0
                 try:

@@ -41,10 +41,16 @@ class Settings(BaseSettings):
     #: A client must finish sending its request body within this many seconds (slow uploads get a 408).
     body_read_timeout: float = 30.0
 
+    # Timeout budget (README "Timeouts"): SDKs give up after 600 s (OpenAI, Anthropic defaults), so a failed
+    # attempt must leave room for a retry inside that: queue_timeout + 2 x total_timeout = 570 s < 600 s.
+    # Streams are bounded mostly by ttft_timeout (a stuck upstream is abandoned, and retried, within 30 s).
     connect_timeout: float = 5.0
-    ttft_timeout: float = 60.0
-    idle_timeout: float = 60.0
-    total_timeout: float = 600.0
+    ttft_timeout: float = 30.0
+    idle_timeout: float = 30.0
+    #: Per attempt, non-streamed (the body only arrives when generation is done, so nothing earlier can be timed).
+    total_timeout: float = 270.0
+    #: Per attempt, streamed: the TTFT and idle timeouts catch stuck streams; this only caps very long generations.
+    stream_total_timeout: float = 600.0
 
     queue_max: int = 1024
     queue_timeout: float = 30.0
