@@ -20,9 +20,10 @@ Passive, per attempt (the proxy reports each outcome with the attempt's start ti
 The same decaying counts give the router each upstream's success probability (error-aware routing).
 
 Active (HealthChecker): a cheap GET of the engine's metrics_url, or base_url + "/models". With `probe_interval`
-(on by default) only ejected upstreams are checked: an upstream whose check failed while it was ejected
-(unreachable: it crashed) and then passes again (it restarted) goes half-open at once, without waiting for its
-backoff, so it is back within about one probe interval of being healthy. With `interval` > 0 every upstream is
+(on by default) only suspect upstreams are checked (ejected, half-open, or failed recently): a failing check
+ejects (it is unreachable: it crashed), and an upstream whose check failed and then passes again (it restarted)
+goes half-open at once, without waiting for its backoff, so it is back within about one probe interval of
+being healthy. With `interval` > 0 every upstream is
 checked and a failing check ejects it without any traffic. A passing check alone never closes the breaker:
 serving /models is not proof that completions work, so the half-open probe request decides.
 """
@@ -177,12 +178,27 @@ class OutlierDetector:
         self._eject(u, st, "it failed its health check")
 
     def check_recovered(self, u: UpstreamStats) -> None:
-        """A health check passes again after failing: half-open at once (one request decides), not after backoff."""
+        """A health check passes again after failing: half-open at once (one request decides), not after backoff.
+
+        Its failure counts restart too, so the router does not keep avoiding a server that was merely restarting
+        (an upstream the ejection cap kept in rotation while it was down included).
+        """
         st = self.state(u)
+        log.info("upstream %s passes its health check again", u.name)
         if st.ejected_until > time.time():
-            log.info("upstream %s passes its health check again: half-open now", u.name)
             st.ejected_until = time.time()
-            st.mark = time.monotonic()
+        st.mark = time.monotonic()
+        self._restart_counts(st)
+
+    def suspect(self, u: UpstreamStats) -> bool:
+        """Worth an active probe: ejected, half-open, or failed recently (a crash is confirmed by a cheap GET
+        instead of by more failed requests)."""
+        st = self._states.get(u.name)
+        if st is None:
+            return False
+        if st.half_open or st.ejected_until > time.time():
+            return True
+        return st.fail > 0.0 and self._decayed(st, time.monotonic())[1] >= 0.5
 
     # ---- internals -----------------------------------------------------------------------------------------------
     def _decayed(self, st: OutlierState, now: float) -> tuple[float, float]:
@@ -254,7 +270,7 @@ class OutlierDetector:
 class HealthChecker:
     """Active checks feeding the detector (see the module docstring).
 
-    Every `probe_interval` seconds the ejected upstreams are checked; every `interval` seconds (0 = never) all of
+    Every `probe_interval` seconds the suspect upstreams are checked; every `interval` seconds (0 = never) all of
     them. `down` remembers the upstreams whose last check failed, so a pass after a failure is a recovery.
     """
 
@@ -294,13 +310,11 @@ class HealthChecker:
         every = self.interval > 0 and now - self._last_all >= self.interval - 1e-3
         if every:
             self._last_all = now
-        wall = time.time()
-        due = [u for u in self.upstreams.values() if every or self._wants_probe(u, wall)]
+        due = [u for u in self.upstreams.values() if every or self._wants_probe(u)]
         await asyncio.gather(*(self._check(u) for u in due))
 
-    def _wants_probe(self, u: UpstreamStats, wall: float) -> bool:
-        st = self.detector.state(u)
-        return self.probe_interval > 0 and (st.ejected_until > wall or self.down.get(u.name, False))
+    def _wants_probe(self, u: UpstreamStats) -> bool:
+        return self.probe_interval > 0 and (self.down.get(u.name, False) or self.detector.suspect(u))
 
     async def _check(self, u: UpstreamStats) -> None:
         ok = await self.probe(u)
