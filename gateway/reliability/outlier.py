@@ -3,9 +3,9 @@
 Passive, per attempt (the proxy reports each outcome with the attempt's start time):
 
 - Consecutive failures are counted per *episode*. A failure only adds to the count when its attempt started after
-  the last failure that was counted (or after the last ejection): requests that were already in flight when an
+  the first failure of the episode (or after the last ejection): requests that were already in flight when an
   upstream crashed all fail together, and that is one event, not N. So the backoff no longer grows with the
-  number of requests that happened to be in flight.
+  number of requests that happened to be in flight, while attempts sent after the first failure still count.
 - `after_failures` counted failures eject the upstream for base * 2^(streak-1) seconds (capped), where `streak`
   is the number of ejections since it last served a request successfully: a flapping upstream backs off, one
   that recovered starts again at `base`.
@@ -54,7 +54,7 @@ class OutlierState:
     """One upstream's breaker, as seen by this replica (ejection is local: every replica sees its own failures)."""
 
     consecutive: int = 0  # counted failures in the current episode
-    mark: float = 0.0  # monotonic: attempts started before this overlap a failure or ejection already counted
+    mark: float = 0.0  # monotonic: attempts started before this (episode start, ejection) are part of that event
     ejected_until: float = 0.0  # wall clock
     half_open: bool = False  # ejected earlier and not yet proven healthy by a successful request
     probing: bool = False  # the half-open probe is in flight
@@ -164,7 +164,8 @@ class OutlierDetector:
             self._eject(u, st, "its half-open probe failed")  # the probe failed: back out, longer
             return
         st.consecutive += 1
-        st.mark = now
+        if st.consecutive == 1:
+            st.mark = now  # the episode starts: what was already in flight now is part of this event
         if st.consecutive >= self.after:
             self._eject(u, st, f"{st.consecutive} consecutive failures")
         elif self._success_rate_outlier(u, st):
