@@ -64,6 +64,7 @@ class OutlierState:
     fail: float = 0.0
     at: float = 0.0  # monotonic time the counts were last decayed to
     fresh: float = 0.0  # monotonic: counts restarted here (ejection, recovery); older attempts are not counted
+    capped_log_at: float = -1e9  # monotonic: last "not ejecting: cap reached" line (one per window)
 
 
 class OutlierDetector:
@@ -252,7 +253,11 @@ class OutlierDetector:
 
     def _eject(self, u: UpstreamStats, st: OutlierState, why: str) -> None:
         if not self._cap_allows(u):
-            log.info("not ejecting upstream %s (%s): max_ejection_percent of its pool is ejected", u.name, why)
+            st.consecutive = 0  # try again after another run of failures, not on every one
+            now = time.monotonic()
+            if now - st.capped_log_at >= self.window:
+                st.capped_log_at = now
+                log.warning("not ejecting upstream %s (%s): max_ejection_percent of its pool is ejected", u.name, why)
             return
         st.streak += 1
         backoff = min(self.max, self.base * 2 ** (st.streak - 1))

@@ -425,3 +425,23 @@ def _no_leaked_rss_explosion():
     start = rss_mb()
     yield
     assert rss_mb() - start < 300, "a fault case grew RSS by more than 300 MB"
+
+
+async def test_pipelined_requests_are_answered_or_the_connection_closes(start_sims, start_gateway):
+    sims = await start_sims({"g": gpu("g")})
+    gw = await start_gateway(fleet_of(sims, ["g"]))
+    port = int(gw.url.rsplit(":", 1)[1])
+    good = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":2}'
+    one = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+           b"Content-Length: %d\r\n\r\n" % len(good) + good)
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(one + one + one.replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n"))
+    data = b""
+    async with asyncio.timeout(10):
+        while chunk := await r.read(65536):
+            data += chunk
+    w.close()
+    assert data.count(b"HTTP/1.1 200 OK") == 3, data[:500]
+    # A valid request followed by garbage: an answer, then a clean close (never a hang).
+    status, headers, body = await _exchange(port, one + b"\x00\x01GARBAGE\r\n\r\n")
+    assert status in (200, 400) and headers["content-type"].startswith("application/json"), (status, body[:200])
