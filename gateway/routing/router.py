@@ -175,8 +175,10 @@ class Router:
         try:
             d = await asyncio.wait_for(asyncio.shield(w.future), self.queue_timeout)
         except asyncio.TimeoutError:
-            w.future.cancel()
-            raise _refused(w.last, 1.0, f"; waited {self.queue_timeout:.0f}s") from None
+            if not (w.future.done() and not w.future.cancelled()):
+                w.future.cancel()
+                raise _refused(w.last, 1.0, f"; waited {self.queue_timeout:.0f}s") from None
+            d = w.future.result()  # dispatched (slot credited) just as the timeout fired: use it, never leak it
         except asyncio.CancelledError:
             if w.future.done() and not w.future.cancelled():
                 self.undispatch(w.future.result().upstream)  # admitted just as the client left
