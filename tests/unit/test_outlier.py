@@ -129,3 +129,14 @@ def test_active_probe_recovery_goes_half_open_and_failed_check_re_ejects():
     assert not det.is_ejected(u, time.time()) and det.available(u, time.time())
     det.check_failed(u)  # down again before any request went: back out without sending one
     assert det.is_ejected(u, time.time()) and det.ejections(u) == 2
+
+
+def test_suspect_means_worth_a_cheap_probe():
+    det = detector(after=5)
+    u, v = ups("u", "v")
+    det.success(u, time.monotonic())
+    assert not det.suspect(u) and not det.suspect(v)
+    det.failure(u, time.monotonic())  # one failure: confirm with a GET rather than with more requests
+    assert det.suspect(u)
+    det.check_failed(u)  # the GET fails too: it is down
+    assert det.is_ejected(u, time.time()) and det.suspect(u)
