@@ -141,7 +141,7 @@ class Proxy:
             data = _encode(ctx, prov, a.upstream_model)
             self.hooks.emit("attempt_start", ctx, a)
             a.contacted = True
-            deadline = a.t0 + (cfg.timeout or self.s.total_timeout)
+            deadline = a.t0 + (cfg.timeout or (self.s.stream_total_timeout if ctx.stream else self.s.total_timeout))
             first = min(self.s.ttft_timeout, deadline - a.t0) if ctx.stream else deadline - a.t0
             resp = await self.client.send(u.name, prov.url(cfg, ctx.operation), data, a.headers, first)
             a.status = resp.status

@@ -39,7 +39,12 @@ class Runtime:
         self.fleet = Fleet(cfg, settings.default_strategy)
         self.telemetry = telemetry or Telemetry(capture_content=settings.capture_content)
         s = settings
-        self.health = OutlierDetector(s.eject_after_failures, s.eject_base_seconds, s.eject_max_seconds, self.telemetry.record_ejection)
+        self.health = OutlierDetector(
+            s.eject_after_failures, s.eject_base_seconds, s.eject_max_seconds, self.telemetry.record_ejection,
+            max_ejection_percent=s.eject_max_percent, success_rate_ratio=s.eject_success_rate_ratio,
+            min_requests=s.eject_min_requests, window=s.eject_window_seconds,
+            pools=[p.cfg.upstreams for p in self.fleet.pools.values()],
+        )
         self.router = Router(self.fleet, self.health, s.queue_max, s.queue_timeout)
         self.sync = FleetSync(self.fleet, s.replica_id, s.redis_url, s.redis_prefix, s.flush_interval)
         self.client = UpstreamClient(s.connect_timeout, s.max_response_bytes, s.max_event_bytes)
@@ -53,8 +58,8 @@ class Runtime:
         self.scraper = EngineMetricsScraper(self.fleet)
         self.keys = KeyStore(self.sync.redis, s.redis_prefix, s.api_key_refresh_interval, self._replicas)
         self.checker = (
-            HealthChecker(self.fleet.upstreams, self.health, s.health_check_interval, s.health_check_timeout)
-            if s.health_check_interval > 0
+            HealthChecker(self.fleet.upstreams, self.health, s.health_check_interval, s.health_check_timeout, s.eject_probe_interval)
+            if s.health_check_interval > 0 or s.eject_probe_interval > 0
             else None
         )
         # The sync loop refreshes limits; wake queued requests each cycle so new headroom is used at once.

@@ -46,10 +46,16 @@ class Settings(BaseSettings):
     #: A client must finish sending its request body within this many seconds (slow uploads get a 408).
     body_read_timeout: float = 30.0
 
+    # Timeout budget (README "Timeouts"): SDKs give up after 600 s (OpenAI, Anthropic defaults), so a failed
+    # attempt must leave room for a retry inside that: queue_timeout + 2 x total_timeout = 570 s < 600 s.
+    # Streams are bounded mostly by ttft_timeout (a stuck upstream is abandoned, and retried, within 30 s).
     connect_timeout: float = 5.0
-    ttft_timeout: float = 60.0
-    idle_timeout: float = 60.0
-    total_timeout: float = 600.0
+    ttft_timeout: float = 30.0
+    idle_timeout: float = 30.0
+    #: Per attempt, non-streamed (the body only arrives when generation is done, so nothing earlier can be timed).
+    total_timeout: float = 270.0
+    #: Per attempt, streamed: the TTFT and idle timeouts catch stuck streams; this only caps very long generations.
+    stream_total_timeout: float = 600.0
     #: Largest non-streamed upstream body, and largest single SSE event, the gateway accepts (bytes; clean 502 past it).
     max_response_bytes: int = 32 * 1024 * 1024
     max_event_bytes: int = 4 * 1024 * 1024
@@ -61,10 +67,22 @@ class Settings(BaseSettings):
     retry_budget_ratio: float = 0.2
     retry_budget_min: int = 10
 
+    #: Outlier ejection (reliability/outlier.py): this many consecutive failures (failures of requests that were
+    #: in flight together count once) eject an upstream for base * 2^(ejections in a row - 1) s, capped at max.
     eject_after_failures: int = 5
     eject_base_seconds: float = 5.0
-    eject_max_seconds: float = 120.0
-    #: Active health checks: GET each upstream's metrics_url (or base_url + /models) this often; 0 = off.
+    eject_max_seconds: float = 60.0
+    #: Never eject more than this share of a pool at once (at least one upstream may always be ejected).
+    eject_max_percent: float = 50.0
+    #: Success-rate ejection: an upstream succeeding less than this fraction of its pool's rate is ejected ...
+    eject_success_rate_ratio: float = 0.6
+    #: ... once it and its peers have this many recent attempts (decaying window of eject_window_seconds).
+    eject_min_requests: int = 20
+    eject_window_seconds: float = 10.0
+    #: Active probing of ejected upstreams (GET metrics_url or base_url + /models): one that was unreachable and
+    #: answers again is tried at once instead of after its backoff. 0 = off.
+    eject_probe_interval: float = 1.0
+    #: Active health checks of every upstream this often (a failing check ejects without traffic); 0 = off.
     health_check_interval: float = 0.0
     health_check_timeout: float = 2.0
 

@@ -14,6 +14,7 @@ from aiohttp import web
 from gateway.config import FleetConfig
 from gateway.http.api import PROXY_KEY, SYNC
 from gateway.http.app import create_app
+from gateway.http.protocol import GatewayRunner
 from gateway.proxy import Proxy
 from gateway.settings import Settings
 from gateway.sim import SimConfig, start_sim
@@ -120,7 +121,7 @@ async def start_gateway() -> AsyncIterator[StartGateway]:
         telemetry = overrides.pop("telemetry", None)
         settings = Settings(**overrides)
         app = create_app(settings, fleet, telemetry)
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=settings.shutdown_grace)
+        runner = GatewayRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=settings.shutdown_grace)
         await runner.setup()
         port = free_port()
         site = web.TCPSite(runner, "127.0.0.1", port)

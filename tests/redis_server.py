@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
 import socket
 
 
@@ -45,3 +46,12 @@ class RedisServer:
         if self.proc and self.proc.returncode is None:
             self.proc.kill()
             await self.proc.wait()
+
+    def freeze(self) -> None:
+        """SIGSTOP: the server keeps its sockets open but answers nothing (a hung Redis)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from gateway.errors import GatewayError
 from gateway.http.api import KEYS, PROXY_KEY, RUNTIME, SYNC, read_json
+from gateway.sync.fleet_sync import StoreUnavailable
 
 
 def fleet_snapshot(app: web.Application) -> dict:
@@ -20,7 +21,7 @@ def fleet_snapshot(app: web.Application) -> dict:
         "redis": rt.sync.status,
         "time": time.time(),
         "queue_depth": rt.router.queue_depth(),
-        "upstreams": rt.fleet.snapshot(),
+        "upstreams": rt.fleet.snapshot(rt.health),
         "slo": rt.slo.snapshot(),
         "interactive_demand": {m: round(d, 2) for m, d in rt.router.classes.demand.items()},
     }
@@ -58,7 +59,13 @@ async def admin_set_weight(request: web.Request) -> web.Response:
     w = body.get("weight")
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
         raise GatewayError(400, "'weight' must be a number >= 0 (0 drains the upstream)", param="weight")
-    await request.app[SYNC].set_weight(name, float(w))
+    try:
+        await request.app[SYNC].set_weight(name, float(w))
+    except StoreUnavailable as e:
+        raise GatewayError(
+            503, f"{e}; the weight was not changed on any replica, retry when it is back", code="store_unavailable",
+            retry_after=1,
+        ) from None
     proxy.router.wake()
     return web.json_response({"upstream": name, "weight": float(w)})
 

@@ -7,6 +7,8 @@ import json
 import time
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from gateway.auth import ApiKey, KeyStore
 from gateway.context import RequestContext
@@ -47,6 +49,11 @@ async def read_json(request: web.Request) -> dict:
             raw = await request.read()
     except TimeoutError:
         raise GatewayError(408, "the request body did not arrive in time", code="body_timeout") from None
+    except (RequestPayloadError, HttpProcessingError):  # e.g. Content-Encoding: gzip over bytes that are not gzip
+        raise GatewayError(
+            400, "the request body could not be read: it does not match its Content-Encoding or Transfer-Encoding",
+            code="invalid_body_encoding",
+        ) from None
     request[BODY_BYTES] = len(raw)
     if not raw:
         raise GatewayError(400, "We could not parse the JSON body of your request: the body is empty.")

@@ -17,6 +17,7 @@ from gateway.http import admin, count_tokens
 from gateway.http import api as handlers
 from gateway.http.api import API_KEY, KEYS, PROXY_KEY, REQUEST_ID, REQUEST_MODEL, RUNTIME, SYNC, TELEMETRY
 from gateway.http.errors import Handler, dialect_of, error_response, lookup
+from gateway.http.protocol import GatewayRunner, install_expect_handler
 from gateway.http.validation import request_id
 from gateway.http.writer import STREAMING
 from gateway.observability.telemetry import Telemetry
@@ -185,6 +186,7 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/dashboard", dashboard)
+    install_expect_handler(app)
 
     async def on_startup(app: web.Application) -> None:
         await rt.start()
@@ -231,7 +233,7 @@ def serve(app: web.Application, settings: Settings, *, reuse_port: bool = False)
 
 
 async def _serve(app: web.Application, settings: Settings, reuse_port: bool) -> None:
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=settings.shutdown_grace)
+    runner = GatewayRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=settings.shutdown_grace)
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port)

@@ -29,13 +29,13 @@ class Verdicts:
     def attempt_end(self, ctx: RequestContext, a: Attempt) -> None:
         u, err = a.upstream, a.error
         if err is None:
-            self.detector.success(u)
+            self.detector.success(u, a.t0)  # t0: outcomes of attempts older than an ejection are ignored
             return
         if isinstance(err, (UpstreamRateLimited, UpstreamStatusError)) and err.retry_after:
             self.sync.set_cooldown(u.name, time.time() + err.retry_after)
         if err.blames_upstream:
-            self.detector.failure(u)
+            self.detector.failure(u, a.t0)  # t0: failures of attempts in flight together count once
         elif a.contacted and not isinstance(err, (UpstreamRateLimited, ClientDisconnected)):
-            self.detector.success(u)  # it answered: the request itself was refused or too large
+            self.detector.success(u, a.t0)  # it answered: the request itself was refused or too large
         else:
             self.detector.abandoned(u)

@@ -58,6 +58,19 @@ def _refused(r: Refusal, retry_after: float, suffix: str = "") -> GatewayError:
     return GatewayError(503, r.detail + suffix, code=code, retry_after=retry_after)
 
 
+def error_adjusted(gain: float, p_success: float) -> float:
+    """Expected gain of sending a request to an upstream that succeeds with probability `p_success`.
+
+    A failed attempt delivers nothing, and its retry then takes about as much capacity elsewhere as the request
+    would have used here: gain*p - gain*(1-p) = gain*(2p-1) for a positive gain. So an upstream failing 30% of
+    requests is worth 40% of a healthy one, and one failing half or more is chosen only when nothing better has
+    a slot (work-conserving). A negative gain (the least harmful place) only gets worse with failures.
+    """
+    if p_success >= 1.0:
+        return gain
+    return gain - 2.0 * (1.0 - p_success) * abs(gain)
+
+
 def throughput_gain(u: UpstreamStats, est: Estimate) -> float:
     c = u.curve
     n = u.load
@@ -97,7 +110,7 @@ class Router:
                 raise Refusal(
                     "class_limited", f"no upstream for model {pool.model!r} can serve the {ctx.service_class} class within its targets now"
                 )
-        return STRATEGIES[pool.strategy](pool, cands, ctx)
+        return STRATEGIES[pool.strategy](pool, cands, ctx, self.health.success_probability)
 
     def _candidates(self, pool: Pool, ctx: RequestContext, exclude: frozenset[str]) -> list[UpstreamStats]:
         """Upstreams that can take the request now (slot, rate limits, health), or the Refusal saying why none can."""
@@ -114,7 +127,7 @@ class Router:
             if not u.fits_tpm(est.admitted_tokens):
                 too_large = True
                 continue
-            until = max(u.cooldown_until, u.ejected_until)
+            until = max(u.cooldown_until, self.health.ejected_until(u))
             if until > now:
                 soonest = min(soonest, until - now)
                 blocked = "cooldown" if u.cooldown_until > now or blocked == "cooldown" else "ejected"
@@ -156,8 +169,10 @@ class Router:
         try:
             d = await asyncio.wait_for(asyncio.shield(w.future), timeout)
         except asyncio.TimeoutError:
-            w.future.cancel()
-            raise _refused(w.last, 1.0, f"; waited {timeout:.0f}s") from None
+            if not (w.future.done() and not w.future.cancelled()):
+                w.future.cancel()
+                raise _refused(w.last, 1.0, f"; waited {timeout:.0f}s") from None
+            d = w.future.result()  # dispatched (slot credited) just as the timeout fired: use it, never leak it
         except asyncio.CancelledError:
             if w.future.done() and not w.future.cancelled():
                 self.undispatch(w.future.result().upstream, ctx)  # admitted just as the client left
@@ -271,37 +286,42 @@ class _Waiter:
 
 
 # ---- strategies ----------------------------------------------------------------------------------------------
-def _throughput(pool: Pool, cands: list[UpstreamStats], ctx: RequestContext) -> Decision:
+# Each gets the pool, the candidates (free slot, headroom, not ejected), the request context and each upstream's
+# recent success probability (from the outlier detector); only `throughput` weighs the latter.
+SuccessOdds = Callable[[UpstreamStats], float]
+
+
+def _throughput(pool: Pool, cands: list[UpstreamStats], ctx: RequestContext, odds: SuccessOdds) -> Decision:
     est = ctx.est
     if est.operation == "embeddings":  # no decode phase: spread by utilisation instead
-        d = _least_busy(pool, cands, ctx)
+        d = _least_busy(pool, cands, ctx, odds)
         d.strategy = "throughput"
         return d
-    scores = {u.name: throughput_gain(u, est) * u.weight for u in cands}
+    scores = {u.name: error_adjusted(throughput_gain(u, est), odds(u)) * u.weight for u in cands}
     # Work-conserving: every candidate has a free slot, so even a negative best gain is dispatched (the least
     # harmful place); requests wait in the gateway only when no upstream has a slot or rate-limit headroom.
     best = max(cands, key=lambda u: scores[u.name])
     return Decision(best, "throughput", f"max marginal gain {scores[best.name]:.1f} tok/s", scores)
 
 
-def _weighted(pool: Pool, cands: list[UpstreamStats], ctx: RequestContext) -> Decision:
+def _weighted(pool: Pool, cands: list[UpstreamStats], ctx: RequestContext, odds: SuccessOdds) -> Decision:
     u = random.choices(cands, weights=[c.weight for c in cands])[0]
     return Decision(u, "weighted", f"weighted random (weight {u.weight:g})", {c.name: c.weight for c in cands})
 
 
-def _round_robin(pool: Pool, cands: list[UpstreamStats], ctx: RequestContext) -> Decision:
+def _round_robin(pool: Pool, cands: list[UpstreamStats], ctx: RequestContext, odds: SuccessOdds) -> Decision:
     pool.rr += 1
     u = cands[pool.rr % len(cands)]
     return Decision(u, "round_robin", "next in rotation", {})
 
 
-def _least_busy(pool: Pool, cands: list[UpstreamStats], ctx: RequestContext) -> Decision:
+def _least_busy(pool: Pool, cands: list[UpstreamStats], ctx: RequestContext, odds: SuccessOdds) -> Decision:
     scores = {u.name: u.load / u.cfg.max_concurrency for u in cands}
     u = min(cands, key=lambda c: (scores[c.name], -c.weight))
     return Decision(u, "least_busy", f"lowest utilisation {scores[u.name]:.2f}", scores)
 
 
-def _lowest_latency(pool: Pool, cands: list[UpstreamStats], ctx: RequestContext) -> Decision:
+def _lowest_latency(pool: Pool, cands: list[UpstreamStats], ctx: RequestContext, odds: SuccessOdds) -> Decision:
     est = ctx.est
     m = max(1, est.output_tokens)
     scores = {u.name: u.curve.ttft_for(est.prompt_tokens) + m * u.curve.tpot(u.load + 1) for u in cands}
@@ -311,7 +331,7 @@ def _lowest_latency(pool: Pool, cands: list[UpstreamStats], ctx: RequestContext)
 
 #: The one registry of routing strategies: config and settings validation, docs and the router read it.
 #: Adding a strategy = a function here (or imported here) plus its entry and its test.
-STRATEGIES: dict[str, Callable[[Pool, list[UpstreamStats], RequestContext], Decision]] = {
+STRATEGIES: dict[str, Callable[[Pool, list[UpstreamStats], RequestContext, SuccessOdds], Decision]] = {
     "throughput": _throughput,
     "weighted": _weighted,
     "round_robin": _round_robin,

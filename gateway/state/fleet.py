@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 
 from gateway.config import FleetConfig, ModelConfig
-from gateway.state.stats import UpstreamStats
+from gateway.state.stats import OutlierView, UpstreamStats
 
 
 @dataclass
@@ -38,6 +38,6 @@ class Fleet:
             p = self.pools[self._aliases[model]]
         return p
 
-    def snapshot(self) -> list[dict]:
+    def snapshot(self, health: OutlierView | None = None) -> list[dict]:
         now = time.time()
-        return [u.snapshot(now, self.models_of[n]) for n, u in self.upstreams.items()]
+        return [u.snapshot(now, self.models_of[n], health) for n, u in self.upstreams.items()]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from typing import Protocol
 
 from gateway.config import UpstreamConfig
 from gateway.routing.capacity import CapacityCurve, Sample
@@ -21,6 +22,14 @@ REQ, OUT, ADM, ERR, RL = range(5)
 FIELDS = ("req", "out", "adm", "err", "rl")
 WINDOW_S = 60
 RATE_WINDOW_S = 10  # tok/s and error rates are averaged over this many seconds
+
+
+class OutlierView(Protocol):
+    """What a snapshot needs from the outlier detector (reliability/outlier.py owns the ejection state)."""
+
+    def is_ejected(self, u: UpstreamStats, now: float) -> bool: ...
+    def ejections(self, u: UpstreamStats) -> int: ...
+    def success_probability(self, u: UpstreamStats) -> float: ...
 
 
 class Window:
@@ -97,11 +106,7 @@ class UpstreamStats:
         self.req_since_refresh = 0
         self.tok_since_refresh = 0
         self.decode_tok_s = 0.0
-        # Outlier ejection (local to this replica; see health.py).
-        self.consecutive_failures = 0
-        self.ejected_until = 0.0
-        self.ejections = 0
-        self.probing = False
+        # Outlier ejection state is owned by reliability/outlier.py (OutlierDetector), not kept here.
 
     # ---- request path -------------------------------------------------------------------------------------
     @property
@@ -277,24 +282,26 @@ class UpstreamStats:
     def refit(self, now: float) -> None:
         self.curve.fit(list(self.samples), now)
 
-    def state(self, now: float) -> str:
+    def state(self, now: float, ejected: bool = False) -> str:
+        """draining | ejected | cooldown | healthy; `ejected` comes from the outlier detector."""
         if self.weight <= 0:
             return "draining"
-        if self.ejected_until > now:
+        if ejected:
             return "ejected"
         if self.cooldown_until > now:
             return "cooldown"
         return "healthy"
 
-    def snapshot(self, now: float, models: list[str]) -> dict:
+    def snapshot(self, now: float, models: list[str], health: OutlierView | None = None) -> dict:
         c = self.cfg
+        ejected = health.is_ejected(self, now) if health is not None else False
         return {
             "name": self.name,
             "provider": c.provider,
             "kind": c.kind,
             "models": models,
             "weight": self.weight,
-            "state": self.state(now),
+            "state": self.state(now, ejected),
             "inflight": self.inflight,
             "inflight_local": self.inflight_local,
             "external_load": round(self.external_load, 1),
@@ -305,7 +312,8 @@ class UpstreamStats:
             "decode_tok_s": round(self.decode_tok_s, 1),
             "errors_per_min": round(self.errors_per_min, 2),
             "rate_limited_per_min": round(self.rate_limited_per_min, 2),
-            "ejections": self.ejections,
+            "ejections": health.ejections(self) if health is not None else 0,
+            "success_rate": round(health.success_probability(self), 3) if health is not None else 1.0,
             "capacity": self.curve.snapshot(),
             "limits": {"rpm": c.rpm, "tpm": c.tpm, "rpm_used": self.used_req_60, "tpm_used": self.used_tok_60},
         }

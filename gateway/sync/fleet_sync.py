@@ -6,8 +6,15 @@ replica that stops heartbeating stops counting, so a crash cannot leak in-flight
 same loop just folds local deltas into the local view. When Redis is unreachable the gateway keeps routing on
 local data, reports `degraded`, and reconnects on its own.
 
-Keys (prefix `gw`): hb (zset replica->ts), inflight (hash replica->json {upstream: n}), weights (hash),
-cooldown (hash upstream->until), win:{upstream}:{sec//10} (hash "sec:field"->int, expires), samples:{upstream} (list).
+Keys (prefix `gw`): hb (zset replica->ts), inflight (hash replica->json {upstream: n}), weights (hash
+upstream->weight), weights:ver (hash upstream->version), cooldown (hash upstream->until),
+win:{upstream}:{sec//10} (hash "sec:field"->int, expires), samples:{upstream} (list).
+
+Admin weights are durable without Redis persistence: a change is written to Redis first (atomically, with a
+version = max(wall-clock ms, previous version + 1)) and only then applied locally, so a change made while Redis is
+down fails cleanly (StoreUnavailable) and changes nothing. Every replica remembers the newest (weight, version) it
+has seen; when Redis comes back empty (or holds an older version) the replicas write theirs back, and a
+compare-and-set on the version means a stale replica can never override a newer change.
 """
 
 from __future__ import annotations
@@ -29,6 +36,38 @@ from gateway.state.stats import WINDOW_S, Window
 log = logging.getLogger("gateway.sync.fleet_sync")
 
 HEARTBEAT_TTL = 3.0
+STORE_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+SOCKET_TIMEOUT = 1.0
+WRITE_DEADLINE = SOCKET_TIMEOUT / 2  # an admin write that reaches Redis later than this is refused there
+
+# KEYS: weights, weights:ver. ARGV: upstream, weight, now_ms, deadline_ms. Returns the new version, or -1 when
+# it runs after the deadline: a command that sat in a frozen server's buffer past the client's timeout must not
+# land after the client was told "nothing changed" (assumes the clocks agree to well under a second).
+_SET_WEIGHT = """
+local t = redis.call('TIME')
+if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[4]) then return -1 end
+local cur = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
+local v = math.max(tonumber(ARGV[3]), cur + 1)
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[1], v)
+return v
+"""
+# KEYS: weights, weights:ver. ARGV: (upstream, weight, version)*. Writes only what is newer than Redis holds.
+_WRITE_BACK = """
+for i = 1, #ARGV, 3 do
+  local cur = tonumber(redis.call('HGET', KEYS[2], ARGV[i]) or '0')
+  if tonumber(ARGV[i + 2]) > cur then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 2])
+  end
+end
+return 0
+"""
+
+
+class StoreUnavailable(Exception):
+    """The shared store could not record an admin change; nothing was changed."""
+
 SLOT = 10
 REFIT_EVERY = 1.0
 
@@ -39,7 +78,7 @@ class FleetSync:
         self.replica = replica_id
         self.prefix = prefix
         self.redis: aioredis.Redis | None = (
-            aioredis.from_url(redis_url, socket_timeout=1.0, socket_connect_timeout=1.0) if redis_url else None
+            aioredis.from_url(redis_url, socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=SOCKET_TIMEOUT) if redis_url else None
         )
         self.status = "ok" if self.redis else "disabled"
         self.last_ok = 0.0
@@ -47,6 +86,8 @@ class FleetSync:
         self._stopped = False
         self._last_refit = 0.0
         self._cooldowns: dict[str, float] = {}
+        #: Newest admin weight version seen per upstream (0 = the config weight, never changed).
+        self.weight_versions: dict[str, int] = {}
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -75,9 +116,45 @@ class FleetSync:
             self._cooldowns[upstream] = until
 
     async def set_weight(self, upstream: str, weight: float) -> None:
-        self.fleet.upstreams[upstream].weight = weight
+        """Record in Redis first, then apply here; raise StoreUnavailable (nothing changed) when Redis fails."""
+        version = self.weight_versions.get(upstream, 0) + 1
         if self.redis is not None:
-            await self.redis.hset(self._k("weights"), upstream, repr(weight))
+            try:
+                keys = [self._k("weights"), self._k("weights", "ver")]
+                now_ms = int(time.time() * 1000)
+                deadline = now_ms + int(WRITE_DEADLINE * 1000)
+                res = await self.redis.eval(_SET_WEIGHT, 2, *keys, upstream, repr(weight), now_ms, deadline)
+            except STORE_ERRORS as e:
+                raise StoreUnavailable(f"the shared store (Redis) is unavailable: {type(e).__name__}") from None
+            if int(res) < 0:
+                raise StoreUnavailable("the shared store (Redis) answered too late")
+            version = int(res)
+        self.fleet.upstreams[upstream].weight = weight
+        self.weight_versions[upstream] = version
+
+    def _apply_weights(self, weights: dict[bytes, bytes], versions: dict[bytes, bytes]) -> list[str]:
+        """Adopt newer weights from Redis; return the upstreams whose newer weight Redis lost (to write back)."""
+        stale = []
+        for n, u in self.fleet.upstreams.items():
+            mine = self.weight_versions.get(n, 0)
+            theirs = int(versions.get(n.encode(), b"0"))
+            wv = weights.get(n.encode())
+            if wv is not None and theirs >= mine:
+                u.weight = float(wv)
+                self.weight_versions[n] = theirs
+            elif mine > theirs:
+                stale.append(n)  # Redis restarted empty, or holds an older change: ours is newer
+            else:
+                u.weight = u.cfg.weight
+        return stale
+
+    async def _write_back(self, names: list[str]) -> None:
+        assert self.redis is not None
+        args: list[str | int] = []
+        for n in names:
+            args += [n, repr(self.fleet.upstreams[n].weight), self.weight_versions[n]]
+        await self.redis.eval(_WRITE_BACK, 2, self._k("weights"), self._k("weights", "ver"), *args)
+        log.info("wrote admin weights back to redis: %s", ", ".join(names))
 
     # ---- one cycle -----------------------------------------------------------------------------------------
     def _k(self, *parts: str) -> str:
@@ -150,6 +227,7 @@ class FleetSync:
         p.zrangebyscore(self._k("hb"), now - HEARTBEAT_TTL, "+inf")
         p.hgetall(self._k("inflight"))
         p.hgetall(self._k("weights"))
+        p.hgetall(self._k("weights", "ver"))
         p.hgetall(self._k("cooldown"))
         slots = range((sec - WINDOW_S) // SLOT, sec // SLOT + 1)
         for n in ups:
@@ -166,12 +244,12 @@ class FleetSync:
                 self._cooldowns[k] = max(until, self._cooldowns.get(k, 0.0))
             raise
 
-        i = len(res) - (len(ups) * len(slots)) - 4 - (len(ups) if refit else 0)
+        i = len(res) - (len(ups) * len(slots)) - 5 - (len(ups) if refit else 0)
         alive = {x.decode() for x in res[i]}
         inflight_rows = res[i + 1]
-        weights = res[i + 2]
-        cooldowns = res[i + 3]
-        i += 4
+        stale_weights = self._apply_weights(res[i + 2], res[i + 3])
+        cooldowns = res[i + 4]
+        i += 5
         remote = {n: 0 for n in ups}
         dead = []
         for rep, row in inflight_rows.items():
@@ -190,8 +268,6 @@ class FleetSync:
             u.inflight_remote = remote[n]
             u.replicas = len(live)
             u.rank = rank
-            wv = weights.get(n.encode())
-            u.weight = float(wv) if wv is not None else u.cfg.weight
             cv = cooldowns.get(n.encode())
             if cv is not None:
                 u.cooldown_until = max(u.cooldown_until, float(cv))
@@ -210,6 +286,8 @@ class FleetSync:
                 u.samples.extend(Sample.from_row(r) for r in res[i])
                 i += 1
         self._refresh(now)
+        if stale_weights:
+            await self._write_back(stale_weights)
         if dead:
             p = self.redis.pipeline(transaction=False)
             p.hdel(self._k("inflight"), *dead)

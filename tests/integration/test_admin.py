@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import time
+import uuid
 
 import aiohttp
 import openai
+import redis.asyncio as aioredis
 
 from tests.conftest import REDIS_URL
+from tests.redis_server import RedisServer
 
 ADMIN = "adm-" + "k" * 24
 H = {"Authorization": f"Bearer {ADMIN}"}
@@ -62,3 +66,82 @@ async def test_admin_errors(sim_fleet, start_gateway):
         assert {u["name"] for u in view["upstreams"]} == {"fast-gpu", "slow-gpu", "hosted"}
         assert view["redis"] == "disabled" and "queue_depth" in view
         assert ADMIN not in str(view)
+
+
+async def test_weights_survive_redis_restart_and_outage_is_a_clean_503(sim_fleet, start_gateway):
+    """Redis restarts empty: the replicas write the admin weight back (no replica falls back to the config weight);
+    a change while Redis is down or frozen is a 503 store_unavailable that changes nothing on any replica."""
+    redis = RedisServer()
+    await redis.start()
+    try:
+        cfg = sim_fleet.config()
+        common = dict(redis_url=redis.url, redis_prefix=f"gwadm-{uuid.uuid4().hex[:6]}", admin_key=ADMIN)
+        a = await start_gateway(cfg, **common)
+        b = await start_gateway(cfg, **common)
+        weight = lambda g: g.proxy.fleet.upstreams["fast-gpu"].weight  # noqa: E731
+        url = "/admin/upstreams/fast-gpu/weight"
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+            async with s.put(a.url + url, json={"weight": 0}, headers=H) as r:
+                assert r.status == 200
+            assert await _until(lambda: weight(b) == 0.0, 2.0)
+            await redis.kill()
+            async with s.put(b.url + url, json={"weight": 3}, headers=H) as r:
+                err = await r.json()
+                assert r.status == 503 and err["error"]["code"] == "store_unavailable", err
+                assert r.headers["Retry-After"] == "1"
+            assert weight(a) == 0.0 and weight(b) == 0.0
+            await redis.start()  # same port, empty
+            seen: set[float] = set()
+            rc = aioredis.from_url(redis.url)
+            try:
+                async def written_back() -> bool:
+                    seen.update((weight(a), weight(b)))
+                    return await rc.hget(common["redis_prefix"] + ":weights", "fast-gpu") == b"0.0"
+
+                assert await _until_async(written_back, 6.0)
+                await asyncio.sleep(0.5)
+                seen.update((weight(a), weight(b)))
+                assert seen == {0.0}, seen  # never back to the config weight (1.0), not even for a cycle
+                # A newer change after the restart wins over every replica's remembered one.
+                async with s.put(a.url + url, json={"weight": 1.5}, headers=H) as r:
+                    assert r.status == 200
+                assert await _until(lambda: weight(b) == 1.5, 2.0)
+                await asyncio.sleep(0.5)
+                assert weight(a) == weight(b) == 1.5
+                assert await rc.hget(common["redis_prefix"] + ":weights", "fast-gpu") == b"1.5"
+                # Frozen Redis (SIGSTOP): bounded, clean 503, nothing changed.
+                redis.freeze()
+                try:
+                    t0 = time.monotonic()
+                    async with s.put(b.url + url, json={"weight": 0.5}, headers=H) as r:
+                        assert r.status == 503 and (await r.json())["error"]["code"] == "store_unavailable"
+                    assert time.monotonic() - t0 < 3.0
+                finally:
+                    redis.thaw()
+                await asyncio.sleep(0.5)
+                assert weight(a) == weight(b) == 1.5
+            finally:
+                await rc.aclose()
+    finally:
+        await redis.kill()
+
+
+async def _until(pred, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        await asyncio.sleep(0.05)
+    return bool(pred())
+
+
+async def _until_async(pred, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if await pred():
+                return True
+        except (OSError, aioredis.RedisError):
+            pass
+        await asyncio.sleep(0.05)
+    return False

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from gateway.config import FleetConfig, ModelConfig, UpstreamConfig
 from gateway.http.app import create_app
+from gateway.http.protocol import GatewayRunner
 from gateway.settings import Settings
 from gateway.sim import SimConfig, start_sim
 from tests.conftest import free_port
@@ -72,7 +73,7 @@ def live():
                     "claude-pool": ModelConfig(upstreams=["an"])},
         )
         app = create_app(Settings(replica_id="fuzz", max_body_bytes=256 * 1024, queue_timeout=5.0), fleet)
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
+        runner = GatewayRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
         await runner.setup()
         port = free_port()
         await web.TCPSite(runner, "127.0.0.1", port).start()

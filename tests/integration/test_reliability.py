@@ -19,6 +19,7 @@ from gateway.config import CapacityHint, FleetConfig, ModelConfig, UpstreamConfi
 from gateway.errors import GatewayError
 from gateway.http.api import KEYS
 from gateway.http.app import DRAINING, create_app, gate_middleware, readyz
+from gateway.http.protocol import GatewayRunner
 from gateway.reliability.outlier import OutlierDetector
 from gateway.settings import Settings
 from gateway.sim import SimConfig, start_sim
@@ -157,7 +158,8 @@ async def test_kill_one_of_three_upstreams_under_load(start_sims, start_gateway)
     # Streams already flowing from the killed upstream end with an in-band error event and a clean end.
     assert all(r.chunks > 0 for r in mid)
     b = gw.proxy.fleet.upstreams["b"]
-    assert b.ejections >= 1 and b.ejected_until > time.time() - 1
+    det = gw.proxy.health
+    assert det.ejections(b) >= 1 and det.ejected_until(b) > time.time() - 1
     await settle(gw, [sims.apps["a"], sims.apps["c"]])
 
 
@@ -249,7 +251,7 @@ async def test_slow_upstream_ttft_timeout_retries_elsewhere(start_sims, start_ga
     assert all(r.kind == "ok" for r in results), results
     assert time.monotonic() - t0 < 5
     slow = gw.proxy.fleet.upstreams["slow"]
-    assert slow.consecutive_failures >= 1  # it was tried and timed out (streams: TTFT; non-streamed: total)
+    assert gw.proxy.health.state(slow).fail > 0  # it was tried and timed out (streams: TTFT; non-streamed: total)
     await settle(gw, [sims.apps["slow"], sims.apps["ok"]])
 
 
@@ -375,29 +377,31 @@ async def test_outlier_ejection_and_half_open_recovery(start_sims, start_gateway
     gw = await start_gateway(fleet_of(sims, ["bad", "good"], strategy="round_robin"),
                              eject_after_failures=3, eject_base_seconds=1.0)
     bad = gw.proxy.fleet.upstreams["bad"]
+    det = gw.proxy.health
+    st = det.state(bad)
     sim_bad = sims.apps["bad"]["sim"]
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
         for i in range(8):
             assert (await call(s, gw.url, body(i % 2 == 0, 3))).kind == "ok"
-        assert bad.state(time.time()) == "ejected" and bad.ejections == 1
+        assert det.is_ejected(bad, time.time()) and st.ejections == 1
         assert sim_bad.errors_500 == 3
         # Ejected: no traffic reaches it.
         for i in range(6):
             assert (await call(s, gw.url, body(False, 3))).kind == "ok"
         assert sim_bad.errors_500 == 3
         # Still broken when half-open: one probe fails, the ejection doubles.
-        await asyncio.sleep(max(0.0, bad.ejected_until - time.time()) + 0.05)
+        await asyncio.sleep(max(0.0, st.ejected_until - time.time()) + 0.05)
         for i in range(4):
             assert (await call(s, gw.url, body(False, 3))).kind == "ok"
-        assert sim_bad.errors_500 == 4 and bad.ejections == 2
-        assert bad.ejected_until - time.time() > 1.2  # 2 s backoff now
+        assert sim_bad.errors_500 == 4 and st.ejections == 2
+        assert st.ejected_until - time.time() > 1.2  # 2 s backoff now
         # Fixed: after the backoff one probe succeeds and it is back in rotation.
         async with s.post(sims.url("bad") + "/sim/faults", json={"error_rate": 0}) as r:
             assert r.status == 200
-        await asyncio.sleep(max(0.0, bad.ejected_until - time.time()) + 0.05)
+        await asyncio.sleep(max(0.0, st.ejected_until - time.time()) + 0.05)
         for i in range(6):
             assert (await call(s, gw.url, body(i % 2 == 0, 3))).kind == "ok"
-    assert bad.consecutive_failures == 0 and not bad.probing and bad.state(time.time()) == "healthy"
+    assert st.consecutive == 0 and not st.probing and not st.half_open and not det.is_ejected(bad, time.time())
     assert sim_bad.completed >= 2
 
 
@@ -408,7 +412,7 @@ def test_half_open_allows_one_probe_and_abandoned_probe_frees_it():
     det.failure(u)
     now = time.time()
     assert not det.available(u, now)
-    later = u.ejected_until + 0.01
+    later = det.ejected_until(u) + 0.01
     assert det.available(u, later)
     det.dispatched(u)  # the probe
     assert not det.available(u, later)  # only one at a time
@@ -416,24 +420,25 @@ def test_half_open_allows_one_probe_and_abandoned_probe_frees_it():
     assert det.available(u, later)
     det.dispatched(u)
     det.success(u)
-    assert det.available(u, later) and u.consecutive_failures == 0
+    assert det.available(u, later) and det.state(u).consecutive == 0 and not det.state(u).half_open
 
 
 async def test_active_health_checks_eject_and_restore(start_sims, start_gateway):
     sims = await start_sims({"a": gpu("a"), "b": gpu("b")})
     gw = await start_gateway(fleet_of(sims, ["a", "b"]), health_check_interval=0.2, health_check_timeout=0.5)
     b = gw.proxy.fleet.upstreams["b"]
+    det = gw.proxy.health
     port = sims.ports["b"]
     await asyncio.sleep(0.5)
-    assert b.state(time.time()) == "healthy"
+    assert not det.is_ejected(b, time.time())
     await sims.runners["b"].cleanup()
-    assert await wait_for(lambda: b.state(time.time()) == "ejected", 3.0)  # no traffic needed
+    assert await wait_for(lambda: det.is_ejected(b, time.time()), 3.0)  # no traffic needed
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
         for i in range(4):
             assert (await call(s, gw.url, body(i % 2 == 0, 3))).kind == "ok"
     runner, _ = await start_sim(gpu("b"), "127.0.0.1", port)
     try:
-        assert await wait_for(lambda: b.state(time.time()) == "healthy", 3.0)  # restored before its backoff ends
+        assert await wait_for(lambda: not det.is_ejected(b, time.time()), 3.0)  # restored before its backoff ends
     finally:
         await runner.cleanup()
 
@@ -443,7 +448,7 @@ async def _own_gateway(fleet: FleetConfig, **settings) -> tuple[str, web.Applica
     """A gateway this test shuts down itself (the fixture's would clean it up a second time)."""
     s = Settings(replica_id=f"t-{uuid.uuid4().hex[:6]}", **settings)
     app = create_app(s, fleet)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=s.shutdown_grace)
+    runner = GatewayRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=s.shutdown_grace)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()

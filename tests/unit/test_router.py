@@ -173,14 +173,14 @@ def test_ejected_upstream_is_skipped_then_probed_once():
     fast = fleet.upstreams["fast-gpu"]
     for _ in range(3):
         router.health.failure(fast)
-    assert fast.state(time.time()) == "ejected"
+    assert router.health.is_ejected(fast, time.time())
     assert router.pick(pool, EST).upstream.name != "fast-gpu"
-    fast.ejected_until = time.time() - 0.01  # backoff elapsed: half-open
+    router.health.state(fast).ejected_until = time.time() - 0.01  # backoff elapsed: half-open
     d = router._dispatch(router.pick(pool, EST), EST)
-    assert d.upstream is fast and fast.probing
+    assert d.upstream is fast and router.health.state(fast).probing
     assert router.pick(pool, EST).upstream is not fast  # only one probe at a time
     router.health.success(fast)
-    assert not fast.probing and fast.consecutive_failures == 0
+    assert not router.health.state(fast).probing and router.health.state(fast).consecutive == 0
 
 
 def test_work_conserving_even_when_marginal_gain_is_negative():
@@ -206,12 +206,12 @@ async def test_client_leaving_as_it_is_admitted_frees_slot_and_probe():
     await asyncio.sleep(0.01)
     for _ in range(3):
         router.health.failure(fast)  # ejected ...
-    fast.ejected_until = time.time() - 0.01  # ... and now half-open
+    router.health.state(fast).ejected_until = time.time() - 0.01  # ... and now half-open
     waiter.cancel()  # the client leaves ...
     router.release(first.upstream, EST)  # ... and in the same loop iteration its request is dispatched as the probe
     with pytest.raises(asyncio.CancelledError):
         await waiter
-    assert fast.inflight_local == 0 and not fast.probing
+    assert fast.inflight_local == 0 and not router.health.state(fast).probing
     assert router.pick(pool, EST).upstream is fast
 
 
@@ -297,3 +297,37 @@ async def test_request_larger_than_any_tpm_share_is_refused_clearly():
     assert e.value.status == 400 and e.value.param == "max_tokens" and "4100 tokens" in e.value.message
     hosted.replicas = 1
     assert (await router.admit(fleet.pools["fleet-model"], big)).upstream is hosted
+
+
+def test_error_adjusted_gain():
+    from gateway.routing.router import error_adjusted
+
+    assert error_adjusted(10.0, 1.0) == 10.0
+    assert abs(error_adjusted(10.0, 0.7) - 4.0) < 1e-9  # 70% delivered, 30% cost a retry elsewhere
+    assert error_adjusted(10.0, 0.5) == 0.0
+    assert error_adjusted(-2.0, 0.5) < -2.0  # the least harmful place only gets worse
+
+
+def test_failing_upstream_gets_less_than_its_success_weighted_share():
+    """Three equal upstreams, one failing 30%: greedy dispatch gives it less than 0.7/2.7 of the traffic."""
+    from gateway.config import CapacityHint, ModelConfig, UpstreamConfig
+
+    hint = CapacityHint(a=0.01, b=0.001, ttft=0.05)  # a batching server: each extra sequence slows the others
+    cfg = FleetConfig(
+        upstreams={n: UpstreamConfig(base_url=f"http://127.0.0.1:1/{n}", max_concurrency=64, capacity=hint)
+                   for n in ("a", "b", "c")},
+        models={"m": ModelConfig(upstreams=["a", "b", "c"])},
+    )
+    fleet = Fleet(cfg, "throughput")
+    det = OutlierDetector(5, 1.0, 10.0, pools=[["a", "b", "c"]])
+    router = Router(fleet, det, queue_max=4, queue_timeout=0.3)
+    pool = fleet.pools["m"]
+    bad = fleet.upstreams["c"]
+    for i in range(100):
+        (det.failure if i % 10 < 3 else det.success)(bad, time.monotonic())
+    counts = {"a": 0, "b": 0, "c": 0}
+    for _ in range(90):
+        d = router._dispatch(router.pick(pool, EST), EST)
+        counts[d.upstream.name] += 1
+    share = counts["c"] / 90
+    assert 0 < share < 0.7 / 2.7, counts
