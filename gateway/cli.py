@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 
-from aiohttp import web
 from pydantic import ValidationError
 
 from gateway.config import ConfigError, check_warnings, load_fleet
@@ -77,40 +76,11 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
 def cmd_demo(ns: argparse.Namespace) -> int:
     """Simulated fleet on three ports from --sim-port (9101-9103) plus the gateway (:8080), in one process."""
-    from gateway.http.app import create_app, serve
-    from gateway.sim import start_sim
-    from gateway.sim.reference import REFERENCE_SIMS, reference_fleet
+    from gateway.tools.demo import run_demo
 
     settings = _settings(port=ns.port)
     _logging(settings.log_level)
-    ports = {name: ns.sim_port + i for i, name in enumerate(REFERENCE_SIMS)}
-
-    async def start_sims(app: web.Application) -> None:
-        app[SIMS] = []
-        for name, cfg in REFERENCE_SIMS.items():
-            runner, _ = await start_sim(cfg, "127.0.0.1", ports[name])
-            app[SIMS].append(runner)
-            print(f"simulated upstream {name} on http://127.0.0.1:{ports[name]}/v1", flush=True)
-
-    async def stop_sims(app: web.Application) -> None:
-        for r in app[SIMS]:
-            await r.cleanup()
-
-    app = create_app(settings, reference_fleet(ports))
-    app.on_startup.insert(0, start_sims)
-    app.on_cleanup.append(stop_sims)
-    print("try: curl -s localhost:%d/v1/chat/completions -H 'Content-Type: application/json' "
-          "-d '{\"model\":\"fleet-model\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'" % settings.port, flush=True)
-    try:
-        serve(app, settings)
-    except OSError as e:
-        print(f"gateway demo: {e.strerror or e} — is another demo or gateway running? "
-              f"(choose other ports with --port / --sim-port)", file=sys.stderr)
-        return 2
-    return 0
-
-
-SIMS = web.AppKey("sims", list)
+    return run_demo(settings, ns.sim_port)
 
 
 def cmd_sim(ns: argparse.Namespace) -> int:
