@@ -12,10 +12,11 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from gateway.config import FleetConfig
-from gateway.http.api import PROXY_KEY, SYNC
+from gateway.http.api import PROXY_KEY, RUNTIME, SYNC
 from gateway.http.app import create_app
 from gateway.http.protocol import GatewayRunner
 from gateway.proxy import Proxy
+from gateway.runtime import Runtime
 from gateway.settings import Settings
 from gateway.sim import SimConfig, start_sim
 from gateway.sim.reference import REFERENCE_SIMS, reference_fleet
@@ -47,6 +48,10 @@ class Gateway:
     @property
     def proxy(self) -> Proxy:
         return self.app[PROXY_KEY]
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.app[RUNTIME]
 
     async def sync(self) -> None:
         """One fleet-sync cycle now (flush this replica's figures, pull the others'): instead of sleeping for one."""

@@ -90,7 +90,7 @@ async def test_killed_and_restarted_upstream_is_back_within_5s(start_sims, start
     sims = await start_sims({n: gpu(n) for n in ("a", "b", "c")})
     # least_busy: "in rotation" shows as traffic at once (throughput may rightly prefer a faster-looking peer).
     gw = await start_gateway(fleet_of(sims, ["a", "b", "c"], strategy="least_busy"))
-    b, det, port = gw.proxy.fleet.upstreams["b"], gw.proxy.health, sims.ports["b"]
+    b, det, port = gw.proxy.fleet.upstreams["b"], gw.runtime.health, sims.ports["b"]
     box: dict = {}
     stop = asyncio.Event()
 
@@ -152,7 +152,7 @@ async def test_hung_upstream_is_left_within_the_ttft_budget(start_sims, start_ga
     sent = {n: u.window_sum(REQ) for n, u in ups.items()}
     share = sent["hung"] / sum(sent.values())
     print(f"hung upstream: {len(results)} requests in {time.monotonic() - t0:.1f}s, {len(failures(results))} failed, "
-          f"attempts {sent}, hung share {share:.3f}, ejected {gw.proxy.health.ejections(ups['hung'])}x")
+          f"attempts {sent}, hung share {share:.3f}, ejected {gw.runtime.health.ejections(ups['hung'])}x")
     assert len(results) > 50
     assert not failures(results), failures(results)[:5]
     # Its timeouts made it a poor bet (error-aware routing) or got it ejected: it gets little traffic after them.
@@ -188,7 +188,7 @@ async def test_redis_kill_restart_and_freeze_under_load_weights_survive(start_si
                 await redis.kill()
                 await asyncio.sleep(1.5)
                 await redis.start()  # empty
-                assert await wait_for(lambda: g1.proxy.sync.status == g2.proxy.sync.status == "ok", 5.0)
+                assert await wait_for(lambda: g1.runtime.sync.status == g2.runtime.sync.status == "ok", 5.0)
                 await asyncio.sleep(1.0)
                 redis.freeze()
                 await asyncio.sleep(2.0)

@@ -158,7 +158,7 @@ async def test_kill_one_of_three_upstreams_under_load(start_sims, start_gateway)
     # Streams already flowing from the killed upstream end with an in-band error event and a clean end.
     assert all(r.chunks > 0 for r in mid)
     b = gw.proxy.fleet.upstreams["b"]
-    det = gw.proxy.health
+    det = gw.runtime.health
     assert det.ejections(b) >= 1 and det.ejected_until(b) > time.time() - 1
     await settle(gw, [sims.apps["a"], sims.apps["c"]])
 
@@ -251,7 +251,7 @@ async def test_slow_upstream_ttft_timeout_retries_elsewhere(start_sims, start_ga
     assert all(r.kind == "ok" for r in results), results
     assert time.monotonic() - t0 < 5
     slow = gw.proxy.fleet.upstreams["slow"]
-    assert gw.proxy.health.state(slow).fail > 0  # it was tried and timed out (streams: TTFT; non-streamed: total)
+    assert gw.runtime.health.state(slow).fail > 0  # it was tried and timed out (streams: TTFT; non-streamed: total)
     await settle(gw, [sims.apps["slow"], sims.apps["ok"]])
 
 
@@ -377,7 +377,7 @@ async def test_outlier_ejection_and_half_open_recovery(start_sims, start_gateway
     gw = await start_gateway(fleet_of(sims, ["bad", "good"], strategy="round_robin"),
                              eject_after_failures=3, eject_base_seconds=1.0)
     bad = gw.proxy.fleet.upstreams["bad"]
-    det = gw.proxy.health
+    det = gw.runtime.health
     st = det.state(bad)
     sim_bad = sims.apps["bad"]["sim"]
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
@@ -427,7 +427,7 @@ async def test_active_health_checks_eject_and_restore(start_sims, start_gateway)
     sims = await start_sims({"a": gpu("a"), "b": gpu("b")})
     gw = await start_gateway(fleet_of(sims, ["a", "b"]), health_check_interval=0.2, health_check_timeout=0.5)
     b = gw.proxy.fleet.upstreams["b"]
-    det = gw.proxy.health
+    det = gw.runtime.health
     port = sims.ports["b"]
     await asyncio.sleep(0.5)
     assert not det.is_ejected(b, time.time())
