@@ -61,6 +61,19 @@ class Settings(BaseSettings):
     health_check_timeout: float = 2.0
 
     flush_interval: float = 0.15
+
+    #: Batch API (needs redis_url). Lines run concurrently by this replica's batch worker; 0 = this replica runs none.
+    batch_workers: int = 8
+    batch_max_file_bytes: int = 200 * 1024 * 1024
+    batch_max_lines: int = 50_000
+    #: A line claimed by a replica that has not touched it for this long is taken over by another replica.
+    batch_claim_idle: float = 60.0
+    #: Attempts per line on 429/5xx/transport errors, backoff from batch_retry_base doubling up to 30 s.
+    batch_max_attempts: int = 5
+    batch_retry_base: float = 0.5
+    #: Seconds files, and batches after they end, are kept (OpenAI keeps batch files 30 days).
+    batch_retention: int = 30 * 24 * 3600
+    batch_sweep_interval: float = 5.0
     shutdown_grace: float = 30.0
     capture_content: bool = False
     log_level: str = "INFO"

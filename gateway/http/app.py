@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import signal
 from pathlib import Path
@@ -10,9 +11,11 @@ from pathlib import Path
 from aiohttp import web
 
 from gateway.auth import API_KEY, KEYS, KeyStore, presented_key
+from gateway.batch.executor import INTERNAL_HEADER
+from gateway.batch.service import BatchService
 from gateway.config import FleetConfig, load_fleet
 from gateway.errors import GatewayError
-from gateway.http import admin
+from gateway.http import admin, batch_api
 from gateway.http import api as handlers
 from gateway.http.api import PROXY_KEY
 from gateway.observability import redact
@@ -69,7 +72,7 @@ async def gate_middleware(request: web.Request, handler):
     if path.startswith("/v1/") and not path.startswith("/v1/gateway/"):
         if request.app[DRAINING] and request.method == "POST":
             raise GatewayError(503, "the gateway is shutting down; retry the request", code="shutting_down", retry_after=1)
-        if request.app[PROXY_KEY].s.require_api_key:
+        if request.app[PROXY_KEY].s.require_api_key and not _batch_internal(request):
             given = presented_key(request.headers)
             rec = request.app[KEYS].lookup(given)
             if rec is None:
@@ -77,6 +80,12 @@ async def gate_middleware(request: web.Request, handler):
                 raise GatewayError(401, msg, code="invalid_api_key")
             request[API_KEY] = rec
     return await handler(request)
+
+
+def _batch_internal(request: web.Request) -> bool:
+    """A batch line sent over loopback by this process's batch worker (it holds no client key)."""
+    token = request.headers.get(INTERNAL_HEADER)
+    return token is not None and hmac.compare_digest(token, request.app[batch_api.BATCH].token)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -141,7 +150,11 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
     app[PROXY_KEY] = proxy
     app[KEYS] = keys
     app[DRAINING] = []
+    batch = BatchService(settings, lambda model: fleet.pool(model) is not None)
+    redact.add_secret(batch.token)
+    app[batch_api.BATCH] = batch
     handlers.add_routes(app)
+    batch_api.add_routes(app)
     admin.add_routes(app)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -164,8 +177,10 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
             app[CHECKER] = checker
             await checker.start()
         waker.start()
+        await batch.start()
 
     async def on_shutdown(app: web.Application) -> None:
+        await batch.stop(min(settings.shutdown_grace, 10.0))  # lines still running finish; the rest stay queued
         await _drain(app, settings.shutdown_grace)
 
     async def on_cleanup(app: web.Application) -> None:

@@ -1,0 +1,171 @@
+"""HTTP endpoints of the OpenAI Files and Batch APIs (the official SDKs work unchanged), plus a progress summary.
+
+Every object belongs to the gateway API key that created it; another key gets 404 as if it did not exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import BodyPartReader, web
+
+from gateway.auth import API_KEY
+from gateway.batch.files import PURPOSES, FileWriter
+from gateway.batch.service import BatchService
+from gateway.errors import GatewayError
+from gateway.http.api import read_json
+
+BATCH = web.AppKey("batch", BatchService)
+UPLOAD_READ = 64 * 1024
+
+
+def _svc(request: web.Request) -> BatchService:
+    svc = request.app[BATCH]
+    svc.require()
+    return svc
+
+
+def _owner(request: web.Request) -> str | None:
+    rec = request.get(API_KEY)
+    return rec.id if rec is not None else None
+
+
+def _limit(request: web.Request, default: int, most: int) -> int:
+    raw = request.query.get("limit")
+    if raw is None:
+        return default
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= most:
+        raise GatewayError(400, f"'limit' must be an integer between 1 and {most}.", code="invalid_value", param="limit")
+    return n
+
+
+# ---- files ----------------------------------------------------------------------------------------------------
+async def create_file(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    if not request.content_type.startswith("multipart/"):
+        raise GatewayError(400, "Uploads must be multipart/form-data with fields 'file' and 'purpose'.", code="invalid_request")
+    reader = await request.multipart()
+    purpose: str | None = None
+    writer: FileWriter | None = None
+    filename = ""
+    try:
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                continue
+            if part.name == "purpose":
+                purpose = (await part.read(decode=True))[:64].decode("utf-8", "replace").strip()
+                _check_purpose(purpose)
+            elif part.name == "file" and writer is None:
+                filename = part.filename or "upload.jsonl"
+                writer = svc.files.writer()
+                await _stream_part(part, writer, svc.s.body_read_timeout)
+            else:
+                await part.release()
+        if writer is None:
+            raise GatewayError(400, "Missing required parameter: 'file'.", code="missing_required_parameter", param="file")
+        if purpose is None:
+            raise GatewayError(400, "Missing required parameter: 'purpose'.", code="missing_required_parameter", param="purpose")
+        obj = await writer.close(filename, purpose, _owner(request), svc.s.batch_retention)
+    except BaseException:
+        if writer is not None:
+            await asyncio.shield(writer.abort())
+        raise
+    return web.json_response(obj)
+
+
+def _check_purpose(purpose: str) -> None:
+    if purpose != "batch":
+        raise GatewayError(400, f"Invalid purpose {purpose!r}: this gateway accepts files with purpose 'batch'.",
+                           code="invalid_value", param="purpose")
+
+
+async def _stream_part(part: BodyPartReader, writer: FileWriter, timeout: float) -> None:
+    while True:
+        try:
+            async with asyncio.timeout(timeout):
+                data = await part.read_chunk(UPLOAD_READ)
+        except TimeoutError:
+            raise GatewayError(408, "the upload did not arrive in time", code="body_timeout") from None
+        if not data:
+            return
+        await writer.feed(data)
+
+
+async def list_files(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    order = request.query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise GatewayError(400, "'order' must be 'asc' or 'desc'.", code="invalid_value", param="order")
+    purpose = request.query.get("purpose")
+    if purpose is not None and purpose not in PURPOSES:
+        return web.json_response({"object": "list", "data": [], "has_more": False, "first_id": None, "last_id": None})
+    page = await svc.files.list_page(_owner(request), request.query.get("after"), _limit(request, 10000, 10000), order, purpose)
+    return web.json_response(page)
+
+
+async def get_file(request: web.Request) -> web.Response:
+    from gateway.batch.files import public_file
+
+    svc = _svc(request)
+    return web.json_response(public_file(await svc.files.meta(request.match_info["id"], _owner(request))))
+
+
+async def file_content(request: web.Request) -> web.StreamResponse:
+    svc = _svc(request)
+    fid = request.match_info["id"]
+    meta = await svc.files.meta(fid, _owner(request))
+    resp = web.StreamResponse(headers={"Content-Type": "application/jsonl", "Content-Length": meta["bytes"]})
+    await resp.prepare(request)
+    async for chunk in svc.files.chunks(fid):
+        await resp.write(chunk)
+    await resp.write_eof()
+    return resp
+
+
+async def delete_file(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    fid = request.match_info["id"]
+    await svc.files.delete(fid, _owner(request))
+    return web.json_response({"id": fid, "object": "file", "deleted": True})
+
+
+# ---- batches --------------------------------------------------------------------------------------------------
+async def create_batch(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    body = await read_json(request)
+    return web.json_response(await svc.create(_owner(request), body))
+
+
+async def get_batch(request: web.Request) -> web.Response:
+    return web.json_response(await _svc(request).get(request.match_info["id"], _owner(request)))
+
+
+async def list_batches(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    return web.json_response(await svc.store.list_page(_owner(request), request.query.get("after"), _limit(request, 20, 100)))
+
+
+async def cancel_batch(request: web.Request) -> web.Response:
+    return web.json_response(await _svc(request).cancel(request.match_info["id"], _owner(request)))
+
+
+async def summary(request: web.Request) -> web.Response:
+    return web.json_response(await _svc(request).summary())
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_post("/v1/files", create_file)
+    r.add_get("/v1/files", list_files)
+    r.add_get("/v1/files/{id}", get_file)
+    r.add_get("/v1/files/{id}/content", file_content)
+    r.add_delete("/v1/files/{id}", delete_file)
+    r.add_post("/v1/batches", create_batch)
+    r.add_get("/v1/batches", list_batches)
+    r.add_get("/v1/batches/{id}", get_batch)
+    r.add_post("/v1/batches/{id}/cancel", cancel_batch)
+    r.add_get("/v1/gateway/batches", summary)
