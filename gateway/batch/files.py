@@ -33,7 +33,7 @@ class FileWriter:
 
     def __init__(self, store: FileStore, fid: str, limits: FileLimits | None) -> None:
         self.store, self.fid, self.limits = store, fid, limits
-        self.bytes = self.lines = self.chunks = 0
+        self.bytes = self.stored = self.lines = self.chunks = 0
         self._buf = bytearray()
         self._rest = bytearray()
 
@@ -51,6 +51,7 @@ class FileWriter:
             if self.limits and self.lines > self.limits.max_lines:
                 raise GatewayError(400, f"File has more than {self.limits.max_lines} lines (requests).", code="too_many_requests", param="file")
             self._buf += ln + b"\n"
+            self.stored += len(ln) + 1
             if len(self._buf) >= CHUNK_BYTES:
                 await self._push()
 
@@ -66,7 +67,7 @@ class FileWriter:
         await self._push()
         now = time.time()
         meta = {
-            "id": self.fid, "bytes": self.bytes, "created_at": int(now), "filename": filename, "purpose": purpose,
+            "id": self.fid, "bytes": self.bytes if self.limits else self.stored, "created_at": int(now), "filename": filename, "purpose": purpose,
             "owner": owner or ANON, "lines": self.lines, "expires_at": int(now) + ttl,
         }
         k, p = self.store.k, self.store.redis.pipeline(transaction=True)

@@ -117,8 +117,8 @@ async def get_file(request: web.Request) -> web.Response:
 async def file_content(request: web.Request) -> web.StreamResponse:
     svc = _svc(request)
     fid = request.match_info["id"]
-    meta = await svc.files.meta(fid, _owner(request))
-    resp = web.StreamResponse(headers={"Content-Type": "application/jsonl", "Content-Length": meta["bytes"]})
+    await svc.files.meta(fid, _owner(request))
+    resp = web.StreamResponse(headers={"Content-Type": "application/jsonl"})
     await resp.prepare(request)
     async for chunk in svc.files.chunks(fid):
         await resp.write(chunk)
