@@ -116,7 +116,7 @@ class BatchService:
             pass
         elif await self.store.move(bid, "cancelling", ("in_progress",), cancelling_at=now):
             self._spawn(self.finalize(bid))  # nothing may be left to run
-        elif rec.get("status") not in ("cancelling", "cancelled"):
+        elif rec.get("status") != "cancelling":  # cancelling again is a no-op; a final batch cannot be cancelled
             raise GatewayError(409, f"Cannot cancel a batch with status '{rec.get('status')}'.", code="invalid_state")
         return await self.get(bid, owner)
 

@@ -79,3 +79,165 @@ async def test_sdk_round_trip(gw):
     assert deleted.deleted and deleted.id == f.id
     with pytest.raises(openai.NotFoundError):
         await c.files.retrieve(f.id)
+
+
+async def upload(c: openai.AsyncOpenAI, data: bytes, name: str = "in.jsonl") -> str:
+    return (await c.files.create(file=(name, io.BytesIO(data)), purpose="batch")).id
+
+
+async def test_cancel_lets_running_lines_finish(sim_fleet, start_gateway, redis_prefix, redis_client):
+    gw = await start_gateway(sim_fleet.config(), redis_url=REDIS_URL, redis_prefix=redis_prefix, batch_workers=2)
+    c = client(gw.url)
+    rows = [chat_line(i, max_tokens=60) for i in range(40)]
+    b = await c.batches.create(input_file_id=await upload(c, jsonl(rows)), endpoint="/v1/chat/completions", completion_window="24h")
+    deadline = time.monotonic() + 30
+    while (await c.batches.retrieve(b.id)).request_counts.completed < 2:
+        assert time.monotonic() < deadline, "no line completed"
+        await asyncio.sleep(0.1)
+    cb = await c.batches.cancel(b.id)
+    assert cb.status == "cancelling" and cb.cancelling_at
+    b, _ = await wait_final(c, b.id)
+    assert b.status == "cancelled" and b.cancelled_at
+    out, err = await lines_of(c, b.output_file_id), await lines_of(c, b.error_file_id)
+    assert 2 <= len(out) < 40 and len(out) + len(err) == 40
+    assert b.request_counts.completed == len(out) and b.request_counts.failed == len(err)
+    assert sorted(x["custom_id"] for x in out + err) == sorted(r["custom_id"] for r in rows)
+    assert all(e["error"]["code"] == "batch_cancelled" and e["response"] is None for e in err)
+    with pytest.raises(openai.APIStatusError) as ei:  # a final batch cannot be cancelled
+        await c.batches.cancel(b.id)
+    assert ei.value.status_code == 409
+
+
+async def test_list_pagination(gw):
+    c = client(gw.url)
+    fid = await upload(c, jsonl([chat_line(0)]))
+    ids = []
+    for _ in range(5):
+        ids.append((await c.batches.create(input_file_id=fid, endpoint="/v1/chat/completions", completion_window="24h")).id)
+    page = await c.batches.list(limit=2)
+    assert [b.id for b in page.data] == ids[::-1][:2] and page.has_more
+    page2 = await c.batches.list(limit=2, after=page.data[-1].id)
+    assert [b.id for b in page2.data] == ids[::-1][2:4]
+    every = [b.id async for b in c.batches.list(limit=2)]  # the SDK's auto-pagination follows `after`
+    assert every == ids[::-1]
+    files = [f.id async for f in c.files.list(limit=1)]
+    assert fid in files
+    for bid in ids:
+        await wait_final(c, bid)
+
+
+async def test_bad_files_and_batches(gw):
+    c = client(gw.url)
+    with pytest.raises(openai.BadRequestError) as ei:
+        await c.files.create(file=("x.jsonl", io.BytesIO(b"{}\n")), purpose="fine-tune")
+    assert ei.value.body["param"] == "purpose"
+    with pytest.raises(openai.NotFoundError):
+        await c.batches.create(input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h")
+    fid = await upload(c, jsonl([chat_line(0)]))
+    with pytest.raises(openai.BadRequestError) as ei:
+        await c.batches.create(input_file_id=fid, endpoint="/v1/responses", completion_window="24h")  # type: ignore[arg-type]
+    assert ei.value.body["param"] == "endpoint"
+    with pytest.raises(openai.BadRequestError) as ei:
+        await c.batches.create(input_file_id=fid, endpoint="/v1/chat/completions", completion_window="1h")  # type: ignore[arg-type]
+    assert ei.value.body["param"] == "completion_window"
+    with pytest.raises(openai.NotFoundError):
+        await c.batches.retrieve("batch_nope")
+    empty = await upload(c, b"\n\n")
+    b = await c.batches.create(input_file_id=empty, endpoint="/v1/chat/completions", completion_window="24h")
+    b, _ = await wait_final(c, b.id)
+    assert b.status == "failed" and b.errors.data[0].code == "empty_file"
+
+
+async def test_bad_lines_fail_the_batch_with_line_numbers(gw):
+    c = client(gw.url)
+    good = chat_line(0)
+    rows = [
+        json.dumps(good).encode(),
+        b"{not json",
+        json.dumps({**chat_line(2), "custom_id": None}).encode(),
+        json.dumps(good).encode(),  # duplicate custom_id
+        json.dumps({**chat_line(4), "method": "GET"}).encode(),
+        json.dumps({**chat_line(5), "url": "/v1/embeddings"}).encode(),
+    ]
+    b = await c.batches.create(input_file_id=await upload(c, b"\n".join(rows) + b"\n"), endpoint="/v1/chat/completions",
+                               completion_window="24h")
+    b, _ = await wait_final(c, b.id)
+    assert b.status == "failed" and b.failed_at and b.output_file_id is None
+    got = [(e.line, e.code, e.param) for e in b.errors.data]
+    assert got == [(2, "invalid_json_line", None), (3, "missing_required_parameter", "custom_id"),
+                   (4, "duplicate_custom_id", "custom_id"), (5, "invalid_method", "method"), (6, "invalid_url", "url")]
+
+
+async def test_unknown_model_and_oversize_body_fail_only_their_line(sim_fleet, start_gateway, redis_prefix, redis_client):
+    gw = await start_gateway(sim_fleet.config(), redis_url=REDIS_URL, redis_prefix=redis_prefix, max_body_bytes=2000)
+    c = client(gw.url)
+    big = chat_line(2)
+    big["body"]["messages"][0]["content"] = "x" * 3000
+    rows = [chat_line(0), chat_line(1, model="no-such-model"), big]
+    b = await c.batches.create(input_file_id=await upload(c, jsonl(rows)), endpoint="/v1/chat/completions", completion_window="24h")
+    b, _ = await wait_final(c, b.id)
+    assert b.status == "completed" and (b.request_counts.completed, b.request_counts.failed) == (1, 2)
+    err = {e["custom_id"]: e for e in await lines_of(c, b.error_file_id)}
+    assert err["req-1"]["error"]["code"] == "model_not_found" and err["req-2"]["error"]["code"] == "request_too_large"
+    assert [o["custom_id"] for o in await lines_of(c, b.output_file_id)] == ["req-0"]
+
+
+async def test_file_limits(sim_fleet, start_gateway, redis_prefix, redis_client):
+    gw = await start_gateway(sim_fleet.config(), redis_url=REDIS_URL, redis_prefix=redis_prefix,
+                             batch_max_file_bytes=10_000, batch_max_lines=5)
+    c = client(gw.url)
+    with pytest.raises(openai.APIStatusError) as ei:
+        await upload(c, b"x" * 20_000)
+    assert ei.value.status_code == 413 and ei.value.body["code"] == "file_too_large"
+    with pytest.raises(openai.BadRequestError) as ei:
+        await upload(c, jsonl([chat_line(i) for i in range(6)]))
+    assert ei.value.body["code"] == "too_many_requests"
+    assert [f async for f in c.files.list()] == []  # nothing half-stored
+
+
+async def test_objects_belong_to_their_key(sim_fleet, start_gateway, redis_prefix, redis_client):
+    import aiohttp
+
+    admin = "adm_batch_test_key_1"
+    gw = await start_gateway(sim_fleet.config(), redis_url=REDIS_URL, redis_prefix=redis_prefix,
+                             require_api_key=True, admin_key=admin)
+    keys = []
+    async with aiohttp.ClientSession() as s:
+        for name in ("alice", "bob"):
+            async with s.post(gw.url + "/admin/keys", json={"name": name}, headers={"Authorization": f"Bearer {admin}"}) as r:
+                assert r.status == 201
+                keys.append((await r.json())["key"])
+    alice, bob = client(gw.url, keys[0]), client(gw.url, keys[1])
+    fid = await upload(alice, jsonl([chat_line(0), chat_line(1)]))
+    b = await alice.batches.create(input_file_id=fid, endpoint="/v1/chat/completions", completion_window="24h")
+    for call in (bob.files.retrieve(fid), bob.files.content(fid), bob.files.delete(fid), bob.batches.retrieve(b.id),
+                 bob.batches.cancel(b.id),
+                 bob.batches.create(input_file_id=fid, endpoint="/v1/chat/completions", completion_window="24h")):
+        with pytest.raises(openai.NotFoundError):
+            await call
+    assert [x async for x in bob.batches.list()] == [] and [x async for x in bob.files.list()] == []
+    with pytest.raises(openai.AuthenticationError):
+        await client(gw.url, "sk-wrong").files.list()
+    done, _ = await wait_final(alice, b.id)  # the worker runs alice's lines although it holds no client key
+    assert done.status == "completed" and done.request_counts.completed == 2
+    with pytest.raises(openai.NotFoundError):
+        await bob.files.content(done.output_file_id)
+    assert len(await lines_of(alice, done.output_file_id)) == 2
+
+
+async def test_ten_thousand_lines_upload_and_validate_fast(sim_fleet, start_gateway, redis_prefix, redis_client):
+    gw = await start_gateway(sim_fleet.config(), redis_url=REDIS_URL, redis_prefix=redis_prefix, batch_workers=0)
+    c = client(gw.url)
+    data = jsonl([chat_line(i) for i in range(10_000)])
+    t0 = time.monotonic()
+    fid = await upload(c, data)
+    b = await c.batches.create(input_file_id=fid, endpoint="/v1/chat/completions", completion_window="24h")
+    while (b := await c.batches.retrieve(b.id)).status == "validating":
+        await asyncio.sleep(0.05)
+    elapsed = time.monotonic() - t0
+    assert b.status == "in_progress" and b.request_counts.total == 10_000
+    assert elapsed < 10, f"upload + validation took {elapsed:.1f}s"
+    assert await redis_client.xlen(f"{redis_prefix}:bq") == 10_000
+    chunks = await redis_client.lrange(f"{redis_prefix}:bf:{fid}:c", 0, -1)
+    assert len(chunks) >= 2 and max(map(len, chunks)) < 2 * 1024 * 1024  # stored in bounded chunks of whole lines
+    assert b"".join(chunks) == data
