@@ -232,7 +232,9 @@ async def test_ten_thousand_lines_upload_and_validate_fast(sim_fleet, start_gate
     t0 = time.monotonic()
     fid = await upload(c, data)
     b = await c.batches.create(input_file_id=fid, endpoint="/v1/chat/completions", completion_window="24h")
-    while (b := await c.batches.retrieve(b.id)).status == "validating":
+    for _ in range(400):
+        if (b := await c.batches.retrieve(b.id)).status != "validating":
+            break
         await asyncio.sleep(0.05)
     elapsed = time.monotonic() - t0
     assert b.status == "in_progress" and b.request_counts.total == 10_000
