@@ -120,7 +120,7 @@ class Worker:
         items = resp[1] if resp else []
         got = [(_s(eid), f) for eid, f in items if f]
         if got:
-            log.info("batch worker %s: reclaimed %d idle lines", self.cfg.consumer, len(got))
+            log.warning("batch worker %s: reclaimed %d lines idle for %.0fs (their replica died?)", self.cfg.consumer, len(got), self.cfg.claim_idle)
         return [(e, f) for e, f in got if e not in self.inflight]
 
     async def _heartbeat(self) -> None:
