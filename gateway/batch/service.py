@@ -72,6 +72,10 @@ class BatchService:
             self.worker.start()
         self._sweeper.start()
 
+    def stop_claiming(self) -> None:
+        if self.redis is not None:
+            self.worker.stop_claiming()
+
     async def stop(self, grace: float = 10.0) -> None:
         if self.redis is None:
             return

@@ -38,6 +38,10 @@ class WorkerConfig:
     retry_max: float = 30.0
 
 
+class LeavePending(Exception):
+    """The replica is stopping and the line did not get a final answer: leave it for another replica."""
+
+
 def _retryable(res: ExecResult) -> bool:
     return res.status_code == 429 or res.status_code >= 500
 
@@ -62,6 +66,10 @@ class Worker:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="batch-worker")
+
+    def stop_claiming(self) -> None:
+        """Draining: claim nothing new; lines already running finish (or are left pending if they cannot)."""
+        self.stopping = True
 
     async def stop(self, grace: float) -> None:
         """Stop claiming; let running lines finish for `grace` seconds; the rest stay pending for other replicas."""
@@ -149,6 +157,8 @@ class Worker:
     async def _handle(self, eid: str, f: dict[str, Any]) -> None:
         try:
             await self._handle_line(eid, f)
+        except LeavePending:
+            log.info("batch worker: line %s left pending for another replica (stopping)", eid)
         except REDIS_ERRORS as e:  # left pending: reclaimed (here or elsewhere) after the idle timeout
             log.warning("batch worker: line %s left pending (%s)", eid, type(e).__name__)
         except Exception:
@@ -185,6 +195,8 @@ class Worker:
             res = await self._run_with_retries(req)
         finally:
             self.running_lines -= 1
+        if self.stopping and (not isinstance(res, ExecResult) or _retryable(res)):
+            raise LeavePending  # e.g. our own gateway answered 503 while draining: not the line's fault
         if isinstance(res, ExecResult):
             return 200 <= res.status_code < 300, response_line(cid, res), output_tokens(res.body)
         return False, error_line(cid, "request_failed", res), 0
@@ -193,6 +205,8 @@ class Worker:
         """The final answer, or a message when no attempt got one. 429/5xx and transport errors retry with backoff."""
         last: ExecResult | str = "no attempt was made"
         for attempt in range(self.cfg.max_attempts):
+            if attempt and self.stopping:
+                break
             if attempt:
                 delay = min(self.cfg.retry_max, self.cfg.retry_base * 2 ** (attempt - 1))
                 await asyncio.sleep(delay * random.uniform(0.75, 1.25))

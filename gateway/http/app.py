@@ -204,6 +204,7 @@ async def _drain(app: web.Application, grace: float) -> None:
     cancelled (streams end with an in-band error event, others get a 503)."""
     if not app[DRAINING]:
         app[DRAINING].append(True)
+    app[batch_api.BATCH].stop_claiming()
     proxy = app[PROXY_KEY]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace

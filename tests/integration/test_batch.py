@@ -7,6 +7,7 @@ import io
 import json
 import time
 
+import aiohttp
 import openai
 import pytest
 
@@ -94,6 +95,12 @@ async def test_cancel_lets_running_lines_finish(sim_fleet, start_gateway, redis_
     while (await c.batches.retrieve(b.id)).request_counts.completed < 2:
         assert time.monotonic() < deadline, "no line completed"
         await asyncio.sleep(0.1)
+    async with aiohttp.ClientSession() as s:  # the progress summary the dashboard and `gateway top` read
+        async with s.get(gw.url + "/v1/gateway/batches") as r:
+            summary = await r.json()
+    [mine] = [x for x in summary["batches"] if x["id"] == b.id]
+    assert mine["status"] == "in_progress" and mine["total"] == 40 and mine["completed"] >= 2 and mine["pending"] > 0
+    assert mine["tokens_per_second"] > 0 and mine["eta_seconds"] > 0
     cb = await c.batches.cancel(b.id)
     assert cb.status == "cancelling" and cb.cancelling_at
     b, _ = await wait_final(c, b.id)
@@ -196,8 +203,6 @@ async def test_file_limits(sim_fleet, start_gateway, redis_prefix, redis_client)
 
 
 async def test_objects_belong_to_their_key(sim_fleet, start_gateway, redis_prefix, redis_client):
-    import aiohttp
-
     admin = "adm_batch_test_key_1"
     gw = await start_gateway(sim_fleet.config(), redis_url=REDIS_URL, redis_prefix=redis_prefix,
                              require_api_key=True, admin_key=admin)
@@ -243,3 +248,20 @@ async def test_ten_thousand_lines_upload_and_validate_fast(sim_fleet, start_gate
     chunks = await redis_client.lrange(f"{redis_prefix}:bf:{fid}:c", 0, -1)
     assert len(chunks) >= 2 and max(map(len, chunks)) < 2 * 1024 * 1024  # stored in bounded chunks of whole lines
     assert b"".join(chunks) == data
+
+
+async def test_lines_left_at_the_completion_window_expire(sim_fleet, start_gateway, redis_prefix, redis_client):
+    gw = await start_gateway(sim_fleet.config(), redis_url=REDIS_URL, redis_prefix=redis_prefix, batch_workers=2)
+    c = client(gw.url)
+    rows = [chat_line(i, max_tokens=60) for i in range(30)]
+    b = await c.batches.create(input_file_id=await upload(c, jsonl(rows)), endpoint="/v1/chat/completions", completion_window="24h")
+    deadline = time.monotonic() + 30
+    while (await c.batches.retrieve(b.id)).request_counts.completed < 2:
+        assert time.monotonic() < deadline, "no line completed"
+        await asyncio.sleep(0.1)
+    await redis_client.hset(f"{redis_prefix}:bb:{b.id}", "expires_at", int(time.time()) - 1)  # the 24 h are over
+    b, _ = await wait_final(c, b.id)
+    assert b.status == "expired" and b.expired_at
+    out, err = await lines_of(c, b.output_file_id), await lines_of(c, b.error_file_id)
+    assert len(out) >= 2 and len(out) + len(err) == 30 and err
+    assert all(e["error"]["code"] == "batch_expired" for e in err)
