@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import aiohttp
+from opentelemetry.propagate import inject
 
 from gateway.batch.models import ExecRequest, ExecResult, new_id
 
@@ -34,6 +35,7 @@ class LoopbackExecutor:
         headers = {"X-Gateway-Class": "batch", INTERNAL_HEADER: self.token, "Content-Type": "application/json"}
         if req.owner:
             headers[OWNER_HEADER] = req.owner
+        inject(headers)  # the current batch-line span becomes the parent of the request path's span
         url = self.base_url + req.endpoint
         async with self._client().post(url, data=json.dumps(req.body), headers=headers) as r:
             raw = await r.read()

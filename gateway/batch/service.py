@@ -27,6 +27,7 @@ from gateway.batch.store import BatchStore
 from gateway.batch.validate import LineError, LineFailure, WorkItem, check_line
 from gateway.batch.worker import REDIS_ERRORS, Worker, WorkerConfig
 from gateway.errors import GatewayError
+from gateway.observability.telemetry import Telemetry
 from gateway.periodic import Periodic
 from gateway.settings import Settings
 
@@ -36,7 +37,8 @@ LEASE_SECONDS = 120
 
 
 class BatchService:
-    def __init__(self, s: Settings, known_model: Callable[[str], bool], execute: Execute | None = None) -> None:
+    def __init__(self, s: Settings, known_model: Callable[[str], bool], execute: Execute | None = None,
+                 tel: Telemetry | None = None) -> None:
         self.s, self.known_model = s, known_model
         self.token = secrets.token_urlsafe(24)
         self.redis = aioredis.from_url(s.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0) if s.redis_url else None
@@ -50,7 +52,7 @@ class BatchService:
         self.files = FileStore(self.redis, self.k, FileLimits(s.batch_max_file_bytes, s.batch_max_lines, s.batch_retention))
         self.store = BatchStore(self.redis, self.k, s.batch_retention)
         cfg = WorkerConfig(s.replica_id, s.batch_workers, s.batch_claim_idle, s.batch_max_attempts, s.batch_retry_base)
-        self.worker = Worker(self.redis, self.k, self.store, self.execute, cfg, self.finalize)
+        self.worker = Worker(self.redis, self.k, self.store, self.execute, cfg, self.finalize, tel)
         self._sweeper = Periodic("batch-sweeper", s.batch_sweep_interval, self.sweep)
 
     @property

@@ -18,11 +18,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry import trace
 from redis.exceptions import RedisError, ResponseError
 
 from gateway.batch.keys import GROUP, BatchKeys
 from gateway.batch.models import ExecRequest, ExecResult, Execute, error_line, output_tokens, response_line
 from gateway.batch.store import BatchStore
+from gateway.observability.telemetry import Telemetry
 
 log = logging.getLogger("gateway.batch")
 REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
@@ -48,9 +50,12 @@ def _retryable(res: ExecResult) -> bool:
 
 class Worker:
     def __init__(self, redis, keys: BatchKeys, store: BatchStore, execute: Execute, cfg: WorkerConfig,
-                 on_done: Callable[[str], Awaitable[None]]) -> None:
+                 on_done: Callable[[str], Awaitable[None]], tel: Telemetry | None = None) -> None:
         self.redis, self.k, self.store, self.execute, self.cfg = redis, keys, store, execute, cfg
         self.on_done = on_done
+        self.tracer: trace.Tracer = tel.tracer if tel is not None else trace.NoOpTracer()
+        self.lines_counter = None if tel is None else tel.meter_provider.get_meter("gateway.batch").create_counter(
+            "gateway.batch.lines", unit="{line}", description="Batch lines given their final result, by outcome.")
         self.inflight: dict[str, asyncio.Task] = {}
         self.stopping = False
         self.running_lines = 0
@@ -177,6 +182,8 @@ class Worker:
             stored = await _retry_redis(lambda: self.store.store_result(bid, cid, ok, line, tokens), self)
             if stored is None:
                 return  # stopping: the line stays pending and is reclaimed elsewhere
+            if stored[0] and self.lines_counter is not None:
+                self.lines_counter.add(1, {"outcome": "completed" if ok else "failed"})
             if stored[0] and stored[2] >= 0 and stored[1] >= stored[2]:
                 await self.on_done(bid)
         await _retry_redis(lambda: self._ack(eid), self)
@@ -191,10 +198,14 @@ class Worker:
             return False, None, 0  # ran before a crash: the stored result stands
         req = ExecRequest(_s(f["u"]), json.loads(f["body"]), _s(f.get("o", b"")) or None, bid, cid)
         self.running_lines += 1
-        try:
-            res = await self._run_with_retries(req)
-        finally:
-            self.running_lines -= 1
+        attrs = {"gateway.batch.id": bid, "gateway.batch.custom_id": cid, "gateway.batch.endpoint": req.endpoint}
+        # One span per line, tagged with its batch; the request path's span (via traceparent) is its child.
+        with self.tracer.start_as_current_span(f"batch_line {bid}", attributes=attrs) as span:
+            try:
+                res = await self._run_with_retries(req)
+            finally:
+                self.running_lines -= 1
+            span.set_attribute("http.response.status_code", res.status_code if isinstance(res, ExecResult) else 0)
         if self.stopping and (not isinstance(res, ExecResult) or _retryable(res)):
             raise LeavePending  # e.g. our own gateway answered 503 while draining: not the line's fault
         if isinstance(res, ExecResult):

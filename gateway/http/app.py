@@ -150,7 +150,7 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
     app[PROXY_KEY] = proxy
     app[KEYS] = keys
     app[DRAINING] = []
-    batch = BatchService(settings, lambda model: fleet.pool(model) is not None)
+    batch = BatchService(settings, lambda model: fleet.pool(model) is not None, tel=tel)
     redact.add_secret(batch.token)
     app[batch_api.BATCH] = batch
     handlers.add_routes(app)

@@ -76,6 +76,9 @@ async def test_sdk_round_trip(gw):
         assert o["response"]["request_id"]
     out_file = await c.files.retrieve(b.output_file_id)
     assert out_file.purpose == "batch_output"
+    async with aiohttp.ClientSession() as s, s.get(gw.url + "/metrics") as r:
+        metrics = await r.text()
+    assert 'gateway_batch_lines_total{outcome="completed"} 30' in metrics, [m for m in metrics.splitlines() if "batch" in m]
     deleted = await c.files.delete(f.id)
     assert deleted.deleted and deleted.id == f.id
     with pytest.raises(openai.NotFoundError):
@@ -265,3 +268,20 @@ async def test_lines_left_at_the_completion_window_expire(sim_fleet, start_gatew
     out, err = await lines_of(c, b.output_file_id), await lines_of(c, b.error_file_id)
     assert len(out) >= 2 and len(out) + len(err) == 30 and err
     assert all(e["error"]["code"] == "batch_expired" for e in err)
+
+
+async def test_a_span_per_line_parents_the_request_span(sim_fleet, start_gateway, redis_prefix, redis_client, otlp_receiver,
+                                                        monkeypatch):
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_receiver.endpoint)
+    gw = await start_gateway(sim_fleet.config(), redis_url=REDIS_URL, redis_prefix=redis_prefix)
+    c = client(gw.url)
+    b = await c.batches.create(input_file_id=await upload(c, jsonl([chat_line(0), chat_line(1)])),
+                               endpoint="/v1/chat/completions", completion_window="24h")
+    await wait_final(c, b.id)
+    lines = await otlp_receiver.wait_for(lambda s: s["name"] == f"batch_line {b.id}", count=2)
+    assert sorted(s["attributes"]["gateway.batch.custom_id"] for s in lines) == ["req-0", "req-1"]
+    assert all(s["attributes"]["gateway.batch.id"] == b.id and s["attributes"]["http.response.status_code"] == 200
+               for s in lines)
+    ids = {s["span_id"] for s in lines}
+    served = await otlp_receiver.wait_for(lambda s: s["kind"] == "SERVER" and s["parent_span_id"] in ids, count=2)
+    assert {s["trace_id"] for s in served} == {s["trace_id"] for s in lines}
