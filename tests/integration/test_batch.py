@@ -285,3 +285,11 @@ async def test_a_span_per_line_parents_the_request_span(sim_fleet, start_gateway
     ids = {s["span_id"] for s in lines}
     served = await otlp_receiver.wait_for(lambda s: s["kind"] == "SERVER" and s["parent_span_id"] in ids, count=2)
     assert {s["trace_id"] for s in served} == {s["trace_id"] for s in lines}
+
+
+async def test_uploads_are_not_bound_by_the_request_body_limit(sim_fleet, start_gateway, redis_prefix, redis_client):
+    gw = await start_gateway(sim_fleet.config(), redis_url=REDIS_URL, redis_prefix=redis_prefix, max_body_bytes=50_000)
+    c = client(gw.url)
+    data = jsonl([chat_line(i) for i in range(3000)])  # ~500 kB: ten times the JSON body limit
+    f = await c.files.create(file=("big.jsonl", io.BytesIO(data)), purpose="batch")
+    assert f.bytes == len(data) and (await c.files.content(f.id)).content == data
