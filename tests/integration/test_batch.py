@@ -11,6 +11,7 @@ import aiohttp
 import openai
 import pytest
 
+from gateway.tools import top
 from tests.conftest import REDIS_URL
 
 MODEL = "fleet-model"
@@ -104,6 +105,10 @@ async def test_cancel_lets_running_lines_finish(sim_fleet, start_gateway, redis_
     [mine] = [x for x in summary["batches"] if x["id"] == b.id]
     assert mine["status"] == "in_progress" and mine["total"] == 40 and mine["completed"] >= 2 and mine["pending"] > 0
     assert mine["tokens_per_second"] > 0 and mine["eta_seconds"] > 0
+    frame = io.StringIO()
+    assert await asyncio.to_thread(top.main, ["--url", gw.url, "--once"], out=frame) == 0
+    [row] = [ln for ln in frame.getvalue().splitlines() if b.id in ln]
+    assert "in_progress" in row and "/40" in row
     cb = await c.batches.cancel(b.id)
     assert cb.status == "cancelling" and cb.cancelling_at
     b, _ = await wait_final(c, b.id)
