@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
 from aiohttp import BodyPartReader, web
 
 from gateway.auth import API_KEY
@@ -48,33 +49,40 @@ async def create_file(request: web.Request) -> web.Response:
     svc = _svc(request)
     if not request.content_type.startswith("multipart/"):
         raise GatewayError(400, "Uploads must be multipart/form-data with fields 'file' and 'purpose'.", code="invalid_request")
-    reader = await request.multipart()
-    purpose: str | None = None
-    writer: FileWriter | None = None
-    filename = ""
+    writer: list[FileWriter] = []  # set once the file part starts, so a failure can drop what was stored
     try:
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader):
-                continue
-            if part.name == "purpose":
-                purpose = (await part.read(decode=True))[:64].decode("utf-8", "replace").strip()
-                _check_purpose(purpose)
-            elif part.name == "file" and writer is None:
-                filename = part.filename or "upload.jsonl"
-                writer = svc.files.writer()
-                await _stream_part(part, writer, svc.s.body_read_timeout)
-            else:
-                await part.release()
-        if writer is None:
+        purpose, filename = await _read_upload(request, svc, writer)
+        if not writer:
             raise GatewayError(400, "Missing required parameter: 'file'.", code="missing_required_parameter", param="file")
         if purpose is None:
             raise GatewayError(400, "Missing required parameter: 'purpose'.", code="missing_required_parameter", param="purpose")
-        obj = await writer.close(filename, purpose, _owner(request), svc.s.batch_retention)
-    except BaseException:
-        if writer is not None:
-            await asyncio.shield(writer.abort())
+        obj = await writer[0].close(filename, purpose, _owner(request), svc.s.batch_retention)
+    except BaseException as e:
+        if writer:
+            await asyncio.shield(writer[0].abort())
+        if isinstance(e, (ValueError, aiohttp.ClientPayloadError)):  # aiohttp: malformed multipart
+            raise GatewayError(400, f"The multipart body could not be read ({e}).", code="invalid_request") from None
         raise
     return web.json_response(obj)
+
+
+async def _read_upload(request: web.Request, svc: BatchService, writer: list[FileWriter]) -> tuple[str | None, str]:
+    """Walk the multipart parts: `purpose` (checked as soon as it is read) and `file` (streamed into Redis)."""
+    reader = await request.multipart()
+    purpose: str | None = None
+    filename = ""
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader):
+            continue
+        if part.name == "purpose":
+            purpose = (await part.read_chunk(256)).decode("utf-8", "replace").strip()
+            _check_purpose(purpose)
+        elif part.name == "file" and not writer:
+            filename = (part.filename or "upload.jsonl")[:256]
+            writer.append(svc.files.writer())
+            await _stream_part(part, writer[0], svc.s.body_read_timeout)
+        await part.release()
+    return purpose, filename
 
 
 def _check_purpose(purpose: str) -> None:

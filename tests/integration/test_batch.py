@@ -298,3 +298,23 @@ async def test_uploads_are_not_bound_by_the_request_body_limit(sim_fleet, start_
     data = jsonl([chat_line(i) for i in range(3000)])  # ~500 kB: ten times the JSON body limit
     f = await c.files.create(file=("big.jsonl", io.BytesIO(data)), purpose="batch")
     assert f.bytes == len(data) and (await c.files.content(f.id)).content == data
+
+
+async def test_malformed_uploads_get_openai_errors(gw, redis_client, redis_prefix):
+    mp = {"Content-Type": "multipart/form-data; boundary=xx"}
+    purpose = b'--xx\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+    file_part = b'--xx\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n{}\n'
+    cases = [
+        ({"Content-Type": "multipart/form-data"}, b"garbage", "invalid_request"),  # no boundary
+        (mp, b"garbage", "invalid_request"),
+        (mp, purpose + b"--xx--\r\n", "missing_required_parameter"),
+        (mp, file_part + b"\r\n--xx--\r\n", "missing_required_parameter"),
+        (mp, purpose + file_part, "invalid_request"),  # cut off before the closing boundary
+        ({"Content-Type": "application/json"}, b"{}", "invalid_request"),
+    ]
+    async with aiohttp.ClientSession() as s:
+        for headers, body, code in cases:
+            async with s.post(gw.url + "/v1/files", data=body, headers=headers) as r:
+                err = (await r.json())["error"]
+                assert r.status == 400 and err["code"] == code and err["type"] == "invalid_request_error", (body, err)
+    assert [k async for k in redis_client.scan_iter(f"{redis_prefix}:bf:*")] == []  # nothing half-stored
