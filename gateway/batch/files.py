@@ -91,7 +91,8 @@ def public_file(meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _dec(h: dict) -> dict[str, str]:
+def decode_hash(h: dict) -> dict[str, str]:
+    """A Redis hash reply (bytes) as str -> str."""
     return {(a.decode() if isinstance(a, bytes) else a): (b.decode() if isinstance(b, bytes) else b) for a, b in h.items()}
 
 
@@ -104,7 +105,7 @@ class FileStore:
 
     async def meta(self, fid: str, owner: str | None) -> dict[str, str]:
         """The file's metadata, or 404 when it does not exist or belongs to another key."""
-        h = _dec(await self.redis.hgetall(self.k.file(fid))) if fid else {}
+        h = decode_hash(await self.redis.hgetall(self.k.file(fid))) if fid else {}
         if not h or h.get("owner") != (owner or ANON):
             raise GatewayError(404, f"No such File object: {fid}", code="file_not_found", param="file_id")
         return h
@@ -138,7 +139,7 @@ class FileStore:
             p.hgetall(self.k.file(fid))
         alive, out = set(), []
         for h in await p.execute():
-            m = _dec(h)
+            m = decode_hash(h)
             if m:
                 alive.add(m["id"])
                 if purpose is None or m.get("purpose") == purpose:

@@ -18,12 +18,13 @@ from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from gateway.batch.executor import loopback_executor
 from gateway.batch.files import FileLimits, FileStore
 from gateway.batch.keys import GROUP, BatchKeys
 from gateway.batch.models import ENDPOINTS, WINDOWS, Execute, error_line
-from gateway.batch.store import BatchStore
+from gateway.batch.store import BatchStore, public_batch
 from gateway.batch.validate import LineError, LineFailure, WorkItem, check_line
 from gateway.batch.worker import REDIS_ERRORS, Worker, WorkerConfig
 from gateway.errors import GatewayError
@@ -127,8 +128,6 @@ class BatchService:
         return await self.get(bid, owner)
 
     async def get(self, bid: str, owner: str | None) -> dict[str, Any]:
-        from gateway.batch.store import public_batch
-
         return public_batch(await self.store.owned(bid, owner))
 
     # ---- validation -----------------------------------------------------------------------------------------
@@ -250,6 +249,10 @@ class BatchService:
                     self._spawn(self.validate(bid))
             else:
                 await self.finalize(bid)
+        try:
+            await self.worker.prune_consumers()
+        except ResponseError:  # no stream or group yet
+            pass
 
     async def summary(self) -> dict[str, Any]:
         """Progress of the batches not yet final: lines pending/running/done/failed, batch tok/s, ETA."""

@@ -12,7 +12,7 @@ import json
 import time
 from typing import Any
 
-from gateway.batch.files import _dec, page
+from gateway.batch.files import decode_hash, page
 from gateway.batch.keys import ANON, BatchKeys
 from gateway.batch.models import FINAL, new_id
 from gateway.errors import GatewayError
@@ -93,7 +93,7 @@ class BatchStore:
         return public_batch(rec)
 
     async def record(self, bid: str) -> dict[str, str]:
-        return _dec(await self.redis.hgetall(self.k.batch(bid))) if bid else {}
+        return decode_hash(await self.redis.hgetall(self.k.batch(bid))) if bid else {}
 
     async def owned(self, bid: str, owner: str | None) -> dict[str, str]:
         h = await self.record(bid)
@@ -130,7 +130,7 @@ class BatchStore:
         p = self.redis.pipeline(transaction=False)
         for bid in ids:
             p.hgetall(self.k.batch(bid))
-        recs = [_dec(h) for h in await p.execute()]
+        recs = [decode_hash(h) for h in await p.execute()]
         return {h["id"] for h in recs if h}, [public_batch(h) for h in recs if h]
 
     async def results(self, bid: str):

@@ -140,6 +140,16 @@ class Worker:
         if self.inflight:
             await self.redis.xclaim(self.k.queue, GROUP, self.cfg.consumer, 0, list(self.inflight), justid=True)
 
+    async def prune_consumers(self, idle_s: float = 3600.0) -> int:
+        """Drop consumers of replicas long gone (nothing pending, idle for an hour) so the group does not grow."""
+        gone = 0
+        for c in await self.redis.xinfo_consumers(self.k.queue, GROUP):
+            name = _s(c.get("name", b""))
+            if name != self.cfg.consumer and int(c.get("pending", 0)) == 0 and int(c.get("idle", 0)) > idle_s * 1000:
+                await self.redis.xgroup_delconsumer(self.k.queue, GROUP, name)
+                gone += 1
+        return gone
+
     def _spawn(self, eid: str, fields: dict) -> None:
         if eid in self.inflight:
             return

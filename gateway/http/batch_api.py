@@ -11,7 +11,7 @@ import aiohttp
 from aiohttp import BodyPartReader, web
 
 from gateway.auth import API_KEY
-from gateway.batch.files import PURPOSES, FileWriter
+from gateway.batch.files import PURPOSES, FileWriter, public_file
 from gateway.batch.service import BatchService
 from gateway.errors import GatewayError
 from gateway.http.api import read_json
@@ -116,8 +116,6 @@ async def list_files(request: web.Request) -> web.Response:
 
 
 async def get_file(request: web.Request) -> web.Response:
-    from gateway.batch.files import public_file
-
     svc = _svc(request)
     return web.json_response(public_file(await svc.files.meta(request.match_info["id"], _owner(request))))
 

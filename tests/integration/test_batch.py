@@ -318,3 +318,16 @@ async def test_malformed_uploads_get_openai_errors(gw, redis_client, redis_prefi
                 err = (await r.json())["error"]
                 assert r.status == 400 and err["code"] == code and err["type"] == "invalid_request_error", (body, err)
     assert [k async for k in redis_client.scan_iter(f"{redis_prefix}:bf:*")] == []  # nothing half-stored
+
+
+async def test_consumers_of_long_gone_replicas_are_pruned(gw, redis_client, redis_prefix):
+    from gateway.batch.keys import GROUP
+    from gateway.http.batch_api import BATCH
+
+    worker = gw.app[BATCH].worker
+    queue = f"{redis_prefix}:bq"
+    await redis_client.xgroup_createconsumer(queue, GROUP, "dead-replica")
+    await asyncio.sleep(0.1)
+    assert await worker.prune_consumers(idle_s=0.05) == 1
+    names = {c["name"] for c in await redis_client.xinfo_consumers(queue, GROUP)}
+    assert b"dead-replica" not in names
