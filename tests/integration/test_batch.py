@@ -331,3 +331,21 @@ async def test_consumers_of_long_gone_replicas_are_pruned(gw, redis_client, redi
     assert await worker.prune_consumers(idle_s=0.05) == 1
     names = {c["name"] for c in await redis_client.xinfo_consumers(queue, GROUP)}
     assert b"dead-replica" not in names
+
+
+async def test_upload_memory_does_not_grow_with_the_file(gw):
+    import tracemalloc
+
+    c = client(gw.url)
+    pad = "x" * 2000
+    data = jsonl([{**chat_line(i), "body": {"model": MODEL, "messages": [{"role": "user", "content": pad}]}} for i in range(10_000)])
+    assert len(data) > 20_000_000
+    tracemalloc.start()
+    try:
+        f = await c.files.create(file=("big.jsonl", io.BytesIO(data)), purpose="batch")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert f.bytes == len(data)
+    # client and server share this process: the whole upload path allocated far less than the 20 MB file
+    assert peak < 8_000_000, f"peak {peak / 1e6:.1f} MB for a {len(data) / 1e6:.1f} MB file"
