@@ -143,6 +143,8 @@ class BatchService:
             if n_errors or lines == 0 or lines > self.s.batch_max_lines:
                 await self._fail(bid, lines, errors)
                 return
+            if (await self.store.record(bid)).get("status") != "validating":
+                return  # cancelled while the file was checked: queue nothing
             await self.redis.hset(self.k.batch(bid), "total", lines)  # type: ignore[union-attr]
             await self._enqueue(bid, fid, rec)
             if await self.store.move(bid, "in_progress", ("validating",), in_progress_at=int(time.time())):

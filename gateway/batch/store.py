@@ -20,6 +20,8 @@ from gateway.errors import GatewayError
 # KEYS: results, record. ARGV: custom_id, value, counter field, tokens. -> {stored, done, total}
 _STORE = """
 local ok = redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+local ttl = redis.call('PTTL', KEYS[2])
+if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end  -- results never outlive their batch record
 if ok == 1 then
   redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
   if tonumber(ARGV[4]) > 0 then redis.call('HINCRBY', KEYS[2], 'tokens', ARGV[4]) end

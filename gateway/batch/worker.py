@@ -22,7 +22,7 @@ from opentelemetry import trace
 from redis.exceptions import RedisError, ResponseError
 
 from gateway.batch.keys import GROUP, BatchKeys
-from gateway.batch.models import ExecRequest, ExecResult, Execute, error_line, output_tokens, response_line
+from gateway.batch.models import FINAL, ExecRequest, ExecResult, Execute, error_line, output_tokens, response_line
 from gateway.batch.store import BatchStore
 from gateway.observability.telemetry import Telemetry
 
@@ -199,7 +199,9 @@ class Worker:
         await _retry_redis(lambda: self._ack(eid), self)
 
     async def _outcome(self, rec: dict[str, str], bid: str, cid: str, f: dict[str, Any]) -> tuple[bool, dict | None, int]:
-        if rec.get("status") in ("cancelling", "cancelled"):
+        if rec.get("status") in FINAL:
+            return False, None, 0  # the batch ended (e.g. cancelled while validating): nothing to record
+        if rec.get("status") == "cancelling":
             return False, error_line(cid, "batch_cancelled", "This request was not executed because the batch was cancelled."), 0
         if time.time() >= float(rec.get("expires_at") or 0):
             await self.redis.hset(self.k.batch(bid), "expired", "1")

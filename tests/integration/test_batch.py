@@ -349,3 +349,21 @@ async def test_upload_memory_does_not_grow_with_the_file(gw):
     assert f.bytes == len(data)
     # client and server share this process: the whole upload path allocated far less than the 20 MB file
     assert peak < 8_000_000, f"peak {peak / 1e6:.1f} MB for a {len(data) / 1e6:.1f} MB file"
+
+
+async def test_cancel_while_validating(gw, redis_client, redis_prefix):
+    c = client(gw.url)
+    fid = await upload(c, jsonl([chat_line(i) for i in range(3000)]))
+    b = await c.batches.create(input_file_id=fid, endpoint="/v1/chat/completions", completion_window="24h")
+    cb = await c.batches.cancel(b.id)  # validation of 3,000 lines is still under way
+    assert cb.status == "cancelled" and cb.cancelled_at and cb.cancelling_at, cb
+    lease, queue = f"{redis_prefix}:bb:{b.id}:val", f"{redis_prefix}:bq"
+    for _ in range(100):  # validation stops; whatever it queued before it saw the cancel is dropped by the workers
+        if not await redis_client.exists(lease) and await redis_client.xlen(queue) == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert not await redis_client.exists(lease) and await redis_client.xlen(queue) == 0
+    b = await c.batches.retrieve(b.id)
+    assert b.status == "cancelled" and b.output_file_id is None and b.request_counts.completed == 0
+    ttl = await redis_client.ttl(f"{redis_prefix}:bb:{b.id}:res")
+    assert ttl == -2 or ttl > 0  # absent or expiring with the batch, never kept forever
