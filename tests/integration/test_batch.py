@@ -50,7 +50,8 @@ async def lines_of(c: openai.AsyncOpenAI, fid: str | None) -> list[dict]:
 
 
 @pytest.fixture
-async def gw(sim_fleet, start_gateway, redis_prefix, redis_client):
+async def gw(redis_client, redis_prefix, sim_fleet, start_gateway):
+    """A gateway on the shared Redis (torn down before the test keys are deleted)."""
     return await start_gateway(sim_fleet.config(), redis_url=REDIS_URL, redis_prefix=redis_prefix,
                                batch_claim_idle=2.0, batch_sweep_interval=0.5)
 
@@ -90,7 +91,7 @@ async def upload(c: openai.AsyncOpenAI, data: bytes, name: str = "in.jsonl") -> 
     return (await c.files.create(file=(name, io.BytesIO(data)), purpose="batch")).id
 
 
-async def test_cancel_lets_running_lines_finish(sim_fleet, start_gateway, redis_prefix, redis_client):
+async def test_cancel_lets_running_lines_finish(redis_client, redis_prefix, sim_fleet, start_gateway):
     gw = await start_gateway(sim_fleet.config(), redis_url=REDIS_URL, redis_prefix=redis_prefix, batch_workers=2)
     c = client(gw.url)
     rows = [chat_line(i, max_tokens=60) for i in range(40)]
@@ -183,7 +184,7 @@ async def test_bad_lines_fail_the_batch_with_line_numbers(gw):
                    (4, "duplicate_custom_id", "custom_id"), (5, "invalid_method", "method"), (6, "invalid_url", "url")]
 
 
-async def test_unknown_model_and_oversize_body_fail_only_their_line(sim_fleet, start_gateway, redis_prefix, redis_client):
+async def test_unknown_model_and_oversize_body_fail_only_their_line(redis_client, redis_prefix, sim_fleet, start_gateway):
     gw = await start_gateway(sim_fleet.config(), redis_url=REDIS_URL, redis_prefix=redis_prefix, max_body_bytes=2000)
     c = client(gw.url)
     big = chat_line(2)
@@ -197,7 +198,7 @@ async def test_unknown_model_and_oversize_body_fail_only_their_line(sim_fleet, s
     assert [o["custom_id"] for o in await lines_of(c, b.output_file_id)] == ["req-0"]
 
 
-async def test_file_limits(sim_fleet, start_gateway, redis_prefix, redis_client):
+async def test_file_limits(redis_client, redis_prefix, sim_fleet, start_gateway):
     gw = await start_gateway(sim_fleet.config(), redis_url=REDIS_URL, redis_prefix=redis_prefix,
                              batch_max_file_bytes=10_000, batch_max_lines=5)
     c = client(gw.url)
@@ -210,7 +211,7 @@ async def test_file_limits(sim_fleet, start_gateway, redis_prefix, redis_client)
     assert [f async for f in c.files.list()] == []  # nothing half-stored
 
 
-async def test_objects_belong_to_their_key(sim_fleet, start_gateway, redis_prefix, redis_client):
+async def test_objects_belong_to_their_key(redis_client, redis_prefix, sim_fleet, start_gateway):
     admin = "adm_batch_test_key_1"
     gw = await start_gateway(sim_fleet.config(), redis_url=REDIS_URL, redis_prefix=redis_prefix,
                              require_api_key=True, admin_key=admin)
@@ -238,7 +239,7 @@ async def test_objects_belong_to_their_key(sim_fleet, start_gateway, redis_prefi
     assert len(await lines_of(alice, done.output_file_id)) == 2
 
 
-async def test_ten_thousand_lines_upload_and_validate_fast(sim_fleet, start_gateway, redis_prefix, redis_client):
+async def test_ten_thousand_lines_upload_and_validate_fast(redis_client, redis_prefix, sim_fleet, start_gateway):
     gw = await start_gateway(sim_fleet.config(), redis_url=REDIS_URL, redis_prefix=redis_prefix, batch_workers=0)
     c = client(gw.url)
     data = jsonl([chat_line(i) for i in range(10_000)])
@@ -258,7 +259,7 @@ async def test_ten_thousand_lines_upload_and_validate_fast(sim_fleet, start_gate
     assert b"".join(chunks) == data
 
 
-async def test_lines_left_at_the_completion_window_expire(sim_fleet, start_gateway, redis_prefix, redis_client):
+async def test_lines_left_at_the_completion_window_expire(redis_client, redis_prefix, sim_fleet, start_gateway):
     gw = await start_gateway(sim_fleet.config(), redis_url=REDIS_URL, redis_prefix=redis_prefix, batch_workers=2)
     c = client(gw.url)
     rows = [chat_line(i, max_tokens=60) for i in range(30)]
@@ -275,7 +276,7 @@ async def test_lines_left_at_the_completion_window_expire(sim_fleet, start_gatew
     assert all(e["error"]["code"] == "batch_expired" for e in err)
 
 
-async def test_a_span_per_line_parents_the_request_span(sim_fleet, start_gateway, redis_prefix, redis_client, otlp_receiver,
+async def test_a_span_per_line_parents_the_request_span(redis_client, redis_prefix, sim_fleet, start_gateway, otlp_receiver,
                                                         monkeypatch):
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_receiver.endpoint)
     gw = await start_gateway(sim_fleet.config(), redis_url=REDIS_URL, redis_prefix=redis_prefix)
@@ -292,7 +293,7 @@ async def test_a_span_per_line_parents_the_request_span(sim_fleet, start_gateway
     assert {s["trace_id"] for s in served} == {s["trace_id"] for s in lines}
 
 
-async def test_uploads_are_not_bound_by_the_request_body_limit(sim_fleet, start_gateway, redis_prefix, redis_client):
+async def test_uploads_are_not_bound_by_the_request_body_limit(redis_client, redis_prefix, sim_fleet, start_gateway):
     gw = await start_gateway(sim_fleet.config(), redis_url=REDIS_URL, redis_prefix=redis_prefix, max_body_bytes=50_000)
     c = client(gw.url)
     data = jsonl([chat_line(i) for i in range(3000)])  # ~500 kB: ten times the JSON body limit
