@@ -139,7 +139,7 @@ class BatchService:
             if rec.get("status") != "validating":
                 return
             fid = rec["input_file_id"]
-            lines, errors, n_errors = await self._check_file(fid, rec["endpoint"])
+            lines, errors, n_errors = await self._check_file(bid, fid, rec["endpoint"])
             if n_errors or lines == 0 or lines > self.s.batch_max_lines:
                 await self._fail(bid, lines, errors)
                 return
@@ -157,12 +157,18 @@ class BatchService:
             except REDIS_ERRORS:
                 pass
 
-    async def _check_file(self, fid: str, endpoint: str) -> tuple[int, list[dict], int]:
+    async def _keep_lease(self, lease: str, n: int) -> None:
+        """Extend a phase's lease every 2,000 lines, so a long phase is not taken for a dead one."""
+        if n % 2000 == 0:
+            await self.redis.expire(lease, LEASE_SECONDS)  # type: ignore[union-attr]
+
+    async def _check_file(self, bid: str, fid: str, endpoint: str) -> tuple[int, list[dict], int]:
         seen: set[str] = set()
         errors: list[dict] = []
         n = n_err = 0
         async for raw in self.files.lines(fid):
             n += 1
+            await self._keep_lease(self.k.val_lease(bid), n)
             r = check_line(raw, n, endpoint, seen, self.known_model, self.s.max_body_bytes)
             if isinstance(r, LineError):
                 n_err += 1
@@ -186,6 +192,7 @@ class BatchService:
         p = self.redis.pipeline(transaction=False)  # type: ignore[union-attr]
         async for raw in self.files.lines(fid):
             n += 1
+            await self._keep_lease(self.k.val_lease(bid), n)
             r = check_line(raw, n, rec["endpoint"], seen, self.known_model, self.s.max_body_bytes)
             if isinstance(r, WorkItem):
                 p.xadd(self.k.queue, {"b": bid, "c": r.custom_id, "u": rec["endpoint"], "o": _owner(rec),
@@ -226,6 +233,7 @@ class BatchService:
         await err.abort()
         async for kind, line in self.store.results(bid):
             await (out if kind == "o" else err).add_lines([line])
+            await self._keep_lease(self.k.fin_lease(bid), out.lines + err.lines)
         ids: dict[str, Any] = {"completed": out.lines, "failed": err.lines}
         ttl = self.s.batch_retention
         if out.lines:
