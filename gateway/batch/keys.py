@@ -8,6 +8,7 @@ Batches: {p}:bb:{batch_id}           hash  record (see store.py), counters compl
          {p}:bb:{batch_id}:fin       string finalization lease (SET NX EX), so one replica builds the output files
          {p}:bb:{batch_id}:val       string validation lease, same idea for the validating phase
          {p}:bb:idx:{owner}          zset  batch ids of one owner, score = created_at (ms)
+         {p}:bb:aidx:{owner}         zset  the same for Anthropic Message Batches (listed apart)
          {p}:bb:active               set   batches not yet in a final state (for the sweeper and the summary)
 Queue:   {p}:bq                      stream one entry per line to execute; consumer group "workers"
 """
@@ -45,6 +46,9 @@ class BatchKeys:
 
     def batches_of(self, owner: str | None) -> str:
         return f"{self.p}:bb:idx:{owner or ANON}"
+
+    def msg_batches_of(self, owner: str | None) -> str:
+        return f"{self.p}:bb:aidx:{owner or ANON}"
 
     @property
     def active(self) -> str:

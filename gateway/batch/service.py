@@ -112,7 +112,12 @@ class BatchService:
         f = await self.files.meta(fid, owner)
         if f.get("purpose") != "batch":
             raise GatewayError(400, f"File {fid} does not have purpose 'batch'.", code="invalid_value", param="input_file_id")
-        batch = await self.store.create(owner, fid, endpoint, WINDOWS[window], window, meta)
+        return await self.start_batch(owner, fid, endpoint, window, meta)
+
+    async def start_batch(self, owner: str | None, fid: str, endpoint: str, window: str = "24h", meta: dict | None = None,
+                          anthropic: bool = False) -> dict[str, Any]:
+        """Record a batch over a stored input file and start validating it (the file was checked by the caller)."""
+        batch = await self.store.create(owner, fid, endpoint, WINDOWS[window], window, meta, anthropic)
         self._spawn(self.validate(batch["id"]))
         return batch
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from gateway.batch.files import decode_hash, page
@@ -17,13 +18,14 @@ from gateway.batch.keys import ANON, BatchKeys
 from gateway.batch.models import FINAL, new_id
 from gateway.errors import GatewayError
 
-# KEYS: results, record. ARGV: custom_id, value, counter field, tokens. -> {stored, done, total}
+# KEYS: results, record. ARGV: custom_id, value, counter field, tokens, extra counter ('' = none). -> {stored, done, total}
 _STORE = """
 local ok = redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
 local ttl = redis.call('PTTL', KEYS[2])
 if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end  -- results never outlive their batch record
 if ok == 1 then
   redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
+  if ARGV[5] ~= '' then redis.call('HINCRBY', KEYS[2], ARGV[5], 1) end
   if tonumber(ARGV[4]) > 0 then redis.call('HINCRBY', KEYS[2], 'tokens', ARGV[4]) end
 end
 local c = tonumber(redis.call('HGET', KEYS[2], 'completed') or '0')
@@ -76,7 +78,7 @@ class BatchStore:
         self._move = redis.register_script(_MOVE)
 
     async def create(self, owner: str | None, input_file_id: str, endpoint: str, window: int, window_name: str,
-                     metadata: dict | None) -> dict[str, Any]:
+                     metadata: dict | None, anthropic: bool = False) -> dict[str, Any]:
         bid, now = new_id("batch"), time.time()
         rec = {
             "id": bid, "owner": owner or ANON, "endpoint": endpoint, "input_file_id": input_file_id,
@@ -89,7 +91,7 @@ class BatchStore:
         p = self.redis.pipeline(transaction=True)
         p.hset(self.k.batch(bid), mapping=rec)
         p.expire(self.k.batch(bid), ttl)
-        p.zadd(self.k.batches_of(owner), {bid: int(now * 1000)})
+        p.zadd(self.k.msg_batches_of(owner) if anthropic else self.k.batches_of(owner), {bid: int(now * 1000)})
         p.sadd(self.k.active, bid)
         await p.execute()
         return public_batch(rec)
@@ -115,25 +117,30 @@ class BatchStore:
             await p.execute()
         return moved
 
-    async def store_result(self, bid: str, custom_id: str, ok: bool, line: dict[str, Any], tokens: int = 0) -> tuple[bool, int, int]:
-        """Store a line's result unless one is stored already. -> (stored now, done, total)."""
+    async def store_result(self, bid: str, custom_id: str, ok: bool, line: dict[str, Any], tokens: int = 0,
+                           extra: str = "") -> tuple[bool, int, int]:
+        """Store a line's result unless one is stored already. -> (stored now, done, total).
+
+        `extra`: a counter also bumped (n_canceled, n_expired: the Anthropic view counts those apart)."""
         value = ("o" if ok else "e") + json.dumps(line, separators=(",", ":"))
         field = "completed" if ok else "failed"
-        r = await self._store(keys=[self.k.results(bid), self.k.batch(bid)], args=[custom_id, value, field, tokens])
+        r = await self._store(keys=[self.k.results(bid), self.k.batch(bid)], args=[custom_id, value, field, tokens, extra])
         return bool(r[0]), int(r[1]), int(r[2])
 
     async def has_result(self, bid: str, custom_id: str) -> bool:
         return bool(await self.redis.hexists(self.k.results(bid), custom_id))
 
-    async def list_page(self, owner: str | None, after: str | None, limit: int) -> dict[str, Any]:
-        return await page(self.redis, self.k.batches_of(owner), after, limit, "desc", self._load_many)
+    async def list_page(self, owner: str | None, after: str | None, limit: int, anthropic: bool = False,
+                        render: Callable[[dict[str, str]], dict[str, Any]] = public_batch) -> dict[str, Any]:
+        index = self.k.msg_batches_of(owner) if anthropic else self.k.batches_of(owner)
+        return await page(self.redis, index, after, limit, "desc", self._load_many, render)
 
-    async def _load_many(self, ids: list[str]) -> tuple[set[str], list[dict[str, Any]]]:
+    async def _load_many(self, ids: list[str], render) -> tuple[set[str], list[dict[str, Any]]]:
         p = self.redis.pipeline(transaction=False)
         for bid in ids:
             p.hgetall(self.k.batch(bid))
         recs = [decode_hash(h) for h in await p.execute()]
-        return {h["id"] for h in recs if h}, [public_batch(h) for h in recs if h]
+        return {h["id"] for h in recs if h}, [render(h) for h in recs if h]
 
     async def results(self, bid: str):
         """(kind "o"/"e", line bytes) for every stored result, streamed with HSCAN."""

@@ -189,7 +189,9 @@ class Worker:
             return
         ok, line, tokens = await self._outcome(rec, bid, cid, f)
         if line is not None:
-            stored = await _retry_redis(lambda: self.store.store_result(bid, cid, ok, line, tokens), self)
+            code = str((line.get("error") or {}).get("code") or "")
+            extra = {"batch_cancelled": "n_canceled", "batch_expired": "n_expired"}.get(code, "")
+            stored = await _retry_redis(lambda: self.store.store_result(bid, cid, ok, line, tokens, extra), self)
             if stored is None:
                 return  # stopping: the line stays pending and is reclaimed elsewhere
             if stored[0] and self.lines_counter is not None:
