@@ -115,17 +115,18 @@ class BatchService:
         return await self.start_batch(owner, fid, endpoint, window, meta)
 
     async def start_batch(self, owner: str | None, fid: str, endpoint: str, window: str = "24h", meta: dict | None = None,
-                          anthropic: bool = False) -> dict[str, Any]:
-        """Record a batch over a stored input file and start validating it (the file was checked by the caller)."""
-        batch = await self.store.create(owner, fid, endpoint, WINDOWS[window], window, meta, anthropic)
+                          anthropic: bool = False, total: int = -1) -> dict[str, Any]:
+        """Record a batch over a stored input file and start validating it (`total` when already known)."""
+        batch = await self.store.create(owner, fid, endpoint, WINDOWS[window], window, meta, anthropic, total)
         self._spawn(self.validate(batch["id"]))
         return batch
 
     async def cancel(self, bid: str, owner: str | None) -> dict[str, Any]:
         rec = await self.store.owned(bid, owner)
         now = int(time.time())
-        if await self.store.move(bid, "cancelled", ("validating",), cancelling_at=now, cancelled_at=now):
-            pass
+        if await self.store.move(bid, "cancelled", ("validating",), cancelling_at=now, cancelled_at=now,
+                                 n_canceled=max(0, int(rec.get("total") or 0))):
+            pass  # nothing was queued: every line (when already counted) is canceled
         elif await self.store.move(bid, "cancelling", ("in_progress",), cancelling_at=now):
             self._spawn(self.finalize(bid))  # nothing may be left to run
         elif rec.get("status") != "cancelling":  # cancelling again is a no-op; a final batch cannot be cancelled

@@ -78,12 +78,12 @@ class BatchStore:
         self._move = redis.register_script(_MOVE)
 
     async def create(self, owner: str | None, input_file_id: str, endpoint: str, window: int, window_name: str,
-                     metadata: dict | None, anthropic: bool = False) -> dict[str, Any]:
+                     metadata: dict | None, anthropic: bool = False, total: int = -1) -> dict[str, Any]:
         bid, now = new_id("batch"), time.time()
         rec = {
             "id": bid, "owner": owner or ANON, "endpoint": endpoint, "input_file_id": input_file_id,
             "completion_window": window_name, "status": "validating", "created_at": str(int(now)),
-            "expires_at": str(int(now) + window), "total": "-1", "completed": "0", "failed": "0", "tokens": "0",
+            "expires_at": str(int(now) + window), "total": str(total), "completed": "0", "failed": "0", "tokens": "0",
         }
         if metadata is not None:
             rec["metadata"] = json.dumps(metadata)

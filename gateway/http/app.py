@@ -37,7 +37,7 @@ CHECKER = web.AppKey("checker", HealthChecker)
 
 @web.middleware
 async def error_middleware(request: web.Request, handler):
-    dialect = "anthropic" if request.path == "/v1/messages" else "openai"
+    dialect = "anthropic" if request.path.startswith("/v1/messages") else "openai"  # incl. /v1/messages/batches
     try:
         return await handler(request)
     except GatewayError as e:

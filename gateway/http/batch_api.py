@@ -1,4 +1,5 @@
-"""HTTP endpoints of the OpenAI Files and Batch APIs (the official SDKs work unchanged), plus a progress summary.
+"""HTTP endpoints of the OpenAI Files and Batch APIs and of Anthropic Message Batches (the official SDKs work
+unchanged), plus a progress summary.
 
 Every object belongs to the gateway API key that created it; another key gets 404 as if it did not exist.
 """
@@ -6,13 +7,16 @@ Every object belongs to the gateway API key that created it; another key gets 40
 from __future__ import annotations
 
 import asyncio
+import json
 
 import aiohttp
 from aiohttp import BodyPartReader, web
 
 from gateway.auth import API_KEY
+from gateway.batch import anthropic
 from gateway.batch.files import PURPOSES, FileWriter, public_file
 from gateway.batch.service import BatchService
+from gateway.batch.validate import LineError, check_line
 from gateway.errors import GatewayError
 from gateway.http.api import read_json
 
@@ -163,6 +167,83 @@ async def summary(request: web.Request) -> web.Response:
     return web.json_response(await _svc(request).summary())
 
 
+# ---- Anthropic Message Batches (same engine) -------------------------------------------------------------------
+async def create_msg_batch(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    body = await read_json(request)
+    try:
+        lines = anthropic.request_lines(body.get("requests"))
+    except ValueError as e:
+        raise GatewayError(400, str(e), param="requests") from None
+    if len(lines) > svc.s.batch_max_lines:
+        raise GatewayError(400, f"A batch holds at most {svc.s.batch_max_lines} requests.", param="requests")
+    seen: set[str] = set()
+    for i, ln in enumerate(lines):  # structural problems are refused now, as Anthropic does
+        r = check_line(ln, i + 1, anthropic.ENDPOINT, seen, svc.known_model, svc.s.max_body_bytes)
+        if isinstance(r, LineError):
+            raise GatewayError(400, f"requests[{i}]: {r.message}", param="requests")
+    writer = svc.files.writer(limited=False)
+    await writer.add_lines(lines)
+    meta = await writer.close("message_batch_requests.jsonl", "batch", _owner(request), svc.s.batch_retention)
+    batch = await svc.start_batch(_owner(request), meta["id"], anthropic.ENDPOINT, anthropic=True, total=len(lines))
+    return web.json_response(anthropic.message_batch(await svc.store.record(batch["id"]), _base(request)))
+
+
+def _base(request: web.Request) -> str:
+    return str(request.url.origin())
+
+
+async def _msg_batch(request: web.Request) -> dict[str, str]:
+    rec = await _svc(request).store.owned(request.match_info["id"], _owner(request))
+    if rec.get("endpoint") != anthropic.ENDPOINT:
+        raise GatewayError(404, f"No message batch found with id '{rec['id']}'.", code="batch_not_found")
+    return rec
+
+
+async def get_msg_batch(request: web.Request) -> web.Response:
+    return web.json_response(anthropic.message_batch(await _msg_batch(request), _base(request)))
+
+
+async def cancel_msg_batch(request: web.Request) -> web.Response:
+    rec = await _msg_batch(request)
+    if anthropic.status_of(rec) != "ended":
+        await _svc(request).cancel(rec["id"], _owner(request))
+    return web.json_response(anthropic.message_batch(await _msg_batch(request), _base(request)))
+
+
+async def list_msg_batches(request: web.Request) -> web.Response:
+    svc, base = _svc(request), _base(request)
+    after = request.query.get("after_id")
+    page = await svc.store.list_page(_owner(request), after, _limit(request, 20, 1000), anthropic=True,
+                                     render=lambda h: anthropic.message_batch(h, base))
+    page.pop("object", None)
+    return web.json_response(page)
+
+
+async def msg_batch_results(request: web.Request) -> web.StreamResponse:
+    rec = await _msg_batch(request)
+    if anthropic.status_of(rec) != "ended":
+        raise GatewayError(400, f"Message batch {rec['id']} is still processing; results are available once it has ended.")
+    svc = _svc(request)
+    resp = web.StreamResponse(headers={"Content-Type": "application/x-jsonl"})
+    await resp.prepare(request)
+    seen: set[str] = set()
+    for fid in (rec.get("output_file_id"), rec.get("error_file_id")):
+        if fid:
+            async for ln in svc.files.lines(fid):
+                res = anthropic.result_line(json.loads(ln))
+                seen.add(res["custom_id"])
+                await resp.write(json.dumps(res).encode() + b"\n")
+    if rec.get("status") == "cancelled" and len(seen) < int(rec.get("total") or 0):
+        # cancelled before anything was queued: every request that has no result was canceled
+        async for ln in svc.files.lines(rec["input_file_id"]):
+            cid = json.loads(ln).get("custom_id")
+            if cid not in seen:
+                await resp.write(json.dumps({"custom_id": cid, "result": {"type": "canceled"}}).encode() + b"\n")
+    await resp.write_eof()
+    return resp
+
+
 def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_post("/v1/files", create_file)
@@ -175,3 +256,8 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/v1/batches/{id}", get_batch)
     r.add_post("/v1/batches/{id}/cancel", cancel_batch)
     r.add_get("/v1/gateway/batches", summary)
+    r.add_post("/v1/messages/batches", create_msg_batch)
+    r.add_get("/v1/messages/batches", list_msg_batches)
+    r.add_get("/v1/messages/batches/{id}", get_msg_batch)
+    r.add_post("/v1/messages/batches/{id}/cancel", cancel_msg_batch)
+    r.add_get("/v1/messages/batches/{id}/results", msg_batch_results)
