@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 
 from gateway.auth import KeyStore
+from gateway.batch.executor import InProcessExecutor
+from gateway.batch.service import BatchService
 from gateway.config import FleetConfig, missing_key_warnings
 from gateway.hooks import Hooks
 from gateway.observability import redact
@@ -62,6 +64,8 @@ class Runtime:
             if s.health_check_interval > 0 or s.eject_probe_interval > 0
             else None
         )
+        # Batch lines run through the same path in-process, in the batch class (spare capacity only).
+        self.batch = BatchService(s, lambda model: self.fleet.pool(model) is not None, InProcessExecutor(self.proxy), self.telemetry)
         # The sync loop refreshes limits; wake queued requests each cycle so new headroom is used at once.
         self.waker = Periodic("router-wake", s.flush_interval, self._wake)
 
@@ -80,8 +84,10 @@ class Runtime:
         if self.checker is not None:
             await self.checker.start()
         self.waker.start()
+        await self.batch.start()
 
     async def stop(self) -> None:
+        await self.batch.stop(0.0)  # idempotent: the HTTP layer stops it first, with a grace, when it drains
         await self.waker.stop()
         if self.checker is not None:
             await self.checker.stop()

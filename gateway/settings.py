@@ -87,6 +87,19 @@ class Settings(BaseSettings):
     health_check_timeout: float = 2.0
 
     flush_interval: float = 0.15
+
+    #: Batch API (needs redis_url). Lines run concurrently by this replica's batch worker; 0 = this replica runs none.
+    batch_workers: int = Field(8, ge=0)
+    batch_max_file_bytes: int = Field(200 * 1024 * 1024, gt=0)
+    batch_max_lines: int = Field(50_000, gt=0)
+    #: A line claimed by a replica that has not touched it for this long is taken over by another replica.
+    batch_claim_idle: float = Field(60.0, gt=0)
+    #: Attempts per line on 429/5xx/transport errors, backoff from batch_retry_base doubling up to 30 s.
+    batch_max_attempts: int = Field(5, ge=1)
+    batch_retry_base: float = Field(0.5, ge=0)
+    #: Seconds files, and batches after they end, are kept (OpenAI keeps batch files 30 days).
+    batch_retention: int = Field(30 * 24 * 3600, gt=0)
+    batch_sweep_interval: float = Field(5.0, gt=0)
     shutdown_grace: float = 30.0
     capture_content: bool = False
     log_level: str = "INFO"

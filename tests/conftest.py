@@ -123,12 +123,13 @@ async def start_gateway() -> AsyncIterator[StartGateway]:
 
     async def start(fleet: FleetConfig, **overrides) -> Gateway:
         overrides.setdefault("replica_id", f"test-{uuid.uuid4().hex[:6]}")
+        overrides.setdefault("port", free_port())  # known before create_app: the batch worker posts to it
         telemetry = overrides.pop("telemetry", None)
         settings = Settings(**overrides)
         app = create_app(settings, fleet, telemetry)
         runner = GatewayRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=settings.shutdown_grace)
         await runner.setup()
-        port = free_port()
+        port = settings.port
         site = web.TCPSite(runner, "127.0.0.1", port)
         await site.start()
         gw = Gateway(f"http://127.0.0.1:{port}", app, runner)

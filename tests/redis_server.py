@@ -15,8 +15,10 @@ def _free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, appendonly_dir: str | None = None) -> None:
+        """`appendonly_dir`: persist with an fsync'ed append-only file there, so a restart keeps the data."""
         self.port = port or _free_port()
+        self.appendonly_dir = appendonly_dir
         self.proc: asyncio.subprocess.Process | None = None
 
     @property
@@ -26,8 +28,12 @@ class RedisServer:
     async def start(self) -> None:
         exe = shutil.which("redis-server")
         assert exe, "redis-server is not installed: run `make redis` (tests never skip a real component)"
+        persist = (
+            ["--appendonly", "yes", "--appendfsync", "always", "--dir", self.appendonly_dir]
+            if self.appendonly_dir else ["--appendonly", "no"]
+        )
         self.proc = await asyncio.create_subprocess_exec(
-            exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persist,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         )
         for _ in range(100):

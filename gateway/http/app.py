@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from gateway.auth import presented_key
 from gateway.config import FleetConfig, load_fleet
 from gateway.errors import GatewayError
-from gateway.http import admin, count_tokens
+from gateway.http import admin, batch_api, count_tokens
 from gateway.http import api as handlers
 from gateway.http.api import API_KEY, KEYS, PROXY_KEY, REQUEST_ID, REQUEST_MODEL, RUNTIME, SYNC, TELEMETRY
 from gateway.http.errors import Handler, dialect_of, error_response, lookup
@@ -179,8 +179,10 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
     app[TELEMETRY] = rt.telemetry
     app[KEYS] = rt.keys
     app[DRAINING] = []
+    app[batch_api.BATCH] = rt.batch
     handlers.add_routes(app)
     count_tokens.add_routes(app)
+    batch_api.add_routes(app)
     admin.add_routes(app)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -192,6 +194,7 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
         await rt.start()
 
     async def on_shutdown(app: web.Application) -> None:
+        await rt.batch.stop(min(settings.shutdown_grace, 10.0))  # lines still running finish; the rest stay queued
         await _drain(app, settings.shutdown_grace)
 
     async def on_cleanup(app: web.Application) -> None:
@@ -208,6 +211,7 @@ async def _drain(app: web.Application, grace: float) -> None:
     cancelled (streams end with an in-band error event, others get a 503)."""
     if not app[DRAINING]:
         app[DRAINING].append(True)
+    app[batch_api.BATCH].stop_claiming()
     proxy = app[PROXY_KEY]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace

@@ -248,7 +248,7 @@ class GatewayProc:
 
 
 async def start_gateway(procs: Procs, fleet: dict, tag: str, *, workers: int = 1, redis_url: str = "",
-                        strategy: str = "throughput") -> GatewayProc:
+                        strategy: str = "throughput", env: dict[str, str] | None = None) -> GatewayProc:
     import yaml
 
     cfg_path = procs.logdir / f"fleet-{tag}.yaml"
@@ -263,6 +263,7 @@ async def start_gateway(procs: Procs, fleet: dict, tag: str, *, workers: int = 1
         "GATEWAY_SHUTDOWN_GRACE": "1",
         "GATEWAY_REPLICA_ID": f"bench-{tag}",
         "GATEWAY_REQUIRE_API_KEY": "false",
+        **(env or {}),
     }
     args = [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port", str(port),
             "--config", str(cfg_path), "--workers", str(workers)]

@@ -20,6 +20,7 @@ import urllib.request
 from typing import Any, TextIO
 
 ENDPOINT = "/v1/gateway/upstreams"
+BATCHES = "/v1/gateway/batches"
 
 _CLEAR = "\x1b[H\x1b[2J\x1b[3J"
 _RESET = "\x1b[0m"
@@ -31,8 +32,8 @@ class FetchError(Exception):
     """The gateway could not be read; the message says why."""
 
 
-def fetch_snapshot(url: str, *, admin_key: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
-    full = url.rstrip("/") + ENDPOINT
+def fetch_snapshot(url: str, *, admin_key: str | None = None, timeout: float = 5.0, endpoint: str = ENDPOINT) -> dict[str, Any]:
+    full = url.rstrip("/") + endpoint
     headers = {"Accept": "application/json", "User-Agent": "gateway-top"}
     if admin_key:
         headers["Authorization"] = f"Bearer {admin_key}"
@@ -132,6 +133,30 @@ def _row(u: dict[str, Any]) -> list[str]:
     ]
 
 
+def with_batches(snap: dict[str, Any], url: str, admin_key: str | None, timeout: float) -> dict[str, Any]:
+    """Add the batch progress summary to the snapshot (absent when the gateway runs no batch API)."""
+    try:
+        batches = fetch_snapshot(url, admin_key=admin_key, timeout=timeout, endpoint=BATCHES).get("batches")
+    except FetchError:
+        return snap
+    if batches:
+        snap["batches"] = batches
+    return snap
+
+
+def _batch_lines(batches: Any) -> list[str]:
+    if not isinstance(batches, list) or not batches:
+        return []
+    out = ["", "batches: id  status  done/total  failed  pending  tok/s  ETA"]
+    for b in batches:
+        if isinstance(b, dict):
+            eta = _num(b.get("eta_seconds"))
+            out.append(f"  {b.get('id')}  {b.get('status')}  {fmt_int(b.get('completed'))}/{fmt_int(b.get('total'))}  "
+                       f"{fmt_int(b.get('failed'))}  {fmt_int(b.get('pending'))}  {fmt_rate(b.get('tokens_per_second'))}  "
+                       f"{'-' if eta is None else f'{eta:.0f}s'}")
+    return out
+
+
 def render(snap: dict[str, Any], *, url: str = "", color: bool = False, width: int | None = None) -> str:
     """One frame of the view as text (no screen clearing)."""
     ups = [u for u in (snap.get("upstreams") or []) if isinstance(u, dict)]
@@ -170,6 +195,7 @@ def render(snap: dict[str, Any], *, url: str = "", color: bool = False, width: i
     if not rows:
         lines.append("(no upstreams)")
     lines += _slo_lines(snap.get("slo"))
+    lines += _batch_lines(snap.get("batches"))
     if width:
         # keep the frame from wrapping on narrow terminals (color codes are only on
         # short lines' prefix/suffix, so cut plain lines only)
@@ -214,7 +240,7 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None) -> int:
     color = tty and not args.no_color and not os.environ.get("NO_COLOR")
 
     try:
-        snap = fetch_snapshot(args.url, admin_key=args.admin_key, timeout=timeout)
+        snap = with_batches(fetch_snapshot(args.url, admin_key=args.admin_key, timeout=timeout), args.url, args.admin_key, timeout)
     except FetchError as exc:
         print(f"gateway top: {exc}", file=sys.stderr)
         return 2
@@ -239,7 +265,8 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None) -> int:
             out.flush()
             time.sleep(interval)
             try:
-                snap = fetch_snapshot(args.url, admin_key=args.admin_key, timeout=timeout)
+                snap = with_batches(fetch_snapshot(args.url, admin_key=args.admin_key, timeout=timeout), args.url,
+                                    args.admin_key, timeout)
                 error = None
             except FetchError as exc:
                 error = str(exc)

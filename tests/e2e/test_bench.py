@@ -90,3 +90,20 @@ def test_quick_bench_end_to_end(tmp_path: Path) -> None:
     assert ov["direct"]["rps"] > 0 and ov["gateway"]["rps"] > 0
     assert ov["added_p50_ms"] is not None and ov["rps_ratio"] > 0
     assert (out.parent / "logs").is_dir()
+
+
+@pytest.mark.timeout(120)
+def test_quick_batch_scenario(tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway.tools.bench", "--quick", "--concurrency", "16", "--scenarios", "batch",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=100,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "### batch" in proc.stdout and "| with batch |" in proc.stdout
+    r = json.loads(out.read_text())["scenarios"]["batch"]
+    assert r["status"] == "completed" and r["request_counts"] == {"total": 200, "completed": 200, "failed": 0}
+    assert r["batch_seconds"] > 0 and r["batch_tok_s"] > 0 and r["batch_tok_s_during_interactive"] > 0
+    for phase in ("interactive_alone", "interactive_with_batch"):
+        assert r[phase]["tok_s"] > 0 and r[phase]["ttft_p50_ms"] > 0 and r[phase]["error_count"] == 0

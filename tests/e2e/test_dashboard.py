@@ -57,12 +57,14 @@ class GatewayStub:
         self.url = ""
         self.admin_key: str | None = None
         self.snapshot_requests: list[dict[str, str]] = []
+        self.batches: dict[str, Any] | None = None  # GET /v1/gateway/batches answers 404 while None
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> str:
         app = web.Application()
         app.router.add_get("/v1/gateway/upstreams", self._snapshot)
         app.router.add_get("/dashboard", self._dashboard)
+        app.router.add_get("/v1/gateway/batches", self._batches)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", 0).start()
@@ -78,6 +80,11 @@ class GatewayStub:
         if self.admin_key and request.headers.get("Authorization") != f"Bearer {self.admin_key}":
             return web.json_response({"error": {"message": "admin key required"}}, status=401)
         return web.json_response(SNAPSHOT)
+
+    async def _batches(self, request: web.Request) -> web.Response:
+        if self.batches is None:
+            raise web.HTTPNotFound()
+        return web.json_response(self.batches)
 
     async def _dashboard(self, request: web.Request) -> web.Response:
         return web.Response(body=DASHBOARD.read_bytes(), content_type="text/html", charset="utf-8")
@@ -277,6 +284,20 @@ async def test_dashboard_renders_in_headless_chromium(gateway_stub: GatewayStub,
         assert c.get("data-series") == "fast-gpu,slow-cpu", c
         assert int(c.get("data-points") or 0) >= 2, c
     assert "fast-gpu 813" in p.by_id["legend-toks"] and "fast-gpu 83 ms" in p.by_id["legend-ttft"]
+
+
+async def test_dashboard_shows_batches_in_progress(gateway_stub: GatewayStub, tmp_path: Path) -> None:
+    dom = await _run_chromium(tmp_path, f"{gateway_stub.url}/dashboard", "--dump-dom", budget_ms=2500)
+    assert 'id="batches-card" style="display: none;"' in dom or 'id="batches-card" style="display:none"' in dom
+    gateway_stub.batches = {"object": "batch_summary", "lines_running": 4, "batches": [
+        {"id": "batch_abc", "status": "in_progress", "created_at": 1, "total": 40, "completed": 7, "failed": 1,
+         "pending": 32, "output_tokens": 900, "tokens_per_second": 123.4, "eta_seconds": 61.2}]}
+    dom = await _run_chromium(tmp_path, f"{gateway_stub.url}/dashboard", "--dump-dom", budget_ms=2500)
+    row = dom[dom.index('data-batch="batch_abc"'):]
+    row = row[: row.index("</tr>")]
+    cells = [" ".join(c.split("</td>")[0].split()) for c in row.split("<td>")[1:]]
+    assert cells == ["batch_abc", "in_progress", "7 / 40", "1", "32", "123.4", "61 s"]
+    assert 'id="batches-card" style=""' in dom or 'id="batches-card">' in dom
 
 
 async def test_dashboard_shows_error_when_unauthorized(gateway_stub: GatewayStub, tmp_path: Path) -> None:
