@@ -27,6 +27,9 @@ class Fleet:
             for m, c in config.models.items()
         }
         self._aliases = {a: m for m, c in config.models.items() for a in c.aliases}
+        #: Names of upstreams whose figures changed since the router last re-ranked them (routing/candidates.py);
+        #: written by the router on dispatch/release and by fleet_sync when it merges new figures.
+        self.changed: set[str] = set(self.upstreams)
         self.models_of: dict[str, list[str]] = {n: [] for n in self.upstreams}
         for m, c in config.models.items():
             for u in c.upstreams:
