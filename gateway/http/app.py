@@ -81,8 +81,11 @@ async def gate_middleware(request: web.Request, handler):
 
 async def healthz(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
-    status = "degraded" if proxy.sync.status == "degraded" else "ok"
-    return web.json_response({"status": status, "redis": proxy.sync.status, "replica": proxy.s.replica_id})
+    status = "degraded" if proxy.sync.status in ("degraded", "version_mismatch") else "ok"
+    body = {"status": status, "redis": proxy.sync.status, "replica": proxy.s.replica_id}
+    if proxy.sync.detail:
+        body["detail"] = proxy.sync.detail  # e.g. a replica speaking another Redis layout version is live
+    return web.json_response(body)
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -118,13 +121,13 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
     health = OutlierDetector(
         settings.eject_after_failures, settings.eject_base_seconds, settings.eject_max_seconds, tel.record_ejection
     )
-    router = Router(fleet, health, settings.queue_max, settings.queue_timeout)
+    router = Router(fleet, health, settings.queue_max, settings.queue_timeout, settings.routing_sample_above)
     sync = FleetSync(fleet, settings.replica_id, settings.redis_url, settings.redis_prefix, settings.flush_interval)
     proxy = Proxy(settings, fleet, router, health, sync, tel)
     scraper = EngineMetricsScraper(fleet)
     keys = KeyStore(
         sync.redis, settings.redis_prefix, settings.api_key_refresh_interval,
-        lambda: max((u.replicas for u in fleet.upstreams.values()), default=1),
+        lambda: sync.replicas,
     )
     checker = (
         HealthChecker(fleet.upstreams, health, settings.health_check_interval, settings.health_check_timeout)
@@ -148,8 +151,10 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/dashboard", dashboard)
 
-    # The sync loop refreshes limits; wake queued requests each cycle so new headroom is used at once.
+    # The sync loop refreshes limits; wake queued requests each cycle so new headroom is used at once, and
+    # re-rank the upstreams whose figures changed (large pools' candidate index; nothing when idle).
     async def wake() -> None:
+        router.reindex()
         router.wake()
 
     waker = Periodic("router-wake", settings.flush_interval, wake)

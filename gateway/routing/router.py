@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from gateway.errors import GatewayError
 from gateway.reliability.outlier import OutlierDetector
+from gateway.routing import candidates
 from gateway.state.fleet import Fleet, Pool
 from gateway.state.stats import UpstreamStats
 
@@ -84,10 +85,27 @@ def throughput_gain(u: UpstreamStats, est: Estimate) -> float:
     return own - ext
 
 
+#: The request size the candidate index ranks upstreams for (the live pick scores the real request).
+_RANK_EST = Estimate(prompt_tokens=200, output_tokens=DEFAULT_OUTPUT_TOKENS)
+
+
+def _rank(u: UpstreamStats) -> float:
+    """Index key of an upstream in a large pool: its throughput score for a typical request, -inf if it cannot
+    take one now (cooling down, ejected, no free slot)."""
+    now = time.time()
+    if max(u.cooldown_until, u.ejected_until) > now or not u.has_slot():
+        return -math.inf
+    return throughput_gain(u, _RANK_EST) * u.weight
+
+
 class Router:
-    def __init__(self, fleet: Fleet, health: OutlierDetector, queue_max: int, queue_timeout: float) -> None:
+    def __init__(self, fleet: Fleet, health: OutlierDetector, queue_max: int, queue_timeout: float,
+                 sample_above: int = candidates.SAMPLE_ABOVE) -> None:
         self.fleet = fleet
         self.health = health
+        #: Pools larger than this score a constant number of candidates (candidates.py); the rest score all.
+        self.sample_above = sample_above
+        self._indexes: dict[str, candidates.CandidateIndex] = {}
         self.queue_max = queue_max
         self.queue_timeout = queue_timeout
         self._queues: dict[str, deque[_Waiter]] = {m: deque() for m in fleet.pools}
@@ -96,46 +114,56 @@ class Router:
     def pick(self, pool: Pool, est: Estimate, exclude: frozenset[str] = frozenset()) -> Decision:
         """Choose now or raise Refusal. Pure decision on in-memory figures: no I/O."""
         now = time.time()
-        cands: list[UpstreamStats] = []
-        why = "unavailable"
-        blocked = ""  # every servable upstream is cooling down (Retry-After) or ejected, until `soonest`
-        soonest = math.inf
-        too_large = False
-        for u in pool.upstreams:
+        if candidates.sampled(pool, self.sample_above):  # large pool: a constant number of candidates
+            few = self._scan(self._index(pool).candidates(), est, exclude, now)
+            if few.cands:
+                return _STRATEGIES[pool.strategy](pool, few.cands, est)
+        scan = self._scan(pool.upstreams, est, exclude, now)
+        if not scan.cands:
+            raise scan.refusal(pool, est)
+        return _STRATEGIES[pool.strategy](pool, scan.cands, est)
+
+    def _scan(self, ups: list[UpstreamStats], est: Estimate, exclude: frozenset[str], now: float) -> _Scan:
+        """The upstreams that can take the request now, and why the others cannot."""
+        sc = _Scan()
+        for u in ups:
             if u.name in exclude or u.weight <= 0 or est.operation not in u.operations:
                 continue
             if not u.fits_tpm(est.admitted_tokens):
-                too_large = True
+                sc.too_large = True
                 continue
             until = max(u.cooldown_until, u.ejected_until)
             if until > now:
-                soonest = min(soonest, until - now)
-                blocked = "cooldown" if u.cooldown_until > now or blocked == "cooldown" else "ejected"
+                sc.soonest = min(sc.soonest, until - now)
+                sc.blocked = "cooldown" if u.cooldown_until > now or sc.blocked == "cooldown" else "ejected"
                 continue
             if not self.health.available(u, now):  # half-open, its probe is in flight
-                why = "saturated"
+                sc.why = "saturated"
                 continue
             if not u.has_slot():
-                why = "saturated"
+                sc.why = "saturated"
                 continue
             if not u.rate_allows(est.admitted_tokens, est.output_tokens):
-                why = "rate_limited"
+                sc.why = "rate_limited"
                 continue
-            cands.append(u)
-        if not cands:
-            if why == "unavailable" and blocked:
-                state = "rate limited" if blocked == "cooldown" else "failing"
-                raise Refusal(blocked, f"every upstream for model {pool.model!r} is {state}", soonest)
-            if why == "unavailable" and too_large:
-                raise Refusal(
-                    "too_large",
-                    f"the request needs {est.admitted_tokens} tokens (prompt + max_tokens), more than the tokens-per-minute "
-                    f"limit of any upstream for model {pool.model!r} allows a single request; lower max_tokens",
-                )
-            if why == "unavailable":
-                raise Refusal("unavailable", f"no upstream in the pool for model {pool.model!r} can serve this request")
-            raise Refusal(why, f"every upstream for model {pool.model!r} is {why.replace('_', ' ')}")
-        return _STRATEGIES[pool.strategy](pool, cands, est)
+            sc.cands.append(u)
+        return sc
+
+    def _index(self, pool: Pool) -> candidates.CandidateIndex:
+        idx = self._indexes.get(pool.model)
+        if idx is None:
+            idx = self._indexes[pool.model] = candidates.CandidateIndex(pool, _rank)
+        return idx
+
+    def reindex(self) -> None:
+        """Re-rank the upstreams whose figures changed since the last call (called each sync cycle, not per request)."""
+        changed = self.fleet.changed
+        if not changed:
+            return
+        names, self.fleet.changed = changed, set()
+        for m, pool in self.fleet.pools.items():
+            if candidates.sampled(pool, self.sample_above):
+                self._index(pool).update(names)
 
     # ---- admission (queue when everything is busy) ----------------------------------------------------------
     async def admit(self, pool: Pool, est: Estimate, exclude: frozenset[str] = frozenset()) -> Decision:
@@ -189,6 +217,7 @@ class Router:
 
     def _dispatch(self, d: Decision, est: Estimate) -> Decision:
         d.upstream.credit(est.admitted_tokens)
+        self.fleet.changed.add(d.upstream.name)
         self.health.dispatched(d.upstream)
         return d
 
@@ -199,6 +228,7 @@ class Router:
 
     def release(self, u: UpstreamStats) -> None:
         u.release()
+        self.fleet.changed.add(u.name)
         self.wake(u)
 
     def wake(self, u: UpstreamStats | None = None) -> None:
@@ -231,6 +261,30 @@ class Router:
 
     def queue_depth(self) -> dict[str, int]:
         return {m: len(q) for m, q in self._queues.items()}
+
+
+@dataclass(slots=True)
+class _Scan:
+    cands: list[UpstreamStats] = field(default_factory=list)
+    why: str = "unavailable"
+    blocked: str = ""  # every servable upstream is cooling down (Retry-After) or ejected, until `soonest`
+    soonest: float = math.inf
+    too_large: bool = False
+
+    def refusal(self, pool: Pool, est: Estimate) -> Refusal:
+        why = self.why
+        if why == "unavailable" and self.blocked:
+            state = "rate limited" if self.blocked == "cooldown" else "failing"
+            return Refusal(self.blocked, f"every upstream for model {pool.model!r} is {state}", self.soonest)
+        if why == "unavailable" and self.too_large:
+            return Refusal(
+                "too_large",
+                f"the request needs {est.admitted_tokens} tokens (prompt + max_tokens), more than the tokens-per-minute "
+                f"limit of any upstream for model {pool.model!r} allows a single request; lower max_tokens",
+            )
+        if why == "unavailable":
+            return Refusal("unavailable", f"no upstream in the pool for model {pool.model!r} can serve this request")
+        return Refusal(why, f"every upstream for model {pool.model!r} is {why.replace('_', ' ')}")
 
 
 @dataclass(eq=False)

@@ -97,6 +97,7 @@ class FleetSync:
         self._inflight_sent: tuple[str, float] = ("", 0.0)
         self._announced = False
         self._last_clean = 0.0
+        self._last_prune = 0.0
         self._sweep = 0
         self._idle_refit = 0
         self._live: list[str] = [replica_id]
@@ -144,8 +145,10 @@ class FleetSync:
             await b.execute()
 
     def info(self) -> dict[str, Any]:
+        cached = sum(len(w.buckets) for c in self._slots.values() for w in c.values())
         return {"status": self.status, "detail": self.detail, "schema_version": SCHEMA_VERSION,
-                "replicas": self.replicas, "cost": self.cost.snapshot(), "pending_slot_reads": len(self._pending)}
+                "replicas": self.replicas, "cost": self.cost.snapshot(), "pending_slot_reads": len(self._pending),
+                "cached_slot_seconds": cached}
 
     # ---- one cycle -----------------------------------------------------------------------------------------
     async def sync_once(self) -> None:
@@ -347,7 +350,7 @@ class FleetSync:
 
     def _apply_pull(self, now: float, plan: dict[str, Any], res: dict[Hashable, Any]) -> set[str]:
         """Merge what round trip 2 read; returns the upstreams whose samples were replaced (to refit)."""
-        ups, changed = self.fleet.upstreams, self.fleet.changed
+        ups = self.fleet.upstreams
         touched = set()
         for n, sl in plan["slots"]:
             w = Window()
@@ -357,6 +360,9 @@ class FleetSync:
             if w or sl in cache:
                 cache[sl] = w
                 touched.add(n)
+        if now - self._last_prune >= CLEAN_EVERY:  # idle upstreams' cached slots age out too
+            self._last_prune = now
+            touched.update(self._slots)
         for n in touched:
             self._rebuild(ups[n], plan["lo"])
         self._apply_operator(res)
