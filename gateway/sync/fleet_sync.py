@@ -19,6 +19,7 @@ data, reports `degraded`, and reconnects on its own. A live replica speaking ano
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Hashable
@@ -80,6 +81,8 @@ class FleetSync:
         )
         self.status = "ok" if self.redis else "disabled"
         self.detail = ""
+        #: The layout version this replica speaks (an instance attribute so a test can run another version).
+        self.schema_version = SCHEMA_VERSION
         self.last_ok = 0.0
         self.replicas = 1
         self.cost = SyncCost()
@@ -88,7 +91,8 @@ class FleetSync:
         self._last_refit = 0.0
         self._cooldowns: dict[str, float] = {}
         self._slots: dict[str, dict[int, Window]] = {}  # other replicas' counts per upstream per slot key
-        self._pending: set[tuple[str, int]] = set()  # slots known changed, not read yet
+        self._pending: dict[tuple[str, int], None] = {}  # slots known changed, not read yet (FIFO)
+        self._seen: dict[bytes, float] = {}  # `act` member -> the write time last acted on
         self._pending_samples: set[str] = set()
         self._poll_at = 0.0  # the `act` cutoff: changes after this (minus ACT_MARGIN) are new
         self._sample_poll_at = 0.0
@@ -146,7 +150,7 @@ class FleetSync:
 
     def info(self) -> dict[str, Any]:
         cached = sum(len(w.buckets) for c in self._slots.values() for w in c.values())
-        return {"status": self.status, "detail": self.detail, "schema_version": SCHEMA_VERSION,
+        return {"status": self.status, "detail": self.detail, "schema_version": self.schema_version,
                 "replicas": self.replicas, "cost": self.cost.snapshot(), "pending_slot_reads": len(self._pending),
                 "cached_slot_seconds": cached}
 
@@ -224,12 +228,12 @@ class FleetSync:
         b = Batch(self.redis)
         b.write("zadd", k.hb, {self.replica: now})
         if not self._announced:
-            b.write("hset", k.schema, self.replica, SCHEMA_VERSION)
+            b.write("hset", k.schema, self.replica, self.schema_version)
         b.read("alive", store.decode_members, "zrangebyscore", k.hb, now - HEARTBEAT_TTL, "+inf")
         b.read("schema", store.decode_counters, "hgetall", k.schema)
         b.read("inflight", None, "hgetall", k.inflight)
         b.read("gen", store.decode_counters, "hgetall", k.gen)
-        b.read("act", store.decode_members, "zrangebyscore", k.act, self._poll_at - ACT_MARGIN, "+inf")
+        b.read("act", None, "zrangebyscore", k.act, self._poll_at - ACT_MARGIN, "+inf", withscores=True)
         if now - self._last_refit >= REFIT_EVERY:
             b.read("sampled", store.decode_members, "zrangebyscore", k.sampled, self._sample_poll_at - ACT_MARGIN, "+inf")
         res = await b.execute()
@@ -239,9 +243,9 @@ class FleetSync:
 
     def _version_conflict(self, polled: dict[Hashable, Any]) -> bool:
         alive = set(polled["alive"]) | {self.replica}
-        if polled["schema"].get(self.replica) != SCHEMA_VERSION:
+        if polled["schema"].get(self.replica) != self.schema_version:
             self._announced = False  # Redis lost it (restart): say it again next cycle
-        other = store.mismatched(alive, polled["schema"], self.replica)
+        other = store.mismatched(alive, polled["schema"], self.replica, self.schema_version)
         if not other:
             if self.status == "version_mismatch":
                 log.warning("fleet sync: no replica of another layout version is live any more; merging again")
@@ -250,9 +254,9 @@ class FleetSync:
         detail = ", ".join(f"{r} speaks v{v}" for r, v in sorted(other.items()))
         if self.status != "version_mismatch" or detail != self.detail.partition(": ")[2]:
             log.error("fleet sync: Redis layout version mismatch (this replica speaks v%d): %s; NOT merging the "
-                      "fleet view until every live replica runs the same version", SCHEMA_VERSION, detail)
+                      "fleet view until every live replica runs the same version", self.schema_version, detail)
         self.status = "version_mismatch"
-        self.detail = f"layout v{SCHEMA_VERSION} here, other versions live: {detail}"
+        self.detail = f"layout v{self.schema_version} here, other versions live: {detail}"
         return True
 
     def _merge_inflight(self, polled: dict[Hashable, Any]) -> list[str]:
@@ -318,18 +322,21 @@ class FleetSync:
         k, ups = self.keys, self.fleet.upstreams
         lo = (int(now) - WINDOW_S) // SLOT
         first = self._poll_at == 0.0
-        for m in polled["act"]:
+        for m, at in polled["act"]:
+            if self._seen.get(m) == at:  # seen in an earlier poll (the margin shows it again): read already
+                continue
+            self._seen[m] = at
             a = store.decode_act(m)
             if a is not None and a[2] != self.replica and a[0] in ups and a[1] >= lo:
-                self._pending.add((a[0], a[1]))
+                self._pending[(a[0], a[1])] = None
         self._poll_at = now
         names = list(ups)
         for _ in range(min(SWEEP_PER_CYCLE, len(names))):  # safety net for changes `act` did not show
             self._sweep = (self._sweep + 1) % len(names)
-            self._pending.add((names[self._sweep], int(now) // SLOT))
-        slots = sorted(self._pending, key=lambda x: -x[1])
-        slots = slots if first else slots[:MAX_SLOT_READS]
-        self._pending.difference_update(slots)
+            self._pending.setdefault((names[self._sweep], int(now) // SLOT), None)
+        slots = list(self._pending) if first else list(itertools.islice(self._pending, MAX_SLOT_READS))
+        for key in slots:
+            del self._pending[key]
         for n, sl in slots:
             b.read(("win", n, sl), None, "hgetall", k.win(n, sl))
         gen = polled["gen"]
@@ -363,6 +370,8 @@ class FleetSync:
         if now - self._last_prune >= CLEAN_EVERY:  # idle upstreams' cached slots age out too
             self._last_prune = now
             touched.update(self._slots)
+            old = now - WINDOW_S - 3 * SLOT
+            self._seen = {m: at for m, at in self._seen.items() if at >= old}
         for n in touched:
             self._rebuild(ups[n], plan["lo"])
         self._apply_operator(res)

@@ -150,9 +150,9 @@ def decode_counters(raw: dict) -> dict[str, int]:
     return out
 
 
-def mismatched(alive: Iterable[str], versions: dict[str, int], me: str) -> dict[str, int]:
-    """Live replicas whose layout version differs from this one's (no announcement = the legacy layout)."""
-    return {r: versions.get(r, LEGACY_VERSION) for r in alive if r != me and versions.get(r, LEGACY_VERSION) != SCHEMA_VERSION}
+def mismatched(alive: Iterable[str], versions: dict[str, int], me: str, mine: int = SCHEMA_VERSION) -> dict[str, int]:
+    """Live replicas whose layout version differs from `mine` (no announcement = the legacy layout)."""
+    return {r: v for r in alive if r != me and (v := versions.get(r, LEGACY_VERSION)) != mine}
 
 
 # ---- pipelines decoded by name --------------------------------------------------------------------------------
