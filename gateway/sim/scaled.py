@@ -6,7 +6,7 @@ cost per upstream, not the simulators'.
 
 from __future__ import annotations
 
-from gateway.config import CapacityHint, FleetConfig, ModelConfig, UpstreamConfig
+from gateway.config import CapacityHint, FleetConfig
 from gateway.sim import SimConfig
 
 SCALE_MODEL = "scale-model"
@@ -20,10 +20,11 @@ def scaled_fleet(n: int, urls: list[str], *, model: str = SCALE_MODEL, strategy:
 
     `hints` (cycled like the URLs) gives each upstream the capacity curve of the simulator it points at.
     """
-    ups = {}
+    ups: dict[str, dict] = {}
     for i in range(n):
-        ups[f"up-{i}"] = UpstreamConfig(
-            name=f"up-{i}", provider="openai", kind="gpu", base_url=urls[i % len(urls)], model=model,
-            max_concurrency=max_concurrency, capacity=hints[i % len(hints)] if hints else CapacityHint(a=0.02, b=0.0, ttft=0.2),
-        )
-    return FleetConfig(upstreams=ups, models={model: ModelConfig(upstreams=list(ups), strategy=strategy)})
+        hint = hints[i % len(hints)] if hints else None
+        ups[f"up-{i}"] = {
+            "name": f"up-{i}", "provider": "openai", "kind": "gpu", "base_url": urls[i % len(urls)], "model": model,
+            "max_concurrency": max_concurrency, **({"capacity": hint.model_dump()} if hint else {}),
+        }
+    return FleetConfig.model_validate({"upstreams": ups, "models": {model: {"upstreams": list(ups), "strategy": strategy}}})
