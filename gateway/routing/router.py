@@ -229,6 +229,10 @@ class Router:
     def release(self, u: UpstreamStats) -> None:
         u.release()
         self.fleet.changed.add(u.name)
+        for m in self.fleet.models_of[u.name]:  # large pools: the freed slot is a candidate at once
+            idx = self._indexes.get(m)
+            if idx is not None:
+                idx.freed(u)
         self.wake(u)
 
     def wake(self, u: UpstreamStats | None = None) -> None:

@@ -248,7 +248,7 @@ class GatewayProc:
 
 
 async def start_gateway(procs: Procs, fleet: dict, tag: str, *, workers: int = 1, redis_url: str = "",
-                        strategy: str = "throughput") -> GatewayProc:
+                        strategy: str = "throughput", env: dict[str, str] | None = None) -> GatewayProc:
     import yaml
 
     cfg_path = procs.logdir / f"fleet-{tag}.yaml"
@@ -256,6 +256,7 @@ async def start_gateway(procs: Procs, fleet: dict, tag: str, *, workers: int = 1
     port = _free_port()
     prefix = f"gwbench-{uuid.uuid4().hex[:8]}" if redis_url else None
     env = {
+        **(env or {}),
         "GATEWAY_LOG_LEVEL": "WARNING",
         "GATEWAY_DEFAULT_STRATEGY": strategy,
         "GATEWAY_REDIS_URL": redis_url,
