@@ -152,7 +152,7 @@ class FleetSync:
         cached = sum(len(w.buckets) for c in self._slots.values() for w in c.values())
         return {"status": self.status, "detail": self.detail, "schema_version": self.schema_version,
                 "replicas": self.replicas, "cost": self.cost.snapshot(), "pending_slot_reads": len(self._pending),
-                "cached_slot_seconds": cached}
+                "cached_slot_seconds": cached, "act_index_entries": len(self._seen)}
 
     # ---- one cycle -----------------------------------------------------------------------------------------
     async def sync_once(self) -> None:
