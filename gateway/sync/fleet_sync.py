@@ -99,7 +99,6 @@ class FleetSync:
         self._gen: dict[str, int] = {}
         self._remote_names: set[str] = set()
         self._inflight_sent: tuple[str, float] = ("", 0.0)
-        self._announced = False
         self._last_clean = 0.0
         self._last_prune = 0.0
         self._sweep = 0
@@ -171,7 +170,6 @@ class FleetSync:
             self.last_ok = now
             if self.status == "degraded":
                 log.warning("redis reachable again; fleet view shared")
-                self._announced = False
                 self._inflight_sent = ("", 0.0)
                 for u in ups.values():  # Redis may have restarted empty: give it this replica's whole window back
                     u.dirty.update(u.mine.buckets)
@@ -226,9 +224,10 @@ class FleetSync:
         """Round trip 1: a fixed number of commands, whatever the number of upstreams."""
         k = self.keys
         b = Batch(self.redis)
+        # The version goes first, every cycle: whoever sees this heartbeat also sees the version (after a Redis
+        # restart too), so "live but no version" really means a replica that predates versions.
+        b.write("hset", k.schema, self.replica, self.schema_version)
         b.write("zadd", k.hb, {self.replica: now})
-        if not self._announced:
-            b.write("hset", k.schema, self.replica, self.schema_version)
         b.read("alive", store.decode_members, "zrangebyscore", k.hb, now - HEARTBEAT_TTL, "+inf")
         b.read("schema", store.decode_counters, "hgetall", k.schema)
         b.read("inflight", None, "hgetall", k.inflight)
@@ -238,13 +237,10 @@ class FleetSync:
             b.read("sampled", store.decode_members, "zrangebyscore", k.sampled, self._sample_poll_at - ACT_MARGIN, "+inf")
         res = await b.execute()
         self.cost.add(b)
-        self._announced = True
         return res
 
     def _version_conflict(self, polled: dict[Hashable, Any]) -> bool:
         alive = set(polled["alive"]) | {self.replica}
-        if polled["schema"].get(self.replica) != self.schema_version:
-            self._announced = False  # Redis lost it (restart): say it again next cycle
         other = store.mismatched(alive, polled["schema"], self.replica, self.schema_version)
         if not other:
             if self.status == "version_mismatch":
