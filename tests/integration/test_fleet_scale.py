@@ -141,3 +141,21 @@ async def test_info_reports_memory_sync_cost_and_routing(start_gateway, redis_pr
     assert mem["bounds_per_upstream"]["samples"] == 400
     assert info["sync"]["status"] == "ok" and info["sync"]["cost"]["rounds"] >= 1
     assert info["routing"]["pools"]["scale-model"]["sampled"] is True
+
+
+async def test_cost_per_cycle_against_replicas(redis_client, redis_prefix):
+    """Commands per cycle do not depend on the number of replicas; bytes grow only by the per-replica rows
+    (heartbeat, version, in-flight row: tens of bytes each)."""
+    cost = {}
+    for r in (2, 8):
+        reps = [replica(f"R{i}", f"{redis_prefix}:{r}", 100) for i in range(r)]
+        for _, s in reps:
+            await s.start()
+        try:
+            await cycles([s for _, s in reps], 3)
+            cost[r] = await cycles([s for _, s in reps], 10)
+        finally:
+            for _, s in reps:
+                await s.stop()
+    assert cost[8][0] <= cost[2][0] + 0.5, cost
+    assert cost[8][1] - cost[2][1] < 6 * 120, cost  # < 120 bytes per extra replica per cycle
