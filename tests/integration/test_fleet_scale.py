@@ -6,6 +6,7 @@ Real Redis (unique prefix per test), real FleetSync instances driven cycle by cy
 from __future__ import annotations
 
 import logging
+import time
 
 import aiohttp
 
@@ -159,3 +160,21 @@ async def test_cost_per_cycle_against_replicas(redis_client, redis_prefix):
                 await s.stop()
     assert cost[8][0] <= cost[2][0] + 0.5, cost
     assert cost[8][1] - cost[2][1] < 6 * 120, cost  # < 120 bytes per extra replica per cycle
+
+
+async def test_idle_cycle_cpu_fits_the_budget_at_1000_upstreams(redis_client, redis_prefix):
+    """5% of a core at one cycle per 150 ms is 7.5 ms of CPU per cycle; an idle cycle must stay far below that
+    whatever the fleet size (process CPU time, so a busy machine slows it down but does not inflate it)."""
+    (_, a), (fb, b) = replica("A", redis_prefix, 1000), replica("B", redis_prefix, 1000)
+    await a.start()
+    await b.start()
+    try:
+        await cycles([a, b], 3)
+        t0 = time.process_time()
+        await cycles([a, b], 20)
+        per_cycle_ms = (time.process_time() - t0) * 1000 / 40
+        assert per_cycle_ms < 3.0, per_cycle_ms
+        assert all(u.quiet() for u in fb.upstreams.values())
+    finally:
+        await a.stop()
+        await b.stop()
