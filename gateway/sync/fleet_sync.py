@@ -197,8 +197,11 @@ class FleetSync:
     async def _exchange(self, now: float, dirty: dict[str, dict[int, list[int]]], samples: dict[str, list[Sample]]) -> None:
         polled = await self._poll(now)
         if self._version_conflict(polled):
+            ups = self.fleet.upstreams
+            for n, secs in dirty.items():  # written once the versions agree again
+                ups[n].dirty.update(secs)
             for n, s in samples.items():  # keep what this replica learned; nothing is merged or written
-                self.fleet.upstreams[n].samples.extend(s)
+                ups[n].samples.extend(s)
             self._refresh(now, set(samples))
             return
         dead = self._merge_inflight(polled)
@@ -214,6 +217,9 @@ class FleetSync:
         except BaseException:
             for k, v in cooldowns.items():
                 self._cooldowns[k] = max(v, self._cooldowns.get(k, 0.0))
+            for key in plan["slots"]:  # read them next time
+                self._pending.setdefault(key, None)
+            self._pending_samples.update(plan["sampled"])
             raise
         self.cost.add(b)
         self.cost.rounds += 1

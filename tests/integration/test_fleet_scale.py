@@ -126,9 +126,17 @@ async def test_replicas_of_different_layout_versions_do_not_merge(redis_client, 
         async with s.get(gw.url + "/healthz") as r:
             h = await r.json()
     assert h["status"] == "degraded" and h["redis"] == "version_mismatch" and "other speaks v3" in h["detail"]
-    await b.stop()  # the other version leaves: merging resumes
+    sec = int(time.time())
+    gw.proxy.fleet.upstreams["up-2"].record_tokens(7)  # counted locally, not written while versions differ
+    await sync.sync_once()
+    keys = Keys(redis_prefix)
+    slots = {keys.win("up-2", s // 10) for s in (sec, sec + 1)}
+    assert not await redis_client.exists(*slots)
+    await b.stop()  # the other version leaves: merging resumes, and what was held back is written
     await sync.sync_once()
     assert sync.status == "ok" and sync.detail == ""
+    fields = {f: v for k in slots for f, v in (await redis_client.hgetall(k)).items()}
+    assert {f.split(b":", 1)[1]: v for f, v in fields.items()} == {b"1:new": b"7"}, fields
 
 
 async def test_info_reports_memory_sync_cost_and_routing(start_gateway, redis_prefix, redis_client):
