@@ -43,6 +43,8 @@ REFIT_EVERY = 1.0
 IDLE_REFIT_BATCH = 4
 #: Per-cycle bounds: window slot reads, sample list reads, and slot keys re-read by the safety sweep.
 MAX_SLOT_READS = 64
+#: Upstreams whose deltas one cycle pushes (the rest keep their dirty seconds for the next cycles, in rotation).
+MAX_PUSH_UPSTREAMS = 128
 MAX_SAMPLE_READS = 16
 SWEEP_PER_CYCLE = 2
 #: A slot written up to this long before the previous poll is still picked up (tolerated clock skew).
@@ -102,6 +104,7 @@ class FleetSync:
         self._last_clean = 0.0
         self._last_prune = 0.0
         self._sweep = 0
+        self._push_from = 0
         self._idle_refit = 0
         self._live: list[str] = [replica_id]
         self._pending_fits: set[str] = set()  # upstreams with new samples, refitted at the next refit cycle
@@ -157,7 +160,7 @@ class FleetSync:
     async def sync_once(self) -> None:
         now = time.time()
         ups = self.fleet.upstreams
-        active = [u for u in ups.values() if u.dirty or u.pending_samples]
+        active = self._to_push()
         dirty = {u.name: u.take_dirty() for u in active}
         samples = {u.name: s for u in active if (s := u.take_samples())}
         if self.redis is None:
@@ -177,6 +180,15 @@ class FleetSync:
                 self.status = "ok"
         except _ERRORS as e:
             self._failed(now, e, dirty, samples)
+
+    def _to_push(self) -> list[UpstreamStats]:
+        """Upstreams with deltas, at most MAX_PUSH_UPSTREAMS, starting where the last capped cycle stopped."""
+        active = [u for u in self.fleet.upstreams.values() if u.dirty or u.pending_samples]
+        if len(active) <= MAX_PUSH_UPSTREAMS:
+            return active
+        start = self._push_from % len(active)
+        self._push_from = start + MAX_PUSH_UPSTREAMS
+        return (active[start:] + active[:start])[:MAX_PUSH_UPSTREAMS]
 
     def _failed(self, now: float, e: BaseException, dirty: dict[str, dict[int, list[int]]], samples: dict[str, list[Sample]]) -> None:
         ups = self.fleet.upstreams

@@ -13,7 +13,7 @@ import aiohttp
 from gateway.sim.scaled import scaled_fleet
 from gateway.state.fleet import Fleet
 from gateway.state.stats import OUT
-from gateway.sync.fleet_sync import MAX_SLOT_READS, FleetSync
+from gateway.sync.fleet_sync import MAX_PUSH_UPSTREAMS, MAX_SLOT_READS, FleetSync
 from gateway.sync.store import SCHEMA_VERSION, Keys
 from tests.conftest import REDIS_URL
 
@@ -96,7 +96,11 @@ async def test_reads_per_cycle_are_bounded_and_the_backlog_drains(redis_client, 
     try:
         for u in fa.upstreams.values():
             u.record_tokens(1)
-        await a.sync_once()
+        for _ in range(2):  # 200 upstreams with deltas: pushed over two cycles, each bounded
+            before = a.cost.commands
+            await a.sync_once()
+            assert a.cost.commands - before <= 3 * MAX_PUSH_UPSTREAMS + 20
+        assert not any(u.dirty for u in fa.upstreams.values())
         before = b.cost.commands
         await b.sync_once()
         assert b.cost.commands - before <= MAX_SLOT_READS + 20
