@@ -3,8 +3,9 @@
 Part 1, cost: for each number of upstreams (3, 30, 300, 1000) and of replicas (1, 4, 16 gateway processes sharing
 Redis, where they fit on the machine), every upstream pointing at ONE zero-latency simulator (distinguished by
 name only), it measures:
-- idle CPU of the gateway processes (no traffic, `idle_s` seconds), and Redis commands/s and bytes/s meanwhile
-  (INFO stats deltas; per replica = divided by the replicas) plus the Redis server's own CPU (INFO cpu);
+- idle CPU of the gateway processes (no traffic, `idle_s` seconds), and Redis commands/s and bytes/s meanwhile:
+  one replica's own count (/v1/gateway/info, exact) and the server's INFO stats deltas (per replica = divided by
+  the replicas; includes every other client of that server) plus the Redis server's own CPU (INFO cpu);
 - under load (non-streamed chat, C=16 closed-loop clients, max_tokens 8): requests/s, gateway CPU per request,
   Redis commands/s;
 - RSS of the gateway processes after the load.
@@ -87,6 +88,25 @@ def group_rss_bytes(pgid: int) -> int:
     return total
 
 
+async def _own_sync(url: str) -> dict[str, Any]:
+    """One replica's own count of what its fleet sync sent (GET /v1/gateway/info): immune to other Redis clients."""
+    import aiohttp
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+        info = await B._get_json(s, url + "/v1/gateway/info")
+    c = info["sync"]["cost"]
+    return {"replica": info["replica"], "commands": c["commands"], "bytes": c["bytes_out"] + c["bytes_in"],
+            "t": time.monotonic()}
+
+
+def _own_rates(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    if a["replica"] != b["replica"]:  # several workers share the port: the two reads reached different ones
+        return {"own_sync_cmds_s": None, "own_sync_bytes_s": None}
+    dt = max(1e-6, b["t"] - a["t"])
+    return {"own_sync_cmds_s": round((b["commands"] - a["commands"]) / dt, 1),
+            "own_sync_bytes_s": round((b["bytes"] - a["bytes"]) / dt)}
+
+
 async def _one_size(bench: Any, sim_url: str, n: int, replicas: int, idle_s: float, load_s: float) -> dict:
     o = bench.o
     fleet = scaled_fleet(n, [sim_url + "/v1"], strategy="throughput")
@@ -94,10 +114,12 @@ async def _one_size(bench: Any, sim_url: str, n: int, replicas: int, idle_s: flo
     gw = await B.start_gateway(bench.procs, fleet_dict, f"scale-{n}x{replicas}", workers=replicas, redis_url=o.redis_url)
     try:
         await asyncio.sleep(2.0)  # first loads, announcements
+        s0 = await _own_sync(gw.url)
         r0, c0, t0 = await _redis_info(o.redis_url), B.group_cpu_seconds(gw.proc.pid), time.monotonic()
         await asyncio.sleep(idle_s)
         r1, c1, t1 = await _redis_info(o.redis_url), B.group_cpu_seconds(gw.proc.pid), time.monotonic()
-        idle = {"idle_cpu_pct": round(100 * (c1 - c0) / (t1 - t0), 2)} | _redis_rates(r0, r1, replicas)
+        idle = ({"idle_cpu_pct": round(100 * (c1 - c0) / (t1 - t0), 2)} | _redis_rates(r0, r1, replicas)
+                | _own_rates(s0, await _own_sync(gw.url)))
         body = B.chat_body(SCALE_MODEL, 8, 8, stream=False)
         target = B.Target(gw.url + "/v1/chat/completions", body, LOAD_CLIENTS)
         r0, c0 = await _redis_info(o.redis_url), B.group_cpu_seconds(gw.proc.pid)
@@ -193,6 +215,7 @@ def targets(rows: list[dict], quality: dict | None) -> dict[str, Any]:
         "cpu_per_request_300_over_3": round(cpu300 / cpu3, 2) if cpu3 and cpu300 else None,
         "idle_cpu_pct_at_300": (r300 or {}).get("idle_cpu_pct"),
         "idle_redis_cmds_s_per_replica_by_upstreams": {x["upstreams"]: x["redis_cmds_s_per_replica"] for x in one},
+        "idle_own_sync_cmds_s_by_upstreams": {x["upstreams"]: x.get("own_sync_cmds_s") for x in one},
         "redis_cpu_pct_16x300": (r16 or {}).get("redis_cpu_pct"),
         "quality_sampled_minus_exact_points": (quality or {}).get("sampled_minus_exact_points"),
     }
@@ -203,12 +226,13 @@ def render(r: dict) -> list[str]:
         f"Cost (idle {r['idle_s']:g} s, then non-streamed load C={LOAD_CLIENTS} for {r['load_s']:g} s; every upstream "
         "on one zero-latency simulator):",
         "",
-        "| upstreams | replicas | idle CPU % | Redis cmds/s/replica idle | Redis bytes/s idle | Redis CPU % idle | RPS | "
-        "CPU ms/req | Redis cmds/s/replica load | RSS MB | errors |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| upstreams | replicas | idle CPU % | own sync cmds/s idle | own sync bytes/s idle | Redis cmds/s/replica idle "
+        "| Redis bytes/s idle | Redis CPU % idle | RPS | CPU ms/req | Redis cmds/s/replica load | RSS MB | errors |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for x in r["rows"]:
-        lines.append(f"| {x['upstreams']} | {x['replicas']} | {x['idle_cpu_pct']} | {x['redis_cmds_s_per_replica']} | "
+        lines.append(f"| {x['upstreams']} | {x['replicas']} | {x['idle_cpu_pct']} | {B._f(x['own_sync_cmds_s'], 1)} | "
+                     f"{B._f(x['own_sync_bytes_s'])} | {x['redis_cmds_s_per_replica']} | "
                      f"{x['redis_bytes_s']} | {x['redis_cpu_pct']} | {x['rps']} | {B._f(x['cpu_ms_per_request'], 3)} | "
                      f"{x['load_redis_cmds_s_per_replica']} | {x['rss_mb']} | {x['errors']} |")
     if r.get("skipped"):
