@@ -1,6 +1,7 @@
 """Gateway API keys: hashed at rest, cached in memory on every replica, per-key RPM/TPM limits.
 
 Storage. A key is `sk-gw-<43 random url-safe chars>`; only sha256(key) is stored: Redis hash `{prefix}:keys`
+(names: sync/store.py Keys.keys / Keys.keys_ver)
 (field = hex digest, value = JSON {id, name, prefix, rpm, tpm, created}) when Redis is configured, else this
 process's memory. `{prefix}:keys:ver` is bumped on every change.
 
@@ -37,6 +38,7 @@ from redis.exceptions import RedisError
 
 from gateway.errors import GatewayError
 from gateway.periodic import Periodic
+from gateway.sync.store import Keys
 
 log = logging.getLogger("gateway.auth")
 
@@ -162,8 +164,9 @@ class KeyStore:
 
     def __init__(self, redis, prefix: str, refresh: float = 1.0, replicas: Callable[[], int] = lambda: 1) -> None:
         self.redis = redis
-        self.hash_key = f"{prefix}:keys"
-        self.ver_key = f"{prefix}:keys:ver"
+        names = Keys(prefix)  # the key names live in sync/store.py with the rest of the Redis layout
+        self.hash_key = names.keys
+        self.ver_key = names.keys_ver
         self.replicas = replicas
         self.keys: dict[str, ApiKey] = {}
         self._ver: bytes | None = None

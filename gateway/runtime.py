@@ -47,7 +47,7 @@ class Runtime:
             min_requests=s.eject_min_requests, window=s.eject_window_seconds,
             pools=[p.cfg.upstreams for p in self.fleet.pools.values()],
         )
-        self.router = Router(self.fleet, self.health, s.queue_max, s.queue_timeout)
+        self.router = Router(self.fleet, self.health, s.queue_max, s.queue_timeout, s.routing_sample_above)
         self.sync = FleetSync(self.fleet, s.replica_id, s.redis_url, s.redis_prefix, s.flush_interval)
         self.client = UpstreamClient(s.connect_timeout, s.max_response_bytes, s.max_event_bytes)
         self.hooks = Hooks()
@@ -58,7 +58,7 @@ class Runtime:
             self.hooks.subscribe(sub)
         self.proxy = Proxy(s, self.fleet, self.router, self.client, self.hooks)
         self.scraper = EngineMetricsScraper(self.fleet)
-        self.keys = KeyStore(self.sync.redis, s.redis_prefix, s.api_key_refresh_interval, self._replicas)
+        self.keys = KeyStore(self.sync.redis, s.redis_prefix, s.api_key_refresh_interval, lambda: self.sync.replicas)
         self.checker = (
             HealthChecker(self.fleet.upstreams, self.health, s.health_check_interval, s.health_check_timeout, s.eject_probe_interval)
             if s.health_check_interval > 0 or s.eject_probe_interval > 0
@@ -68,9 +68,6 @@ class Runtime:
         self.batch = BatchService(s, lambda model: self.fleet.pool(model) is not None, InProcessExecutor(self.proxy), self.telemetry)
         # The sync loop refreshes limits; wake queued requests each cycle so new headroom is used at once.
         self.waker = Periodic("router-wake", s.flush_interval, self._wake)
-
-    def _replicas(self) -> int:
-        return max((u.replicas for u in self.fleet.upstreams.values()), default=1)
 
     async def _wake(self) -> None:
         self.router.tick()

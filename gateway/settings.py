@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     api_key_refresh_interval: float = 1.0
 
     default_strategy: str = "throughput"
+    #: Pools with more upstreams than this score a constant-size sample per pick (routing/candidates.py);
+    #: a very large value keeps exact scoring everywhere (the bench compares both).
+    routing_sample_above: int = 16
     max_body_bytes: int = 4 * 1024 * 1024
     max_header_bytes: int = 16 * 1024
     #: A client must finish sending its request body within this many seconds (slow uploads get a 408).

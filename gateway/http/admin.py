@@ -11,6 +11,7 @@ from aiohttp import web
 
 from gateway.errors import GatewayError
 from gateway.http.api import KEYS, PROXY_KEY, RUNTIME, SYNC, read_json
+from gateway.routing import candidates
 from gateway.sync.fleet_sync import StoreUnavailable
 
 
@@ -42,6 +43,25 @@ def _check_admin(request: web.Request) -> None:
 
 async def upstreams_view(request: web.Request) -> web.Response:
     return web.json_response(fleet_snapshot(request.app))
+
+
+async def gateway_info(request: web.Request) -> web.Response:
+    """GET /v1/gateway/info: what this replica costs: memory (bounded per upstream), fleet sync cost per round,
+    how picks are made. Read-only, no secrets (same exposure as /v1/gateway/upstreams)."""
+    proxy = request.app[PROXY_KEY]
+    router = proxy.router
+    return web.json_response({
+        "replica": proxy.s.replica_id,
+        "time": time.time(),
+        "memory": proxy.fleet.memory(),
+        "sync": request.app[SYNC].info(),
+        "routing": {
+            "sample_above": router.sample_above,
+            "pools": {m: {"upstreams": len(p.upstreams), "strategy": p.strategy,
+                          "sampled": candidates.sampled(p, router.sample_above)}
+                      for m, p in proxy.fleet.pools.items()},
+        },
+    })
 
 
 async def admin_stats(request: web.Request) -> web.Response:
@@ -106,6 +126,7 @@ async def delete_key(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/gateway/upstreams", upstreams_view)
+    app.router.add_get("/v1/gateway/info", gateway_info)
     app.router.add_get("/admin/upstreams", admin_stats)
     app.router.add_put("/admin/upstreams/{name}/weight", admin_set_weight)
     app.router.add_post("/admin/keys", create_key)

@@ -139,8 +139,10 @@ async def gate_middleware(request: web.Request, handler):
 async def healthz(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
     sync = request.app[SYNC]
-    status = "degraded" if sync.status == "degraded" else "ok"
+    status = "degraded" if sync.status in ("degraded", "version_mismatch") else "ok"
     body: dict[str, object] = {"status": status, "redis": sync.status, "replica": proxy.s.replica_id}
+    if sync.detail:
+        body["detail"] = sync.detail  # e.g. a replica speaking another Redis layout version is live
     if request.app[RUNTIME].warnings:
         body["warnings"] = request.app[RUNTIME].warnings
     return web.json_response(body)

@@ -19,9 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.config import ServiceClass
-from gateway.context import Estimate, RequestContext
+from gateway.context import DEFAULT_OUTPUT_TOKENS, Estimate, RequestContext
 from gateway.errors import GatewayError
 from gateway.reliability.outlier import OutlierDetector
+from gateway.routing import candidates
 from gateway.routing.classes import ClassPolicy
 from gateway.state.fleet import Fleet, Pool
 from gateway.state.stats import UpstreamStats
@@ -87,10 +88,18 @@ def throughput_gain(u: UpstreamStats, est: Estimate) -> float:
     return own - ext
 
 
+#: The request size the candidate index ranks upstreams for (the live pick scores the real request).
+_RANK_EST = Estimate(prompt_tokens=200, output_tokens=DEFAULT_OUTPUT_TOKENS)
+
+
 class Router:
-    def __init__(self, fleet: Fleet, health: OutlierDetector, queue_max: int, queue_timeout: float) -> None:
+    def __init__(self, fleet: Fleet, health: OutlierDetector, queue_max: int, queue_timeout: float,
+                 sample_above: int = candidates.SAMPLE_ABOVE) -> None:
         self.fleet = fleet
         self.health = health
+        #: Pools larger than this score a constant number of candidates (candidates.py); the rest score all.
+        self.sample_above = sample_above
+        self._indexes: dict[str, candidates.CandidateIndex] = {}
         self.queue_max = queue_max
         self.queue_timeout = queue_timeout
         self._queues: dict[str, deque[_Waiter]] = {m: deque() for m in fleet.pools}
@@ -103,45 +112,73 @@ class Router:
         `best_effort` drops the service class's targets (the request waited its class's `wait_s` for an upstream
         that meets them) but never the hard limits: slots, rate limits, health.
         """
-        cands = self._candidates(pool, ctx, exclude)
-        if not best_effort:
-            cands = self.classes.admit(pool, cands, ctx)
-            if not cands:
-                raise Refusal(
-                    "class_limited", f"no upstream for model {pool.model!r} can serve the {ctx.service_class} class within its targets now"
-                )
+        now = time.time()
+        if candidates.sampled(pool, self.sample_above):  # large pool: a constant number of candidates
+            few = self._admitted(pool, self._scan(self._index(pool).candidates(), ctx.est, exclude, now).cands, ctx, best_effort)
+            if few:
+                return self._choose(pool, few, ctx)
+        scan = self._scan(pool.upstreams, ctx.est, exclude, now)
+        if not scan.cands:
+            raise scan.refusal(pool, ctx.est)
+        cands = self._admitted(pool, scan.cands, ctx, best_effort)
+        if not cands:
+            raise Refusal(
+                "class_limited", f"no upstream for model {pool.model!r} can serve the {ctx.service_class} class within its targets now"
+            )
+        return self._choose(pool, cands, ctx)
+
+    def _admitted(self, pool: Pool, cands: list[UpstreamStats], ctx: RequestContext, best_effort: bool) -> list[UpstreamStats]:
+        return cands if best_effort or not cands else self.classes.admit(pool, cands, ctx)
+
+    def _choose(self, pool: Pool, cands: list[UpstreamStats], ctx: RequestContext) -> Decision:
         return STRATEGIES[pool.strategy](pool, cands, ctx, self.health.success_probability)
 
-    def _candidates(self, pool: Pool, ctx: RequestContext, exclude: frozenset[str]) -> list[UpstreamStats]:
-        """Upstreams that can take the request now (slot, rate limits, health), or the Refusal saying why none can."""
-        est = ctx.est
-        now = time.time()
-        cands: list[UpstreamStats] = []
-        why = "unavailable"
-        blocked = ""  # every servable upstream is cooling down (Retry-After) or ejected, until `soonest`
-        soonest = math.inf
-        too_large = False
-        for u in pool.upstreams:
+    def _scan(self, ups: list[UpstreamStats], est: Estimate, exclude: frozenset[str], now: float) -> _Scan:
+        """The upstreams that can take the request now, and why the others cannot."""
+        sc = _Scan()
+        for u in ups:
             if u.name in exclude or u.weight <= 0 or est.operation not in u.operations:
                 continue
             if not u.fits_tpm(est.admitted_tokens):
-                too_large = True
+                sc.too_large = True
                 continue
             until = max(u.cooldown_until, self.health.ejected_until(u))
             if until > now:
-                soonest = min(soonest, until - now)
-                blocked = "cooldown" if u.cooldown_until > now or blocked == "cooldown" else "ejected"
+                sc.soonest = min(sc.soonest, until - now)
+                sc.blocked = "cooldown" if u.cooldown_until > now or sc.blocked == "cooldown" else "ejected"
                 continue
             if not self.health.available(u, now) or not u.has_slot():  # half-open with its probe in flight, or full
-                why = "saturated"
+                sc.why = "saturated"
                 continue
             if not u.rate_allows(est.admitted_tokens, est.output_tokens):
-                why = "rate_limited"
+                sc.why = "rate_limited"
                 continue
-            cands.append(u)
-        if not cands:
-            raise _none_left(pool, est, why, blocked, soonest, too_large)
-        return cands
+            sc.cands.append(u)
+        return sc
+
+    def _index(self, pool: Pool) -> candidates.CandidateIndex:
+        idx = self._indexes.get(pool.model)
+        if idx is None:
+            idx = self._indexes[pool.model] = candidates.CandidateIndex(pool, self._rank)
+        return idx
+
+    def _rank(self, u: UpstreamStats) -> float:
+        """Index key of an upstream in a large pool: its throughput score for a typical request, -inf if it cannot
+        take one now (cooling down, ejected, no free slot)."""
+        now = time.time()
+        if max(u.cooldown_until, self.health.ejected_until(u)) > now or not u.has_slot():
+            return -math.inf
+        return throughput_gain(u, _RANK_EST) * u.weight
+
+    def reindex(self) -> None:
+        """Re-rank the upstreams whose figures changed since the last call (called each sync cycle, not per request)."""
+        changed = self.fleet.changed
+        if not changed:
+            return
+        names, self.fleet.changed = changed, set()
+        for m, pool in self.fleet.pools.items():
+            if candidates.sampled(pool, self.sample_above):
+                self._index(pool).update(names)
 
     # ---- admission (queue when everything is busy) ----------------------------------------------------------
     async def admit(self, pool: Pool, ctx: RequestContext, exclude: frozenset[str] = frozenset()) -> Decision:
@@ -199,6 +236,7 @@ class Router:
 
     def _dispatch(self, d: Decision, ctx: RequestContext) -> Decision:
         d.upstream.credit(ctx.est.admitted_tokens, ctx.service_class)
+        self.fleet.changed.add(d.upstream.name)
         self.health.dispatched(d.upstream)
         return d
 
@@ -209,6 +247,11 @@ class Router:
 
     def release(self, u: UpstreamStats, ctx: RequestContext) -> None:
         u.release(ctx.service_class)
+        self.fleet.changed.add(u.name)
+        for m in self.fleet.models_of[u.name]:  # large pools: the freed slot is a candidate at once
+            idx = self._indexes.get(m)
+            if idx is not None:
+                idx.freed(u)
         self.wake(u)
 
     def wake(self, u: UpstreamStats | None = None) -> None:
@@ -246,28 +289,39 @@ class Router:
             w.future.set_result(self._dispatch(d, w.ctx))
 
     def tick(self) -> None:
-        """Periodic: update each pool's class demand estimate, then serve the queues (new headroom, waits over)."""
+        """Periodic: update each pool's class demand estimate, re-rank the upstreams whose figures changed (large
+        pools' candidate index; nothing when idle), then serve the queues (new headroom, waits over)."""
         for p in self.fleet.pools.values():
             self.classes.observe(p)
+        self.reindex()
         self.wake()
 
     def queue_depth(self) -> dict[str, int]:
         return {m: len(q) for m, q in self._queues.items()}
 
 
-def _none_left(pool: Pool, est: Estimate, why: str, blocked: str, soonest: float, too_large: bool) -> Refusal:
-    if why == "unavailable" and blocked:
-        state = "rate limited" if blocked == "cooldown" else "failing"
-        return Refusal(blocked, f"every upstream for model {pool.model!r} is {state}", soonest)
-    if why == "unavailable" and too_large:
-        return Refusal(
-            "too_large",
-            f"the request needs {est.admitted_tokens} tokens (prompt + max_tokens), more than the tokens-per-minute "
-            f"limit of any upstream for model {pool.model!r} allows a single request; lower max_tokens",
-        )
-    if why == "unavailable":
-        return Refusal("unavailable", f"no upstream in the pool for model {pool.model!r} can serve this request")
-    return Refusal(why, f"every upstream for model {pool.model!r} is {why.replace('_', ' ')}")
+@dataclass(slots=True)
+class _Scan:
+    cands: list[UpstreamStats] = field(default_factory=list)
+    why: str = "unavailable"
+    blocked: str = ""  # every servable upstream is cooling down (Retry-After) or ejected, until `soonest`
+    soonest: float = math.inf
+    too_large: bool = False
+
+    def refusal(self, pool: Pool, est: Estimate) -> Refusal:
+        why = self.why
+        if why == "unavailable" and self.blocked:
+            state = "rate limited" if self.blocked == "cooldown" else "failing"
+            return Refusal(self.blocked, f"every upstream for model {pool.model!r} is {state}", self.soonest)
+        if why == "unavailable" and self.too_large:
+            return Refusal(
+                "too_large",
+                f"the request needs {est.admitted_tokens} tokens (prompt + max_tokens), more than the tokens-per-minute "
+                f"limit of any upstream for model {pool.model!r} allows a single request; lower max_tokens",
+            )
+        if why == "unavailable":
+            return Refusal("unavailable", f"no upstream in the pool for model {pool.model!r} can serve this request")
+        return Refusal(why, f"every upstream for model {pool.model!r} is {why.replace('_', ' ')}")
 
 
 @dataclass(eq=False)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import resource
 import time
 from dataclasses import dataclass
 
 from gateway.config import FleetConfig, ModelConfig
-from gateway.state.stats import OutlierView, UpstreamStats
+from gateway.state.stats import WINDOW_S, OutlierView, UpstreamStats
 
 
 @dataclass
@@ -27,6 +29,9 @@ class Fleet:
             for m, c in config.models.items()
         }
         self._aliases = {a: m for m, c in config.models.items() for a in c.aliases}
+        #: Names of upstreams whose figures changed since the router last re-ranked them (routing/candidates.py);
+        #: written by the router on dispatch/release and by fleet_sync when it merges new figures.
+        self.changed: set[str] = set(self.upstreams)
         self.models_of: dict[str, list[str]] = {n: [] for n in self.upstreams}
         for m, c in config.models.items():
             for u in c.upstreams:
@@ -38,6 +43,31 @@ class Fleet:
             p = self.pools[self._aliases[model]]
         return p
 
+    def memory(self) -> dict:
+        """What the per-upstream state holds now and what bounds it (window: WINDOW_S + 10 s of buckets for this
+        replica and as many for the others; samples: the deque's maxlen). RSS is the process total."""
+        buckets = [len(u.mine.buckets) + len(u.others.buckets) for u in self.upstreams.values()]
+        samples = [len(u.samples) + len(u.pending_samples) for u in self.upstreams.values()]
+        maxlen = next((u.samples.maxlen for u in self.upstreams.values()), 0) or 0
+        return {
+            "upstreams": len(self.upstreams),
+            "window_buckets": sum(buckets),
+            "window_buckets_max_per_upstream": max(buckets, default=0),
+            "samples": sum(samples),
+            "samples_max_per_upstream": max(samples, default=0),
+            "bounds_per_upstream": {"window_buckets": 2 * (WINDOW_S + 11), "samples": maxlen},
+            "rss_bytes": rss_bytes(),
+        }
+
     def snapshot(self, health: OutlierView | None = None) -> list[dict]:
         now = time.time()
         return [u.snapshot(now, self.models_of[n], health) for n, u in self.upstreams.items()]
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc; elsewhere the peak from getrusage)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -279,6 +279,15 @@ class UpstreamStats:
         self.tok_since_refresh = 0
         self.inflight_at_refresh = self.inflight_local
 
+    def quiet(self) -> bool:
+        """Would refresh() change nothing? True for an upstream with no traffic in its window and zeroed figures:
+        the sync loop skips it, so an idle fleet costs nothing per upstream per cycle."""
+        return not (
+            self.mine.buckets or self.others.buckets or self.req_since_refresh or self.tok_since_refresh
+            or self.tok_s or self.rps or self.errors_per_min or self.rate_limited_per_min
+            or self.used_req_60 or self.used_tok_60 or self.inflight_at_refresh != self.inflight_local
+        )
+
     def refit(self, now: float) -> None:
         self.curve.fit(list(self.samples), now)
 

@@ -2,6 +2,11 @@
 
 A GPU server may also serve other clients. Its own running+waiting counts minus what this fleet of gateways
 has in flight there is external load, which the router adds to the concurrency it plans with.
+
+Cost per tick is bounded: up to PER_TICK servers are scraped every tick. A larger fleet scrapes every tick the
+servers that are busy (gateway requests in flight or external load seen), and fills the rest of the budget with
+the idle ones in rotation, so an idle server's external load is still seen within len(idle)/room ticks (300 idle
+servers: ~10 s) while a replica does not parse hundreds of metrics pages a second.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ log = logging.getLogger("gateway.sync.engine_metrics")
 
 _RUNNING = ("vllm:num_requests_running", "sglang:num_running_reqs")
 _WAITING = ("vllm:num_requests_waiting", "sglang:num_queue_reqs")
+_FAMILIES = _RUNNING + _WAITING
+PER_TICK = 32
 _LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eEinfNa]+)")
 
 
@@ -28,7 +35,7 @@ def parse_load(text: str) -> tuple[float, float] | None:
     running = waiting = 0.0
     seen = False
     for line in text.splitlines():
-        if not line or line[0] == "#":
+        if not line.startswith(_FAMILIES):  # comments and the many other families (cheap test first)
             continue
         m = _LINE.match(line)
         if not m:
@@ -44,9 +51,11 @@ def parse_load(text: str) -> tuple[float, float] | None:
 
 
 class EngineMetricsScraper:
-    def __init__(self, fleet: Fleet, interval: float = 1.0) -> None:
+    def __init__(self, fleet: Fleet, interval: float = 1.0, per_tick: int = PER_TICK) -> None:
         self.targets = [u for u in fleet.upstreams.values() if u.cfg.metrics_url]
         self.interval = interval
+        self.per_tick = per_tick
+        self._cursor = 0
         self._loop = Periodic("engine-metrics", interval, self.scrape_all, immediate=True)
         self._session: aiohttp.ClientSession | None = None
 
@@ -62,7 +71,23 @@ class EngineMetricsScraper:
             await self._session.close()
 
     async def scrape_all(self) -> None:
-        await asyncio.gather(*(self.scrape(u) for u in self.targets))
+        await asyncio.gather(*(self.scrape(u) for u in self.due()))
+
+    def due(self) -> list[UpstreamStats]:
+        """This tick's servers: all of a small fleet; else the busy ones, then idle ones in rotation (<= per_tick)."""
+        t = self.targets
+        if len(t) <= self.per_tick:
+            return t
+        hot = [u for u in t if u.inflight or u.external_load]
+        if len(hot) >= self.per_tick:
+            return self._rotate(hot)
+        return hot + self._rotate([u for u in t if not (u.inflight or u.external_load)], self.per_tick - len(hot))
+
+    def _rotate(self, us: list[UpstreamStats], k: int | None = None) -> list[UpstreamStats]:
+        k = self.per_tick if k is None else k
+        start = self._cursor % len(us)
+        self._cursor = start + k
+        return (us[start:] + us[:start])[:k]
 
     async def scrape(self, u: UpstreamStats) -> None:
         assert self._session is not None and u.cfg.metrics_url

@@ -256,6 +256,7 @@ async def start_gateway(procs: Procs, fleet: dict, tag: str, *, workers: int = 1
     port = _free_port()
     prefix = f"gwbench-{uuid.uuid4().hex[:8]}" if redis_url else None
     env = {
+        **(env or {}),
         "GATEWAY_LOG_LEVEL": "WARNING",
         "GATEWAY_DEFAULT_STRATEGY": strategy,
         "GATEWAY_REDIS_URL": redis_url,

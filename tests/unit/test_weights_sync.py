@@ -14,16 +14,16 @@ def replica() -> FleetSync:
 def test_newer_redis_weight_is_adopted_and_missing_one_is_written_back():
     s = replica()
     fast = s.fleet.upstreams["fast-gpu"]
-    assert s._apply_weights({b"fast-gpu": b"0.0"}, {b"fast-gpu": b"100"}) == []
+    assert s._apply_weights({"fast-gpu": 0.0}, {"fast-gpu": 100}) == []
     assert fast.weight == 0.0 and s.weight_versions["fast-gpu"] == 100
     # Redis restarted empty: keep the admin weight (not the config one) and ask to write it back.
     assert s._apply_weights({}, {}) == ["fast-gpu"]
     assert fast.weight == 0.0
     # Another replica wrote back an older change: ours is newer, so ours goes back.
-    assert s._apply_weights({b"fast-gpu": b"3.0"}, {b"fast-gpu": b"50"}) == ["fast-gpu"]
+    assert s._apply_weights({"fast-gpu": 3.0}, {"fast-gpu": 50}) == ["fast-gpu"]
     assert fast.weight == 0.0
     # A newer change made elsewhere wins.
-    assert s._apply_weights({b"fast-gpu": b"2.0"}, {b"fast-gpu": b"200"}) == []
+    assert s._apply_weights({"fast-gpu": 2.0}, {"fast-gpu": 200}) == []
     assert fast.weight == 2.0
 
 
@@ -32,5 +32,5 @@ def test_never_changed_weights_follow_the_config():
     slow = s.fleet.upstreams["slow-gpu"]
     assert s._apply_weights({}, {}) == []
     assert slow.weight == slow.cfg.weight
-    assert s._apply_weights({b"slow-gpu": b"0.5"}, {}) == []  # written by an older gateway without versions
+    assert s._apply_weights({"slow-gpu": 0.5}, {}) == []  # written by an older gateway without versions
     assert slow.weight == 0.5
