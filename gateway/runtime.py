@@ -22,6 +22,7 @@ from gateway.settings import Settings
 from gateway.state.fleet import Fleet
 from gateway.state.goodput import SloTracker
 from gateway.state.measure import Measurement
+from gateway.state.response_store import ResponseStore
 from gateway.sync.engine_metrics import EngineMetricsScraper
 from gateway.sync.fleet_sync import FleetSync
 from gateway.tokens import encoding
@@ -40,6 +41,7 @@ class Runtime:
         self.health = OutlierDetector(s.eject_after_failures, s.eject_base_seconds, s.eject_max_seconds, self.telemetry.record_ejection)
         self.router = Router(self.fleet, self.health, s.queue_max, s.queue_timeout)
         self.sync = FleetSync(self.fleet, s.replica_id, s.redis_url, s.redis_prefix, s.flush_interval)
+        self.responses = ResponseStore(self.sync.redis, s.redis_prefix, s.responses_ttl)
         self.client = UpstreamClient(s.connect_timeout, s.max_response_bytes, s.max_event_bytes)
         self.hooks = Hooks()
         self.slo = SloTracker(self.fleet)
@@ -80,6 +82,7 @@ class Runtime:
             await self.checker.stop()
         await self.keys.stop()
         await self.scraper.stop()
+        await self.responses.drain()
         await self.sync.stop()
         await self.client.stop()
         await self.telemetry.shutdown()

@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     health_check_interval: float = 0.0
     health_check_timeout: float = 2.0
 
+    #: How long a Responses API response stays available to `previous_response_id` (seconds, in Redis).
+    responses_ttl: float = Field(24 * 3600.0, gt=0)
+
     flush_interval: float = 0.15
     shutdown_grace: float = 30.0
     capture_content: bool = False

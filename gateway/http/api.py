@@ -11,6 +11,7 @@ from aiohttp import web
 from gateway.auth import ApiKey, KeyStore
 from gateway.context import RequestContext
 from gateway.dialects.anthropic_wire import messages_request_to_chat
+from gateway.dialects.responses import ResponsesRequestError, responses_request_to_chat
 from gateway.errors import GatewayError
 from gateway.http.validation import build_context, validate
 from gateway.http.writer import HttpWriter
@@ -117,6 +118,25 @@ async def messages(request: web.Request) -> web.StreamResponse:
     return await _run(request, ctx)
 
 
+async def responses(request: web.Request) -> web.StreamResponse:
+    """OpenAI Responses API inbound: translated to the canonical chat format (any upstream serves it) and back.
+    `previous_response_id` costs one store GET before routing; the finished response is saved in the background."""
+    body = await read_json(request)
+    store = request.app[RUNTIME].responses
+    prev = body.get("previous_response_id")
+    history = await store.history(prev) if prev is not None else None
+    try:
+        chat, meta = responses_request_to_chat(body, history)
+    except ResponsesRequestError as e:
+        raise GatewayError(400, str(e), code="unsupported_parameter" if "unsupported parameter" in str(e) else "invalid_value", param=e.param) from None
+    validate("chat", chat)
+    ctx = _context(request, "chat", chat, dialect="responses")
+    ctx.extras["responses"] = meta
+    resp = await _run(request, ctx)
+    store.save(meta)
+    return resp
+
+
 async def list_models(request: web.Request) -> web.Response:
     fleet = request.app[PROXY_KEY].fleet
     now = int(time.time())
@@ -139,5 +159,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_post("/v1/messages", messages)
+    app.router.add_post("/v1/responses", responses)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
