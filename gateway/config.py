@@ -41,6 +41,9 @@ class UpstreamConfig(BaseModel):
     metrics_url: str | None = None  # vLLM/SGLang Prometheus endpoint
     capacity: CapacityHint = Field(default_factory=CapacityHint)
     timeout: float | None = Field(None, gt=0, description="overrides the total timeout")
+    #: Bring your own key: a key the client sends (x-upstream-api-key, or its bearer when the gateway takes no
+    #: API keys of its own) replaces api_key_env for its requests. Off by default.
+    byok: bool = False
 
     @field_validator("base_url")
     @classmethod
@@ -95,6 +98,9 @@ class ModelConfig(BaseModel):
     #: Service classes of this pool: `interactive` and `batch` always exist (their targets may be overridden).
     classes: dict[str, ServiceClass] = Field(default_factory=default_classes)
     default_class: str = "interactive"
+    #: A request parameter the serving upstream cannot honour is dropped (and listed in the response header
+    #: x-gateway-dropped-params) instead of answered with a 400 naming it (gateway/upstream/policy.py).
+    drop_unsupported_params: bool = False
 
     @model_validator(mode="after")
     def _classes(self) -> ModelConfig:

@@ -10,6 +10,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.upstream.headers import DEFAULT_FORWARD, check_forward_list
+
 DEFAULT_FLEET = Path(__file__).with_name("default_fleet.yaml")
 
 
@@ -69,7 +71,14 @@ class Settings(BaseSettings):
     flush_interval: float = 0.15
     shutdown_grace: float = 30.0
     capture_content: bool = False
+    #: Client request headers forwarded to upstreams (an allow-list; credentials and hop-by-hop headers never are).
+    forward_headers: list[str] = Field(default_factory=lambda: list(DEFAULT_FORWARD))
     log_level: str = "INFO"
+
+    @field_validator("forward_headers")
+    @classmethod
+    def _forward(cls, v: list[str]) -> list[str]:
+        return check_forward_list(v)
 
     @field_validator("default_strategy")
     @classmethod

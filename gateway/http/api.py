@@ -10,7 +10,7 @@ from aiohttp import web
 
 from gateway.auth import ApiKey, KeyStore
 from gateway.context import RequestContext
-from gateway.dialects.anthropic_wire import messages_request_to_chat
+from gateway.dialects.anthropic_wire import messages_request_to_chat, untranslated_fields
 from gateway.dialects.responses import ResponsesRequestError, responses_request_to_chat
 from gateway.errors import GatewayError
 from gateway.http.validation import build_context, validate
@@ -115,6 +115,9 @@ async def messages(request: web.Request) -> web.StreamResponse:
     validate("chat", chat)
     ctx = _context(request, "chat", chat, dialect="anthropic")
     ctx.native = body  # sent as is to Anthropic upstreams
+    foreign = untranslated_fields(body)
+    if foreign:
+        ctx.extras["foreign"] = foreign  # the translation policy decides for other upstreams
     return await _run(request, ctx)
 
 
