@@ -23,8 +23,8 @@ from gateway.dialects.anthropic_wire import (
     chat_response_to_messages,
     messages_request_to_chat,
     messages_response_to_chat,
-    untranslated_fields,
     sse_event,
+    untranslated_fields,
 )
 
 PNG_B64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
