@@ -86,4 +86,6 @@ class ResponsesClientStream:
         return self._t.done()
 
     def error(self, err: GatewayError) -> bytes:
-        return self._t.failed(err.code, err.message)
+        # Response.error.code is a closed set in the API: the gateway's own code goes in the message.
+        code = "rate_limit_exceeded" if err.status == 429 else "server_error"
+        return self._t.failed(code, f"{err.message} ({err.code})" if err.code else err.message)

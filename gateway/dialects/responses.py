@@ -217,7 +217,7 @@ def _usage(u: dict[str, Any] | None) -> dict[str, Any] | None:
     cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
     reasoning = (u.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0
     return {
-        "input_tokens": inp, "input_tokens_details": {"cached_tokens": cached},
+        "input_tokens": inp, "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
         "output_tokens": out, "output_tokens_details": {"reasoning_tokens": reasoning}, "total_tokens": inp + out,
     }
 
@@ -399,10 +399,10 @@ class ChatStreamToResponses:
         out.append(self._ev(kind, response=resp))
         return b"".join(out)
 
-    def failed(self, code: str | None, message: str) -> bytes:
+    def failed(self, code: str, message: str) -> bytes:
         """The stream broke after it started: the Response ends as failed (no retry is possible any more)."""
         out: list[bytes] = [] if self.started else self._start(None)
-        resp = response_object(self.meta, self.model, self.output, "failed", error={"code": code or "server_error", "message": message})
+        resp = response_object(self.meta, self.model, self.output, "failed", error={"code": code, "message": message})
         out.append(self._ev("response.failed", response=resp))
         return b"".join(out)
 

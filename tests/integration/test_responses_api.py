@@ -132,3 +132,19 @@ async def test_responses_refuses_what_it_cannot_honour(gateway):
     with pytest.raises(openai.BadRequestError) as e:
         await c.responses.create(model="fleet-model", input=[])
     assert e.value.body["param"] == "input"
+
+
+async def test_stream_broken_after_first_byte_ends_as_response_failed(start_sims, start_gateway):
+    """After the first event no retry is possible: the client gets response.failed, valid for the SDK."""
+    import aiohttp
+
+    sims = await start_sims({"s": SimConfig(name="s")})
+    fleet = FleetConfig(upstreams={"s": UpstreamConfig(base_url=sims.url("s") + "/v1")}, models={"m": ModelConfig(upstreams=["s"])})
+    gw = await start_gateway(fleet)
+    async with aiohttp.ClientSession() as s, s.post(sims.url("s") + "/sim/faults", json={"fail_streams_after": 3}) as r:
+        assert r.status == 200
+    events = [e async for e in await client(gw).responses.create(model="m", input="hi", max_output_tokens=20, stream=True)]
+    assert events[0].type == "response.created"
+    assert len([e for e in events if e.type == "response.output_text.delta"]) == 3
+    assert events[-1].type == "response.failed"
+    assert events[-1].response.status == "failed" and events[-1].response.error.code == "server_error"
