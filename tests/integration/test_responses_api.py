@@ -148,3 +148,25 @@ async def test_stream_broken_after_first_byte_ends_as_response_failed(start_sims
     assert len([e for e in events if e.type == "response.output_text.delta"]) == 3
     assert events[-1].type == "response.failed"
     assert events[-1].response.status == "failed" and events[-1].response.error.code == "server_error"
+
+
+async def test_responses_are_measured_and_traced(start_sims, start_gateway, otlp_receiver, monkeypatch):
+    from gateway.state.stats import OUT
+
+    trace = "5bf92f3577b34da6a3ce929d0e0e4736"
+    sims = await start_sims({"s": SimConfig(name="s")})
+    fleet = FleetConfig(upstreams={"s": UpstreamConfig(base_url=sims.url("s") + "/v1", model="m-up")},
+                        models={"m": ModelConfig(upstreams=["s"])})
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_receiver.endpoint)
+    gw = await start_gateway(fleet)
+    stream = await client(gw).responses.create(
+        model="m", input="hi", max_output_tokens=4, stream=True,
+        extra_headers={"traceparent": f"00-{trace}-00f067aa0ba902b7-01"},
+    )
+    assert [e.type async for e in stream][-1] == "response.incomplete"
+    assert gw.proxy.fleet.upstreams["s"].window_sum(OUT) == 4  # measured like any chat call
+    spans = await otlp_receiver.wait_for(lambda s: s["trace_id"] == trace, count=2, timeout=10)
+    srv = next(s for s in spans if s["kind"] == "SERVER")
+    assert srv["attributes"]["gen_ai.usage.output_tokens"] == 4
+    assert srv["attributes"]["gen_ai.response.model"] == "m-up"
+    assert any(s["kind"] == "CLIENT" for s in spans)
