@@ -29,6 +29,8 @@ _ACCEPTED = frozenset({
     "service_tier", "prompt_cache_key", "safety_identifier", "truncation", "stream_options",
 })
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
+#: Canonical chat field -> the Responses field it came from (errors name what the client sent).
+PARAM_NAMES = {"reasoning_effort": "reasoning.effort", "response_format": "text.format", "max_tokens": "max_output_tokens"}
 
 
 class ResponsesRequestError(ValueError):

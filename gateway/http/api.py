@@ -11,7 +11,7 @@ from aiohttp import web
 from gateway.auth import ApiKey, KeyStore
 from gateway.context import RequestContext
 from gateway.dialects.anthropic_wire import messages_request_to_chat, untranslated_fields
-from gateway.dialects.responses import ResponsesRequestError, responses_request_to_chat
+from gateway.dialects.responses import PARAM_NAMES, ResponsesRequestError, responses_request_to_chat
 from gateway.errors import GatewayError
 from gateway.http.validation import build_context, validate
 from gateway.http.writer import HttpWriter
@@ -135,6 +135,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     validate("chat", chat)
     ctx = _context(request, "chat", chat, dialect="responses")
     ctx.extras["responses"] = meta
+    ctx.extras["param_names"] = PARAM_NAMES
     resp = await _run(request, ctx)
     store.save(meta)
     return resp

@@ -29,7 +29,8 @@ def fit(ctx: RequestContext, prov: Provider, drop: bool) -> dict:
         return body
     own = prov.unsupported(body)
     foreign = list(ctx.extras.get("foreign") or ())
-    names = own + foreign
+    aliases = ctx.extras.get("param_names") or {}  # canonical name -> the name in the client's own request
+    names = [aliases.get(n, n) for n in own] + foreign
     if not names:
         ctx.response_headers.pop(DROPPED_HEADER, None)
         return body

@@ -134,6 +134,16 @@ async def test_responses_refuses_what_it_cannot_honour(gateway):
     assert e.value.body["param"] == "input"
 
 
+async def test_responses_parameters_an_anthropic_upstream_cannot_honour(anthropic_gateway):
+    """Named as the client sent them (text.format, not the canonical response_format)."""
+    with pytest.raises(openai.BadRequestError) as e:
+        await client(anthropic_gateway).responses.create(
+            model="claude-fleet", input="x", text={"format": {"type": "json_object"}}, reasoning={"effort": "low"}
+        )
+    assert e.value.body["code"] == "unsupported_parameter"
+    assert "text.format" in e.value.body["message"] and "reasoning.effort" in e.value.body["message"]
+
+
 async def test_stream_broken_after_first_byte_ends_as_response_failed(start_sims, start_gateway):
     """After the first event no retry is possible: the client gets response.failed, valid for the SDK."""
     import aiohttp
