@@ -238,3 +238,18 @@ async def test_response_model_is_the_serving_models_name_on_every_path(start_sim
         assert resp.model == served
         events = [e async for e in await c.responses.create(model=client_name, input="hi STOP_AFTER_2", stream=True)]
         assert events[0].response.model == served and events[-1].response.model == served
+
+
+async def test_gateway_key_429_carries_rate_limit_headers(sim_fleet, start_gateway, redis_prefix):
+    gw = await start_gateway(sim_fleet.config(), require_api_key=True, admin_key="adm-secret", redis_prefix=redis_prefix)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + "/admin/keys", json={"name": "k", "rpm": 1}, headers={"Authorization": "Bearer adm-secret"}) as r:
+            key = (await r.json())["key"]
+    c = oai(gw, key=key)
+    await c.chat.completions.create(model="fleet-model", messages=USER)
+    with pytest.raises(openai.RateLimitError) as e:
+        await c.chat.completions.create(model="fleet-model", messages=USER)
+    h = e.value.response.headers
+    assert h["x-ratelimit-limit-requests"] == "1" and h["x-ratelimit-remaining-requests"] == "0"
+    assert h["x-ratelimit-reset-requests"].endswith("s") and int(h["Retry-After"]) >= 1
+    assert h["x-request-id"]
