@@ -44,6 +44,9 @@ class UpstreamConfig(BaseModel):
     #: Bring your own key: a key the client sends (x-upstream-api-key, or its bearer when the gateway takes no
     #: API keys of its own) replaces api_key_env for its requests. Off by default.
     byok: bool = False
+    #: The upstream serves OpenAI's Responses API (/responses): Responses requests are passed to it untouched
+    #: (its ids and previous_response_id state), not translated. OpenAI upstreams only.
+    responses_api: bool = False
 
     @field_validator("base_url")
     @classmethod
@@ -56,6 +59,8 @@ class UpstreamConfig(BaseModel):
     def _azure(self) -> UpstreamConfig:
         if self.provider == "azure" and not (self.deployment and self.api_version):
             raise ValueError("azure upstreams need 'deployment' and 'api_version'")
+        if self.responses_api and self.provider != "openai":
+            raise ValueError("responses_api is for openai upstreams only")
         return self
 
     def api_key(self) -> str | None:

@@ -32,7 +32,7 @@ from gateway.settings import Settings
 from gateway.state.fleet import Fleet, Pool
 from gateway.state.goodput import perf_comment, perf_headers
 from gateway.state.measure import PROGRESS_SAMPLE_EVERY, Outcome, observe_body, observe_chunk
-from gateway.upstream import Provider, provider_for
+from gateway.upstream import Provider, provider_of
 from gateway.upstream.client import Reply, Timeouts, Transport
 from gateway.upstream.headers import client_key, forwarded, relayed
 from gateway.upstream.policy import fit
@@ -136,7 +136,7 @@ class Proxy:
     async def _attempt(self, ctx: RequestContext, a: Attempt, writer: ResponseWriter, drop: bool) -> None:
         u = a.upstream
         cfg = u.cfg
-        prov = provider_for(cfg.provider)
+        prov = provider_of(cfg, ctx.dialect if ctx.native is not None else None)
         a.upstream_model = cfg.model or ctx.model
         byok = client_key(ctx.headers, self.s.require_api_key) if cfg.byok else None
         a.headers = {**prov.headers(cfg, byok), **forwarded(ctx.headers, self.s.forward_headers)}

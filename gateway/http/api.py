@@ -18,6 +18,7 @@ from gateway.http.writer import HttpWriter
 from gateway.observability.telemetry import Telemetry
 from gateway.proxy import Proxy
 from gateway.runtime import Runtime
+from gateway.state.response_store import not_found
 from gateway.sync.fleet_sync import FleetSync
 
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -128,6 +129,9 @@ async def responses(request: web.Request) -> web.StreamResponse:
     store = request.app[RUNTIME].responses
     prev = body.get("previous_response_id")
     history = await store.history(prev) if prev is not None else None
+    native = _native_responses(request, body)
+    if prev is not None and history is None and not native:
+        raise not_found(prev)
     try:
         chat, meta = responses_request_to_chat(body, history)
     except ResponsesRequestError as e:
@@ -136,9 +140,20 @@ async def responses(request: web.Request) -> web.StreamResponse:
     ctx = _context(request, "chat", chat, dialect="responses")
     ctx.extras["responses"] = meta
     ctx.extras["param_names"] = PARAM_NAMES
+    if native and history is None:
+        ctx.native = body  # passed untouched to upstreams with responses_api (upstream/responses.py)
+        if prev is not None:  # an id only those upstreams know: other upstreams cannot serve it (policy.py)
+            ctx.extras["foreign"] = ["previous_response_id"]
     resp = await _run(request, ctx)
     store.save(meta)
     return resp
+
+
+def _native_responses(request: web.Request, body: dict) -> bool:
+    """Whether the model's pool has upstreams serving the Responses API themselves."""
+    model = body.get("model")
+    pool = request.app[PROXY_KEY].fleet.pool(model) if isinstance(model, str) else None
+    return pool is not None and any(u.cfg.responses_api for u in pool.upstreams)
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -25,6 +25,13 @@ log = logging.getLogger("gateway.responses")
 LOCAL_MAX = 10_000  # responses kept in process when there is no Redis
 
 
+def not_found(response_id: str) -> GatewayError:
+    return GatewayError(
+        400, f"Previous response with id '{response_id}' not found (it expired, was stored with store=false, or never existed).",
+        code="previous_response_not_found", param="previous_response_id",
+    )
+
+
 class ResponseStore:
     def __init__(self, redis: aioredis.Redis | None, prefix: str, ttl: float, timeout: float = 1.0) -> None:
         self.redis = redis
@@ -37,16 +44,13 @@ class ResponseStore:
     def _key(self, response_id: str) -> str:
         return f"{self.prefix}:resp:{response_id}"
 
-    async def history(self, response_id: str) -> list[dict]:
-        """The conversation up to and including `response_id`; a clear 400 when it is unknown or expired."""
+    async def history(self, response_id: str) -> list[dict] | None:
+        """The conversation up to and including `response_id`, or None when the gateway does not know it."""
         if not isinstance(response_id, str) or not response_id or len(response_id) > 128:
             raise GatewayError(400, "'previous_response_id' must be a response id", code="invalid_value", param="previous_response_id")
         raw = await self._get(response_id)
         if raw is None:
-            raise GatewayError(
-                400, f"Previous response with id '{response_id}' not found (it expired, was stored with store=false, or never existed).",
-                code="previous_response_not_found", param="previous_response_id",
-            )
+            return None
         messages = json.loads(raw)
         assert isinstance(messages, list)
         return messages

@@ -11,6 +11,7 @@ import pytest
 from gateway.config import FleetConfig, ModelConfig, UpstreamConfig
 from gateway.http.api import RUNTIME
 from gateway.sim import SimConfig
+from tests.conftest import free_port
 
 TOOLS = [{
     "type": "function", "name": "weather", "description": "weather in a city",
@@ -180,3 +181,67 @@ async def test_responses_are_measured_and_traced(start_sims, start_gateway, otlp
     assert srv["attributes"]["gen_ai.usage.output_tokens"] == 4
     assert srv["attributes"]["gen_ai.response.model"] == "m-up"
     assert any(s["kind"] == "CLIENT" for s in spans)
+
+
+class NativeResponsesUpstream:
+    """A hand-written upstream serving /v1/responses itself (as OpenAI does), with its own response ids; it
+    records the bodies it receives."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict] = []
+
+    async def handle(self, request):
+        from aiohttp import web
+
+        from gateway.dialects.responses import ChatStreamToResponses, chat_to_response, responses_request_to_chat
+
+        body = await request.json()
+        self.bodies.append(body)
+        _, meta = responses_request_to_chat({k: v for k, v in body.items() if k != "previous_response_id"})
+        meta.id = f"resp_native_{len(self.bodies)}"
+        words = ["one", " two", " three"]
+        usage = {"prompt_tokens": 4, "completion_tokens": len(words)}
+        if not body.get("stream"):
+            chat = {"model": body["model"], "usage": usage,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(words)}, "finish_reason": "stop"}]}
+            return web.json_response(chat_to_response(chat, meta))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        enc = ChatStreamToResponses(meta)
+        for w in words:
+            await resp.write(enc.feed({"model": body["model"], "choices": [{"index": 0, "delta": {"content": w}}]}))
+        await resp.write(enc.feed({"model": body["model"], "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
+        await resp.write(enc.feed({"model": body["model"], "choices": [], "usage": usage}) + enc.done())
+        await resp.write_eof()
+        return resp
+
+
+async def test_native_pass_through_to_upstreams_serving_the_responses_api(start_gateway):
+    from aiohttp import web
+
+    from gateway.state.stats import OUT
+
+    up = NativeResponsesUpstream()
+    app = web.Application()
+    app.router.add_post("/v1/responses", up.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        fleet = FleetConfig(
+            upstreams={"native": UpstreamConfig(base_url=f"http://127.0.0.1:{port}/v1", model="up-model", responses_api=True)},
+            models={"m": ModelConfig(upstreams=["native"])},
+        )
+        gw = await start_gateway(fleet)
+        c = client(gw)
+        r = await c.responses.create(model="m", input="hi", metadata={"k": "v"})
+        assert r.id == "resp_native_1" and r.output_text == "one two three"  # the upstream's own response
+        assert up.bodies[-1]["model"] == "up-model" and up.bodies[-1]["metadata"] == {"k": "v"}  # the client's body
+        stream = await c.responses.create(model="m", input="again", previous_response_id=r.id, stream=True)
+        events = [e async for e in stream]
+        assert events[-1].type == "response.completed" and events[-1].response.id == "resp_native_2"
+        assert up.bodies[-1]["previous_response_id"] == "resp_native_1"  # the upstream's own state, passed through
+        assert gw.proxy.fleet.upstreams["native"].window_sum(OUT) == 6  # measured from the decoded events
+    finally:
+        await runner.cleanup()
