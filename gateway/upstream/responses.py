@@ -10,12 +10,14 @@ other. Requests that go to other upstreams are translated (gateway/dialects/resp
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gateway.config import UpstreamConfig
 from gateway.dialects.anthropic_wire import UpstreamStreamError
 from gateway.dialects.sse import Event
 from gateway.upstream.openai import OpenAIProvider
+
+if TYPE_CHECKING:  # the config imports the provider registry: no import of it at run time
+    from gateway.config import UpstreamConfig
 
 _FINISH = {"max_output_tokens": "length", "content_filter": "content_filter"}
 
