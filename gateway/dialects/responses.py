@@ -209,6 +209,19 @@ def responses_request_to_chat(body: dict[str, Any], history: list[dict[str, Any]
     return chat, ResponseMeta(body, turn)
 
 
+def native_only_chat(body: dict[str, Any]) -> dict[str, Any]:
+    """A stand-in chat request for a Responses request only native upstreams can serve: enough for the gateway's
+    estimate (prompt size, max tokens, stream) and routing; it is never sent."""
+    inp = body.get("input")
+    text = inp if isinstance(inp, str) else json.dumps(inp, ensure_ascii=False)
+    chat: dict[str, Any] = {"model": body.get("model"), "messages": [{"role": "user", "content": text or " "}]}
+    if isinstance(body.get("max_output_tokens"), int):
+        chat["max_tokens"] = body["max_output_tokens"]
+    if body.get("stream"):
+        chat["stream"] = True
+    return chat
+
+
 # --------------------------------------------------------------------------- response
 
 

@@ -11,7 +11,13 @@ from aiohttp import web
 from gateway.auth import ApiKey, KeyStore
 from gateway.context import RequestContext
 from gateway.dialects.anthropic_wire import messages_request_to_chat, untranslated_fields
-from gateway.dialects.responses import PARAM_NAMES, ResponsesRequestError, responses_request_to_chat
+from gateway.dialects.responses import (
+    PARAM_NAMES,
+    ResponseMeta,
+    ResponsesRequestError,
+    native_only_chat,
+    responses_request_to_chat,
+)
 from gateway.errors import GatewayError
 from gateway.http.validation import build_context, validate
 from gateway.http.writer import HttpWriter
@@ -132,18 +138,24 @@ async def responses(request: web.Request) -> web.StreamResponse:
     native = _native_responses(request, body)
     if prev is not None and history is None and not native:
         raise not_found(prev)
+    foreign = ["previous_response_id"] if prev is not None and history is None else []
     try:
         chat, meta = responses_request_to_chat(body, history)
     except ResponsesRequestError as e:
-        raise GatewayError(400, str(e), code="unsupported_parameter" if "unsupported parameter" in str(e) else "invalid_value", param=e.param) from None
+        if not (native and history is None):
+            code = "unsupported_parameter" if "unsupported parameter" in str(e) else "invalid_value"
+            raise GatewayError(400, str(e), code=code, param=e.param) from None
+        # Native upstreams may serve what the gateway cannot translate; the others refuse it (policy.py).
+        chat, meta = native_only_chat(body), ResponseMeta(body, [])
+        foreign.append(e.param or "input")
     validate("chat", chat)
     ctx = _context(request, "chat", chat, dialect="responses")
     ctx.extras["responses"] = meta
     ctx.extras["param_names"] = PARAM_NAMES
     if native and history is None:
         ctx.native = body  # passed untouched to upstreams with responses_api (upstream/responses.py)
-        if prev is not None:  # an id only those upstreams know: other upstreams cannot serve it (policy.py)
-            ctx.extras["foreign"] = ["previous_response_id"]
+    if foreign:  # e.g. an id only native upstreams know: other upstreams cannot serve it (policy.py)
+        ctx.extras["foreign"] = foreign
     resp = await _run(request, ctx)
     store.save(meta)
     return resp

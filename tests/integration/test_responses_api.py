@@ -197,7 +197,7 @@ class NativeResponsesUpstream:
 
         body = await request.json()
         self.bodies.append(body)
-        _, meta = responses_request_to_chat({k: v for k, v in body.items() if k != "previous_response_id"})
+        _, meta = responses_request_to_chat({k: v for k, v in body.items() if k not in ("previous_response_id", "tools")})
         meta.id = f"resp_native_{len(self.bodies)}"
         words = ["one", " two", " three"]
         usage = {"prompt_tokens": 4, "completion_tokens": len(words)}
@@ -243,5 +243,8 @@ async def test_native_pass_through_to_upstreams_serving_the_responses_api(start_
         assert events[-1].type == "response.completed" and events[-1].response.id == "resp_native_2"
         assert up.bodies[-1]["previous_response_id"] == "resp_native_1"  # the upstream's own state, passed through
         assert gw.proxy.fleet.upstreams["native"].window_sum(OUT) == 6  # measured from the decoded events
+        # What the gateway cannot translate (a built-in tool) still reaches an upstream that serves it natively.
+        r = await c.responses.create(model="m", input="search", tools=[{"type": "web_search"}])
+        assert r.id == "resp_native_3" and up.bodies[-1]["tools"] == [{"type": "web_search"}]
     finally:
         await runner.cleanup()
