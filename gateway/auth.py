@@ -106,6 +106,19 @@ class ApiKey:
                 return max(1.0, b[0] + WINDOW - now)
         return float(WINDOW)
 
+    def _limit_headers(self, replicas: int, req: int, tok: int, reset: float, hit: str) -> dict[str, str]:
+        """OpenAI-style x-ratelimit-* headers of this key's 429 (remaining: this replica's share, as enforced)."""
+        out: dict[str, str] = {}
+        for kind, limit, used in (("requests", self.rpm, req), ("tokens", self.tpm, tok)):
+            if limit is None:
+                continue
+            out[f"x-ratelimit-limit-{kind}"] = str(limit)
+            left = 0 if kind == hit else max(0, int(max(1.0, limit / replicas) - used))
+            out[f"x-ratelimit-remaining-{kind}"] = str(left)
+            if kind == hit:
+                out[f"x-ratelimit-reset-{kind}"] = f"{max(1, int(reset + 0.999))}s"
+        return out
+
     def admit(self, tokens: int, replicas: int, now: float | None = None) -> int:
         """Count one request costing `tokens`, or raise a 429 GatewayError with Retry-After.
 
@@ -121,7 +134,7 @@ class ApiKey:
                 ra = self._retry_after(now, 1, share - 1, req)
                 raise GatewayError(
                     429, f"Rate limit reached for API key '{self.name}': {self.rpm} requests per minute",
-                    code="rate_limit_exceeded", retry_after=ra,
+                    code="rate_limit_exceeded", retry_after=ra, headers=self._limit_headers(n, req, tok, ra, "requests"),
                 )
         if self.tpm is not None:
             share = max(1.0, self.tpm / n)
@@ -130,6 +143,7 @@ class ApiKey:
                 raise GatewayError(
                     429, f"Rate limit reached for API key '{self.name}': {self.tpm} tokens per minute "
                     f"(this request needs about {tokens})", code="rate_limit_exceeded", retry_after=ra,
+                    headers=self._limit_headers(n, req, tok, ra, "tokens"),
                 )
         self._add(now, 1, tokens)
         return int(now)

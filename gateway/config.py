@@ -72,6 +72,12 @@ class UpstreamConfig(BaseModel):
     metrics_url: str | None = None  # vLLM/SGLang Prometheus endpoint
     capacity: CapacityHint = Field(default_factory=CapacityHint)
     timeout: float | None = Field(None, gt=0, description="overrides the total timeout")
+    #: Bring your own key: a key the client sends (x-upstream-api-key, or its bearer when the gateway takes no
+    #: API keys of its own) replaces api_key_env for its requests. Off by default.
+    byok: bool = False
+    #: The upstream serves OpenAI's Responses API (/responses): Responses requests are passed to it untouched
+    #: (its ids and previous_response_id state), not translated. OpenAI upstreams only.
+    responses_api: bool = False
     engine: str | None = Field(
         None,
         description="serving engine behind an OpenAI-compatible API (vllm, sglang, tgi, llama.cpp, ollama ...): "
@@ -96,6 +102,8 @@ class UpstreamConfig(BaseModel):
     def _azure(self) -> UpstreamConfig:
         if self.provider == "azure" and not (self.deployment and self.api_version):
             raise ValueError("azure upstreams need 'deployment' and 'api_version'")
+        if self.responses_api and self.provider != "openai":
+            raise ValueError("responses_api is for openai upstreams only")
         return self
 
     def api_key(self) -> str | None:
@@ -138,6 +146,9 @@ class ModelConfig(BaseModel):
     #: Service classes of this pool: `interactive` and `batch` always exist (their targets may be overridden).
     classes: dict[str, ServiceClass] = Field(default_factory=default_classes)
     default_class: str = "interactive"
+    #: A request parameter the serving upstream cannot honour is dropped (and listed in the response header
+    #: x-gateway-dropped-params) instead of answered with a 400 naming it (gateway/upstream/policy.py).
+    drop_unsupported_params: bool = False
 
     @model_validator(mode="after")
     def _classes(self) -> ModelConfig:

@@ -69,8 +69,11 @@ class GatewayError(Exception):
         code: str | None = None,
         param: str | None = None,
         retry_after: float | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
+        #: Extra response headers (e.g. x-ratelimit-* on a gateway key's 429).
+        self.extra_headers = headers
         self.status = status
         self.message = message
         self.code = code
@@ -98,9 +101,10 @@ class GatewayError(Exception):
         return self.anthropic_body() if dialect == "anthropic" else self.body()
 
     def headers(self) -> dict[str, str]:
-        if self.retry_after is None:
-            return {}
-        return {"Retry-After": str(max(1, int(self.retry_after + 0.999)))}
+        out = dict(self.extra_headers) if self.extra_headers else {}
+        if self.retry_after is not None:
+            out["Retry-After"] = str(max(1, int(self.retry_after + 0.999)))
+        return out
 
 
 class UpstreamError(GatewayError):

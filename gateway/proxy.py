@@ -32,8 +32,10 @@ from gateway.settings import Settings
 from gateway.state.fleet import Fleet, Pool
 from gateway.state.goodput import perf_comment, perf_headers
 from gateway.state.measure import PROGRESS_SAMPLE_EVERY, Outcome, observe_body, observe_chunk
-from gateway.upstream import Provider, provider_for
+from gateway.upstream import Provider, provider_of
 from gateway.upstream.client import Reply, Timeouts, Transport
+from gateway.upstream.headers import client_key, forwarded, relayed
+from gateway.upstream.policy import fit
 from gateway.writers import ClientGone, ResponseWriter
 
 log = logging.getLogger("gateway.proxy")
@@ -118,7 +120,7 @@ class Proxy:
             attempt = Attempt(number, d, Outcome())
             self.hooks.emit("decision", ctx, attempt)
             try:
-                await self._attempt(ctx, attempt, writer)
+                await self._attempt(ctx, attempt, writer, pool.cfg.drop_unsupported_params)
                 return
             except UpstreamError as f:
                 if not f.retryable:
@@ -131,20 +133,22 @@ class Proxy:
         raise last
 
     # ---- one attempt ----------------------------------------------------------------------------------------------
-    async def _attempt(self, ctx: RequestContext, a: Attempt, writer: ResponseWriter) -> None:
+    async def _attempt(self, ctx: RequestContext, a: Attempt, writer: ResponseWriter, drop: bool) -> None:
         u = a.upstream
         cfg = u.cfg
-        prov = provider_for(cfg.provider)
+        prov = provider_of(cfg, ctx.dialect if ctx.native is not None else None)
         a.upstream_model = cfg.model or ctx.model
-        a.headers = prov.headers(cfg)
+        byok = client_key(ctx.headers, self.s.require_api_key) if cfg.byok else None
+        a.headers = {**prov.headers(cfg, byok), **forwarded(ctx.headers, self.s.forward_headers)}
         try:
-            data = _encode(ctx, prov, a.upstream_model)
+            data = _encode(ctx, prov, a.upstream_model, drop)
             self.hooks.emit("attempt_start", ctx, a)
             a.contacted = True
             deadline = a.t0 + (cfg.timeout or (self.s.stream_total_timeout if ctx.stream else self.s.total_timeout))
             first = min(self.s.ttft_timeout, deadline - a.t0) if ctx.stream else deadline - a.t0
             resp = await self.client.send(u.name, prov.url(cfg, ctx.operation), data, a.headers, first)
             a.status = resp.status
+            _relay_headers(ctx, resp)
             clean = False
             try:
                 if ctx.stream:
@@ -172,7 +176,7 @@ class Proxy:
         out.first_at = out.last_at = time.monotonic()
         try:
             if prov.dialect != "openai":
-                data = prov.decode_response(data, ctx.model)
+                data = prov.decode_response(data, a.upstream_model)
             observe_body(out, data)
         except Exception:  # not the object this dialect promises
             raise UpstreamProtocolError(f"upstream {a.upstream.name} returned an invalid response body", code="upstream_bad_response") from None
@@ -185,7 +189,7 @@ class Proxy:
     ) -> None:
         enc = DIALECTS[ctx.dialect].stream(ctx)
         native = prov.dialect == ctx.dialect  # relay the upstream's frames untouched
-        decoder = prov.stream_decoder(ctx.model, ctx.include_usage)
+        decoder = prov.stream_decoder(a.upstream_model, ctx.include_usage)
         out = a.outcome
         next_progress = 0.0
         try:
@@ -251,6 +255,17 @@ class Proxy:
             raise ClientGone("the client stopped reading the stream") from None
 
 
+def _relay_headers(ctx: RequestContext, resp: Reply) -> None:
+    """The upstream's rate-limit/processing headers go to the client (only the serving attempt's)."""
+    old = ctx.extras.pop("relayed", ())
+    for k in old:
+        ctx.response_headers.pop(k, None)
+    got = relayed(resp.headers)
+    if got:
+        ctx.response_headers.update(got)
+        ctx.extras["relayed"] = tuple(got)
+
+
 def _observe(a: Attempt, chunks: list[dict]) -> None:
     try:
         for c in chunks:
@@ -259,11 +274,12 @@ def _observe(a: Attempt, chunks: list[dict]) -> None:
         raise UpstreamProtocolError(f"upstream {a.upstream.name} sent an invalid event", code="upstream_bad_response") from None
 
 
-def _encode(ctx: RequestContext, prov: Provider, upstream_model: str) -> bytes:
+def _encode(ctx: RequestContext, prov: Provider, upstream_model: str, drop: bool) -> bytes:
+    body = fit(ctx, prov, drop)  # a parameter the upstream cannot honour: 400, or dropped and listed (policy.py)
     try:
         if ctx.native is not None and prov.dialect == ctx.dialect:
             return prov.encode_native(ctx.native, upstream_model)
-        return prov.encode_request(ctx.operation, ctx.body, upstream_model)
+        return prov.encode_request(ctx.operation, body, upstream_model)
     except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError) as e:
         # The client's fields do not fit this upstream's wire format: the request's fault, not the upstream's.
         raise GatewayError(

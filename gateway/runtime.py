@@ -24,6 +24,7 @@ from gateway.settings import Settings
 from gateway.state.fleet import Fleet
 from gateway.state.goodput import SloTracker
 from gateway.state.measure import Measurement
+from gateway.state.response_store import ResponseStore
 from gateway.sync.engine_metrics import EngineMetricsScraper
 from gateway.sync.fleet_sync import FleetSync
 from gateway.tokens import encoding
@@ -49,6 +50,7 @@ class Runtime:
         )
         self.router = Router(self.fleet, self.health, s.queue_max, s.queue_timeout, s.routing_sample_above)
         self.sync = FleetSync(self.fleet, s.replica_id, s.redis_url, s.redis_prefix, s.flush_interval)
+        self.responses = ResponseStore(self.sync.redis, s.redis_prefix, s.responses_ttl)
         self.client = UpstreamClient(s.connect_timeout, s.max_response_bytes, s.max_event_bytes)
         self.hooks = Hooks()
         self.slo = SloTracker(self.fleet)
@@ -90,6 +92,7 @@ class Runtime:
             await self.checker.stop()
         await self.keys.stop()
         await self.scraper.stop()
+        await self.responses.drain()
         await self.sync.stop()
         await self.client.stop()
         await self.telemetry.shutdown()

@@ -12,6 +12,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.upstream.headers import DEFAULT_FORWARD, check_forward_list
+
 DEFAULT_FLEET = Path(__file__).with_name("default_fleet.yaml")
 ENV_PREFIX = "GATEWAY_"
 #: GATEWAY_* variables read by the command-line tools, not by the server (`gateway top`, `gateway bench`).
@@ -89,6 +91,9 @@ class Settings(BaseSettings):
     health_check_interval: float = 0.0
     health_check_timeout: float = 2.0
 
+    #: How long a Responses API response stays available to `previous_response_id` (seconds, in Redis).
+    responses_ttl: float = Field(24 * 3600.0, gt=0)
+
     flush_interval: float = 0.15
 
     #: Batch API (needs redis_url). Lines run concurrently by this replica's batch worker; 0 = this replica runs none.
@@ -105,7 +110,14 @@ class Settings(BaseSettings):
     batch_sweep_interval: float = Field(5.0, gt=0)
     shutdown_grace: float = 30.0
     capture_content: bool = False
+    #: Client request headers forwarded to upstreams (an allow-list; credentials and hop-by-hop headers never are).
+    forward_headers: list[str] = Field(default_factory=lambda: list(DEFAULT_FORWARD))
     log_level: str = "INFO"
+
+    @field_validator("forward_headers")
+    @classmethod
+    def _forward(cls, v: list[str]) -> list[str]:
+        return check_forward_list(v)
 
     @field_validator("default_strategy")
     @classmethod

@@ -11,7 +11,8 @@ import json
 from typing import TYPE_CHECKING, Protocol
 
 from gateway.dialects.anthropic_wire import chat_response_to_messages
-from gateway.dialects.client_stream import AnthropicClientStream, ClientStream, OpenAIClientStream
+from gateway.dialects.client_stream import AnthropicClientStream, ClientStream, OpenAIClientStream, ResponsesClientStream
+from gateway.dialects.responses import ResponseMeta, chat_to_response
 
 if TYPE_CHECKING:
     from gateway.context import RequestContext
@@ -47,4 +48,23 @@ class AnthropicDialect:
         return _dumps(chat_response_to_messages(data, ctx.model)).encode()
 
 
-DIALECTS: dict[str, Dialect] = {d.name: d for d in (OpenAIDialect(), AnthropicDialect())}
+class ResponsesDialect:
+    """OpenAI's Responses API (/v1/responses): the handler puts the request's ResponseMeta in ctx.extras."""
+
+    name = "responses"
+
+    def stream(self, ctx: RequestContext) -> ClientStream:
+        return ResponsesClientStream(responses_meta(ctx))
+
+    def body(self, ctx: RequestContext, data: dict) -> bytes:
+        return _dumps(chat_to_response(data, responses_meta(ctx))).encode()
+
+
+def responses_meta(ctx: RequestContext) -> ResponseMeta:
+    meta = ctx.extras.get("responses")
+    if not isinstance(meta, ResponseMeta):
+        raise TypeError("a responses-dialect request needs its ResponseMeta in ctx.extras['responses']")
+    return meta
+
+
+DIALECTS: dict[str, Dialect] = {d.name: d for d in (OpenAIDialect(), AnthropicDialect(), ResponsesDialect())}

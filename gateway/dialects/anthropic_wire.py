@@ -285,6 +285,8 @@ def chat_request_to_messages(body: dict[str, Any], upstream_model: str) -> dict[
         req["temperature"] = min(body["temperature"], 1.0)
     if body.get("top_p") is not None:
         req["top_p"] = body["top_p"]
+    if body.get("top_k") is not None:
+        req["top_k"] = body["top_k"]
     stop = body.get("stop")
     if stop:
         if isinstance(stop, str):
@@ -336,7 +338,7 @@ def messages_response_to_chat(resp: dict[str, Any], model: str) -> dict[str, Any
         "id": "chatcmpl-" + (resp.get("id") or uuid.uuid4().hex),
         "object": "chat.completion",
         "created": int(time.time()),
-        "model": model,
+        "model": resp.get("model") or model,  # the serving model's own name (README: the response `model` field)
         "choices": [
             {
                 "index": 0,
@@ -444,6 +446,8 @@ class MessagesStreamToChat:
             message = data.get("message") or {}
             if message.get("id"):
                 self.id = "chatcmpl-" + message["id"]
+            if isinstance(message.get("model"), str) and message["model"]:
+                self.model = message["model"]  # the serving model's own name
             self._update_usage(message.get("usage") or {})
             self._emit_role(out)
         elif kind == "message_delta":
@@ -606,7 +610,7 @@ def messages_request_to_chat(body: dict[str, Any]) -> dict[str, Any]:
     req: dict[str, Any] = {"messages": out, "max_tokens": max_tokens}
     if body.get("model"):
         req["model"] = body["model"]
-    for key in ("temperature", "top_p"):
+    for key in ("temperature", "top_p", "top_k"):  # top_k: vLLM/SGLang honour it; OpenAI itself refuses it (400)
         if body.get(key) is not None:
             req[key] = body[key]
     if body.get("stop_sequences"):
@@ -630,6 +634,23 @@ def messages_request_to_chat(body: dict[str, Any]) -> dict[str, Any]:
     if user_id:
         req["user"] = user_id
     return req
+
+
+#: Messages request fields messages_request_to_chat translates; see untranslated_fields.
+_MESSAGES_TRANSLATED = frozenset({
+    "model", "messages", "max_tokens", "system", "temperature", "top_p", "top_k", "stop_sequences", "stream", "tools",
+    "tool_choice", "metadata",
+})
+_MESSAGES_DEFAULTS: dict[str, tuple] = {"thinking": ({"type": "disabled"},), "service_tier": ("auto",)}
+
+
+def untranslated_fields(body: dict[str, Any]) -> list[str]:
+    """Fields of a Messages request with no chat equivalent (thinking, container, mcp_servers ...): honoured only
+    by Anthropic upstreams (which get the body as is); elsewhere the translation policy applies (upstream/policy)."""
+    return [
+        k for k, v in body.items()
+        if k not in _MESSAGES_TRANSLATED and v is not None and v not in _MESSAGES_DEFAULTS.get(k, ())
+    ]
 
 
 # --------------------------------------------------------------------------- direction 2: response
@@ -660,7 +681,7 @@ def chat_response_to_messages(resp: dict[str, Any], model: str) -> dict[str, Any
         "id": _message_id(resp.get("id")),
         "type": "message",
         "role": "assistant",
-        "model": model,
+        "model": resp.get("model") or model,  # the serving model's own name
         "content": content,
         "stop_reason": _finish_to_stop(choice.get("finish_reason"), bool(calls)),
         "stop_sequence": None,
@@ -744,6 +765,7 @@ class ChatStreamToMessages:
             self.input_tokens = usage.get("prompt_tokens") or self.input_tokens
             self.output_tokens = usage.get("completion_tokens") or self.output_tokens
         if self.id is None:
+            self.model = chunk.get("model") or self.model  # the serving model's own name
             self._start(chunk.get("id"), out)
         for choice in chunk.get("choices") or ():
             if choice.get("index", 0) != 0:

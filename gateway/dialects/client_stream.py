@@ -6,6 +6,7 @@ import json
 from typing import Protocol
 
 from gateway.dialects.anthropic_wire import ChatStreamToMessages, sse_event
+from gateway.dialects.responses import ChatStreamToResponses, ResponseMeta
 from gateway.dialects.sse import DONE, encode_data
 from gateway.errors import GatewayError, sse_error_event
 
@@ -65,3 +66,26 @@ class AnthropicClientStream:
 
     def error(self, err: GatewayError) -> bytes:
         return sse_event("error", err.anthropic_body())
+
+
+class ResponsesClientStream:
+    """Canonical chunks to the Responses API event stream (response.created ... response.completed)."""
+
+    __slots__ = ("_t",)
+
+    def __init__(self, meta: ResponseMeta) -> None:
+        self._t = ChatStreamToResponses(meta)
+
+    def keeps(self, chunks: list[dict]) -> bool:
+        return True
+
+    def chunk(self, c: dict) -> bytes:
+        return self._t.feed(c)
+
+    def done(self) -> bytes:
+        return self._t.done()
+
+    def error(self, err: GatewayError) -> bytes:
+        # Response.error.code is a closed set in the API: the gateway's own code goes in the message.
+        code = "rate_limit_exceeded" if err.status == 429 else "server_error"
+        return self._t.failed(code, f"{err.message} ({err.code})" if err.code else err.message)

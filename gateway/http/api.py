@@ -12,13 +12,21 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from gateway.auth import ApiKey, KeyStore
 from gateway.context import RequestContext
-from gateway.dialects.anthropic_wire import messages_request_to_chat
+from gateway.dialects.anthropic_wire import messages_request_to_chat, untranslated_fields
+from gateway.dialects.responses import (
+    PARAM_NAMES,
+    ResponseMeta,
+    ResponsesRequestError,
+    native_only_chat,
+    responses_request_to_chat,
+)
 from gateway.errors import GatewayError
 from gateway.http.validation import build_context, validate
 from gateway.http.writer import HttpWriter
 from gateway.observability.telemetry import Telemetry
 from gateway.proxy import Proxy
 from gateway.runtime import Runtime
+from gateway.state.response_store import not_found
 from gateway.sync.fleet_sync import FleetSync
 
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -125,7 +133,50 @@ async def messages(request: web.Request) -> web.StreamResponse:
     validate("chat", chat)
     ctx = _context(request, "chat", chat, dialect="anthropic")
     ctx.native = body  # sent as is to Anthropic upstreams
+    foreign = untranslated_fields(body)
+    if foreign:
+        ctx.extras["foreign"] = foreign  # the translation policy decides for other upstreams
     return await _run(request, ctx)
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    """OpenAI Responses API inbound: translated to the canonical chat format (any upstream serves it) and back.
+    `previous_response_id` costs one store GET before routing; the finished response is saved in the background."""
+    body = await read_json(request)
+    store = request.app[RUNTIME].responses
+    prev = body.get("previous_response_id")
+    history = await store.history(prev) if prev is not None else None
+    native = _native_responses(request, body)
+    if prev is not None and history is None and not native:
+        raise not_found(prev)
+    foreign = ["previous_response_id"] if prev is not None and history is None else []
+    try:
+        chat, meta = responses_request_to_chat(body, history)
+    except ResponsesRequestError as e:
+        if not (native and history is None):
+            code = "unsupported_parameter" if "unsupported parameter" in str(e) else "invalid_value"
+            raise GatewayError(400, str(e), code=code, param=e.param) from None
+        # Native upstreams may serve what the gateway cannot translate; the others refuse it (policy.py).
+        chat, meta = native_only_chat(body), ResponseMeta(body, [])
+        foreign.append(e.param or "input")
+    validate("chat", chat)
+    ctx = _context(request, "chat", chat, dialect="responses")
+    ctx.extras["responses"] = meta
+    ctx.extras["param_names"] = PARAM_NAMES
+    if native and history is None:
+        ctx.native = body  # passed untouched to upstreams with responses_api (upstream/responses.py)
+    if foreign:  # e.g. an id only native upstreams know: other upstreams cannot serve it (policy.py)
+        ctx.extras["foreign"] = foreign
+    resp = await _run(request, ctx)
+    store.save(meta)
+    return resp
+
+
+def _native_responses(request: web.Request, body: dict) -> bool:
+    """Whether the model's pool has upstreams serving the Responses API themselves."""
+    model = body.get("model")
+    pool = request.app[PROXY_KEY].fleet.pool(model) if isinstance(model, str) else None
+    return pool is not None and any(u.cfg.responses_api for u in pool.upstreams)
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -150,5 +201,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_post("/v1/messages", messages)
+    app.router.add_post("/v1/responses", responses)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)

@@ -13,11 +13,14 @@ from gateway.upstream.anthropic import AnthropicProvider
 from gateway.upstream.azure import AzureProvider
 from gateway.upstream.base import Provider
 from gateway.upstream.openai import OpenAIProvider
+from gateway.upstream.responses import ResponsesProvider
 
 if TYPE_CHECKING:
     from gateway.config import UpstreamConfig
 
 PROVIDERS: dict[str, Provider] = {p.kind: p for p in (OpenAIProvider(), AzureProvider(), AnthropicProvider())}
+#: Not a configurable kind: the adapter for Responses requests passed through to `responses_api` upstreams.
+_RESPONSES = ResponsesProvider()
 
 
 def provider_for(kind: str) -> Provider:
@@ -34,4 +37,12 @@ def telemetry_provider_name(up: UpstreamConfig) -> str:
     return up.engine or PROVIDERS[up.provider].telemetry_name
 
 
-__all__ = ["PROVIDERS", "Provider", "provider_for", "provider_kinds", "telemetry_provider_name"]
+def provider_of(cfg: UpstreamConfig, native: str | None) -> Provider:
+    """The adapter for one attempt. `native`: the dialect of the client's own body when the gateway kept it for
+    pass-through; Responses requests then go untouched to upstreams that serve that API."""
+    if native == "responses" and cfg.responses_api:
+        return _RESPONSES
+    return PROVIDERS[cfg.provider]
+
+
+__all__ = ["PROVIDERS", "Provider", "provider_for", "provider_kinds", "provider_of", "telemetry_provider_name"]

@@ -13,6 +13,17 @@ if TYPE_CHECKING:
     from gateway.config import UpstreamConfig
 
 ANTHROPIC_VERSION = "2023-06-01"
+#: Canonical chat fields chat_request_to_messages translates (or the gateway itself consumes: service_tier is the
+#: service class, prompt_cache_key the stickiness key). Any other field set to a non-default value is unsupported.
+TRANSLATED = frozenset({
+    "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "stop", "stream",
+    "stream_options", "tools", "tool_choice", "parallel_tool_calls", "user", "service_tier", "prompt_cache_key",
+})
+#: Values that ask for nothing beyond what Anthropic does anyway.
+_DEFAULTS: dict[str, tuple] = {
+    "n": (1,), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logprobs": (False,),
+    "response_format": ({"type": "text"},), "store": (False,), "metadata": ({},), "logit_bias": ({},),
+}
 
 
 class AnthropicProvider(Provider):
@@ -29,21 +40,24 @@ class AnthropicProvider(Provider):
     def url(self, up: UpstreamConfig, operation: str) -> str:
         return up.base_url + ("/messages" if up.base_url.endswith("/v1") else "/v1/messages")
 
-    def headers(self, up: UpstreamConfig) -> dict[str, str]:
+    def headers(self, up: UpstreamConfig, key: str | None = None) -> dict[str, str]:
         h = {"Content-Type": "application/json", "anthropic-version": ANTHROPIC_VERSION}
-        key = up.api_key()
+        key = key or up.api_key()
         if key:
             h["x-api-key"] = key
         return h
 
+    def unsupported(self, body: dict) -> list[str]:
+        return [k for k, v in body.items() if k not in TRANSLATED and v is not None and v not in _DEFAULTS.get(k, ())]
+
     def encode_request(self, operation: str, body: dict, upstream_model: str) -> bytes:
         return json.dumps(chat_request_to_messages(body, upstream_model), separators=(",", ":")).encode()
 
-    def decode_response(self, data: dict, client_model: str) -> dict:
-        return messages_response_to_chat(data, client_model)
+    def decode_response(self, data: dict, model: str) -> dict:
+        return messages_response_to_chat(data, model)
 
-    def stream_decoder(self, client_model: str, include_usage: bool) -> _Decoder:
-        return _Decoder(MessagesStreamToChat(client_model, include_usage=True))
+    def stream_decoder(self, model: str, include_usage: bool) -> _Decoder:
+        return _Decoder(MessagesStreamToChat(model, include_usage=True))
 
 
 class _Decoder:

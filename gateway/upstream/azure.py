@@ -21,9 +21,9 @@ class AzureProvider(Provider):
     def url(self, up: UpstreamConfig, operation: str) -> str:
         return f"{up.base_url}/openai/deployments/{up.deployment}{OPERATION_PATHS[operation]}?api-version={up.api_version}"
 
-    def headers(self, up: UpstreamConfig) -> dict[str, str]:
+    def headers(self, up: UpstreamConfig, key: str | None = None) -> dict[str, str]:
         h = {"Content-Type": "application/json"}
-        key = up.api_key()
+        key = key or up.api_key()
         if key:
             h["api-key"] = key
         return h

@@ -42,12 +42,18 @@ class Provider:
     def url(self, up: UpstreamConfig, operation: str) -> str:
         return up.base_url + OPERATION_PATHS[operation]
 
-    def headers(self, up: UpstreamConfig) -> dict[str, str]:
+    def headers(self, up: UpstreamConfig, key: str | None = None) -> dict[str, str]:
+        """Request headers with the upstream's key (`key`: one the client brought, for `byok` upstreams)."""
         h = {"Content-Type": "application/json"}
-        key = up.api_key()
+        key = key or up.api_key()
         if key:
             h["Authorization"] = f"Bearer {key}"
         return h
+
+    def unsupported(self, body: dict) -> list[str]:
+        """Canonical request fields this upstream cannot honour (see gateway/upstream/policy.py); OpenAI-compatible
+        upstreams take the canonical body as it is."""
+        return []
 
     def encode_request(self, operation: str, body: dict, upstream_model: str) -> bytes:
         out = dict(body)
@@ -65,10 +71,12 @@ class Provider:
         out["model"] = upstream_model
         return json.dumps(out, separators=(",", ":")).encode()
 
-    def decode_response(self, data: dict, client_model: str) -> dict:
+    def decode_response(self, data: dict, model: str) -> dict:
+        """The canonical response. `model`: the name the upstream was asked for, used only when the upstream's
+        answer names no model (the response `model` field is the serving model's own name: README)."""
         return data
 
-    def stream_decoder(self, client_model: str, include_usage: bool) -> StreamDecoder:
+    def stream_decoder(self, model: str, include_usage: bool) -> StreamDecoder:
         return OpenAIStreamDecoder()
 
 

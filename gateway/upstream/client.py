@@ -40,6 +40,8 @@ from gateway.upstream.base import StreamDecoder
 
 _RETRYABLE_STATUS = frozenset({401, 403, 404, 408, 409, 429, 500, 502, 503, 504, 529})
 _MAX_ERROR_BODY = 64 * 1024
+#: Named SSE events that end a stream (Anthropic Messages, OpenAI Responses); OpenAI chat ends with [DONE].
+_END_EVENTS = frozenset({"message_stop", "response.completed", "response.incomplete"})
 MAX_RETRY_AFTER = 300.0  # an upstream cannot park itself (or be parked) for longer than this per 429
 
 
@@ -72,6 +74,9 @@ class Reply(Protocol):
 
     @property
     def status(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
 
     async def body(self, deadline: float) -> tuple[bytes, dict]: ...
 
@@ -190,7 +195,7 @@ class UpstreamResponse:
                 frame = Frame(ev, _decode(self.name, decoder, ev))
                 got_chunk = got_chunk or bool(frame.chunks)
                 yield frame
-                if ev.event == "message_stop":
+                if ev.event in _END_EVENTS:
                     self.terminated = True
                     return
             if not piece:

@@ -24,6 +24,7 @@ from gateway.dialects.anthropic_wire import (
     messages_request_to_chat,
     messages_response_to_chat,
     sse_event,
+    untranslated_fields,
 )
 
 PNG_B64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
@@ -427,7 +428,7 @@ def test_messages_response_text() -> None:
     out = messages_response_to_chat(resp, "gw-model")
     assert out["id"] == "chatcmpl-msg_01XYZ"
     assert out["object"] == "chat.completion"
-    assert out["model"] == "gw-model"
+    assert out["model"] == "claude-sonnet-4-5"  # the serving model's own name (README: response model field)
     assert isinstance(out["created"], int)
     assert out["choices"] == [
         {"index": 0, "message": {"role": "assistant", "content": "Hello world"}, "logprobs": None, "finish_reason": "stop"}
@@ -491,7 +492,7 @@ def test_messages_stream_to_chat_sequence() -> None:
     assert conv.finish() == []  # usage already emitted on message_stop
     assert conv.finish() == []
 
-    assert all(c["id"] == "chatcmpl-msg_01ABC" and c["model"] == "gw-model" for c in chunks)
+    assert all(c["id"] == "chatcmpl-msg_01ABC" and c["model"] == "claude-sonnet-4-5" for c in chunks)
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     deltas = [c["choices"][0]["delta"] if c["choices"] else None for c in chunks]
     assert deltas == [
@@ -653,11 +654,13 @@ def test_messages_request_basic() -> None:
         "max_tokens": 256,
         "temperature": 0.2,
         "top_p": 0.8,
+        "top_k": 40,  # translated: vLLM/SGLang honour it, OpenAI refuses it loudly
         "stop": ["STOP"],
         "stream": True,
         "stream_options": {"include_usage": True},
         "user": "u1",
     }
+    assert untranslated_fields(body) == ["thinking"]  # no chat equivalent: the translation policy decides
     assert body == original
 
 
@@ -859,7 +862,7 @@ def test_chat_response_to_messages_text_and_tools() -> None:
         "id": "msg_abc123",
         "type": "message",
         "role": "assistant",
-        "model": "claude-x",
+        "model": "up-model",
         "content": [
             {"type": "text", "text": "Sure."},
             {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}},
@@ -938,7 +941,7 @@ def test_chat_stream_to_messages_sequence() -> None:
         "id": "msg_xyz",
         "type": "message",
         "role": "assistant",
-        "model": "claude-x",
+        "model": "up-model",
         "content": [],
         "stop_reason": None,
         "stop_sequence": None,
@@ -1082,7 +1085,7 @@ async def test_chat_response_to_messages_parsed_by_anthropic_sdk() -> None:
         client = anthropic.AsyncAnthropic(base_url=base, api_key="x", max_retries=0)
         msg = await client.messages.create(model="claude-x", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
         await client.close()
-    assert msg.model == "claude-x" and msg.stop_reason == "tool_use"
+    assert msg.model == "up-model" and msg.stop_reason == "tool_use"
     assert msg.content[1].input == {"city": "Oslo"}  # type: ignore[union-attr]
     assert msg.usage.output_tokens == 8
 

@@ -47,6 +47,7 @@ class FakeReply:
     body_json: dict | None = None
     chunks: list = field(default_factory=list)
     status: int = 200
+    headers: dict = field(default_factory=dict)
     terminated: bool = False
     closed: bool | None = None
 
