@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from gateway.http.validation import build_context, validate
+from gateway.http.validation import build_context, messages_context, validate
 from gateway.proxy import Proxy
 from gateway.upstream.base import OPERATION_PATHS
 from gateway.writers import InProcessWriter
@@ -24,9 +24,13 @@ async def call(
     principal: Any = None,
     headers: Mapping[str, str] | None = None,
 ) -> InProcessWriter:
-    """Run one OpenAI-dialect request (`operation`: chat | text_completion | embeddings) to completion."""
-    validate(operation, body)
-    ctx = build_context(operation, body, headers=headers, path="/v1" + OPERATION_PATHS[operation])
+    """Run one request to completion: `operation` chat | text_completion | embeddings (OpenAI dialect), or
+    messages (Anthropic dialect, answered in Anthropic's shape)."""
+    if operation == "messages":
+        ctx = messages_context(body, headers=headers)
+    else:
+        validate(operation, body)
+        ctx = build_context(operation, body, headers=headers, path="/v1" + OPERATION_PATHS[operation])
     ctx.service_class = service_class
     ctx.principal = principal
     writer = InProcessWriter()

@@ -12,7 +12,8 @@ from gateway.errors import GatewayError
 from gateway.proxy import Proxy
 
 #: Batch endpoint path -> the request path's operation.
-OPERATIONS = {"/v1/chat/completions": "chat", "/v1/completions": "text_completion", "/v1/embeddings": "embeddings"}
+OPERATIONS = {"/v1/chat/completions": "chat", "/v1/completions": "text_completion", "/v1/embeddings": "embeddings",
+              "/v1/messages": "messages"}
 
 
 class InProcessExecutor:
@@ -26,7 +27,7 @@ class InProcessExecutor:
         try:
             w = await inprocess.call(self.proxy, OPERATIONS[req.endpoint], body, service_class="batch", headers=headers)
         except GatewayError as e:
-            return ExecResult(e.status, e.body(), new_id("req"))
+            return ExecResult(e.status, e.body_for("anthropic" if req.endpoint == "/v1/messages" else "openai"), new_id("req"))
         try:
             data = w.json()
         except ValueError:

@@ -12,7 +12,6 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from gateway.auth import ApiKey, KeyStore
 from gateway.context import RequestContext
-from gateway.dialects.anthropic_wire import messages_request_to_chat, untranslated_fields
 from gateway.dialects.responses import (
     PARAM_NAMES,
     ResponseMeta,
@@ -21,7 +20,7 @@ from gateway.dialects.responses import (
     responses_request_to_chat,
 )
 from gateway.errors import GatewayError
-from gateway.http.validation import build_context, validate
+from gateway.http.validation import build_context, messages_context, validate
 from gateway.http.writer import HttpWriter
 from gateway.observability.telemetry import Telemetry
 from gateway.proxy import Proxy
@@ -124,18 +123,8 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
 async def messages(request: web.Request) -> web.StreamResponse:
     """Anthropic Messages API inbound: translated to the canonical chat format and back."""
     body = await read_json(request)
-    try:
-        chat = messages_request_to_chat(body)
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise GatewayError(400, str(e) or "invalid Messages request") from None
-    except Exception:  # any other shape the translator cannot read is still the request's fault
-        raise GatewayError(400, "invalid Messages request") from None
-    validate("chat", chat)
-    ctx = _context(request, "chat", chat, dialect="anthropic")
-    ctx.native = body  # sent as is to Anthropic upstreams
-    foreign = untranslated_fields(body)
-    if foreign:
-        ctx.extras["foreign"] = foreign  # the translation policy decides for other upstreams
+    ctx = messages_context(body, headers=request.headers, size=request.get(BODY_BYTES, 0), path=request.path)
+    request[REQUEST_ID] = ctx.request_id
     return await _run(request, ctx)
 
 

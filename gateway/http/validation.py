@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Mapping
 
 from gateway.context import DEFAULT_OUTPUT_TOKENS, Estimate, RequestContext
+from gateway.dialects.anthropic_wire import messages_request_to_chat, untranslated_fields
 from gateway.errors import GatewayError
 from gateway.routing.classes import requested_class
 from gateway.tokens import max_output_tokens, prompt_tokens
@@ -148,3 +149,23 @@ def validate(operation: str, body: dict) -> None:
     v = body.get(field)
     _require(isinstance(v, (str, list)) and len(v) > 0, f"'{field}' is required (string or array)", field)
     _validate_tokens_input(v, field)
+
+
+def messages_context(
+    body: dict, *, headers: Mapping[str, str] | None = None, size: int = 0, path: str = "/v1/messages"
+) -> RequestContext:
+    """The request context of an Anthropic Messages body: translated to the canonical chat format (validated as
+    such), the client's own body kept for Anthropic upstreams, fields with no translation noted for the policy."""
+    try:
+        chat = messages_request_to_chat(body)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise GatewayError(400, str(e) or "invalid Messages request") from None
+    except Exception:  # any other shape the translator cannot read is still the request's fault
+        raise GatewayError(400, "invalid Messages request") from None
+    validate("chat", chat)
+    ctx = build_context("chat", chat, dialect="anthropic", headers=headers, size=size, path=path)
+    ctx.native = body  # sent as is to Anthropic upstreams
+    foreign = untranslated_fields(body)
+    if foreign:
+        ctx.extras["foreign"] = foreign  # the translation policy decides for other upstreams
+    return ctx

@@ -114,7 +114,7 @@ async def test_reads_per_cycle_are_bounded_and_the_backlog_drains(redis_client, 
 async def test_replicas_of_different_layout_versions_do_not_merge(redis_client, redis_prefix, caplog, start_gateway):
     gw = await start_gateway(scaled_fleet(3, ["http://127.0.0.1:9"]), redis_url=REDIS_URL, redis_prefix=redis_prefix,
                              replica_id="new", flush_interval=0.05)
-    sync = gw.proxy.sync
+    sync = gw.runtime.sync
     fleet_b = Fleet(scaled_fleet(3, ["http://127.0.0.1:9"]), "throughput")
     b = FleetSync(fleet_b, "other", REDIS_URL, redis_prefix, interval=60)
     b.schema_version = SCHEMA_VERSION + 1  # a replica of a later release, same prefix
