@@ -38,7 +38,11 @@ LEASE_SECONDS = 120
 class BatchService:
     def __init__(self, s: Settings, known_model: Callable[[str], bool], execute: Execute, tel: Telemetry | None = None) -> None:
         self.s, self.known_model = s, known_model
-        self.redis = aioredis.from_url(s.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0) if s.redis_url else None
+        # Every worker slot may hold a connection (store a result, ack) while the sweeper and the API use others:
+        # redis-py's default pool of 100 would refuse connections to a larger worker pool.
+        self.redis = aioredis.from_url(
+            s.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0, max_connections=s.batch_workers + 64
+        ) if s.redis_url else None
         self.k = BatchKeys(s.redis_prefix)
         self.execute = execute
         self._stopped = False

@@ -131,10 +131,12 @@ class ClassPolicy:
         return ok
 
     def _room_after(self, pool: Pool, target: UpstreamStats, limits: dict[str, int], inter: ServiceClass, ctx: RequestContext) -> float:
-        """Interactive-qualifying free slots left in the pool if one more request went to `target`."""
+        """Interactive-qualifying free slots left in the pool if one more request went to `target`. Only upstreams
+        without request/token rate limits count: a rate-limited API's slots are no room when its budget is spent
+        (batch work spends it too)."""
         room = 0.0
         for u in pool.upstreams:
-            if u.weight <= 0 or not meets_ttft(u, inter, ctx.est.prompt_tokens):
+            if u.weight <= 0 or u.cfg.rpm or u.cfg.tpm or not meets_ttft(u, inter, ctx.est.prompt_tokens):
                 continue
             load = u.load + (1 if u is target else 0)
             room += max(0.0, limits[u.name] - load)

@@ -90,8 +90,9 @@ async def _one(session: aiohttp.ClientSession, url: str, body: bytes, cls: str, 
     load.recs.append(Rec(cls, t0 - origin, None if first is None else first - origin, time.monotonic() - origin, n, ok))
 
 
-async def _drive(url: str, rate: float, batch_workers: int, phase: float, seed: int) -> Load:
-    """Phase 1 at `rate` interactive req/s, phase 2 at twice that; the batch backlog runs throughout."""
+async def _drive(url: str, rate: float, batch_workers: int, phase: float, seed: int, surge: bool = True) -> Load:
+    """Phase 1 at `rate` interactive req/s, phase 2 at twice that (or the same without `surge`); the batch backlog
+    (`batch_workers` closed-loop clients) runs throughout."""
     rng = random.Random(seed)
     recs = Load()
     ibody = B.chat_body(B.MODEL, PROMPT_TOKENS, INTERACTIVE_TOKENS)
@@ -109,7 +110,7 @@ async def _drive(url: str, rate: float, batch_workers: int, phase: float, seed: 
             t = origin
             while True:
                 now = time.monotonic()
-                r = rate if now - origin < phase else 2 * rate
+                r = rate if now - origin < phase or not surge else 2 * rate
                 t += rng.expovariate(r)
                 if t >= stop:
                     break
@@ -176,14 +177,14 @@ def _recovery(inter: list[Rec], surge: float, end: float, bucket: float = 2.0) -
     return None if good_from is None else round(good_from - surge, 1)
 
 
-def best_total(sims: dict) -> float:
-    """Every GPU server at its slots, plus the hosted API's RPM budget spent on batch-length answers."""
+def best_total(sims: dict, tokens: int = BATCH_TOKENS) -> float:
+    """Every GPU server at its slots, plus the hosted API's RPM budget spent on `tokens`-long answers."""
     total = 0.0
     for c in sims.values():
         if c.mode == "gpu":
-            total += B.gpu_tok_s(c, c.slots, BATCH_TOKENS, PROMPT_TOKENS)
+            total += B.gpu_tok_s(c, c.slots, tokens, PROMPT_TOKENS)
         else:
-            total += min(c.rpm / 60 * BATCH_TOKENS if c.rpm else float("inf"), (c.max_concurrency or 1) * c.tok_s)
+            total += min(c.rpm / 60 * tokens if c.rpm else float("inf"), (c.max_concurrency or 1) * c.tok_s)
     return total
 
 
@@ -239,3 +240,77 @@ def render(r: dict) -> list[str]:
             f"{B._f(v['total_tok_s'], 0)} | {B._f(v['pct_of_best_total'], 1, '%')} |"
         )
     return lines
+
+
+async def _sim_tokens(sims: B.SimFleetProc) -> int:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
+        total = 0
+        for n in sims.ports:
+            async with s.get(sims.url(n) + "/sim/stats") as r:
+                total += (await r.json())["tokens_generated"]
+        return total
+
+
+@scenario("batch_slo", render=lambda r: render_batch(r))
+async def batch_slo(bench: Any) -> dict:
+    """A Batch API job (2,000 lines) poured into what interactive traffic leaves free: interactive attainment with
+    and without it, and the batch's tok/s against the free capacity, measured at the simulators."""
+    from gateway.tools.scenarios import batch as batch_api
+
+    o = bench.o
+    phase, rate = o.compare_duration, (6.0 if not o.quick else 3.0)
+    lines, max_tokens = (200, 64) if o.quick else (2000, 128)
+    best = best_total(bench.sims, max_tokens)
+    sims = await B.start_sims(bench.procs, bench.sims, "batch-slo")
+    gw = None
+    try:
+        gw = await B.start_gateway(bench.procs, _fleet(sims.ports, bench.sims, "throughput", True), "batch-slo",
+                                   redis_url=o.redis_url, env={"GATEWAY_BATCH_WORKERS": "160"})
+        t0 = await _sim_tokens(sims)
+        alone = await _drive(gw.url, rate, 0, phase, seed=11, surge=False)
+        fleet_alone = (await _sim_tokens(sims) - t0) / (2 * phase)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
+            started = time.monotonic()
+            bid = await batch_api._submit(s, gw.url, batch_api._batch_file(lines, PROMPT_TOKENS, max_tokens))
+            t1 = await _sim_tokens(sims)
+            mixed = await _drive(gw.url, rate, 0, phase, seed=11, surge=False)
+            fleet_mixed = (await _sim_tokens(sims) - t1) / (2 * phase)
+            final = await batch_api._wait(s, gw.url, bid, timeout=120 if o.quick else 900)
+            took = time.monotonic() - started
+    finally:
+        await bench._teardown(gw, sims)
+        if gw is not None:
+            await B._redis_cleanup(o.redis_url, gw.redis_prefix)
+    a, m = summarise(alone, o.warmup, phase, best), summarise(mixed, o.warmup, phase, best)
+    inter_tok_s = m["interactive"]["tok_s"]
+    free = max(1e-9, best - a["interactive"]["tok_s"])
+    batch_during = max(0.0, fleet_mixed - inter_tok_s)
+    return {
+        "lines": lines, "max_tokens": max_tokens, "rate": rate, "best_total_tok_s": round(best, 1),
+        "status": final.get("status"), "request_counts": final.get("request_counts"), "batch_seconds": round(took, 1),
+        "interactive_alone": a["interactive"], "interactive_with_batch": m["interactive"],
+        "fleet_tok_s_alone": round(fleet_alone, 1), "fleet_tok_s_with_batch": round(fleet_mixed, 1),
+        "batch_tok_s_during": round(batch_during, 1), "free_capacity_tok_s": round(free, 1),
+        "pct_of_free_capacity_used": round(100 * batch_during / free, 1),
+        "error_count": a["interactive"]["errors"] + m["interactive"]["errors"],
+    }
+
+
+def render_batch(r: dict) -> list[str]:
+    a, m = r["interactive_alone"], r["interactive_with_batch"]
+    return [
+        f"A {r['lines']}-line Batch API job ({r['max_tokens']}-token answers) while interactive Poisson traffic runs at "
+        f"{r['rate']:g} req/s (targets >= {FLOOR_TOK_S:g} tok/s, TTFT <= {MAX_TTFT_S:g} s). Fleet's best total "
+        f"{r['best_total_tok_s']:,.0f} tok/s.",
+        "",
+        "| | interactive attainment | interactive TTFT p50 / p99 | interactive tok/s | fleet tok/s (simulators) |",
+        "|---|---:|---:|---:|---:|",
+        f"| interactive alone | {B._f(a['attainment_pct'], 1, '%')} | {B._f(a['ttft_p50_ms'], 0)} / {B._f(a['ttft_p99_ms'], 0)} ms | "
+        f"{B._f(a['tok_s'], 0)} | {B._f(r['fleet_tok_s_alone'], 0)} |",
+        f"| with the batch | {B._f(m['attainment_pct'], 1, '%')} | {B._f(m['ttft_p50_ms'], 0)} / {B._f(m['ttft_p99_ms'], 0)} ms | "
+        f"{B._f(m['tok_s'], 0)} | {B._f(r['fleet_tok_s_with_batch'], 0)} |",
+        "",
+        f"Batch tok/s while interactive ran: {B._f(r['batch_tok_s_during'], 0)} = {B._f(r['pct_of_free_capacity_used'], 1, '%')} "
+        f"of the {B._f(r['free_capacity_tok_s'], 0)} tok/s interactive traffic left free; batch {r['status']} in "
+        f"{r['batch_seconds']:g} s, counts {r['request_counts']}.",
+    ]
