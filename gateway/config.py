@@ -21,6 +21,7 @@ class CapacityHint(BaseModel):
     a: float = Field(0.02, gt=0)
     b: float = Field(0.0, ge=0)
     ttft: float = Field(0.2, ge=0, description="seconds to first token at low load")
+    prefill: float = Field(0.0, ge=0, description="extra seconds to first token per prompt token to prefill")
 
 
 class UpstreamConfig(BaseModel):
@@ -41,6 +42,10 @@ class UpstreamConfig(BaseModel):
     metrics_url: str | None = None  # vLLM/SGLang Prometheus endpoint
     capacity: CapacityHint = Field(default_factory=CapacityHint)
     timeout: float | None = Field(None, gt=0, description="overrides the total timeout")
+    #: KV-cache affinity (routing/affinity.py): prompt tokens the engine's prefix cache holds (None: the engine's
+    #: reported KV size, else a default) and the prompt size from which a hosted provider caches prompts.
+    prefix_cache_tokens: int | None = Field(None, ge=16)
+    prompt_cache_min_tokens: int | None = Field(None, ge=0)
 
     @field_validator("base_url")
     @classmethod
@@ -95,6 +100,8 @@ class ModelConfig(BaseModel):
     #: Service classes of this pool: `interactive` and `batch` always exist (their targets may be overridden).
     classes: dict[str, ServiceClass] = Field(default_factory=default_classes)
     default_class: str = "interactive"
+    #: KV-cache affinity in the throughput strategy's score (routing/affinity.py); false: prefix-blind.
+    affinity: bool = True
 
     @model_validator(mode="after")
     def _classes(self) -> ModelConfig:

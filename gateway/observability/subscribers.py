@@ -145,6 +145,10 @@ def _outcome_attrs(a: Attempt) -> dict[str, Any]:
         attrs[T.ATTR_GEN_AI_RESPONSE_ID] = out.response_id
     if out.input_tokens is not None:
         attrs[T.ATTR_GEN_AI_USAGE_INPUT_TOKENS] = out.input_tokens
+    predicted = a.extras.get("affinity_predicted")  # routing/affinity.py: what the prefix index expected
+    if predicted is not None or out.cached_tokens:
+        attrs["gen_ai.usage.cache_read.input_tokens"] = out.cached_tokens
+        attrs["gateway.cache.predicted_tokens"] = predicted or 0
     if out.finish_reasons:
         attrs[T.ATTR_GEN_AI_RESPONSE_FINISH_REASONS] = out.finish_reasons
     if out.ttft is not None:

@@ -131,7 +131,9 @@ def finish(u: UpstreamStats, out: Outcome, *, stream: bool, prompt_tokens: int, 
             return used
         tpot = decode / out.output_tokens
     out.ttft = ttft
-    u.record_sample(Sample(time.time(), n_mean, tpot, ttft, prompt_tokens, out.output_tokens))
+    # The sample's prompt size is what the engine prefilled: prefix-cache hits cost it (almost) nothing.
+    prefilled = max(0, prompt_tokens - out.cached_tokens)
+    u.record_sample(Sample(time.time(), n_mean, tpot, ttft, prefilled, out.output_tokens))
     return used
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from typing import Any
 
 from gateway.config import UpstreamConfig
 from gateway.routing.capacity import CapacityCurve, Sample
@@ -102,6 +103,8 @@ class UpstreamStats:
         self.ejected_until = 0.0
         self.ejections = 0
         self.probing = False
+        #: routing.affinity.UpstreamAffinity when the replica keeps a prefix index (its figures join the snapshot).
+        self.affinity: Any = None
 
     # ---- request path -------------------------------------------------------------------------------------
     @property
@@ -295,4 +298,5 @@ class UpstreamStats:
             "ejections": self.ejections,
             "capacity": self.curve.snapshot(),
             "limits": {"rpm": c.rpm, "tpm": c.tpm, "rpm_used": self.used_req_60, "tpm_used": self.used_tok_60},
+            **({"cache": self.affinity.snapshot()} if self.affinity is not None else {}),
         }
