@@ -66,10 +66,11 @@ _CUT_MARGIN = 8
 def _encode_bounded(text: str, want: int) -> tuple[list[int], bool]:
     """Encode at most ~`want` tokens of `text`; (ids, cut). A cut drops the last few tokens, which may differ
     from the full text's tokenization, so the ids returned are always a prefix of the full encoding's."""
-    cut = len(text) > want * _CHARS_PER_TOKEN_BOUND
+    chars = want * _CHARS_PER_TOKEN_BOUND + 16 * _CUT_MARGIN
+    cut = len(text) > chars
     if not cut:
         return _encode(text), False
-    ids = _encode(text[: want * _CHARS_PER_TOKEN_BOUND])
+    ids = _encode(text[:chars])
     return ids[: max(0, min(want, len(ids) - _CUT_MARGIN))], True
 
 
