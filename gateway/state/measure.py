@@ -133,7 +133,8 @@ def finish(u: UpstreamStats, out: Outcome, *, stream: bool, prompt_tokens: int, 
     out.ttft = ttft
     # The sample's prompt size is what the engine prefilled: prefix-cache hits cost it (almost) nothing.
     prefilled = max(0, prompt_tokens - out.cached_tokens)
-    u.record_sample(Sample(time.time(), n_mean, tpot, ttft, prefilled, out.output_tokens))
+    # A non-streamed TTFT is the curve's own level, not a measurement: it must not flatten the prefill slope.
+    u.record_sample(Sample(time.time(), n_mean, tpot, ttft if stream else -1.0, prefilled, out.output_tokens))
     return used
 
 

@@ -114,7 +114,9 @@ class EngineMetricsScraper:
             return
         if load is not None:
             running, waiting = load
-            u.external_load = max(0.0, running + waiting - inflight)
+            # A request dispatched while the page was fetched is counted by the engine but not in `inflight`:
+            # subtract the larger of the counts before and after, so it does not show as a phantom external load.
+            u.external_load = max(0.0, running + waiting - max(inflight, u.inflight))
         if self.affinity is not None:
             self._cache_state(u, text)
 
