@@ -653,6 +653,27 @@ _UPSTREAM_GAUGES: tuple[tuple[str, str, str, str], ...] = (
 _STATES = ("healthy", "ejected", "cooldown", "draining")
 
 
+#: KV-cache affinity figures per upstream (routing/affinity.py, the snapshot's "cache" object), this replica's.
+_CACHE_SERIES = (
+    ("gateway_upstream_prefix_cache_hit_ratio", "gauge", "Prompt tokens the upstream reported cached / prompt tokens.", "hit_rate"),
+    ("gateway_upstream_prefix_cached_tokens_total", "counter", "Prompt tokens the upstream reported cached.", "cached_tokens"),
+    ("gateway_upstream_prefix_predicted_tokens_total", "counter", "Prompt tokens the prefix index predicted cached.", "predicted_tokens"),
+    ("gateway_upstream_engine_prefix_cache_hit_ratio", "gauge", "The engine's own prefix-cache hit rate (vLLM metrics).", "engine_hit_rate"),
+)
+
+
+def _render_cache(fams: _Families, ups: list[Mapping[str, Any]]) -> None:
+    for fam, typ, help_, key in _CACHE_SERIES:
+        lines = fams.family(fam, typ, help_)
+        if lines is None:
+            continue
+        for u in ups:
+            cache = u.get("cache")
+            v = _num(cache.get(key)) if isinstance(cache, Mapping) else None
+            if v is not None:
+                lines.append(f"{fam}{_labels([('upstream', u['name'])])} {_fmt_value(v)}")
+
+
 def _render_snapshot(fams: _Families, snap: Mapping[str, Any]) -> None:
     ups = [u for u in (snap.get("upstreams") or []) if isinstance(u, Mapping) and u.get("name")]
     for fam, typ, help_, key in _UPSTREAM_GAUGES:
@@ -676,6 +697,8 @@ def _render_snapshot(fams: _Families, snap: Mapping[str, Any]) -> None:
                 lines.append(
                     f"gateway_upstream_capacity_tokens_per_second{_labels([('upstream', u['name'])])} {_fmt_value(v)}"
                 )
+
+    _render_cache(fams, ups)
 
     lines = fams.family("gateway_upstream_ejected", "gauge", "1 when the upstream is ejected.")
     if lines is not None:

@@ -101,7 +101,7 @@ _COLUMNS = (
     # header, align ("<" left / ">" right)
     ("NAME", "<"), ("PROVIDER", "<"), ("KIND", "<"), ("STATE", "<"), ("WEIGHT", ">"),
     ("INFLIGHT", ">"), ("TOK/S", ">"), ("TTFT", ">"), ("DECODE", ">"), ("CAPACITY", ">"),
-    ("SAT%", ">"), ("ERR/M", ">"), ("429/M", ">"), ("EJ", ">"),
+    ("SAT%", ">"), ("ERR/M", ">"), ("429/M", ">"), ("EJ", ">"), ("HIT%", ">"),
 )
 
 
@@ -129,7 +129,14 @@ def _row(u: dict[str, Any]) -> list[str]:
         fmt_rate(u.get("errors_per_min")),
         fmt_rate(u.get("rate_limited_per_min")),
         fmt_int(u.get("ejections")),
+        _hit(u.get("cache")),
     ]
+
+
+def _hit(cache: Any) -> str:
+    """Prefix-cache hit rate (prompt tokens reported cached / prompt tokens; routing/affinity.py), "-" when unknown."""
+    v = _num(cache.get("hit_rate")) if isinstance(cache, dict) else None
+    return "-" if v is None else f"{100 * v:.0f}%"
 
 
 def render(snap: dict[str, Any], *, url: str = "", color: bool = False, width: int | None = None) -> str:
