@@ -99,15 +99,16 @@ class Router:
         that meets them) but never the hard limits: slots, rate limits, health.
         """
         cands = self._candidates(pool, ctx, exclude)
+        # Affinity ranks only upstreams within their hard limits (and its own bounded-load rule); class admission
+        # then applies the class's limits, judging TTFT targets by the tokens each upstream would have to prefill.
+        if self.affinity is not None and self.affinity.enabled(pool, ctx):
+            ctx.predicted_cached = self.affinity.predict(pool, cands, ctx)
         if not best_effort:
             cands = self.classes.admit(pool, cands, ctx)
             if not cands:
                 raise Refusal(
                     "class_limited", f"no upstream for model {pool.model!r} can serve the {ctx.service_class} class within its targets now"
                 )
-        # After the hard limits and the class admission: affinity only ranks upstreams that may take the request.
-        if self.affinity is not None and self.affinity.enabled(pool, ctx):
-            ctx.predicted_cached = self.affinity.predict(pool, cands, ctx)
         return STRATEGIES[pool.strategy](pool, cands, ctx)
 
     def _candidates(self, pool: Pool, ctx: RequestContext, exclude: frozenset[str]) -> list[UpstreamStats]:

@@ -4,10 +4,10 @@ cache tells them apart) over loopback, the real openai SDK as the client, the en
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import aiohttp
-import openai
 import pytest
 
 from gateway.config import FleetConfig, ModelConfig, UpstreamConfig
@@ -36,42 +36,51 @@ def twin_fleet(ports: dict[str, int], affinity: bool) -> FleetConfig:
     return FleetConfig(upstreams=ups, models={"m": ModelConfig(upstreams=list(ups), strategy="throughput", affinity=affinity)})
 
 
-async def converse(client: openai.AsyncOpenAI, salt: int, turns: int, key: str | None) -> list[tuple[str, int, int]]:
+async def ask(http: aiohttp.ClientSession, url: str, msgs: list[dict], max_tokens: int = 8, **extra: Any) -> tuple[str, int, int, str]:
+    """A streamed chat completion (streams give the gateway real TTFT and decode samples);
+    (upstream that served it, prompt tokens, cached tokens, answer)."""
+    body = {"model": "m", "messages": msgs, "max_tokens": max_tokens, "stream": True,
+            "stream_options": {"include_usage": True}, **extra}
+    async with http.post(url + "/v1/chat/completions", json=body) as r:
+        assert r.status == 200, await r.text()
+        upstream = r.headers["x-gateway-upstream"]
+        answer, usage = "", None
+        async for line in r.content:
+            if not line.startswith(b"data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices"):
+                answer += chunk["choices"][0]["delta"].get("content") or ""
+            usage = chunk.get("usage") or usage
+    assert usage is not None and usage["prompt_tokens_details"] is not None
+    return upstream, usage["prompt_tokens"], usage["prompt_tokens_details"]["cached_tokens"], answer
+
+
+async def converse(http: aiohttp.ClientSession, url: str, salt: int, turns: int, key: str | None) -> list[tuple[str, int, int]]:
     """One conversation: a 1,200-word system prompt of its own, growing history; (upstream, prompt, cached) per turn."""
     msgs: list[Any] = [{"role": "system", "content": f"You are assistant {salt}. " + text(1200, salt)}]
     out = []
     for t in range(turns):
         msgs.append({"role": "user", "content": f"turn {t}: " + text(20, salt + t)})
         extra = {"prompt_cache_key": key} if key else {}
-        raw = await client.chat.completions.with_raw_response.create(model="m", messages=msgs, max_tokens=8, extra_body=extra)
-        r = raw.parse()
-        assert r.usage is not None and r.usage.prompt_tokens_details is not None
-        out.append((raw.headers["x-gateway-upstream"], r.usage.prompt_tokens, r.usage.prompt_tokens_details.cached_tokens or 0))
-        msgs.append({"role": "assistant", "content": r.choices[0].message.content})
+        upstream, prompt, cached, answer = await ask(http, url, msgs, **extra)
+        out.append((upstream, prompt, cached))
+        msgs.append({"role": "assistant", "content": answer})
     return out
-
-
-async def run(start_sims: StartSims, start_gateway: StartGateway, affinity: bool) -> tuple[list, dict, dict]:
-    sims = await start_sims({"gpu-a": SIM, "gpu-b": SIM})
-    gw = await start_gateway(twin_fleet(sims.ports, affinity))
-    client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
-    try:
-        # Four conversations at once: the load they put on the engines makes a prefix-blind router alternate.
-        convs = await asyncio.gather(*(converse(client, 100 * i, 5, f"c{i}" if i % 2 else None) for i in range(4)))
-        async with aiohttp.ClientSession() as http, http.get(gw.url + "/v1/gateway/upstreams") as r:
-            snap = {u["name"]: u for u in (await r.json())["upstreams"]}
-    finally:
-        await client.close()
-    engines = {n: sims.apps[n]["sim"] for n in ("gpu-a", "gpu-b")}
-    assert all(isinstance(e, KvEngine) for e in engines.values())
-    hits = {n: (e.prefix_hits, e.prefix_queries) for n, e in engines.items()}
-    return convs, snap, hits
 
 
 async def test_multi_turn_conversations_stay_on_one_upstream_and_hit_its_cache(
     start_sims: StartSims, start_gateway: StartGateway
 ) -> None:
-    convs, snap, hits = await run(start_sims, start_gateway, affinity=True)
+    sims = await start_sims({"gpu-a": SIM, "gpu-b": SIM})
+    gw = await start_gateway(twin_fleet(sims.ports, True))
+    async with aiohttp.ClientSession() as http:
+        # Four conversations at once (two with a prompt_cache_key): their load makes a prefix-blind router alternate.
+        convs = await asyncio.gather(*(converse(http, gw.url, 100 * i, 5, f"c{i}" if i % 2 else None) for i in range(4)))
+        async with http.get(gw.url + "/v1/gateway/upstreams") as r:
+            snap = {u["name"]: u for u in (await r.json())["upstreams"]}
+        async with http.get(gw.url + "/metrics") as r:
+            metrics = await r.text()
     for turns in convs:
         assert len({u for u, _, _ in turns}) == 1, turns  # the whole conversation on one engine
         for (_, prev_prompt, _), (_, _, cached) in zip(turns, turns[1:]):
@@ -81,40 +90,37 @@ async def test_multi_turn_conversations_stay_on_one_upstream_and_hit_its_cache(
     seen = {n: s["cache"] for n, s in snap.items()}
     assert sum(c["cached_tokens"] for c in seen.values()) == total_cached
     assert all(c["requests"] > 0 and c["hit_rate"] > 0.5 and c["predicted_tokens"] > 0 for c in seen.values()), seen
-    assert all(c["ttft_miss_ms"] is None for c in seen.values())  # non-streamed: no TTFT split recorded
-    # The gateway's figures agree with the engines' own counters.
-    engine_rate = sum(h for h, _ in hits.values()) / sum(q for _, q in hits.values())
-    assert engine_rate > 0.6
+    assert all(c["ttft_hit_ms"] < c["ttft_miss_ms"] for c in seen.values()), seen  # TTFT split by hit / miss
+    for u, c in seen.items():  # the same figures on /metrics
+        assert f'gateway_upstream_prefix_cached_tokens_total{{upstream="{u}"}} {c["cached_tokens"]}' in metrics
+    # The engines' own counters agree.
+    engines = [sims.apps[n]["sim"] for n in ("gpu-a", "gpu-b")]
+    assert all(isinstance(e, KvEngine) for e in engines)
+    assert sum(e.prefix_hits for e in engines) == total_cached
 
 
-async def busy_turns(gw_url: str, affinity_on: bool) -> list[tuple[str, int, int]]:
+async def busy_turns(gw_url: str) -> list[tuple[str, int, int]]:
     """One conversation whose every later turn arrives while another request (a different prompt) runs on the
     engine the conversation started on: the load says 'go elsewhere', the cache says 'stay'."""
-    client = openai.AsyncOpenAI(base_url=gw_url + "/v1", api_key="x", max_retries=0)
     msgs: list[Any] = [{"role": "system", "content": "You are the busy one. " + text(1200, 7)}]
     out = []
-    try:
+    async with aiohttp.ClientSession() as http:
         for t in range(4):
             msgs.append({"role": "user", "content": f"turn {t}: " + text(20, t)})
             background = None
             if t > 0:
                 bg = [{"role": "user", "content": f"unrelated {t}"}]
-                background = asyncio.create_task(client.chat.completions.create(model="m", messages=bg, max_tokens=60))
-                async with aiohttp.ClientSession() as http:
-                    for _ in range(100):  # until the gateway dispatched it
-                        async with http.get(gw_url + "/v1/gateway/upstreams") as r:
-                            if sum(u["inflight"] for u in (await r.json())["upstreams"]):
-                                break
-                        await asyncio.sleep(0.02)
-            raw = await client.chat.completions.with_raw_response.create(model="m", messages=msgs, max_tokens=8)
-            r = raw.parse()
-            assert r.usage is not None and r.usage.prompt_tokens_details is not None
-            out.append((raw.headers["x-gateway-upstream"], r.usage.prompt_tokens, r.usage.prompt_tokens_details.cached_tokens or 0))
-            msgs.append({"role": "assistant", "content": r.choices[0].message.content})
+                background = asyncio.create_task(ask(http, gw_url, bg, max_tokens=60))
+                for _ in range(100):  # until the gateway dispatched it
+                    async with http.get(gw_url + "/v1/gateway/upstreams") as r:
+                        if sum(u["inflight"] for u in (await r.json())["upstreams"]):
+                            break
+                    await asyncio.sleep(0.02)
+            upstream, prompt, cached, answer = await ask(http, gw_url, msgs)
+            out.append((upstream, prompt, cached))
+            msgs.append({"role": "assistant", "content": answer})
             if background is not None:
                 await background
-    finally:
-        await client.close()
     return out
 
 
@@ -124,11 +130,10 @@ async def test_cache_outweighs_a_little_load_and_blind_routing_loses_it(
 ) -> None:
     sims = await start_sims({"gpu-a": SIM, "gpu-b": SIM})
     gw = await start_gateway(twin_fleet(sims.ports, affinity))
-    turns = await busy_turns(gw.url, affinity)
+    turns = await busy_turns(gw.url)
     first = turns[0][0]
     if affinity:
         assert all(u == first for u, _, _ in turns), turns
         assert all(c >= 1200 for _, _, c in turns[1:]), turns
-    else:  # the same workload with affinity off (the pool's config switch): each turn flees the busy engine
-        assert all(u != first for u, _, _ in turns[1:]), turns
-        assert turns[1][2] == 0, turns  # a full prefill: the other engine never saw this conversation
+    else:  # the same workload with affinity off (the pool's config switch): the turn flees the busy engine
+        assert turns[1][0] != first and turns[1][2] == 0, turns  # a full prefill: that engine never saw it
