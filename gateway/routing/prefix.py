@@ -16,6 +16,7 @@ processes (blake2b, not Python's salted hash()) so gateway replicas can share an
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from array import array
 from collections.abc import Sequence
@@ -54,7 +55,20 @@ def _content_text(content: Any) -> str:
 
 
 def _encode(text: str) -> list[int]:
+    if len(text) >= _CACHE_MIN_CHARS:
+        return list(_encode_cached(text))
     return tokens.encoding().encode_ordinary(text) if text else []
+
+
+#: Messages at least this long are tokenized once and remembered: a conversation resends its system prompt and
+#: history every turn, and tenants share system prompts, so most of a prompt's text was seen before.
+_CACHE_MIN_CHARS = 512
+
+
+@functools.lru_cache(maxsize=1024)
+def _encode_cached(text: str) -> array:
+    """Token ids of a long message, 4 bytes each (1024 entries of a few thousand tokens: a few MB)."""
+    return array("I", tokens.encoding().encode_ordinary(text))
 
 
 #: Characters encoded per token wanted when a limit applies (tokens of English text average ~4 characters).
