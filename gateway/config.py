@@ -52,6 +52,7 @@ class CapacityHint(BaseModel):
     a: float = Field(0.02, gt=0)
     b: float = Field(0.0, ge=0)
     ttft: float = Field(0.2, ge=0, description="seconds to first token at low load")
+    prefill: float = Field(0.0, ge=0, description="extra seconds to first token per prompt token to prefill")
 
 
 class UpstreamConfig(BaseModel):
@@ -90,6 +91,10 @@ class UpstreamConfig(BaseModel):
         if v is not None and not _ENGINE.match(v):
             raise ValueError("must be a lower-case name such as vllm, sglang, tgi, llama.cpp, ollama")
         return v
+    #: KV-cache affinity (routing/affinity.py): prompt tokens the engine's prefix cache holds (None: the engine's
+    #: reported KV size, else a default) and the prompt size from which a hosted provider caches prompts.
+    prefix_cache_tokens: int | None = Field(None, ge=16)
+    prompt_cache_min_tokens: int | None = Field(None, ge=0)
 
     @field_validator("base_url")
     @classmethod
@@ -149,6 +154,8 @@ class ModelConfig(BaseModel):
     #: A request parameter the serving upstream cannot honour is dropped (and listed in the response header
     #: x-gateway-dropped-params) instead of answered with a 400 naming it (gateway/upstream/policy.py).
     drop_unsupported_params: bool = False
+    #: KV-cache affinity in the throughput strategy's score (routing/affinity.py); false: prefix-blind.
+    affinity: bool = True
 
     @model_validator(mode="after")
     def _classes(self) -> ModelConfig:

@@ -19,6 +19,7 @@ from gateway.periodic import Periodic
 from gateway.proxy import Proxy
 from gateway.reliability.outlier import HealthChecker, OutlierDetector
 from gateway.reliability.verdicts import Verdicts
+from gateway.routing.affinity import Affinity
 from gateway.routing.router import Router
 from gateway.settings import Settings
 from gateway.state.fleet import Fleet
@@ -49,17 +50,20 @@ class Runtime:
             pools=[p.cfg.upstreams for p in self.fleet.pools.values()],
         )
         self.router = Router(self.fleet, self.health, s.queue_max, s.queue_timeout, s.routing_sample_above)
+        self.affinity = self.router.affinity = Affinity(self.fleet)
         self.sync = FleetSync(self.fleet, s.replica_id, s.redis_url, s.redis_prefix, s.flush_interval)
         self.responses = ResponseStore(self.sync.redis, s.redis_prefix, s.responses_ttl)
         self.client = UpstreamClient(s.connect_timeout, s.max_response_bytes, s.max_event_bytes)
         self.hooks = Hooks()
         self.slo = SloTracker(self.fleet)
         # Order matters where one reads what another wrote: measurement first, SLO verdicts before tracing.
-        subscribers = (Measurement(), Verdicts(self.health, self.sync), self.slo, Tracing(self.telemetry), Metrics(self.telemetry))
+        subscribers = (
+            Measurement(), Verdicts(self.health, self.sync), self.slo, self.affinity, Tracing(self.telemetry), Metrics(self.telemetry)
+        )
         for sub in subscribers:
             self.hooks.subscribe(sub)
         self.proxy = Proxy(s, self.fleet, self.router, self.client, self.hooks)
-        self.scraper = EngineMetricsScraper(self.fleet)
+        self.scraper = EngineMetricsScraper(self.fleet, affinity=self.affinity)
         self.keys = KeyStore(self.sync.redis, s.redis_prefix, s.api_key_refresh_interval, lambda: self.sync.replicas)
         self.checker = (
             HealthChecker(self.fleet.upstreams, self.health, s.health_check_interval, s.health_check_timeout, s.eject_probe_interval)

@@ -18,6 +18,7 @@ _MAX_INT = 2**31 - 1
 #: character on the event loop, so a 4 MB prompt would stall every other request for ~2 s.
 _TOKENIZE_MAX_BYTES = 64 * 1024
 _MAX_MODEL_NAME = 256
+_MAX_KEY = 512  # prompt_cache_key, user, X-Session-Id
 
 
 def _require(cond: bool, message: str, param: str) -> None:
@@ -44,6 +45,9 @@ def _validate_common(body: dict) -> None:
         _require(
             v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)), f"'{k}' must be a number", k
         )
+    for k in ("prompt_cache_key", "user"):
+        v = body.get(k)
+        _require(v is None or (isinstance(v, str) and len(v) <= _MAX_KEY), f"'{k}' must be a string of at most {_MAX_KEY} characters", k)
     so = body.get("stream_options")
     _require(so is None or isinstance(so, dict), "'stream_options' must be an object", "stream_options")
     stop = body.get("stop")
@@ -125,9 +129,25 @@ def build_context(
         path=path,
         service_class=service_class or "",
         class_source=source,
+        cache_key=cache_key(hdrs, body),
         request_id=rid,
         response_headers={"x-request-id": rid},
     )
+
+
+def cache_key(headers: Mapping[str, str], body: dict) -> str | None:
+    """The client's name for the conversation, for KV-cache stickiness (routing/affinity.py): OpenAI's
+    `prompt_cache_key` (made for exactly this), an `X-Session-Id` header, else `user` (OpenAI's end-user id;
+    Anthropic's `metadata.user_id` arrives as `user`). Namespaced by source, so equal strings of different
+    meanings do not collide. None: the prompt's prefix hashes alone decide."""
+    if isinstance(body.get("prompt_cache_key"), str) and body["prompt_cache_key"]:
+        return "k:" + body["prompt_cache_key"]
+    sid = headers.get("x-session-id") or headers.get("X-Session-Id")
+    if sid and len(sid) <= _MAX_KEY:
+        return "s:" + sid
+    if isinstance(body.get("user"), str) and body["user"]:
+        return "u:" + body["user"]
+    return None
 
 
 def request_id(headers: Mapping[str, str]) -> str:

@@ -143,6 +143,10 @@ def _outcome_attrs(ctx: RequestContext, a: Attempt) -> dict[str, Any]:
         input_tokens=out.input_tokens, output_tokens=out.output_tokens,
         ttfc_s=out.first_at - a.t0 if ctx.stream and out.first_at is not None else None,
     )
+    predicted = a.extras.get("affinity_predicted")  # routing/affinity.py: what the prefix index expected
+    if predicted is not None or out.cached_tokens:
+        attrs["gen_ai.usage.cache_read.input_tokens"] = out.cached_tokens
+        attrs["gateway.cache.predicted_tokens"] = predicted or 0
     if out.first_at and out.last_at and out.output_tokens > 1 and out.last_at > out.first_at:
         attrs[T.ATTR_OUTPUT_TOKENS_PER_SECOND] = round((out.output_tokens - 1) / (out.last_at - out.first_at), 2)
     return attrs

@@ -690,6 +690,26 @@ def _upstream_families(ups: list[Mapping[str, Any]]) -> Iterator[Metric]:
             ejections.add_sample("gateway_upstream_ejections_total", {"upstream": str(u["name"])}, v)
     yield from (cap, ejected, state, ejections)
     yield from _limit_families(ups)
+    yield from _cache_families(ups)
+
+
+#: KV-cache affinity figures per upstream (routing/affinity.py, the snapshot's "cache" object), this replica's.
+_CACHE_SERIES = (
+    ("gateway_upstream_prefix_cache_hit_ratio", "gauge", "Prompt tokens the upstream reported cached / prompt tokens.", "hit_rate"),
+    ("gateway_upstream_prefix_cached_tokens", "counter", "Prompt tokens the upstream reported cached.", "cached_tokens"),
+    ("gateway_upstream_prefix_predicted_tokens", "counter", "Prompt tokens the prefix index predicted cached.", "predicted_tokens"),
+    ("gateway_upstream_engine_prefix_cache_hit_ratio", "gauge", "The engine's own prefix-cache hit rate (vLLM metrics).", "engine_hit_rate"),
+)
+
+
+def _cache_families(ups: list[Mapping[str, Any]]) -> Iterator[Metric]:
+    for name, kind, help_, key in _CACHE_SERIES:
+        fam = Metric(name, help_, kind)
+        for u in ups:
+            cache = u.get("cache")
+            if isinstance(cache, Mapping) and (v := _num(cache.get(key))) is not None:
+                fam.add_sample(name + ("_total" if kind == "counter" else ""), {"upstream": str(u["name"])}, v)
+        yield fam
 
 
 def _limit_families(ups: list[Mapping[str, Any]]) -> Iterator[Metric]:

@@ -51,7 +51,7 @@ class CapacityCurve:
         self.a = hint.a
         self.b = hint.b
         self.ttft = hint.ttft  # TTFT level at the mean prompt size seen
-        self.prefill = 0.0  # extra TTFT seconds per prompt token (prefill), fitted when prompt sizes vary
+        self.prefill = hint.prefill  # extra TTFT seconds per prompt token (prefill), fitted when prompt sizes vary
         self._mean_prompt = 0.0
         self.samples = 0
 
@@ -133,8 +133,10 @@ class CapacityCurve:
             var = tpp / wd - mp * mp
             mean_t = (tt - w0 * h.ttft) / wd
             cov = tpt / wd - mp * mean_t
-            # Only with a real spread of prompt sizes; shrunk towards 0 when the spread is small.
-            self.prefill = max(0.0, cov / (var + 100.0**2)) if var > 1.0 else 0.0
+            # Only with a real spread of prompt sizes; shrunk towards the hint (often 0) when the spread is small.
+            # Prompt sizes are the tokens the engine had to prefill (cached ones excluded: measure.py).
+            k = 100.0**2
+            self.prefill = max(0.0, (cov + k * h.prefill) / (var + k)) if var > 1.0 else h.prefill
             self._mean_prompt = mp
 
     def snapshot(self) -> dict:

@@ -109,7 +109,9 @@ class ClassPolicy:
         return self._batch(pool, list(cands), ctx)
 
     def _fits_targets(self, u: UpstreamStats, cls: ServiceClass, ctx: RequestContext) -> bool:
-        if not meets_ttft(u, cls, ctx.est.prompt_tokens):
+        # TTFT depends on the tokens to prefill: prompt tokens the upstream probably caches cost none (affinity.py).
+        cached = ctx.predicted_cached.get(u.name, 0) if ctx.predicted_cached else 0
+        if not meets_ttft(u, cls, ctx.est.prompt_tokens - cached):
             return False
         limit = interactive_limit(u, cls)
         return limit > 0 and u.has_slot(limit)

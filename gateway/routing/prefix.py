@@ -16,6 +16,7 @@ processes (blake2b, not Python's salted hash()) so gateway replicas can share an
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from array import array
 from collections.abc import Sequence
@@ -54,10 +55,40 @@ def _content_text(content: Any) -> str:
 
 
 def _encode(text: str) -> list[int]:
+    if len(text) >= _CACHE_MIN_CHARS:
+        return list(_encode_cached(text))
     return tokens.encoding().encode_ordinary(text) if text else []
 
 
-def prompt_token_ids(body: dict[str, Any]) -> list[int]:
+#: Messages at least this long are tokenized once and remembered: a conversation resends its system prompt and
+#: history every turn, and tenants share system prompts, so most of a prompt's text was seen before.
+_CACHE_MIN_CHARS = 512
+
+
+@functools.lru_cache(maxsize=1024)
+def _encode_cached(text: str) -> array:
+    """Token ids of a long message, 4 bytes each (1024 entries of a few thousand tokens: a few MB)."""
+    return array("I", tokens.encoding().encode_ordinary(text))
+
+
+#: Characters encoded per token wanted when a limit applies (tokens of English text average ~4 characters).
+_CHARS_PER_TOKEN_BOUND = 8
+#: Tokens dropped at a cut: the tokenizer's merges at the cut may differ from the full text's (one word's worth).
+_CUT_MARGIN = 8
+
+
+def _encode_bounded(text: str, want: int) -> tuple[list[int], bool]:
+    """Encode at most ~`want` tokens of `text`; (ids, cut). A cut drops the last few tokens, which may differ
+    from the full text's tokenization, so the ids returned are always a prefix of the full encoding's."""
+    chars = want * _CHARS_PER_TOKEN_BOUND + 16 * _CUT_MARGIN
+    cut = len(text) > chars
+    if not cut:
+        return _encode(text), False
+    ids = _encode(text[:chars])
+    return ids[: max(0, min(want, len(ids) - _CUT_MARGIN))], True
+
+
+def prompt_token_ids(body: dict[str, Any], limit: int | None = None) -> list[int]:
     """Token ids of a request's prompt (OpenAI chat / completions body; a top-level Anthropic `system` too).
 
     Chat messages are rendered as `<|role|>\\n content \\n` and encoded *one message at a time*, then
@@ -65,7 +96,12 @@ def prompt_token_ids(body: dict[str, Any]) -> list[int]:
     next request shares the previous one's blocks (tokenizing the joined text could merge tokens across a
     message boundary). The exact ids differ from the served model's chat template; what matters is that
     the gateway and the simulator agree and that prefixes stay prefixes.
+
+    `limit`: return only (about) the first `limit` tokens, a prefix of the full list, encoding no more text than
+    that needs (the router hashes long prompts at bounded cost); None: all of them.
     """
+    if limit is not None:
+        return _bounded_ids(body, limit)
     ids: list[int] = []
     system = body.get("system")
     if system is not None:
@@ -87,6 +123,26 @@ def prompt_token_ids(body: dict[str, Any]) -> list[int]:
         if isinstance(prompt[0], list):
             return ids + [t for t in prompt[0] if isinstance(t, int) and 0 <= t < 2**32]
     return ids
+
+
+def _bounded_ids(body: dict[str, Any], limit: int) -> list[int]:
+    """prompt_token_ids(body)[:~limit] for chat bodies without encoding past the limit (other shapes: their
+    first `limit` ids, as prompt strings are encoded in one piece anyway and token arrays cost nothing)."""
+    msgs = body.get("messages")
+    if not isinstance(msgs, list):
+        return prompt_token_ids(body)[:limit]
+    parts: list[str] = []
+    system = body.get("system")
+    if system is not None:
+        parts.append(f"<|system|>\n{_content_text(system)}\n")
+    parts += [f"<|{m.get('role', 'user')}|>\n{_content_text(m.get('content'))}\n" for m in msgs if isinstance(m, dict)]
+    ids: list[int] = []
+    for text in parts:
+        more, cut = _encode_bounded(text, limit - len(ids))
+        ids += more
+        if cut or len(ids) >= limit:
+            break
+    return ids[:limit]
 
 
 def prompt_block_hashes(body: dict[str, Any], block_size: int = BLOCK_SIZE) -> tuple[int, list[int]]:

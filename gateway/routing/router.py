@@ -23,6 +23,7 @@ from gateway.context import DEFAULT_OUTPUT_TOKENS, Estimate, RequestContext
 from gateway.errors import GatewayError
 from gateway.reliability.outlier import OutlierDetector
 from gateway.routing import candidates
+from gateway.routing.affinity import Affinity
 from gateway.routing.classes import ClassPolicy
 from gateway.state.fleet import Fleet, Pool
 from gateway.state.stats import UpstreamStats
@@ -72,19 +73,25 @@ def error_adjusted(gain: float, p_success: float) -> float:
     return gain - 2.0 * (1.0 - p_success) * abs(gain)
 
 
-def throughput_gain(u: UpstreamStats, est: Estimate) -> float:
+def throughput_gain(u: UpstreamStats, est: Estimate, cached: int = 0) -> float:
+    """Aggregate output tok/s the request adds on `u`: its own rate minus what it costs the running batch.
+
+    `cached`: prompt tokens `u` probably holds in its prefix cache (routing/affinity.py). They are not prefilled,
+    which shortens the request's TTFT (a higher own rate) and the stall its prefill causes the running batch.
+    """
     c = u.curve
     n = u.load
     t0, t1 = c.tpot(n), c.tpot(n + 1)
     m = max(1, est.output_tokens)
-    duration = c.ttft_for(est.prompt_tokens) + m * t1
+    prefill = max(0, est.prompt_tokens - cached)
+    duration = c.ttft_for(prefill) + m * t1
     own = m / duration
     if n >= u.cfg.max_concurrency:  # past the engine's slots the request would only queue there
         return 0.0
     ext = n * (1.0 / t0 - 1.0 / t1) if n > 0 else 0.0
     if n > 0 and u.cfg.kind == "gpu":
         # Its prefill stalls the running batch: tokens lost, spread over the request's lifetime.
-        ext += (n / t0) * c.prefill * est.prompt_tokens / duration
+        ext += (n / t0) * c.prefill * prefill / duration
     return own - ext
 
 
@@ -104,6 +111,8 @@ class Router:
         self.queue_timeout = queue_timeout
         self._queues: dict[str, deque[_Waiter]] = {m: deque() for m in fleet.pools}
         self.classes = ClassPolicy()
+        #: The replica's prefix index (KV-cache affinity); None: routing never looks at the prompt.
+        self.affinity: Affinity | None = None
 
     # ---- choosing --------------------------------------------------------------------------------------------
     def pick(self, pool: Pool, ctx: RequestContext, exclude: frozenset[str] = frozenset(), best_effort: bool = False) -> Decision:
@@ -128,7 +137,13 @@ class Router:
         return self._choose(pool, cands, ctx)
 
     def _admitted(self, pool: Pool, cands: list[UpstreamStats], ctx: RequestContext, best_effort: bool) -> list[UpstreamStats]:
-        return cands if best_effort or not cands else self.classes.admit(pool, cands, ctx)
+        """Affinity ranks the upstreams within their hard limits (with its own bounded-load rule); class admission
+        then applies the class's limits, judging TTFT targets by the tokens each upstream would have to prefill."""
+        if not cands:
+            return cands
+        if self.affinity is not None and self.affinity.enabled(pool, ctx):
+            ctx.predicted_cached = self.affinity.predict(pool, cands, ctx)
+        return cands if best_effort else self.classes.admit(pool, cands, ctx)
 
     def _choose(self, pool: Pool, cands: list[UpstreamStats], ctx: RequestContext) -> Decision:
         return STRATEGIES[pool.strategy](pool, cands, ctx, self.health.success_probability)
@@ -351,11 +366,14 @@ def _throughput(pool: Pool, cands: list[UpstreamStats], ctx: RequestContext, odd
         d = _least_busy(pool, cands, ctx, odds)
         d.strategy = "throughput"
         return d
-    scores = {u.name: error_adjusted(throughput_gain(u, est), odds(u)) * u.weight for u in cands}
+    cached = ctx.predicted_cached or {}
+    scores = {u.name: error_adjusted(throughput_gain(u, est, cached.get(u.name, 0)), odds(u)) * u.weight for u in cands}
     # Work-conserving: every candidate has a free slot, so even a negative best gain is dispatched (the least
     # harmful place); requests wait in the gateway only when no upstream has a slot or rate-limit headroom.
     best = max(cands, key=lambda u: scores[u.name])
-    return Decision(best, "throughput", f"max marginal gain {scores[best.name]:.1f} tok/s", scores)
+    hit = cached.get(best.name, 0)
+    why = f"max marginal gain {scores[best.name]:.1f} tok/s" + (f", ~{hit} prompt tokens cached" if hit else "")
+    return Decision(best, "throughput", why, scores)
 
 
 def _weighted(pool: Pool, cands: list[UpstreamStats], ctx: RequestContext, odds: SuccessOdds) -> Decision:

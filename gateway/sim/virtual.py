@@ -120,14 +120,17 @@ def closed_loop(cfg: SimConfig, workers: int, prompt_tokens: int, max_tokens: in
 
 
 def capacity_hint(cfg: SimConfig, prompt_tokens: int = 256, max_tokens: int = 128) -> dict[str, float]:
-    """Seed {a, b, ttft} for t(n) = a + b*n seconds per output token of one sequence, fitted through the
-    closed-loop figures at 1 and at `slots`/2 concurrent sequences."""
+    """Seed {a, b, ttft, prefill} for t(n) = a + b*n seconds per output token of one sequence, fitted through
+    the closed-loop figures at 1 and at `slots`/2 concurrent sequences; `prefill`: TTFT seconds per prompt
+    token, from an idle engine's TTFT at `prompt_tokens` and at 8x that (what prefix-cache hits save)."""
     n2 = max(2, cfg.slots // 2)
     one = closed_loop(cfg, 1, prompt_tokens, max_tokens, requests=3, warmup=1)
     half = closed_loop(cfg, n2, prompt_tokens, max_tokens, requests=2 * n2, warmup=n2)
+    long = closed_loop(cfg, 1, 8 * prompt_tokens, max_tokens, requests=3, warmup=1)
     t1, t2 = 1.0 / one.tok_s, n2 / half.tok_s
     b = max(0.0, (t2 - t1) / (n2 - 1))
-    return {"a": round(max(1e-4, t1 - b), 6), "b": round(b, 7), "ttft": round(one.ttft, 4)}
+    prefill = max(0.0, (long.ttft - one.ttft) / (7 * prompt_tokens))
+    return {"a": round(max(1e-4, t1 - b), 6), "b": round(b, 7), "ttft": round(one.ttft, 4), "prefill": round(prefill, 9)}
 
 
 def tok_s_curve(cfg: SimConfig, max_workers: int, prompt_tokens: int, max_tokens: int,

@@ -122,16 +122,19 @@ def finish(u: UpstreamStats, out: Outcome, *, stream: bool, prompt_tokens: int, 
     if out.first_at is None or out.output_tokens < 2:
         return used
     ttft = out.first_at - t0
+    # What the engine prefilled: prefix-cache hits cost it (almost) nothing.
+    prefilled = max(0, prompt_tokens - out.cached_tokens)
     if stream:
         tpot = (out.last_at - out.first_at) / (out.output_tokens - 1)  # type: ignore[operator]
     else:  # one latency only: attribute the known TTFT level, the rest is decode (if that is clear)
-        ttft = u.curve.ttft
+        ttft = u.curve.ttft_for(prefilled)
         decode = out.last_at - t0 - ttft  # type: ignore[operator]
         if decode < 0.5 * (out.last_at - t0):  # type: ignore[operator]
             return used
         tpot = decode / out.output_tokens
     out.ttft = ttft
-    u.record_sample(Sample(time.time(), n_mean, tpot, ttft, prompt_tokens, out.output_tokens))
+    # A non-streamed TTFT is the curve's own level, not a measurement: it must not flatten the prefill slope.
+    u.record_sample(Sample(time.time(), n_mean, tpot, ttft if stream else -1.0, prefilled, out.output_tokens))
     return used
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from typing import Protocol
+from typing import Any, Protocol
 
 from gateway.config import UpstreamConfig
 from gateway.routing.capacity import CapacityCurve, Sample
@@ -107,6 +107,8 @@ class UpstreamStats:
         self.tok_since_refresh = 0
         self.decode_tok_s = 0.0
         # Outlier ejection state is owned by reliability/outlier.py (OutlierDetector), not kept here.
+        #: routing.affinity.UpstreamAffinity when the replica keeps a prefix index (its figures join the snapshot).
+        self.affinity: Any = None
 
     # ---- request path -------------------------------------------------------------------------------------
     @property
@@ -325,4 +327,5 @@ class UpstreamStats:
             "success_rate": round(health.success_probability(self), 3) if health is not None else 1.0,
             "capacity": self.curve.snapshot(),
             "limits": {"rpm": c.rpm, "tpm": c.tpm, "rpm_used": self.used_req_60, "tpm_used": self.used_tok_60},
+            **({"cache": self.affinity.snapshot()} if self.affinity is not None else {}),
         }

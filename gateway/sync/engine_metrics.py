@@ -7,6 +7,10 @@ Cost per tick is bounded: up to PER_TICK servers are scraped every tick. A large
 servers that are busy (gateway requests in flight or external load seen), and fills the rest of the budget with
 the idle ones in rotation, so an idle server's external load is still seen within len(idle)/room ticks (300 idle
 servers: ~10 s) while a replica does not parse hundreds of metrics pages a second.
+
+vLLM's prefix-cache state feeds the KV-cache affinity index (routing/affinity.py): the KV capacity
+(`vllm:cache_config_info`: num_gpu_blocks * block_size) sizes the index, and the prefix-cache counters
+(`vllm:prefix_cache_queries_total` / `_hits_total`) give the engine's own hit rate beside the index's.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import re
 import aiohttp
 
 from gateway.periodic import Periodic
+from gateway.routing.affinity import Affinity
 from gateway.state.fleet import Fleet
 from gateway.state.stats import UpstreamStats
 
@@ -28,6 +33,9 @@ _WAITING = ("vllm:num_requests_waiting", "sglang:num_queue_reqs")
 _FAMILIES = _RUNNING + _WAITING
 PER_TICK = 32
 _LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eEinfNa]+)")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+_CACHE_QUERIES = ("vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total")
+_CACHE_HITS = ("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total")
 
 
 def parse_load(text: str) -> tuple[float, float] | None:
@@ -50,12 +58,40 @@ def parse_load(text: str) -> tuple[float, float] | None:
     return (running, waiting) if seen else None
 
 
+def parse_cache(text: str) -> tuple[int | None, tuple[float, float] | None]:
+    """(KV capacity in tokens from cache_config_info, (prefix-cache queries, hits) counters); None where absent."""
+    capacity: int | None = None
+    queries = hits = 0.0
+    seen = False
+    for line in text.splitlines():
+        if not line.startswith("vllm:"):
+            continue
+        m = _LINE.match(line)
+        if not m:
+            continue
+        name = m.group(1)
+        if name == "vllm:cache_config_info" and m.group(2):
+            labels = dict(_LABEL.findall(m.group(2)))
+            try:
+                capacity = int(labels["num_gpu_blocks"]) * int(labels["block_size"])
+            except (KeyError, ValueError):
+                pass
+        elif name in _CACHE_QUERIES:
+            queries += float(m.group(3))
+            seen = True
+        elif name in _CACHE_HITS:
+            hits += float(m.group(3))
+            seen = True
+    return capacity, ((queries, hits) if seen else None)
+
+
 class EngineMetricsScraper:
-    def __init__(self, fleet: Fleet, interval: float = 1.0, per_tick: int = PER_TICK) -> None:
+    def __init__(self, fleet: Fleet, interval: float = 1.0, per_tick: int = PER_TICK, affinity: Affinity | None = None) -> None:
         self.targets = [u for u in fleet.upstreams.values() if u.cfg.metrics_url]
         self.interval = interval
         self.per_tick = per_tick
         self._cursor = 0
+        self.affinity = affinity
         self._loop = Periodic("engine-metrics", interval, self.scrape_all, immediate=True)
         self._session: aiohttp.ClientSession | None = None
 
@@ -96,10 +132,24 @@ class EngineMetricsScraper:
             async with self._session.get(u.cfg.metrics_url) as r:
                 if r.status != 200:
                     return
-                load = parse_load(await r.text())
+                text = await r.text()
+                load = parse_load(text)
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
             u.external_load = 0.0  # unknown: plan with our own counts only
             return
         if load is not None:
             running, waiting = load
-            u.external_load = max(0.0, running + waiting - inflight)
+            # A request dispatched while the page was fetched is counted by the engine but not in `inflight`:
+            # subtract the larger of the counts before and after, so it does not show as a phantom external load.
+            u.external_load = max(0.0, running + waiting - max(inflight, u.inflight))
+        if self.affinity is not None:
+            self._cache_state(u, text)
+
+    def _cache_state(self, u: UpstreamStats, text: str) -> None:
+        assert self.affinity is not None
+        ua = self.affinity.upstreams[u.name]
+        capacity, counters = parse_cache(text)
+        if capacity is not None:
+            ua.engine_capacity(capacity)
+        if counters is not None:
+            ua.engine_counters(*counters)

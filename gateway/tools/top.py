@@ -102,7 +102,7 @@ _COLUMNS = (
     # header, align ("<" left / ">" right)
     ("NAME", "<"), ("PROVIDER", "<"), ("KIND", "<"), ("STATE", "<"), ("WEIGHT", ">"),
     ("INFLIGHT", ">"), ("TOK/S", ">"), ("TTFT", ">"), ("DECODE", ">"), ("CAPACITY", ">"),
-    ("SAT%", ">"), ("ERR/M", ">"), ("429/M", ">"), ("EJ", ">"),
+    ("SAT%", ">"), ("ERR/M", ">"), ("429/M", ">"), ("EJ", ">"), ("HIT%", ">"),
 )
 
 
@@ -130,6 +130,7 @@ def _row(u: dict[str, Any]) -> list[str]:
         fmt_rate(u.get("errors_per_min")),
         fmt_rate(u.get("rate_limited_per_min")),
         fmt_int(u.get("ejections")),
+        _hit(u.get("cache")),
     ]
 
 
@@ -155,6 +156,12 @@ def _batch_lines(batches: Any) -> list[str]:
                        f"{fmt_int(b.get('failed'))}  {fmt_int(b.get('pending'))}  {fmt_rate(b.get('tokens_per_second'))}  "
                        f"{'-' if eta is None else f'{eta:.0f}s'}")
     return out
+
+
+def _hit(cache: Any) -> str:
+    """Prefix-cache hit rate (prompt tokens reported cached / prompt tokens; routing/affinity.py), "-" when unknown."""
+    v = _num(cache.get("hit_rate")) if isinstance(cache, dict) else None
+    return "-" if v is None else f"{100 * v:.0f}%"
 
 
 def render(snap: dict[str, Any], *, url: str = "", color: bool = False, width: int | None = None) -> str:

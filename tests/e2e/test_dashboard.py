@@ -122,10 +122,11 @@ async def test_top_once_prints_table(gateway_stub: GatewayStub, capsys: pytest.C
         assert col in header
     fast = next(ln for ln in lines if ln.startswith("fast-gpu")).split()
     assert fast == ["fast-gpu", "openai", "gpu", "healthy", "1.00", "12/64", "812.5", "83ms",
-                    "70.2", "2500", "32%", "0.00", "0.00", "0"]
+                    "70.2", "2500", "32%", "0.00", "0.00", "0", "-"]
     slow = next(ln for ln in lines if ln.startswith("slow-cpu")).split()
     assert slow == ["slow-cpu", "azure", "cpu", "ejected", "0.25", "0/8", "41.3", "-",
-                    "-", "learning", "-", "6.50", "2.00", "3"]
+                    "-", "learning", "-", "6.50", "2.00", "3", "-"]
+    assert top._hit({"hit_rate": 0.625}) == "62%" and top._hit(None) == "-"
     # columns line up: every row as wide as the header's columns
     assert lines.index(header) < [i for i, ln in enumerate(lines) if ln.startswith("fast-gpu")][0]
 
