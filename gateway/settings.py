@@ -17,7 +17,10 @@ from gateway.upstream.headers import DEFAULT_FORWARD, check_forward_list
 DEFAULT_FLEET = Path(__file__).with_name("default_fleet.yaml")
 ENV_PREFIX = "GATEWAY_"
 #: GATEWAY_* variables read by the command-line tools, not by the server (`gateway top`, `gateway bench`).
-TOOL_ENV_VARS = frozenset({"GATEWAY_URL", "GATEWAY_BENCH_REDIS_URL"})
+TOOL_ENV_VARS = frozenset({
+    "GATEWAY_URL", "GATEWAY_BENCH_REDIS_URL", "GATEWAY_BENCH_SCALING_QUALITY", "GATEWAY_BENCH_SCALING_REPLICAS",
+    "GATEWAY_BENCH_SCALING_UPSTREAMS",
+})
 
 
 def _replica_id() -> str:
