@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 ProviderKind = Literal["openai", "azure", "anthropic"]
 UpstreamKind = Literal["gpu", "hosted"]
-STRATEGIES = ("throughput", "weighted", "round_robin", "least_busy", "lowest_latency")
+STRATEGIES = ("throughput", "weighted", "round_robin", "least_busy", "lowest_latency", "cost")
 
 
 class CapacityHint(BaseModel):
@@ -21,6 +21,40 @@ class CapacityHint(BaseModel):
     a: float = Field(0.02, gt=0)
     b: float = Field(0.0, ge=0)
     ttft: float = Field(0.2, ge=0, description="seconds to first token at low load")
+
+
+class Prices(BaseModel):
+    """What an upstream costs (USD). Hosted APIs: per 1M tokens (input, cached input, output; batch prices where
+    the provider discounts batch work). GPU servers: per hour (or per GPU-hour x gpus); their cost per token is
+    derived live from the measured throughput (gateway/cost.py). A GPU server may also carry per-token prices:
+    those are then what keys are charged (an internal chargeback rate) instead of the live figure."""
+
+    model_config = ConfigDict(extra="forbid")
+    input_per_1m: float | None = Field(None, ge=0)
+    cached_input_per_1m: float | None = Field(None, ge=0, description="defaults to input_per_1m")
+    output_per_1m: float | None = Field(None, ge=0)
+    batch_input_per_1m: float | None = Field(None, ge=0, description="batch-class price; defaults to input_per_1m")
+    batch_output_per_1m: float | None = Field(None, ge=0, description="batch-class price; defaults to output_per_1m")
+    per_hour: float | None = Field(None, ge=0, description="whole server per hour")
+    gpu_per_hour: float | None = Field(None, ge=0, description="per GPU-hour; times `gpus`")
+    gpus: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _one_hourly(self) -> Prices:
+        if self.per_hour is not None and self.gpu_per_hour is not None:
+            raise ValueError("give either 'per_hour' or 'gpu_per_hour' (x gpus), not both")
+        return self
+
+    @property
+    def hourly(self) -> float | None:
+        """The server's price per hour, if it is priced by the hour."""
+        if self.per_hour is not None:
+            return self.per_hour
+        return self.gpu_per_hour * self.gpus if self.gpu_per_hour is not None else None
+
+    @property
+    def per_token(self) -> bool:
+        return self.input_per_1m is not None or self.output_per_1m is not None
 
 
 class UpstreamConfig(BaseModel):
@@ -41,6 +75,7 @@ class UpstreamConfig(BaseModel):
     metrics_url: str | None = None  # vLLM/SGLang Prometheus endpoint
     capacity: CapacityHint = Field(default_factory=CapacityHint)
     timeout: float | None = Field(None, gt=0, description="overrides the total timeout")
+    price: Prices | None = None
 
     @field_validator("base_url")
     @classmethod
@@ -65,6 +100,8 @@ class ModelConfig(BaseModel):
     upstreams: list[str] = Field(min_length=1)
     strategy: str | None = None
     aliases: list[str] = Field(default_factory=list)
+    #: `cost`: among upstreams with a free slot, the cheapest $/token (ties by throughput gain).
+    prefer: Literal["throughput", "cost"] | None = None
 
     @field_validator("strategy")
     @classmethod
@@ -131,6 +168,8 @@ def check_warnings(fleet: FleetConfig) -> list[str]:
     for name, up in fleet.upstreams.items():
         if up.api_key_env and not os.environ.get(up.api_key_env):
             out.append(f"upstream {name!r}: env var {up.api_key_env} is not set")
+        if up.price is None:
+            out.append(f"upstream {name!r}: no price (cost figures and key spend count it as free)")
         if up.kind == "hosted" and not (up.rpm or up.tpm):
             out.append(f"upstream {name!r}: hosted upstream without rpm/tpm limits")
     used = {u for m in fleet.models.values() for u in m.upstreams}

@@ -30,6 +30,7 @@ from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from gateway.cost import Usage
 from gateway.dialects.anthropic_wire import UpstreamStreamError, chat_response_to_messages
 from gateway.dialects.client_stream import AnthropicClientStream, OpenAIClientStream
 from gateway.dialects.sse import SSEDecoder
@@ -70,6 +71,11 @@ class Exchange:
     native: dict | None = None  # the client's own body when it is not in the canonical (OpenAI) dialect
     principal: Any = None  # the gateway API key (auth.ApiKey) when keys are required
     used_tokens: int = 0  # prompt + output tokens really used (for the key's TPM settlement)
+    # Spend accounting (gateway/http/api.py): the last attempt's upstream and usage; 0 tokens = nothing to charge.
+    upstream: str | None = None
+    input_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -490,6 +496,9 @@ class Proxy:
         used = finish(u, out, stream=ex.stream, prompt_tokens=ex.est.prompt_tokens, n_mean=n_mean, t0=t0)
         if used:
             ex.used_tokens = used
+        # Spend (issue 13): each attempt overwrites these, so the attempt that produced the response is charged.
+        ex.upstream, ex.output_tokens, ex.cached_tokens = u.name, out.output_tokens, out.cached_tokens
+        ex.input_tokens = (out.input_tokens if out.input_tokens is not None else ex.est.prompt_tokens) if used else 0
 
     def _annotate(
         self,
@@ -516,6 +525,8 @@ class Proxy:
                 attrs[T.ATTR_TTFT_MS] = round(out.ttft * 1000, 2)
             if out.first_at and out.last_at and out.output_tokens > 1 and out.last_at > out.first_at:
                 attrs[T.ATTR_OUTPUT_TOKENS_PER_SECOND] = round((out.output_tokens - 1) / (out.last_at - out.first_at), 2)
+            if u.cfg.price is not None:  # issue 13: the attempt's cost (the one charged to the key when it answered)
+                attrs[T.ATTR_REQUEST_COST_USD] = u.quote(Usage(ex.input_tokens, ex.cached_tokens, ex.output_tokens)) / 1e6
             span.set_attributes(attrs)
             server_span.set_attributes(attrs)
             if self.tel.capture_content and out.text:

@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     require_api_key: bool = False
     #: How often each replica reloads the gateway API keys from Redis (only when they changed).
     api_key_refresh_interval: float = 1.0
+    #: How often each replica flushes its spend to Redis and reads the keys' fleet-wide totals (budgets).
+    spend_sync_interval: float = 0.25
 
     default_strategy: str = "throughput"
     max_body_bytes: int = 4 * 1024 * 1024

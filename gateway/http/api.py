@@ -10,10 +10,13 @@ import time
 from aiohttp import web
 
 from gateway.auth import API_KEY, KEYS
+from gateway.cost import Usage, estimate_micros
 from gateway.dialects.anthropic_wire import messages_request_to_chat
 from gateway.errors import GatewayError
 from gateway.proxy import Exchange, Proxy
 from gateway.routing.router import DEFAULT_OUTPUT_TOKENS, Estimate
+from gateway.spend import LEDGER, SpendLedger
+from gateway.state.fleet import Pool
 from gateway.tokens import max_output_tokens, prompt_tokens
 
 PROXY_KEY = web.AppKey("proxy", Proxy)
@@ -152,18 +155,49 @@ def _exchange(request: web.Request, operation: str, body: dict, dialect: str = "
 
 
 async def _run(request: web.Request, ex: Exchange) -> web.StreamResponse:
-    """Charge the caller's API key (RPM/TPM, 429 when over), proxy, then settle the real token usage."""
+    """Check the caller's API key (expiry, model allow-list, RPM/TPM and budget: 401/403/429), proxy, then settle
+    the real token usage and charge the request's cost once (gateway/spend.py)."""
     proxy = request.app[PROXY_KEY]
+    ledger = request.app[LEDGER]
     rec = request.get(API_KEY)
     if rec is None:
-        return await proxy.handle(request, ex)
+        try:
+            return await proxy.handle(request, ex)
+        finally:
+            _charge(proxy, ledger, None, 0, ex)
+    pool = proxy.fleet.pool(ex.model)
+    rec.check_access(ex.model, pool.model if pool else None, time.time())
     charged = ex.est.admitted_tokens
     booked = request.app[KEYS].admit(rec, charged)
-    ex.principal = rec
+    budgets = rec.budgets_micros()
+    reserved = 0
     try:
+        if budgets != (None, None) and pool is not None:
+            reserved = ledger.admit(rec.id, rec.name, budgets, _estimate(pool, ex))
+        ex.principal = rec
         return await proxy.handle(request, ex)
     finally:
         rec.settle(ex.used_tokens - charged, booked)
+        _charge(proxy, ledger, rec.id, reserved, ex)
+
+
+def _estimate(pool: Pool, ex: Exchange) -> int:
+    """Budget reservation: the request on the dearest upstream of its pool (micro-dollars)."""
+    rows = ((u.cfg.price, u.billing_usd_per_1m()) for u in pool.upstreams)
+    return estimate_micros(rows, ex.est.prompt_tokens, ex.est.output_tokens)
+
+
+def _charge(proxy: Proxy, ledger: SpendLedger, key_id: str | None, reserved: int, ex: Exchange) -> None:
+    """Book the request's cost: the attempt that produced the response (Exchange fields set by Proxy._finish).
+    A request that never reached an upstream has no tokens: it costs nothing and its reservation is released."""
+    micros = 0
+    u = proxy.fleet.upstreams.get(ex.upstream) if ex.upstream else None
+    if u is not None and (ex.input_tokens or ex.output_tokens):
+        batch = ex.body.get("service_tier") == "flex"
+        micros = u.charge(Usage(ex.input_tokens, ex.cached_tokens, ex.output_tokens), batch)
+    pool = proxy.fleet.pool(ex.model)
+    ledger.charge(key_id, reserved, micros, pool.model if pool else ex.model, ex.upstream if u else None,
+                  (ex.input_tokens, ex.output_tokens))
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

@@ -22,6 +22,7 @@ from gateway.proxy import STREAMING, Proxy
 from gateway.reliability.outlier import HealthChecker, OutlierDetector
 from gateway.routing.router import Router
 from gateway.settings import Settings
+from gateway.spend import LEDGER, SpendLedger
 from gateway.state.fleet import Fleet
 from gateway.sync.engine_metrics import EngineMetricsScraper
 from gateway.sync.fleet_sync import FleetSync
@@ -93,7 +94,11 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
-    text = proxy.tel.prometheus_text(admin.fleet_snapshot(request.app))
+    snap = admin.fleet_snapshot(request.app)
+    text = proxy.tel.prometheus_text(snap)
+    ledger = request.app[LEDGER]
+    spend = [(k["id"], k["name"], *ledger.spent(k["id"])) for k in request.app[KEYS].list()]
+    text += proxy.tel.cost_text(snap, spend)
     return web.Response(text=text, content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"})
 
 
@@ -102,6 +107,22 @@ _DASHBOARD = Path(__file__).with_name("static") / "dashboard.html"
 
 async def dashboard(request: web.Request) -> web.Response:
     return web.Response(body=_DASHBOARD.read_bytes(), content_type="text/html", charset="utf-8")
+
+
+def _fleet_rank(fleet: Fleet) -> tuple[int, int]:
+    """(live replicas, this replica's rank) as the fleet sync last saw them."""
+    u = next(iter(fleet.upstreams.values()), None)
+    return (u.replicas, u.rank) if u is not None else (1, 0)
+
+
+async def _rate_limit_headers(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """x-ratelimit-* on every keyed response, streamed or not, errors included (headers are still unsent here)."""
+    if not isinstance(request, web.Request):
+        return
+    rec = request.get(API_KEY)
+    if rec is not None and (rec.rpm is not None or rec.tpm is not None):
+        fleet = request.app[PROXY_KEY].fleet
+        response.headers.update(rec.rate_headers(_fleet_rank(fleet)[0]))
 
 
 def create_app(settings: Settings, fleet_config: FleetConfig | None = None, telemetry: Telemetry | None = None) -> web.Application:
@@ -126,6 +147,10 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
         sync.redis, settings.redis_prefix, settings.api_key_refresh_interval,
         lambda: max((u.replicas for u in fleet.upstreams.values()), default=1),
     )
+    ledger = SpendLedger(
+        sync.redis, settings.redis_prefix, settings.replica_id, settings.spend_sync_interval,
+        lambda: _fleet_rank(fleet), key_ids=lambda: [r.id for r in keys.keys.values()],
+    )
     checker = (
         HealthChecker(fleet.upstreams, health, settings.health_check_interval, settings.health_check_timeout)
         if settings.health_check_interval > 0
@@ -140,6 +165,8 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
     )
     app[PROXY_KEY] = proxy
     app[KEYS] = keys
+    app[LEDGER] = ledger
+    app.on_response_prepare.append(_rate_limit_headers)
     app[DRAINING] = []
     handlers.add_routes(app)
     admin.add_routes(app)
@@ -160,6 +187,7 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
         await sync.start()
         await scraper.start()
         await keys.start()
+        await ledger.start()
         if checker is not None:
             app[CHECKER] = checker
             await checker.start()
@@ -172,6 +200,7 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
         await waker.stop()
         if checker is not None:
             await checker.stop()
+        await ledger.stop()
         await keys.stop()
         await scraper.stop()
         await sync.stop()

@@ -100,6 +100,7 @@ ATTR_RETRY_COUNT = "gateway.retry.count"
 ATTR_ATTEMPT = "gateway.attempt"
 ATTR_TTFT_MS = "gateway.ttft_ms"
 ATTR_OUTPUT_TOKENS_PER_SECOND = "gateway.output_tokens_per_second"
+ATTR_REQUEST_COST_USD = "gateway.request.cost_usd"  # what the request cost (gateway/cost.py)
 
 # gen_ai.operation.name well-known values.
 OP_CHAT = "chat"
@@ -416,6 +417,13 @@ class Telemetry:
         _render_sdk_metrics(fams, data, self.resource)
         if snapshot:
             _render_snapshot(fams, snapshot)
+        return fams.render()
+
+    def cost_text(self, snapshot: Mapping[str, Any], key_spend: Iterable[tuple[str, str, float, float]]) -> str:
+        """Cost gauges (issue 13), rendered apart from prometheus_text: $/1M output tokens per upstream, pool and
+        fleet; spend per gateway key (id, name, today, this month, as this replica knows it)."""
+        fams = _Families()
+        _render_cost(fams, snapshot, key_spend)
         return fams.render()
 
     # ---- lifecycle ----------------------------------------------------------------------
@@ -738,3 +746,25 @@ def _render_snapshot(fams: _Families, snap: Mapping[str, Any]) -> None:
         lines = fams.family("gateway_replica_info", "gauge", "Replica identity.")
         if lines is not None:
             lines.append(f"gateway_replica_info{_labels([('replica', replica), ('redis', redis)])} 1")
+
+
+def _render_cost(fams: _Families, snap: Mapping[str, Any], key_spend: Iterable[tuple[str, str, float, float]]) -> None:
+    per_1m = fams.family("gateway_cost_usd_per_1m_output_tokens", "gauge",
+                         "Live USD per 1M output tokens (scope: upstream, pool or fleet).")
+    if per_1m is None:
+        return
+    for u in snap.get("upstreams") or ():
+        v = _num(u.get("usd_per_1m_output")) if isinstance(u, Mapping) else None
+        if v is not None:
+            per_1m.append(f"gateway_cost_usd_per_1m_output_tokens{_labels([('scope', 'upstream'), ('name', u['name'])])} {_fmt_value(v)}")
+    c = snap.get("cost") or {}
+    for model, v in (c.get("pools_usd_per_1m_output") or {}).items():
+        if _num(v) is not None:
+            per_1m.append(f"gateway_cost_usd_per_1m_output_tokens{_labels([('scope', 'pool'), ('name', model)])} {_fmt_value(v)}")
+    fv = _num(c.get("fleet_usd_per_1m_output"))
+    if fv is not None:
+        per_1m.append(f"gateway_cost_usd_per_1m_output_tokens{_labels([('scope', 'fleet'), ('name', 'fleet')])} {_fmt_value(fv)}")
+    spend = fams.family("gateway_key_spend_usd", "gauge", "Spend of a gateway API key in the current UTC day / month.")
+    for kid, name, today, month in key_spend:
+        for period, v in (("day", today), ("month", month)):
+            spend.append(f"gateway_key_spend_usd{_labels([('key_id', kid), ('key_name', name), ('period', period)])} {_fmt_value(v)}")  # type: ignore[union-attr]

@@ -17,6 +17,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from gateway import cost
 from gateway.errors import GatewayError
 from gateway.reliability.outlier import OutlierDetector
 from gateway.state.fleet import Fleet, Pool
@@ -280,7 +281,32 @@ def _lowest_latency(pool: Pool, cands: list[UpstreamStats], est: Estimate) -> De
     return Decision(u, "lowest_latency", f"lowest predicted latency {scores[u.name]:.2f}s", scores)
 
 
+def expected_usd_per_1m(u: UpstreamStats, est: Estimate) -> float:
+    """What this request's output tokens would cost on `u` (USD per 1M, input included).
+
+    Per-token prices: the request's own price over its expected output. An hourly server: its price over the
+    aggregate tok/s it would deliver with this request added, A(n+1), so a busier (better batched) server is
+    cheaper per token, and a server already paid for stays the cheap choice until its knee. No price: free."""
+    p = u.cfg.price
+    m = max(1, est.output_tokens)
+    if p is None:
+        return 0.0
+    if p.per_token:
+        return cost.request_cost_micros(p, cost.Usage(est.prompt_tokens, 0, m)) / m
+    hourly = p.hourly
+    agg = u.curve.aggregate(u.load + 1)
+    return (cost.gpu_usd_per_1m(hourly, agg) or math.inf) if hourly is not None else 0.0
+
+
+def _cost(pool: Pool, cands: list[UpstreamStats], est: Estimate) -> Decision:
+    """Cheapest USD per token among the candidates (all have a free slot); ties by throughput gain."""
+    scores = {u.name: expected_usd_per_1m(u, est) for u in cands}
+    best = min(cands, key=lambda u: (round(scores[u.name], 9), -throughput_gain(u, est) * u.weight))
+    return Decision(best, "cost", f"cheapest ${scores[best.name]:.4f}/1M output tokens", scores)
+
+
 _STRATEGIES = {
+    "cost": _cost,
     "throughput": _throughput,
     "weighted": _weighted,
     "round_robin": _round_robin,

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 
 from gateway.config import FleetConfig, ModelConfig
+from gateway.cost import blended_usd_per_1m
 from gateway.state.stats import UpstreamStats
 
 
@@ -23,7 +24,7 @@ class Fleet:
         self.config = config
         self.upstreams: dict[str, UpstreamStats] = {n: UpstreamStats(c) for n, c in config.upstreams.items()}
         self.pools: dict[str, Pool] = {
-            m: Pool(m, c, [self.upstreams[u] for u in c.upstreams], c.strategy or default_strategy)
+            m: Pool(m, c, [self.upstreams[u] for u in c.upstreams], "cost" if c.prefer == "cost" else c.strategy or default_strategy)
             for m, c in config.models.items()
         }
         self._aliases = {a: m for m, c in config.models.items() for a in c.aliases}
@@ -38,6 +39,17 @@ class Fleet:
             p = self.pools[self._aliases[model]]
         return p
 
+    def cost_view(self) -> dict:
+        """Live USD per 1M output tokens per model pool and for the fleet (gateway/cost.py: all spend, hourly
+        servers included even when idle, over all output tokens delivered)."""
+        pools = {m: _r(blended_usd_per_1m(u.cost_row() for u in p.upstreams)) for m, p in self.pools.items()}
+        fleet = _r(blended_usd_per_1m(u.cost_row() for u in self.upstreams.values()))
+        return {"fleet_usd_per_1m_output": fleet, "pools_usd_per_1m_output": pools}
+
     def snapshot(self) -> list[dict]:
         now = time.time()
         return [u.snapshot(now, self.models_of[n]) for n, u in self.upstreams.items()]
+
+
+def _r(v: float | None) -> float | None:
+    return None if v is None else round(v, 4)

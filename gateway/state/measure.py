@@ -17,6 +17,7 @@ class Outcome:
 
     output_tokens: int = 0
     input_tokens: int | None = None
+    cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens (priced as cached input)
     ttft: float | None = None
     first_at: float | None = None
     last_at: float | None = None
@@ -99,6 +100,10 @@ def take_usage(out: Outcome, usage: dict | None) -> None:
     pt = usage.get("prompt_tokens")
     if isinstance(pt, int):
         out.input_tokens = pt
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    if isinstance(cached, int) and not isinstance(cached, bool) and cached >= 0:
+        out.cached_tokens = cached
 
 
 def finish(u: UpstreamStats, out: Outcome, *, stream: bool, prompt_tokens: int, n_mean: float, t0: float) -> int:
