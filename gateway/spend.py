@@ -220,7 +220,7 @@ class SpendLedger:
         ids = self.key_ids()
         p = self.redis.pipeline(transaction=False)
         if self._batch is not None:
-            self._script_call(p, *self._batch)
+            await self._script_call(p, *self._batch)
         if ids:
             p.hmget(f"{self.prefix}:spend:d:{d}", [f"key|{i}|usd_micros" for i in ids])
             p.hmget(f"{self.prefix}:spend:m:{m}", [f"key|{i}|usd_micros" for i in ids])
@@ -230,13 +230,13 @@ class SpendLedger:
         if ids:
             self._settle(sent, ids, res[-2], res[-1], d, m)
 
-    def _script_call(self, p, batch_id: str, rows: dict[tuple[str, str], int]) -> None:
+    async def _script_call(self, p, batch_id: str, rows: dict[tuple[str, str], int]) -> None:
         hashes = sorted({h for h, _ in rows})
         idx = {h: i + 2 for i, h in enumerate(hashes)}
         argv: list = []
         for (h, f), v in rows.items():
             argv += [idx[h], f, v]
-        self._script(keys=[batch_id, *hashes], args=argv, client=p)  # type: ignore[misc]
+        await self._script(keys=[batch_id, *hashes], args=argv, client=p)  # queued on the pipeline
 
     def _settle(self, sent: dict, ids: list[str], day_vals: list, month_vals: list, d: str, m: str) -> None:
         """Totals from Redis now include what was just sent: move it from unsynced to synced."""
