@@ -218,6 +218,8 @@ class SpendLedger:
         now = self.clock()
         d, m = day_id(now), month_id(now)
         ids = self.key_ids()
+        if self._batch is None and not ids:
+            return
         p = self.redis.pipeline(transaction=False)
         if self._batch is not None:
             await self._script_call(p, *self._batch)

@@ -282,24 +282,22 @@ def _lowest_latency(pool: Pool, cands: list[UpstreamStats], est: Estimate) -> De
 
 
 def expected_usd_per_1m(u: UpstreamStats, est: Estimate) -> float:
-    """What this request's output tokens would cost on `u` (USD per 1M, input included).
+    """What this request adds to the bill per output token (USD per 1M, input included), at the margin.
 
-    Per-token prices: the request's own price over its expected output. An hourly server: its price over the
-    aggregate tok/s it would deliver with this request added, A(n+1), so a busier (better batched) server is
-    cheaper per token, and a server already paid for stays the cheap choice until its knee. No price: free."""
+    Per-token prices: the request's own price over its expected output. An hourly server is paid for whether it
+    runs or idles, so a request there adds tokens but no spend: 0 at the margin (and it lowers that server's
+    average $/token, cost.gpu_usd_per_1m). Filling paid-for servers first is what lowers the fleet's $/1M; the
+    router only offers servers with a free slot, so this never pushes one past max_concurrency. No price: 0."""
     p = u.cfg.price
-    m = max(1, est.output_tokens)
-    if p is None:
+    if p is None or not p.per_token:
         return 0.0
-    if p.per_token:
-        return cost.request_cost_micros(p, cost.Usage(est.prompt_tokens, 0, m)) / m
-    hourly = p.hourly
-    agg = u.curve.aggregate(u.load + 1)
-    return (cost.gpu_usd_per_1m(hourly, agg) or math.inf) if hourly is not None else 0.0
+    m = max(1, est.output_tokens)
+    return cost.request_cost_micros(p, cost.Usage(est.prompt_tokens, 0, m)) / m
 
 
 def _cost(pool: Pool, cands: list[UpstreamStats], est: Estimate) -> Decision:
-    """Cheapest USD per token among the candidates (all have a free slot); ties by throughput gain."""
+    """Cheapest USD per token among the candidates (all have a free slot); ties (e.g. the paid-for hourly
+    servers) by throughput gain, so among them the request still goes where it adds the most tok/s."""
     scores = {u.name: expected_usd_per_1m(u, est) for u in cands}
     best = min(cands, key=lambda u: (round(scores[u.name], 9), -throughput_gain(u, est) * u.weight))
     return Decision(best, "cost", f"cheapest ${scores[best.name]:.4f}/1M output tokens", scores)
