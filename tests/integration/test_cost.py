@@ -7,6 +7,8 @@ the recomputation below is independent of gateway/cost.py.
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 
 import aiohttp
@@ -235,3 +237,13 @@ async def test_keys_and_spend_survive_a_restart(start_sims, start_gateway, redis
         await _settled(fresh)
         spent = (await _spend_micros(s, fresh[0].url))[k["id"]]
         assert spent == 2 * (r.usage.prompt_tokens * IN + r.usage.completion_tokens * OUT)
+    # `gateway spend` (the CLI, in its own process: it blocks on HTTP) shows the same figure.
+    env = {**os.environ, "GATEWAY_ADMIN_KEY": ADMIN}
+    for args, want in ((["--group-by", "key"], f"{spent / 1e6:.6f}"), (["--group-by", "upstream", "--json"], '"usd_micros": ' + str(spent))):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "from gateway.cli import main; raise SystemExit(main())", "spend", "--url", fresh[0].url, *args, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err
+        assert want in out.decode(), out.decode()
