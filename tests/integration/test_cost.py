@@ -20,6 +20,7 @@ from gateway.sim import SimConfig
 from gateway.spend import LEDGER
 from gateway.tokens import prompt_tokens
 from tests.conftest import REDIS_URL
+from tests.redis_server import RedisServer
 
 ADMIN = "adm-" + "c" * 24
 H = {"Authorization": f"Bearer {ADMIN}"}
@@ -247,3 +248,49 @@ async def test_keys_and_spend_survive_a_restart(start_sims, start_gateway, redis
         out, err = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == 0, err
         assert want in out.decode(), out.decode()
+
+
+async def test_redis_outage_neither_fails_open_nor_blocks(start_sims, start_gateway):
+    """Redis dies mid-run: requests keep flowing fast, the budget still stops the key on both replicas, and the
+    charges made during the outage reach Redis exactly once when it is back."""
+    redis = RedisServer()
+    await redis.start()
+    try:
+        sims = await start_sims(_sims())
+        cfg = _fleet(sims.ports)
+        common = dict(redis_url=redis.url, redis_prefix="gwcost", admin_key=ADMIN, require_api_key=True,
+                      api_key_refresh_interval=0.1, spend_sync_interval=0.1)
+        gws = [await start_gateway(cfg, **common) for _ in range(2)]
+        async with aiohttp.ClientSession() as s:
+            k = await _key(s, gws[0].url, budget_usd_day=0.05)
+        await asyncio.sleep(0.4)
+        msgs = [{"role": "user", "content": "outage"}]
+        await redis.kill()
+        ok_cost, refused, one = 0, [False, False], 0
+        for _ in range(20):
+            for i in (0, 1):
+                t0 = time.monotonic()
+                try:
+                    r = await _client(gws[i].url, k["key"]).chat.completions.create(model="cheap", messages=msgs, max_tokens=20)
+                    assert r.usage is not None
+                    c = r.usage.prompt_tokens * IN + r.usage.completion_tokens * OUT
+                    ok_cost, one = ok_cost + c, max(one, c)
+                except openai.RateLimitError as e:
+                    assert isinstance(e.body, dict) and e.body.get("code") == "insufficient_quota"
+                    refused[i] = True
+                assert time.monotonic() - t0 < 2.0  # nothing waits on the dead Redis
+            if all(refused):
+                break
+        assert all(refused), "budget failed open during the outage"
+        assert ok_cost <= 50_000 + one
+        redis2 = RedisServer(redis.port)
+        await redis2.start()
+        redis = redis2
+        await asyncio.sleep(0.6)
+        for g in gws:
+            await g.app[LEDGER].sync()
+        async with aiohttp.ClientSession() as s:
+            spent = (await _spend_micros(s, gws[0].url))[k["id"]]
+        assert spent == ok_cost  # flushed once, none lost, none doubled
+    finally:
+        await redis.kill()
