@@ -101,8 +101,16 @@ _COLUMNS = (
     # header, align ("<" left / ">" right)
     ("NAME", "<"), ("PROVIDER", "<"), ("KIND", "<"), ("STATE", "<"), ("WEIGHT", ">"),
     ("INFLIGHT", ">"), ("TOK/S", ">"), ("TTFT", ">"), ("DECODE", ">"), ("CAPACITY", ">"),
-    ("SAT%", ">"), ("ERR/M", ">"), ("429/M", ">"), ("EJ", ">"),
+    ("SAT%", ">"), ("$/1M OUT", ">"), ("ERR/M", ">"), ("429/M", ">"), ("EJ", ">"),
 )
+
+
+def fmt_usd(v: Any) -> str:
+    """USD per 1M tokens: cents when small, whole dollars when large; '-' when unknown (e.g. an idle GPU)."""
+    x = _num(v)
+    if x is None:
+        return "-"
+    return f"{x:.0f}" if x >= 100 else f"{x:.2f}" if x >= 1 else f"{x:.3f}"
 
 
 def _row(u: dict[str, Any]) -> list[str]:
@@ -126,6 +134,7 @@ def _row(u: dict[str, Any]) -> list[str]:
         fmt_rate(u.get("decode_tok_s")),
         "learning" if sat is None else fmt_rate(sat),
         sat_pct,
+        fmt_usd(u.get("usd_per_1m_output")),
         fmt_rate(u.get("errors_per_min")),
         fmt_rate(u.get("rate_limited_per_min")),
         fmt_int(u.get("ejections")),
@@ -143,9 +152,11 @@ def render(snap: dict[str, Any], *, url: str = "", color: bool = False, width: i
     queues = snap.get("queue_depth") if isinstance(snap.get("queue_depth"), dict) else {}
     redis_s = f"{_REDIS_COLORS.get(redis, '')}{redis}{_RESET}" if color else redis
 
+    cost = snap.get("cost") if isinstance(snap.get("cost"), dict) else {}
     lines = [
         "  ".join(x for x in ("gateway top", url, f"replica {snap.get('replica', '-')}", f"redis {redis_s}", f"at {when}") if x),
-        f"fleet: {fmt_rate(tot_toks)} tok/s  {fmt_int(tot_inflight)} in flight  "
+        f"fleet: {fmt_rate(tot_toks)} tok/s  ${fmt_usd(cost.get('fleet_usd_per_1m_output'))}/1M out  "
+        f"{fmt_int(tot_inflight)} in flight  "
         f"{len(ups)} upstream(s)  queued: "
         + (", ".join(f"{m}={fmt_int(d)}" for m, d in sorted(queues.items())) or "-"),
         "",
