@@ -157,3 +157,17 @@ def test_busier_gpu_is_cheaper_per_token():
 
 def test_prefer_cost_off_keeps_the_configured_strategy():
     assert _fleet(None).pools["fleet-model"].strategy == "throughput"
+
+
+def test_bench_prices_a_window():
+    from gateway.tools.scenarios.cost import price_window
+
+    prices = {"gpu": Prices(per_hour=36.0), "api": Prices(input_per_1m=1, output_per_1m=2), "free": None}
+    per_up = {"gpu": {"tok_s": 1000.0, "completed": 10}, "api": {"tok_s": 100.0, "completed": 5},
+              "free": {"tok_s": 0.0, "completed": 0}}
+    r = price_window(prices, per_up, 10.0, 200)
+    assert r["upstreams"]["gpu"]["usd"] == pytest.approx(0.1)  # 36 $/h for 10 s
+    assert r["upstreams"]["gpu"]["usd_per_1m_output"] == pytest.approx(10.0)  # 0.1 $ / 10k tokens
+    assert r["upstreams"]["api"]["usd"] == pytest.approx((5 * 200 * 1 + 1000 * 2) / 1e6)
+    assert r["upstreams"]["free"]["usd_per_1m_output"] is None
+    assert r["fleet_usd_per_1m_output"] == pytest.approx((0.1 + 0.003) / 11000 * 1e6)
