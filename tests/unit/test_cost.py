@@ -170,4 +170,4 @@ def test_bench_prices_a_window():
     assert r["upstreams"]["gpu"]["usd_per_1m_output"] == pytest.approx(10.0)  # 0.1 $ / 10k tokens
     assert r["upstreams"]["api"]["usd"] == pytest.approx((5 * 200 * 1 + 1000 * 2) / 1e6)
     assert r["upstreams"]["free"]["usd_per_1m_output"] is None
-    assert r["fleet_usd_per_1m_output"] == pytest.approx((0.1 + 0.003) / 11000 * 1e6)
+    assert r["fleet_usd_per_1m_output"] == pytest.approx((0.1 + 0.003) / 11000 * 1e6, abs=1e-4)  # rounded to 4 places
