@@ -294,3 +294,18 @@ async def test_redis_outage_neither_fails_open_nor_blocks(start_sims, start_gate
         assert spent == ok_cost  # flushed once, none lost, none doubled
     finally:
         await redis.kill()
+
+
+async def test_request_cost_on_spans(start_sims, start_gateway, otlp_receiver, monkeypatch):
+    sims = await start_sims(_sims())
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_receiver.endpoint)
+    gw = await start_gateway(_fleet(sims.ports))
+    trace = "5bf92f3577b34da6a3ce929d0e0e4736"
+    r = await openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0).chat.completions.create(
+        model="cheap", messages=_msgs(3), max_tokens=7, extra_headers={"traceparent": f"00-{trace}-00f067aa0ba902b7-01"},
+    )
+    assert r.usage is not None
+    spans = await otlp_receiver.wait_for(lambda s: s["trace_id"] == trace, count=2, timeout=10)
+    want = (r.usage.prompt_tokens * IN + r.usage.completion_tokens * OUT) / 1e6
+    for s in spans:
+        assert s["attributes"]["gateway.request.cost_usd"] == pytest.approx(want)
