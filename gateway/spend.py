@@ -238,6 +238,7 @@ class SpendLedger:
         argv: list = []
         for (h, f), v in rows.items():
             argv += [idx[h], f, v]
+        assert self._script is not None
         await self._script(keys=[batch_id, *hashes], args=argv, client=p)  # queued on the pipeline
 
     def _settle(self, sent: dict, ids: list[str], day_vals: list, month_vals: list, d: str, m: str) -> None:

@@ -152,7 +152,8 @@ def render(snap: dict[str, Any], *, url: str = "", color: bool = False, width: i
     queues = snap.get("queue_depth") if isinstance(snap.get("queue_depth"), dict) else {}
     redis_s = f"{_REDIS_COLORS.get(redis, '')}{redis}{_RESET}" if color else redis
 
-    cost = snap.get("cost") if isinstance(snap.get("cost"), dict) else {}
+    raw_cost = snap.get("cost")
+    cost: dict[str, Any] = raw_cost if isinstance(raw_cost, dict) else {}
     lines = [
         "  ".join(x for x in ("gateway top", url, f"replica {snap.get('replica', '-')}", f"redis {redis_s}", f"at {when}") if x),
         f"fleet: {fmt_rate(tot_toks)} tok/s  ${fmt_usd(cost.get('fleet_usd_per_1m_output'))}/1M out  "
