@@ -46,6 +46,7 @@ log = logging.getLogger("gateway.spend")
 GROUPS = ("key", "model", "upstream")
 METRICS = ("usd_micros", "requests", "input_tokens", "output_tokens")
 TTL_S = 400 * 86400
+_LY = {"day": "daily", "month": "monthly"}
 
 _APPLY = """
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', 86400) then
@@ -144,16 +145,27 @@ class SpendLedger:
             t.roll(pid)
             since = t.unsynced + t.reserved
             if since + estimate > share(budget - t.synced, n, rank, estimate):
-                when = next_reset(now, period).strftime("%Y-%m-%d %H:%M UTC")
-                raise GatewayError(
-                    429, f"API key '{key_name}' has used its {period}ly budget of ${usd(budget):.2f} "
-                    f"(spent ${usd(t.total + t.reserved):.4f}); the budget resets at {when}.",
-                    code="insufficient_quota",
-                )
+                raise self._refusal(key_name, period, budget, t, estimate, now)
         for book, budget in ((self.day, budgets[0]), (self.month, budgets[1])):
             if budget is not None:
                 book[key_id].reserved += estimate
         return estimate
+
+    def _refusal(self, key_name: str, period: str, budget: int, t: Tally, estimate: int, now: float) -> GatewayError:
+        """insufficient_quota when the budget is spent as far as this replica may spend it; a retryable 429 when
+        budget is left and only this replica's requests still running hold its share (they end soon, and the
+        next sync re-splits what is left)."""
+        if t.reserved > 0 and budget - t.total - t.reserved >= estimate:
+            return GatewayError(
+                429, f"API key '{key_name}' is close to its {_LY[period]} budget: this replica's share of what is left "
+                "is in use by running requests; retry in a second.", code="rate_limit_exceeded", retry_after=1.0,
+            )
+        when = next_reset(now, period).strftime("%Y-%m-%d %H:%M UTC")
+        return GatewayError(
+            429, f"API key '{key_name}' has used its {_LY[period]} budget of ${usd(budget):.2f} "
+            f"(spent ${usd(t.total + t.reserved):.4f}); the budget resets at {when}.",
+            code="insufficient_quota",
+        )
 
     def charge(self, key_id: str | None, reserved: int, micros: int, model: str, upstream: str | None, tokens: tuple[int, int]) -> None:
         """Book one finished request (releasing its reservation); `micros` 0 and no tokens = a refund."""
