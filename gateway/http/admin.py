@@ -46,8 +46,15 @@ async def upstreams_view(request: web.Request) -> web.Response:
 
 
 async def admin_stats(request: web.Request) -> web.Response:
+    """The live view plus what only an admin may see: spend per gateway key (today, this month; UTC)."""
     _check_admin(request)
-    return web.json_response(fleet_snapshot(request.app))
+    ledger = request.app[LEDGER]
+    keys = []
+    for k in request.app[KEYS].list():
+        today, month = ledger.spent(k["id"])
+        keys.append({"id": k["id"], "name": k["name"], "spend_usd_today": today, "spend_usd_month": month,
+                     "budget_usd_day": k["budget_usd_day"], "budget_usd_month": k["budget_usd_month"]})
+    return web.json_response({**fleet_snapshot(request.app), "keys": keys})
 
 
 async def admin_set_weight(request: web.Request) -> web.Response:

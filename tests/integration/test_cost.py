@@ -12,6 +12,7 @@ import sys
 import time
 
 import aiohttp
+import anthropic
 import openai
 import pytest
 
@@ -143,6 +144,9 @@ async def test_spend_matches_recomputation_to_the_cent(start_sims, start_gateway
             rows = {k["id"]: k for k in (await r.json())["data"]}
         assert round(rows[ka["id"]]["spend_usd_today"] * 1e6) == expected
         assert rows[ka["id"]]["metadata"] == {"team": "search", "owner": "ana"}
+        async with s.get(gws[0].url + "/admin/upstreams", headers=H) as r:
+            admin_view = {k["id"]: k for k in (await r.json())["keys"]}
+        assert round(admin_view[ka["id"]]["spend_usd_today"] * 1e6) == expected
         async with s.get(gws[0].url + "/metrics") as r:
             text = await r.text()
         assert f'gateway_key_spend_usd{{key_id="{ka["id"]}"' in text
@@ -193,6 +197,11 @@ async def test_budget_stops_within_one_request_on_both_replicas_then_resets(star
         for g in gws:  # stays stopped on both
             with pytest.raises(openai.RateLimitError):
                 await _client(g.url, k["key"]).chat.completions.create(model="cheap", messages=msgs, max_tokens=20)
+        # Anthropic clients get the same refusal in Anthropic's error shape.
+        ac = anthropic.AsyncAnthropic(base_url=gws[1].url, api_key=k["key"], max_retries=0)
+        with pytest.raises(anthropic.RateLimitError) as ae:
+            await ac.messages.create(model="cheap", max_tokens=20, messages=[{"role": "user", "content": "budget"}])
+        assert ae.value.body["type"] == "error" and "resets at" in ae.value.body["error"]["message"]  # type: ignore[index]
         # The next UTC day: a fresh budget on both replicas.
         for g in gws:
             g.app[LEDGER].clock = lambda: time.time() + 86400
