@@ -166,27 +166,25 @@ async def test_budget_stops_within_one_request_on_both_replicas_then_resets(star
         msgs = [{"role": "user", "content": "budget"}]
         one = 0  # one request's cost, from its usage
         refused = [False, False]
+
+        async def call(i: int) -> tuple[int, int, bool]:
+            """(replica, cost, refused for good)"""
+            try:
+                r = await _client(gws[i].url, k["key"]).chat.completions.create(model="cheap", messages=msgs, max_tokens=20)
+            except openai.RateLimitError as e:
+                body = e.body if isinstance(e.body, dict) else {}
+                if body.get("code") == "rate_limit_exceeded":  # this replica's share is busy: not the end
+                    return i, 0, False
+                assert body.get("code") == "insufficient_quota", e.body
+                assert "resets at" in body.get("message", "")
+                return i, 0, True
+            assert r.usage is not None
+            return i, r.usage.prompt_tokens * IN + r.usage.completion_tokens * OUT, False
+
         for _ in range(60):
-            round_refused = [True, True]
-
-            async def call(i: int) -> int:
-                try:
-                    r = await _client(gws[i].url, k["key"]).chat.completions.create(model="cheap", messages=msgs, max_tokens=20)
-                except openai.RateLimitError as e:
-                    body = e.body if isinstance(e.body, dict) else {}
-                    if body.get("code") == "rate_limit_exceeded":  # this replica's share is busy: not the end
-                        round_refused[i] = False
-                        return 0
-                    assert body.get("code") == "insufficient_quota", e.body
-                    assert "resets at" in body.get("message", "")
-                    return 0
-                round_refused[i] = False
-                assert r.usage is not None
-                return r.usage.prompt_tokens * IN + r.usage.completion_tokens * OUT
-
-            costs = await asyncio.gather(*(call(i % 2) for i in range(6)))  # 3 at a time on each replica
-            one = max(one, *costs)
-            refused = round_refused
+            results = await asyncio.gather(*(call(i % 2) for i in range(6)))  # 3 at a time on each replica
+            one = max(one, *(c for _, c, _ in results))
+            refused = [all(stop for j, _, stop in results if j == i) for i in (0, 1)]
             if all(refused):
                 break
             await asyncio.sleep(0.12)
