@@ -218,6 +218,11 @@ async def test_key_expiry_allow_list_unknown_fields_and_headers(start_sims, star
                 assert r.status == 400 and body["error"]["type"] == "invalid_request_error", (bad, body)
         async with s.post(url + "/admin/keys", json={"name": "x", "budget_usd": 5}, headers=H) as r:
             assert "budget_usd" in (await r.json())["error"]["message"]
+        for q in ("group_by=team", "from=yesterday", "from=2026-02-01&to=2026-01-01", "from=2020-01-01&to=2026-01-01"):
+            async with s.get(url + "/admin/spend?" + q, headers=H) as r:
+                assert r.status == 400, q
+        async with s.get(url + "/admin/spend") as r:
+            assert r.status == 401
         short = await _key(s, url, expires_at=time.time() + 1.0, models=["m"], rpm=100, tpm=100000)
         c = _client(url, short["key"])
         raw = await c.chat.completions.with_raw_response.create(model=MODEL, messages=_msgs(1), max_tokens=5)
