@@ -26,8 +26,10 @@ _ZERO = Decimal(0)
 
 
 @dataclass(frozen=True, slots=True)
-class Usage:
-    """Tokens one request used: input (all of the prompt, cached included), the cached part, output."""
+class Tokens:
+    """The billable tokens of one request: input (all of the prompt, cached included), the cached part, output.
+
+    (Not the reported usage, where input may be unknown: callers resolve that to a count first.)"""
 
     input_tokens: int = 0
     cached_tokens: int = 0
@@ -63,7 +65,7 @@ def billing_tok_s(measured_tok_s: float, single_seq_tok_s: float) -> float:
     return max(measured_tok_s, single_seq_tok_s, 1e-9)
 
 
-def request_cost_micros(p: Prices | None, u: Usage, *, batch: bool = False, live_usd_per_1m: float | None = None) -> int:
+def request_cost_micros(p: Prices | None, u: Tokens, *, batch: bool = False, live_usd_per_1m: float | None = None) -> int:
     """The cost of one request in micro-dollars.
 
     Per-token prices win when configured (hosted APIs; a GPU server's chargeback rate). Otherwise an hourly
@@ -87,7 +89,7 @@ def estimate_micros(prices: Iterable[tuple[Prices | None, float | None]], prompt
     `prices` holds (Prices, live USD/1M output for hourly servers). Used to reserve budget at admission."""
     best = 0
     for p, live in prices:
-        best = max(best, request_cost_micros(p, Usage(prompt_tokens, 0, output_tokens), live_usd_per_1m=live))
+        best = max(best, request_cost_micros(p, Tokens(prompt_tokens, 0, output_tokens), live_usd_per_1m=live))
     return best
 
 

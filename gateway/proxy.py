@@ -30,7 +30,7 @@ from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from gateway.cost import Usage
+from gateway.cost import Tokens
 from gateway.dialects.anthropic_wire import UpstreamStreamError, chat_response_to_messages
 from gateway.dialects.client_stream import AnthropicClientStream, OpenAIClientStream
 from gateway.dialects.sse import SSEDecoder
@@ -526,7 +526,7 @@ class Proxy:
             if out.first_at and out.last_at and out.output_tokens > 1 and out.last_at > out.first_at:
                 attrs[T.ATTR_OUTPUT_TOKENS_PER_SECOND] = round((out.output_tokens - 1) / (out.last_at - out.first_at), 2)
             if u.cfg.price is not None:  # issue 13: the attempt's cost (the one charged to the key when it answered)
-                attrs[T.ATTR_REQUEST_COST_USD] = u.quote(Usage(ex.input_tokens, ex.cached_tokens, ex.output_tokens)) / 1e6
+                attrs[T.ATTR_REQUEST_COST_USD] = u.quote(Tokens(ex.input_tokens, ex.cached_tokens, ex.output_tokens)) / 1e6
             span.set_attributes(attrs)
             server_span.set_attributes(attrs)
             if self.tel.capture_content and out.text:

@@ -10,13 +10,13 @@ import time
 from aiohttp import web
 
 from gateway.auth import API_KEY, KEYS
-from gateway.cost import Usage, estimate_micros
+from gateway.cost import Tokens, estimate_micros
 from gateway.dialects.anthropic_wire import messages_request_to_chat
 from gateway.errors import GatewayError
 from gateway.proxy import Exchange, Proxy
 from gateway.routing.router import DEFAULT_OUTPUT_TOKENS, Estimate
 from gateway.spend import LEDGER, SpendLedger
-from gateway.state.fleet import Pool
+from gateway.state.fleet import Fleet, Pool
 from gateway.tokens import max_output_tokens, prompt_tokens
 
 PROXY_KEY = web.AppKey("proxy", Proxy)
@@ -188,16 +188,28 @@ def _estimate(pool: Pool, ex: Exchange) -> int:
 
 
 def _charge(proxy: Proxy, ledger: SpendLedger, key_id: str | None, reserved: int, ex: Exchange) -> None:
-    """Book the request's cost: the attempt that produced the response (Exchange fields set by Proxy._finish).
-    A request that never reached an upstream has no tokens: it costs nothing and its reservation is released."""
+    """Book the request's cost: the attempt that produced the response (Exchange fields set by Proxy._finish)."""
+    charge_request(proxy.fleet, ledger, key_id, reserved, ex.model, ex.upstream,
+                   Tokens(ex.input_tokens, ex.cached_tokens, ex.output_tokens), batch=ex.body.get("service_tier") == "flex")
+
+
+def charge_request(
+    fleet: Fleet, ledger: SpendLedger, key_id: str | None, reserved: int, model: str, upstream: str | None,
+    tokens: Tokens, *, batch: bool = False,
+) -> int:
+    """Price one finished client request on the upstream that answered it and book it (micro-dollars).
+
+    A request that never reached an upstream (or whose attempts all failed) has no tokens: it costs nothing and
+    its budget reservation is released: the refund. Independent of the request object, so any caller that knows
+    the serving upstream and its usage can charge (e.g. a `request_end` hook)."""
     micros = 0
-    u = proxy.fleet.upstreams.get(ex.upstream) if ex.upstream else None
-    if u is not None and (ex.input_tokens or ex.output_tokens):
-        batch = ex.body.get("service_tier") == "flex"
-        micros = u.charge(Usage(ex.input_tokens, ex.cached_tokens, ex.output_tokens), batch)
-    pool = proxy.fleet.pool(ex.model)
-    ledger.charge(key_id, reserved, micros, pool.model if pool else ex.model, ex.upstream if u else None,
-                  (ex.input_tokens, ex.output_tokens))
+    u = fleet.upstreams.get(upstream) if upstream else None
+    if u is not None and (tokens.input_tokens or tokens.output_tokens):
+        micros = u.charge(tokens, batch)
+    pool = fleet.pool(model)
+    ledger.charge(key_id, reserved, micros, pool.model if pool else model, upstream if u else None,
+                  (tokens.input_tokens, tokens.output_tokens))
+    return micros
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

@@ -292,7 +292,7 @@ def expected_usd_per_1m(u: UpstreamStats, est: Estimate) -> float:
     if p is None or not p.per_token:
         return 0.0
     m = max(1, est.output_tokens)
-    return cost.request_cost_micros(p, cost.Usage(est.prompt_tokens, 0, m)) / m
+    return cost.request_cost_micros(p, cost.Tokens(est.prompt_tokens, 0, m)) / m
 
 
 def _cost(pool: Pool, cands: list[UpstreamStats], est: Estimate) -> Decision:

@@ -117,11 +117,11 @@ class UpstreamStats:
             return None
         return cost.gpu_usd_per_1m(p.hourly, cost.billing_tok_s(self.tok_s, 1.0 / self.curve.tpot(1)))
 
-    def quote(self, usage: cost.Usage, batch: bool = False) -> int:
+    def quote(self, usage: cost.Tokens, batch: bool = False) -> int:
         """What a request with this usage costs here now (micro-dollars), without booking it."""
         return cost.request_cost_micros(self.cfg.price, usage, batch=batch, live_usd_per_1m=self.billing_usd_per_1m())
 
-    def charge(self, usage: cost.Usage, batch: bool = False) -> int:
+    def charge(self, usage: cost.Tokens, batch: bool = False) -> int:
         """Price one finished request on this upstream (micro-dollars) and count it in the live figures."""
         micros = cost.request_cost_micros(self.cfg.price, usage, batch=batch, live_usd_per_1m=self.billing_usd_per_1m())
         self.spend_micros += micros

@@ -20,22 +20,22 @@ HOSTED = Prices(input_per_1m=0.15, cached_input_per_1m=0.075, output_per_1m=0.6,
 
 def test_request_cost_hosted_in_micro_dollars_exact():
     # 1000 fresh input * 0.15 + 0 cached + 500 output * 0.6 = 150 + 300 micro-dollars
-    assert cost.request_cost_micros(HOSTED, cost.Usage(1000, 0, 500)) == 450
+    assert cost.request_cost_micros(HOSTED, cost.Tokens(1000, 0, 500)) == 450
     # 400 of the 1000 input tokens cached at half price: 600*0.15 + 400*0.075 + 500*0.6 = 90 + 30 + 300
-    assert cost.request_cost_micros(HOSTED, cost.Usage(1000, 400, 500)) == 420
+    assert cost.request_cost_micros(HOSTED, cost.Tokens(1000, 400, 500)) == 420
     # batch prices where given
-    assert cost.request_cost_micros(HOSTED, cost.Usage(1000, 0, 500), batch=True) == 75 + 150
+    assert cost.request_cost_micros(HOSTED, cost.Tokens(1000, 0, 500), batch=True) == 75 + 150
     # rounding half-up once per request, with decimal prices (0.15 * 50 = 7.5 -> 8, never 7.499...)
-    assert cost.request_cost_micros(HOSTED, cost.Usage(50, 0, 0)) == 8
+    assert cost.request_cost_micros(HOSTED, cost.Tokens(50, 0, 0)) == 8
     # cached larger than input is clamped; no price = free
-    assert cost.request_cost_micros(HOSTED, cost.Usage(10, 99, 0)) == 1
-    assert cost.request_cost_micros(None, cost.Usage(10, 0, 10)) == 0
+    assert cost.request_cost_micros(HOSTED, cost.Tokens(10, 99, 0)) == 1
+    assert cost.request_cost_micros(None, cost.Tokens(10, 0, 10)) == 0
 
 
 def test_cached_defaults_to_input_price_and_batch_to_normal():
     p = Prices(input_per_1m=2, output_per_1m=8)
-    assert cost.request_cost_micros(p, cost.Usage(100, 50, 10)) == 100 * 2 + 10 * 8
-    assert cost.request_cost_micros(p, cost.Usage(100, 0, 10), batch=True) == 100 * 2 + 10 * 8
+    assert cost.request_cost_micros(p, cost.Tokens(100, 50, 10)) == 100 * 2 + 10 * 8
+    assert cost.request_cost_micros(p, cost.Tokens(100, 0, 10), batch=True) == 100 * 2 + 10 * 8
 
 
 def test_gpu_per_token_cost_falls_as_throughput_rises():
@@ -46,7 +46,7 @@ def test_gpu_per_token_cost_falls_as_throughput_rises():
     assert slow == pytest.approx(8.0 / 3600 / 100 * 1e6) and fast == pytest.approx(slow / 10)
     assert cost.gpu_usd_per_1m(8.0, 0.0) is None  # idle: no tokens to divide by
     # an hourly server bills output tokens at the live rate; its prompt is inside the hour
-    assert cost.request_cost_micros(p, cost.Usage(1000, 0, 100), live_usd_per_1m=fast) == round(100 * fast)
+    assert cost.request_cost_micros(p, cost.Tokens(1000, 0, 100), live_usd_per_1m=fast) == round(100 * fast)
     assert cost.billing_tok_s(0.0, 40.0) == 40.0 and cost.billing_tok_s(500.0, 40.0) == 500.0
 
 

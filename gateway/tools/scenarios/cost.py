@@ -32,7 +32,7 @@ def price_window(prices: dict[str, Prices | None], per_up: dict[str, dict], dura
         if p is None:
             usd = 0.0
         elif p.per_token:
-            usd = cost.usd(cost.request_cost_micros(p, cost.Usage(u["completed"] * prompt_tokens, 0, round(out))))
+            usd = cost.usd(cost.request_cost_micros(p, cost.Tokens(u["completed"] * prompt_tokens, 0, round(out))))
         else:
             usd = (p.hourly or 0.0) * duration / 3600.0
         rows[name] = {"usd": round(usd, 6), "output_tokens": round(out),
