@@ -37,9 +37,10 @@ from datetime import UTC, datetime, timedelta
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from gateway.cost import usd
+from gateway.cost import Tokens, usd
 from gateway.errors import GatewayError
 from gateway.periodic import Periodic
+from gateway.state.fleet import Fleet
 
 log = logging.getLogger("gateway.spend")
 
@@ -311,6 +312,25 @@ def _report(group_by: str, days: list[str], rows: list[dict]) -> dict:
 def _row(v: dict[str, int]) -> dict:
     return {"usd": usd(v["usd_micros"]), "usd_micros": v["usd_micros"], "requests": v["requests"],
             "input_tokens": v["input_tokens"], "output_tokens": v["output_tokens"]}
+
+
+def charge_request(
+    fleet: Fleet, ledger: SpendLedger, key_id: str | None, reserved: int, model: str, upstream: str | None,
+    tokens: Tokens, *, batch: bool = False,
+) -> int:
+    """Price one finished client request on the upstream that answered it and book it (micro-dollars).
+
+    A request that never reached an upstream (or whose attempts all failed) has no tokens: it costs nothing and
+    its budget reservation is released: the refund. Independent of the request object, so any caller that knows
+    the serving upstream and its usage can charge (e.g. a `request_end` hook)."""
+    micros = 0
+    u = fleet.upstreams.get(upstream) if upstream else None
+    if u is not None and (tokens.input_tokens or tokens.output_tokens):
+        micros = u.charge(tokens, batch)
+    pool = fleet.pool(model)
+    ledger.charge(key_id, reserved, micros, pool.model if pool else model, upstream if u else None,
+                  (tokens.input_tokens, tokens.output_tokens))
+    return micros
 
 
 LEDGER = web.AppKey("spend_ledger", SpendLedger)

@@ -15,8 +15,8 @@ from gateway.dialects.anthropic_wire import messages_request_to_chat
 from gateway.errors import GatewayError
 from gateway.proxy import Exchange, Proxy
 from gateway.routing.router import DEFAULT_OUTPUT_TOKENS, Estimate
-from gateway.spend import LEDGER, SpendLedger
-from gateway.state.fleet import Fleet, Pool
+from gateway.spend import LEDGER, SpendLedger, charge_request
+from gateway.state.fleet import Pool
 from gateway.tokens import max_output_tokens, prompt_tokens
 
 PROXY_KEY = web.AppKey("proxy", Proxy)
@@ -191,25 +191,6 @@ def _charge(proxy: Proxy, ledger: SpendLedger, key_id: str | None, reserved: int
     """Book the request's cost: the attempt that produced the response (Exchange fields set by Proxy._finish)."""
     charge_request(proxy.fleet, ledger, key_id, reserved, ex.model, ex.upstream,
                    Tokens(ex.input_tokens, ex.cached_tokens, ex.output_tokens), batch=ex.body.get("service_tier") == "flex")
-
-
-def charge_request(
-    fleet: Fleet, ledger: SpendLedger, key_id: str | None, reserved: int, model: str, upstream: str | None,
-    tokens: Tokens, *, batch: bool = False,
-) -> int:
-    """Price one finished client request on the upstream that answered it and book it (micro-dollars).
-
-    A request that never reached an upstream (or whose attempts all failed) has no tokens: it costs nothing and
-    its budget reservation is released: the refund. Independent of the request object, so any caller that knows
-    the serving upstream and its usage can charge (e.g. a `request_end` hook)."""
-    micros = 0
-    u = fleet.upstreams.get(upstream) if upstream else None
-    if u is not None and (tokens.input_tokens or tokens.output_tokens):
-        micros = u.charge(tokens, batch)
-    pool = fleet.pool(model)
-    ledger.charge(key_id, reserved, micros, pool.model if pool else model, upstream if u else None,
-                  (tokens.input_tokens, tokens.output_tokens))
-    return micros
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
