@@ -14,7 +14,10 @@ month from the last sync, plus its own spend and in-flight reservations since th
 its estimated cost (the dearest upstream of the pool at its max_tokens) fits this replica's share of the headroom
 seen at the last sync, split between the live replicas like stats._share; when the headroom is smaller than one
 request per replica, only rank 0 may spend it. The shares add up to the headroom, so the fleet stops within about
-one request's cost of the budget. Over budget: 429 `insufficient_quota`, saying when the budget resets.
+one request's cost of the budget. Over budget: 429 `insufficient_quota`, saying when the budget resets; when
+budget is left but this replica's share is held by its own running requests, a retryable 429 (Retry-After 1 s).
+The estimate is an upper bound only when the client sets max_tokens (else the default output estimate is used).
+A replica counts the live replicas from the fleet sync: until its first sync it sees only itself.
 
 Redis outage. Traffic is never blocked on Redis (no call on the request path). Budgets do not fail open: with no
 sync the shares do not grow, so each replica can spend at most its share of the headroom it last saw (a new
