@@ -55,7 +55,7 @@ async def _replicas(start_sims, start_gateway, redis_prefix, n: int = 2, **kw):
     cfg = _fleet(sims.ports)
     common = dict(redis_url=REDIS_URL, redis_prefix=redis_prefix, admin_key=ADMIN, require_api_key=True,
                   api_key_refresh_interval=0.1, spend_sync_interval=0.1, eject_after_failures=1000,
-                  retry_budget_min=1000, max_attempts=3, **kw)
+                  retry_budget_min=1000, max_attempts=3, shutdown_grace=2.0, **kw)
     gws = [await start_gateway(cfg, **common) for _ in range(n)]
     return sims, gws
 
@@ -277,7 +277,7 @@ async def test_redis_outage_neither_fails_open_nor_blocks(start_sims, start_gate
         sims = await start_sims(_sims())
         cfg = _fleet(sims.ports)
         common = dict(redis_url=redis.url, redis_prefix="gwcost", admin_key=ADMIN, require_api_key=True,
-                      api_key_refresh_interval=0.1, spend_sync_interval=0.1)
+                      api_key_refresh_interval=0.1, spend_sync_interval=0.1, shutdown_grace=2.0)
         gws = [await start_gateway(cfg, **common) for _ in range(2)]
         async with aiohttp.ClientSession() as s:
             k = await _key(s, gws[0].url, budget_usd_day=0.05)
