@@ -44,6 +44,16 @@ log = logging.getLogger("gateway.auth")
 
 KEY_PREFIX = "sk-gw-"
 WINDOW = 60
+#: What is stored per key (Redis JSON) and shown by GET /admin/keys; the first three are identity.
+STORED_FIELDS = (
+    "id", "name", "prefix", "rpm", "tpm", "created", "budget_usd_day", "budget_usd_month", "models", "expires_at", "metadata",
+)
+#: What POST /admin/keys accepts; anything else is a 400.
+SETTABLE_FIELDS = ("name", "rpm", "tpm", "budget_usd_day", "budget_usd_month", "models", "expires_at", "metadata")
+
+
+def _micros(v: float | None) -> int | None:
+    return None if v is None else round(v * 1_000_000)
 
 
 def digest(key: str) -> str:
@@ -69,21 +79,58 @@ class ApiKey:
     rpm: int | None = None
     tpm: int | None = None
     created: float = 0.0
+    # Budgets in USD per UTC day / month (gateway/spend.py), model allow-list, expiry (epoch s), free metadata.
+    budget_usd_day: float | None = None
+    budget_usd_month: float | None = None
+    models: list[str] | None = None
+    expires_at: float | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
     # this replica's usage: deque of [epoch second, requests, tokens]
     usage: deque = field(default_factory=deque)
 
     def to_json(self) -> str:
-        return json.dumps(
-            {"id": self.id, "name": self.name, "prefix": self.prefix, "rpm": self.rpm, "tpm": self.tpm, "created": self.created}
-        )
+        return json.dumps({f: getattr(self, f) for f in STORED_FIELDS})
 
     @classmethod
     def from_json(cls, dig: str, raw: bytes | str) -> ApiKey:
         d = json.loads(raw)
-        return cls(dig, d.get("id") or dig[:16], d.get("name", ""), d.get("prefix", ""), d.get("rpm"), d.get("tpm"), d.get("created", 0.0))
+        rec = cls(dig, d.get("id") or dig[:16], d.get("name", ""), d.get("prefix", ""))
+        for f in STORED_FIELDS[3:]:
+            if d.get(f) is not None:
+                setattr(rec, f, d[f])
+        return rec
 
     def public(self) -> dict:
-        return {"id": self.id, "name": self.name, "prefix": self.prefix + "...", "rpm": self.rpm, "tpm": self.tpm, "created": self.created}
+        return {**{f: getattr(self, f) for f in STORED_FIELDS}, "prefix": self.prefix + "..."}
+
+    def budgets_micros(self) -> tuple[int | None, int | None]:
+        return _micros(self.budget_usd_day), _micros(self.budget_usd_month)
+
+    def check_access(self, model: str, pool_model: str | None, now: float) -> None:
+        """Expired keys get 401, models outside the allow-list 403 (checked before any budget or rate charge)."""
+        if self.expires_at is not None and now >= self.expires_at:
+            when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.expires_at))
+            raise GatewayError(401, f"API key '{self.name}' expired at {when}.", code="key_expired")
+        if self.models is not None and model not in self.models and (pool_model is None or pool_model not in self.models):
+            raise GatewayError(
+                403, f"API key '{self.name}' may not use model '{model}' (allowed: {', '.join(self.models) or 'none'}).",
+                code="model_not_allowed", param="model",
+            )
+
+    def rate_headers(self, replicas: int, now: float | None = None) -> dict[str, str]:
+        """OpenAI's x-ratelimit-* headers: the limit, what is left of this replica's share, when it frees up."""
+        if self.rpm is None and self.tpm is None:
+            return {}
+        now = time.time() if now is None else now
+        req, tok = self._window(now)
+        reset = f"{max(1, int(self.usage[0][0] + WINDOW - now + 0.999))}s" if self.usage else "0s"
+        h = {}
+        for kind, limit, used in (("requests", self.rpm, req), ("tokens", self.tpm, tok)):
+            if limit is not None:
+                h[f"x-ratelimit-limit-{kind}"] = str(limit)
+                h[f"x-ratelimit-remaining-{kind}"] = str(max(0, int(max(1.0, limit / max(1, replicas)) - used)))
+                h[f"x-ratelimit-reset-{kind}"] = reset
+        return h
 
     # ---- limits -------------------------------------------------------------------------------------------
     def _window(self, now: float) -> tuple[int, int]:
@@ -201,10 +248,13 @@ class KeyStore:
         return rec.admit(tokens, self.replicas())
 
     # ---- admin -------------------------------------------------------------------------------------------
-    async def create(self, name: str, rpm: int | None = None, tpm: int | None = None) -> tuple[str, ApiKey]:
+    async def create(self, name: str, rpm: int | None = None, tpm: int | None = None, **extra) -> tuple[str, ApiKey]:
+        """A new key; `extra` holds the other SETTABLE_FIELDS (validated by the admin API)."""
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         d = digest(key)
         rec = ApiKey(d, d[:16], name, key[: len(KEY_PREFIX) + 4], rpm, tpm, round(time.time(), 3))
+        for f, v in extra.items():
+            setattr(rec, f, v)
         if self.redis is not None:
             try:
                 p = self.redis.pipeline(transaction=True)

@@ -110,6 +110,44 @@ def cmd_check_config(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_spend(ns: argparse.Namespace) -> int:
+    """GET /admin/spend from a running gateway and print it (a table, or the JSON with --json)."""
+    import json
+    import os
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    key = ns.admin_key or os.environ.get("GATEWAY_ADMIN_KEY")
+    if not key:
+        print("an admin key is needed: --admin-key or GATEWAY_ADMIN_KEY", file=sys.stderr)
+        return 2
+    q = {"group_by": ns.group_by, **{k: v for k, v in (("from", ns.from_), ("to", ns.to)) if v}}
+    req = urllib.request.Request(f"{ns.url.rstrip('/')}/admin/spend?{urllib.parse.urlencode(q)}",
+                                 headers={"Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(req, timeout=ns.timeout) as r:
+            data = json.load(r)
+    except urllib.error.HTTPError as e:
+        print(f"{e.code}: {e.read().decode(errors='replace')[:500]}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as e:
+        print(f"cannot reach {ns.url}: {e}", file=sys.stderr)
+        return 1
+    if ns.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(f"spend by {data['group_by']} from {data['from']} to {data['to']} (UTC days)")
+    print(f"{data['group_by']:<34} {'USD':>12} {'requests':>9} {'input tok':>11} {'output tok':>11}")
+    total = 0.0
+    for name, row in data["totals"].items():
+        label = f"{name} ({row['name']})" if row.get("name") else name
+        print(f"{label[:34]:<34} {row['usd']:>12.6f} {row['requests']:>9} {row['input_tokens']:>11} {row['output_tokens']:>11}")
+        total += row["usd"]
+    print(f"{'total':<34} {total:>12.6f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # bench and top own their flags; argparse.REMAINDER mishandles a leading option, so hand them over first.
@@ -152,6 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate a fleet YAML")
     p.add_argument("path", nargs="?", help="fleet YAML to check (default: GATEWAY_CONFIG or the embedded demo fleet)")
     p.set_defaults(fn=cmd_check_config)
+
+    p = sub.add_parser("spend", help="spend report of a running gateway (GET /admin/spend)")
+    p.add_argument("--url", default="http://127.0.0.1:8080", help="the gateway's base URL (default %(default)s)")
+    p.add_argument("--admin-key", help="admin key (default: the GATEWAY_ADMIN_KEY environment variable)")
+    p.add_argument("--group-by", choices=("key", "model", "upstream"), default="key", help="group spend by (default %(default)s)")
+    p.add_argument("--from", dest="from_", metavar="YYYY-MM-DD", help="first UTC day (default: 6 days ago)")
+    p.add_argument("--to", metavar="YYYY-MM-DD", help="last UTC day (default: today)")
+    p.add_argument("--json", action="store_true", help="print the JSON report (per-day buckets) instead of a table")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the gateway (default %(default)s)")
+    p.set_defaults(fn=cmd_spend)
 
     sub.add_parser("bench", help="throughput benchmark on a simulated heterogeneous fleet (gateway bench --help)")
     sub.add_parser("top", help="live terminal view of a running gateway (gateway top --help)")

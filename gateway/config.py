@@ -55,6 +55,40 @@ class CapacityHint(BaseModel):
     prefill: float = Field(0.0, ge=0, description="extra seconds to first token per prompt token to prefill")
 
 
+class Prices(BaseModel):
+    """What an upstream costs (USD). Hosted APIs: per 1M tokens (input, cached input, output; batch prices where
+    the provider discounts batch work). GPU servers: per hour (or per GPU-hour x gpus); their cost per token is
+    derived live from the measured throughput (gateway/cost.py). A GPU server may also carry per-token prices:
+    those are then what keys are charged (an internal chargeback rate) instead of the live figure."""
+
+    model_config = ConfigDict(extra="forbid")
+    input_per_1m: float | None = Field(None, ge=0)
+    cached_input_per_1m: float | None = Field(None, ge=0, description="defaults to input_per_1m")
+    output_per_1m: float | None = Field(None, ge=0)
+    batch_input_per_1m: float | None = Field(None, ge=0, description="batch-class price; defaults to input_per_1m")
+    batch_output_per_1m: float | None = Field(None, ge=0, description="batch-class price; defaults to output_per_1m")
+    per_hour: float | None = Field(None, ge=0, description="whole server per hour")
+    gpu_per_hour: float | None = Field(None, ge=0, description="per GPU-hour; times `gpus`")
+    gpus: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _one_hourly(self) -> Prices:
+        if self.per_hour is not None and self.gpu_per_hour is not None:
+            raise ValueError("give either 'per_hour' or 'gpu_per_hour' (x gpus), not both")
+        return self
+
+    @property
+    def hourly(self) -> float | None:
+        """The server's price per hour, if it is priced by the hour."""
+        if self.per_hour is not None:
+            return self.per_hour
+        return self.gpu_per_hour * self.gpus if self.gpu_per_hour is not None else None
+
+    @property
+    def per_token(self) -> bool:
+        return self.input_per_1m is not None or self.output_per_1m is not None
+
+
 class UpstreamConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -95,6 +129,7 @@ class UpstreamConfig(BaseModel):
     #: reported KV size, else a default) and the prompt size from which a hosted provider caches prompts.
     prefix_cache_tokens: int | None = Field(None, ge=16)
     prompt_cache_min_tokens: int | None = Field(None, ge=0)
+    price: Prices | None = None
 
     @field_validator("base_url")
     @classmethod
@@ -156,6 +191,9 @@ class ModelConfig(BaseModel):
     drop_unsupported_params: bool = False
     #: KV-cache affinity in the throughput strategy's score (routing/affinity.py); false: prefix-blind.
     affinity: bool = True
+
+    #: `cost`: among upstreams with a free slot, the cheapest $/token (ties by throughput gain).
+    prefer: Literal["throughput", "cost"] | None = None
 
     @model_validator(mode="after")
     def _classes(self) -> ModelConfig:
@@ -272,6 +310,8 @@ def check_warnings(fleet: FleetConfig) -> list[str]:
     """Non-fatal findings for `gateway check-config`."""
     out = missing_key_warnings(fleet)
     for name, up in fleet.upstreams.items():
+        if up.price is None:
+            out.append(f"upstream {name!r}: no price (cost figures and key spend count it as free)")
         if up.kind == "hosted" and not (up.rpm or up.tpm):
             out.append(f"upstream {name!r}: hosted upstream without rpm/tpm limits")
     used = {u for m in fleet.models.values() for u in m.upstreams}

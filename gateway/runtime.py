@@ -22,6 +22,7 @@ from gateway.reliability.verdicts import Verdicts
 from gateway.routing.affinity import Affinity
 from gateway.routing.router import Router
 from gateway.settings import Settings
+from gateway.spend import SpendLedger
 from gateway.state.fleet import Fleet
 from gateway.state.goodput import SloTracker
 from gateway.state.measure import Measurement
@@ -65,6 +66,10 @@ class Runtime:
         self.proxy = Proxy(s, self.fleet, self.router, self.client, self.hooks)
         self.scraper = EngineMetricsScraper(self.fleet, affinity=self.affinity)
         self.keys = KeyStore(self.sync.redis, s.redis_prefix, s.api_key_refresh_interval, lambda: self.sync.replicas)
+        self.ledger = SpendLedger(
+            self.sync.redis, s.redis_prefix, s.replica_id, s.spend_sync_interval, self._fleet_rank,
+            key_ids=lambda: [r.id for r in self.keys.keys.values()],
+        )
         self.checker = (
             HealthChecker(self.fleet.upstreams, self.health, s.health_check_interval, s.health_check_timeout, s.eject_probe_interval)
             if s.health_check_interval > 0 or s.eject_probe_interval > 0
@@ -75,6 +80,11 @@ class Runtime:
         # The sync loop refreshes limits; wake queued requests each cycle so new headroom is used at once.
         self.waker = Periodic("router-wake", s.flush_interval, self._wake)
 
+    def _fleet_rank(self) -> tuple[int, int]:
+        """(live replicas, this replica's rank) as the fleet sync last saw them."""
+        u = next(iter(self.fleet.upstreams.values()), None)
+        return (u.replicas, u.rank) if u is not None else (1, 0)
+
     async def _wake(self) -> None:
         self.router.tick()
 
@@ -84,6 +94,7 @@ class Runtime:
         await self.sync.start()
         await self.scraper.start()
         await self.keys.start()
+        await self.ledger.start()
         if self.checker is not None:
             await self.checker.start()
         self.waker.start()
@@ -94,6 +105,7 @@ class Runtime:
         await self.waker.stop()
         if self.checker is not None:
             await self.checker.stop()
+        await self.ledger.stop()
         await self.keys.stop()
         await self.scraper.stop()
         await self.responses.drain()

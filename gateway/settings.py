@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     require_api_key: bool = False
     #: How often each replica reloads the gateway API keys from Redis (only when they changed).
     api_key_refresh_interval: float = 1.0
+    #: How often each replica flushes its spend to Redis and reads the keys' fleet-wide totals (budgets).
+    spend_sync_interval: float = 0.25
 
     default_strategy: str = "throughput"
     #: Pools with more upstreams than this score a constant-size sample per pick (routing/candidates.py);

@@ -6,12 +6,15 @@ import hashlib
 import hmac
 import math
 import time
+from datetime import UTC, datetime
 
 from aiohttp import web
 
+from gateway.auth import SETTABLE_FIELDS
 from gateway.errors import GatewayError
-from gateway.http.api import KEYS, PROXY_KEY, RUNTIME, SYNC, read_json
+from gateway.http.api import KEYS, LEDGER, PROXY_KEY, RUNTIME, SYNC, read_json
 from gateway.routing import candidates
+from gateway.spend import GROUPS
 from gateway.sync.fleet_sync import StoreUnavailable
 
 
@@ -25,6 +28,7 @@ def fleet_snapshot(app: web.Application) -> dict:
         "upstreams": rt.fleet.snapshot(rt.health),
         "slo": rt.slo.snapshot(),
         "interactive_demand": {m: round(d, 2) for m, d in rt.router.classes.demand.items()},
+        "cost": rt.fleet.cost_view(),
     }
 
 
@@ -65,8 +69,15 @@ async def gateway_info(request: web.Request) -> web.Response:
 
 
 async def admin_stats(request: web.Request) -> web.Response:
+    """The live view plus what only an admin may see: spend per gateway key (today, this month; UTC)."""
     _check_admin(request)
-    return web.json_response(fleet_snapshot(request.app))
+    ledger = request.app[LEDGER]
+    keys = []
+    for k in request.app[KEYS].list():
+        today, month = ledger.spent(k["id"])
+        keys.append({"id": k["id"], "name": k["name"], "spend_usd_today": today, "spend_usd_month": month,
+                     "budget_usd_day": k["budget_usd_day"], "budget_usd_month": k["budget_usd_month"]})
+    return web.json_response({**fleet_snapshot(request.app), "keys": keys})
 
 
 async def admin_set_weight(request: web.Request) -> web.Response:
@@ -99,21 +110,112 @@ def _limit(body: dict, name: str) -> int | None:
     return v
 
 
+def _budget(body: dict, name: str) -> float | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or v > 1e9:
+        raise GatewayError(400, f"'{name}' must be a number of USD >= 0 (0 blocks the key) or null", param=name)
+    return float(v)
+
+
+def _models(body: dict) -> list[str] | None:
+    v = body.get("models")
+    if v is None:
+        return None
+    if not isinstance(v, list) or len(v) > 256 or not all(isinstance(m, str) and 0 < len(m) <= 256 for m in v):
+        raise GatewayError(400, "'models' must be an array of model names (the allow-list) or null", param="models")
+    return list(dict.fromkeys(v))
+
+
+def _expires(body: dict) -> float | None:
+    v = body.get("expires_at")
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise GatewayError(400, "'expires_at' must be a Unix time in seconds or null", param="expires_at")
+    return float(v)
+
+
+def _metadata(body: dict) -> dict[str, str]:
+    v = body.get("metadata")
+    if v is None:
+        return {}
+    ok = isinstance(v, dict) and len(v) <= 32 and all(
+        isinstance(k, str) and 0 < len(k) <= 64 and isinstance(x, str) and len(x) <= 512 for k, x in v.items()
+    )
+    if not ok:
+        raise GatewayError(400, "'metadata' must be an object of up to 32 string values (e.g. team, owner)", param="metadata")
+    return dict(v)
+
+
 async def create_key(request: web.Request) -> web.Response:
-    """POST /admin/keys {name, rpm?, tpm?}: the plaintext key is in this response and nowhere else, ever."""
+    """POST /admin/keys: the plaintext key is in this response and nowhere else, ever.
+
+    Fields: name, rpm, tpm, budget_usd_day, budget_usd_month, models (allow-list), expires_at (Unix s), metadata
+    ({team, owner, ...}). Unknown fields are a 400: a typo like `budget_usd` must not create an unlimited key."""
     _check_admin(request)
     body = await read_json(request)
+    unknown = sorted(set(body) - set(SETTABLE_FIELDS))
+    if unknown:
+        raise GatewayError(
+            400, f"unknown field(s) {', '.join(map(repr, unknown))}; accepted: {', '.join(SETTABLE_FIELDS)}",
+            param=unknown[0], code="unknown_field",
+        )
     name = body.get("name")
     if not isinstance(name, str) or not name.strip() or len(name) > 200:
         raise GatewayError(400, "'name' is required (a string of 1-200 characters)", param="name")
-    rpm, tpm = _limit(body, "rpm"), _limit(body, "tpm")
-    key, rec = await request.app[KEYS].create(name.strip(), rpm, tpm)
+    extra = {
+        "budget_usd_day": _budget(body, "budget_usd_day"), "budget_usd_month": _budget(body, "budget_usd_month"),
+        "models": _models(body), "expires_at": _expires(body), "metadata": _metadata(body),
+    }
+    key, rec = await request.app[KEYS].create(name.strip(), _limit(body, "rpm"), _limit(body, "tpm"), **extra)
     return web.json_response({**rec.public(), "key": key}, status=201)
 
 
 async def list_keys(request: web.Request) -> web.Response:
     _check_admin(request)
-    return web.json_response({"object": "list", "data": request.app[KEYS].list()})
+    ledger = request.app[LEDGER]
+    data = request.app[KEYS].list()
+    for k in data:
+        k["spend_usd_today"], k["spend_usd_month"] = ledger.spent(k["id"])
+    return web.json_response({"object": "list", "data": data})
+
+
+_DAY = 86400.0
+
+
+async def spend_report(request: web.Request) -> web.Response:
+    """GET /admin/spend?group_by=key|model|upstream&from=YYYY-MM-DD&to=YYYY-MM-DD: per-day USD, requests, tokens."""
+    _check_admin(request)
+    q = request.query
+    group_by = q.get("group_by", "key")
+    if group_by not in GROUPS:
+        raise GatewayError(400, f"'group_by' must be one of {', '.join(GROUPS)}", param="group_by")
+    now = time.time()
+    start = _date(q.get("from"), "from", now - 6 * _DAY)
+    end = _date(q.get("to"), "to", now)
+    if end < start or end - start > 366 * _DAY:
+        raise GatewayError(400, "'from' must not be after 'to', and the range is at most 366 days", param="from")
+    report = await request.app[LEDGER].report(group_by, start, end)
+    if group_by == "key":
+        names = {k["id"]: k["name"] for k in request.app[KEYS].list()}
+        for row in report["totals"].items():
+            row[1]["name"] = names.get(row[0])
+    return web.json_response({"from": _iso(start), "to": _iso(end), **report})
+
+
+def _date(v: str | None, param: str, default: float) -> float:
+    if v is None:
+        return default
+    try:
+        return datetime.strptime(v, "%Y-%m-%d").replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        raise GatewayError(400, f"'{param}' must be a date YYYY-MM-DD (UTC)", param=param) from None
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d")
 
 
 async def delete_key(request: web.Request) -> web.Response:
@@ -132,3 +234,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/admin/keys", create_key)
     app.router.add_get("/admin/keys", list_keys)
     app.router.add_delete("/admin/keys/{id}", delete_key)
+    app.router.add_get("/admin/spend", spend_report)

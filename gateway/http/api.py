@@ -12,6 +12,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from gateway.auth import ApiKey, KeyStore
 from gateway.context import RequestContext
+from gateway.cost import Tokens, estimate_micros
 from gateway.dialects.responses import (
     PARAM_NAMES,
     ResponseMeta,
@@ -25,6 +26,8 @@ from gateway.http.writer import HttpWriter
 from gateway.observability.telemetry import Telemetry
 from gateway.proxy import Proxy
 from gateway.runtime import Runtime
+from gateway.spend import SpendLedger, charge_request
+from gateway.state.fleet import Pool
 from gateway.state.response_store import not_found
 from gateway.sync.fleet_sync import FleetSync
 
@@ -40,6 +43,7 @@ BODY_BYTES = web.RequestKey("gw_body_bytes", int)
 REQUEST_ID = web.RequestKey("gw_request_id", str)
 #: The model the client asked for, once the body is parsed (the request-metrics middleware labels with it).
 REQUEST_MODEL = web.RequestKey("gw_request_model", str)
+LEDGER = web.AppKey("spend_ledger", SpendLedger)
 
 
 def _no_constants(name: str):
@@ -76,22 +80,51 @@ async def read_json(request: web.Request) -> dict:
 
 
 async def _run(request: web.Request, ctx: RequestContext) -> web.StreamResponse:
-    """Charge the caller's API key (RPM/TPM, 429 when over), proxy, then settle the real token usage."""
-    proxy = request.app[PROXY_KEY]
+    """Check the caller's API key (expiry, model allow-list, RPM/TPM and budget: 401/403/429), proxy, then settle
+    the real token usage and charge the request's cost once (gateway/spend.py)."""
+    proxy, ledger = request.app[PROXY_KEY], request.app[LEDGER]
     rec = request.get(API_KEY)
     writer = HttpWriter(request)
     if rec is None:
-        await proxy.handle(ctx, writer)
-    else:
-        charged = ctx.est.admitted_tokens
-        booked = request.app[KEYS].admit(rec, charged)
-        ctx.principal = rec
         try:
             await proxy.handle(ctx, writer)
         finally:
-            rec.settle(ctx.used_tokens - charged, booked)
+            _charge(proxy, ledger, None, 0, ctx)
+        return _response(writer)
+    pool = proxy.fleet.pool(ctx.model)
+    rec.check_access(ctx.model, pool.model if pool else None, time.time())
+    charged = ctx.est.admitted_tokens
+    booked = request.app[KEYS].admit(rec, charged)
+    budgets = rec.budgets_micros()
+    reserved = 0
+    try:
+        if budgets != (None, None) and pool is not None:
+            reserved = ledger.admit(rec.id, rec.name, budgets, _estimate(pool, ctx))
+        ctx.principal = rec
+        await proxy.handle(ctx, writer)
+    finally:
+        rec.settle(ctx.used_tokens - charged, booked)
+        _charge(proxy, ledger, rec.id, reserved, ctx)
+    return _response(writer)
+
+
+def _response(writer: HttpWriter) -> web.StreamResponse:
     assert writer.response is not None
     return writer.response
+
+
+def _estimate(pool: Pool, ctx: RequestContext) -> int:
+    """Budget reservation: the request on the dearest upstream of its pool (micro-dollars)."""
+    rows = ((u.cfg.price, u.billing_usd_per_1m()) for u in pool.upstreams)
+    return estimate_micros(rows, ctx.est.prompt_tokens, ctx.est.output_tokens)
+
+
+def _charge(proxy: Proxy, ledger: SpendLedger, key_id: str | None, reserved: int, ctx: RequestContext) -> None:
+    """Book the request's cost: the usage of the attempt that produced the response (none: a refund)."""
+    u = ctx.usage
+    billed_input = u.input_tokens if u.input_tokens is not None else (ctx.est.prompt_tokens if u.output_tokens else 0)
+    charge_request(proxy.fleet, ledger, key_id, reserved, ctx.model, ctx.upstream,
+                   Tokens(billed_input, u.cached_tokens, u.output_tokens), batch=ctx.service_class == "batch")
 
 
 def _context(request: web.Request, operation: str, body: dict, dialect: str = "openai") -> RequestContext:

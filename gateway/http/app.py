@@ -15,7 +15,7 @@ from gateway.config import FleetConfig, load_fleet
 from gateway.errors import GatewayError
 from gateway.http import admin, batch_api, count_tokens
 from gateway.http import api as handlers
-from gateway.http.api import API_KEY, KEYS, PROXY_KEY, REQUEST_ID, REQUEST_MODEL, RUNTIME, SYNC, TELEMETRY
+from gateway.http.api import API_KEY, KEYS, LEDGER, PROXY_KEY, REQUEST_ID, REQUEST_MODEL, RUNTIME, SYNC, TELEMETRY
 from gateway.http.errors import Handler, dialect_of, error_response, lookup
 from gateway.http.protocol import GatewayRunner, install_expect_handler
 from gateway.http.validation import request_id
@@ -155,7 +155,10 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    text = request.app[TELEMETRY].prometheus_text(admin.fleet_snapshot(request.app))
+    snap = admin.fleet_snapshot(request.app)
+    tel, ledger = request.app[TELEMETRY], request.app[LEDGER]
+    spend = [(k["id"], k["name"], *ledger.spent(k["id"])) for k in request.app[KEYS].list()]
+    text = tel.prometheus_text(snap) + tel.cost_text(snap, spend)
     headers = {"Content-Type": CONTENT_TYPE_LATEST, "X-Content-Type-Options": "nosniff"}
     return web.Response(body=text.encode(), headers=headers)
 
@@ -165,6 +168,15 @@ _DASHBOARD = Path(__file__).with_name("static") / "dashboard.html"
 
 async def dashboard(request: web.Request) -> web.Response:
     return web.Response(body=_DASHBOARD.read_bytes(), content_type="text/html", charset="utf-8")
+
+
+async def _rate_limit_headers(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """x-ratelimit-* on every keyed response, streamed or not, errors included (headers are still unsent here)."""
+    if not isinstance(request, web.Request):
+        return
+    rec = request.get(API_KEY)
+    if rec is not None and (rec.rpm is not None or rec.tpm is not None):
+        response.headers.update(rec.rate_headers(request.app[SYNC].replicas))
 
 
 def create_app(settings: Settings, fleet_config: FleetConfig | None = None, telemetry: Telemetry | None = None) -> web.Application:
@@ -180,6 +192,8 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
     app[SYNC] = rt.sync
     app[TELEMETRY] = rt.telemetry
     app[KEYS] = rt.keys
+    app[LEDGER] = rt.ledger
+    app.on_response_prepare.append(_rate_limit_headers)
     app[DRAINING] = []
     app[batch_api.BATCH] = rt.batch
     handlers.add_routes(app)

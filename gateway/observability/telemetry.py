@@ -119,6 +119,7 @@ ATTR_QUEUE_WAIT_MS = "gateway.queue.wait_ms"
 ATTR_RETRY_COUNT = "gateway.retry.count"
 ATTR_ATTEMPT = "gateway.attempt"
 ATTR_OUTPUT_TOKENS_PER_SECOND = "gateway.output_tokens_per_second"
+ATTR_REQUEST_COST_USD = "gateway.request.cost_usd"  # what the request cost (gateway/cost.py)
 
 TOKEN_TYPE_INPUT = "input"
 TOKEN_TYPE_OUTPUT = "output"
@@ -550,6 +551,14 @@ class Telemetry:
         registry.register(_Collector(data, self.resource, snapshot or {}))
         return generate_latest(registry).decode()
 
+    def cost_text(self, snapshot: Mapping[str, Any], key_spend: Iterable[tuple[str, str, float, float]]) -> str:
+        """Cost gauges: $/1M output tokens per upstream, pool and fleet; spend per gateway key (id, name, today,
+        this month, as this replica knows it). Rendered apart from prometheus_text: key spend is admin data the
+        fleet snapshot does not carry."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_CostCollector(snapshot, list(key_spend)))
+        return generate_latest(registry).decode()
+
     # ---- lifecycle ----------------------------------------------------------------------
     async def force_flush(self, timeout_s: float = 5.0) -> None:
         loop = asyncio.get_running_loop()
@@ -767,6 +776,32 @@ def _slo_families(slo: Mapping[str, Any]) -> Iterator[Metric]:
                     if (v := _num(figs.get(field))) is not None:
                         fam.add_metric([str(name), str(cls)], v)
             yield fam
+
+
+class _CostCollector:
+    def __init__(self, snap: Mapping[str, Any], key_spend: list[tuple[str, str, float, float]]) -> None:
+        self._snap = snap
+        self._spend = key_spend
+
+    def collect(self) -> Iterator[Metric]:
+        per_1m = GaugeMetricFamily("gateway_cost_usd_per_1m_output_tokens",
+                                   "Live USD per 1M output tokens (scope: upstream, pool or fleet).", labels=["scope", "name"])
+        for u in self._snap.get("upstreams") or ():
+            if isinstance(u, Mapping) and (v := _num(u.get("usd_per_1m_output"))) is not None:
+                per_1m.add_metric(["upstream", str(u["name"])], v)
+        c = self._snap.get("cost") or {}
+        for model, pv in (c.get("pools_usd_per_1m_output") or {}).items():
+            if (v := _num(pv)) is not None:
+                per_1m.add_metric(["pool", str(model)], v)
+        if (v := _num(c.get("fleet_usd_per_1m_output"))) is not None:
+            per_1m.add_metric(["fleet", "fleet"], v)
+        yield per_1m
+        spend = GaugeMetricFamily("gateway_key_spend_usd", "Spend of a gateway API key in the current UTC day / month.",
+                                  labels=["key_id", "key_name", "period"])
+        for kid, name, today, month in self._spend:
+            spend.add_metric([kid, name, "day"], today)
+            spend.add_metric([kid, name, "month"], month)
+        yield spend
 
 
 class _Collector:

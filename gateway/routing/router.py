@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from gateway import cost
 from gateway.config import ServiceClass
 from gateway.context import DEFAULT_OUTPUT_TOKENS, Estimate, RequestContext
 from gateway.errors import GatewayError
@@ -401,6 +402,29 @@ def _lowest_latency(pool: Pool, cands: list[UpstreamStats], ctx: RequestContext,
     return Decision(u, "lowest_latency", f"lowest predicted latency {scores[u.name]:.2f}s", scores)
 
 
+def expected_usd_per_1m(u: UpstreamStats, est: Estimate) -> float:
+    """What this request adds to the bill per output token (USD per 1M, input included), at the margin.
+
+    Per-token prices: the request's own price over its expected output. An hourly server is paid for whether it
+    runs or idles, so a request there adds tokens but no spend: 0 at the margin (and it lowers that server's
+    average $/token, cost.gpu_usd_per_1m). Filling paid-for servers first is what lowers the fleet's $/1M; the
+    router only offers servers with a free slot, so this never pushes one past max_concurrency. No price: 0."""
+    p = u.cfg.price
+    if p is None or not p.per_token:
+        return 0.0
+    m = max(1, est.output_tokens)
+    return cost.request_cost_micros(p, cost.Tokens(est.prompt_tokens, 0, m)) / m
+
+
+def _cost(pool: Pool, cands: list[UpstreamStats], ctx: RequestContext, odds: SuccessOdds) -> Decision:
+    """Cheapest USD per token among the candidates (all have a free slot); ties (e.g. the paid-for hourly
+    servers) by throughput gain, so among them the request still goes where it adds the most tok/s."""
+    est = ctx.est
+    scores = {u.name: expected_usd_per_1m(u, est) for u in cands}
+    best = min(cands, key=lambda u: (round(scores[u.name], 9), -throughput_gain(u, est) * u.weight))
+    return Decision(best, "cost", f"cheapest ${scores[best.name]:.4f}/1M output tokens", scores)
+
+
 #: The one registry of routing strategies: config and settings validation, docs and the router read it.
 #: Adding a strategy = a function here (or imported here) plus its entry and its test.
 STRATEGIES: dict[str, Callable[[Pool, list[UpstreamStats], RequestContext, SuccessOdds], Decision]] = {
@@ -409,4 +433,5 @@ STRATEGIES: dict[str, Callable[[Pool, list[UpstreamStats], RequestContext, Succe
     "round_robin": _round_robin,
     "least_busy": _least_busy,
     "lowest_latency": _lowest_latency,
+    "cost": _cost,
 }

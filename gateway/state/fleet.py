@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 
 from gateway.config import FleetConfig, ModelConfig
+from gateway.cost import blended_usd_per_1m
 from gateway.state.stats import WINDOW_S, OutlierView, UpstreamStats
 
 
@@ -25,7 +26,7 @@ class Fleet:
         self.config = config
         self.upstreams: dict[str, UpstreamStats] = {n: UpstreamStats(c) for n, c in config.upstreams.items()}
         self.pools: dict[str, Pool] = {
-            m: Pool(m, c, [self.upstreams[u] for u in c.upstreams], c.strategy or default_strategy)
+            m: Pool(m, c, [self.upstreams[u] for u in c.upstreams], "cost" if c.prefer == "cost" else c.strategy or default_strategy)
             for m, c in config.models.items()
         }
         self._aliases = {a: m for m, c in config.models.items() for a in c.aliases}
@@ -59,6 +60,13 @@ class Fleet:
             "rss_bytes": rss_bytes(),
         }
 
+    def cost_view(self) -> dict:
+        """Live USD per 1M output tokens per model pool and for the fleet (gateway/cost.py: all spend, hourly
+        servers included even when idle, over all output tokens delivered)."""
+        pools = {m: _r(blended_usd_per_1m(u.cost_row() for u in p.upstreams)) for m, p in self.pools.items()}
+        fleet = _r(blended_usd_per_1m(u.cost_row() for u in self.upstreams.values()))
+        return {"fleet_usd_per_1m_output": fleet, "pools_usd_per_1m_output": pools}
+
     def snapshot(self, health: OutlierView | None = None) -> list[dict]:
         now = time.time()
         return [u.snapshot(now, self.models_of[n], health) for n, u in self.upstreams.items()]
@@ -71,3 +79,7 @@ def rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _r(v: float | None) -> float | None:
+    return None if v is None else round(v, 4)

@@ -23,7 +23,7 @@ class Outcome:
 
     output_tokens: int = 0
     input_tokens: int | None = None
-    cached_tokens: int = 0
+    cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens (priced as cached input)
     ttft: float | None = None
     first_at: float | None = None
     last_at: float | None = None
@@ -107,8 +107,9 @@ def take_usage(out: Outcome, usage: dict | None) -> None:
     if isinstance(pt, int):
         out.input_tokens = pt
     details = usage.get("prompt_tokens_details")
-    if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
-        out.cached_tokens = details["cached_tokens"]
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    if isinstance(cached, int) and not isinstance(cached, bool) and cached >= 0:
+        out.cached_tokens = cached
 
 
 def finish(u: UpstreamStats, out: Outcome, *, stream: bool, prompt_tokens: int, n_mean: float, t0: float) -> int:

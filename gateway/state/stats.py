@@ -12,6 +12,7 @@ import time
 from collections import deque
 from typing import Any, Protocol
 
+from gateway import cost
 from gateway.config import UpstreamConfig
 from gateway.routing.capacity import CapacityCurve, Sample
 from gateway.upstream import provider_for
@@ -109,6 +110,36 @@ class UpstreamStats:
         # Outlier ejection state is owned by reliability/outlier.py (OutlierDetector), not kept here.
         #: routing.affinity.UpstreamAffinity when the replica keeps a prefix index (its figures join the snapshot).
         self.affinity: Any = None
+        # Money (this replica's requests): what they cost and the output tokens they were charged for.
+        self.spend_micros = 0
+        self.billed_output = 0
+
+    # ---- cost -----------------------------------------------------------------------------------------------
+    def live_usd_per_1m(self) -> float | None:
+        """Live USD per 1M output tokens (gateway/cost.py): hourly servers from their measured tok/s."""
+        return cost.usd_per_1m_output(self.cfg.price, self.tok_s, self.spend_micros, self.billed_output)
+
+    def billing_usd_per_1m(self) -> float | None:
+        """The rate an hourly server's output tokens are charged at now (None: per-token or no price)."""
+        p = self.cfg.price
+        if p is None or p.per_token or p.hourly is None:
+            return None
+        return cost.gpu_usd_per_1m(p.hourly, cost.billing_tok_s(self.tok_s, 1.0 / self.curve.tpot(1)))
+
+    def quote(self, usage: cost.Tokens, batch: bool = False) -> int:
+        """What a request with this usage costs here now (micro-dollars), without booking it."""
+        return cost.request_cost_micros(self.cfg.price, usage, batch=batch, live_usd_per_1m=self.billing_usd_per_1m())
+
+    def charge(self, usage: cost.Tokens, batch: bool = False) -> int:
+        """Price one finished request on this upstream (micro-dollars) and count it in the live figures."""
+        micros = cost.request_cost_micros(self.cfg.price, usage, batch=batch, live_usd_per_1m=self.billing_usd_per_1m())
+        self.spend_micros += micros
+        self.billed_output += usage.output_tokens
+        return micros
+
+    def cost_row(self) -> tuple[float, float]:
+        """(USD/s, output tok/s) for pool and fleet figures."""
+        return cost.usd_per_second(self.cfg.price, self.tok_s, self.live_usd_per_1m()), self.tok_s
 
     # ---- request path -------------------------------------------------------------------------------------
     @property
@@ -328,4 +359,11 @@ class UpstreamStats:
             "capacity": self.curve.snapshot(),
             "limits": {"rpm": c.rpm, "tpm": c.tpm, "rpm_used": self.used_req_60, "tpm_used": self.used_tok_60},
             **({"cache": self.affinity.snapshot()} if self.affinity is not None else {}),
+            "price": c.price.model_dump(exclude_none=True) if c.price else None,
+            "usd_per_1m_output": _round_opt(self.live_usd_per_1m(), 4),
+            "spend_usd": round(cost.usd(self.spend_micros), 6),
         }
+
+
+def _round_opt(v: float | None, nd: int) -> float | None:
+    return None if v is None else round(v, nd)

@@ -102,8 +102,16 @@ _COLUMNS = (
     # header, align ("<" left / ">" right)
     ("NAME", "<"), ("PROVIDER", "<"), ("KIND", "<"), ("STATE", "<"), ("WEIGHT", ">"),
     ("INFLIGHT", ">"), ("TOK/S", ">"), ("TTFT", ">"), ("DECODE", ">"), ("CAPACITY", ">"),
-    ("SAT%", ">"), ("ERR/M", ">"), ("429/M", ">"), ("EJ", ">"), ("HIT%", ">"),
+    ("SAT%", ">"), ("$/1M OUT", ">"), ("ERR/M", ">"), ("429/M", ">"), ("EJ", ">"), ("HIT%", ">"),
 )
+
+
+def fmt_usd(v: Any) -> str:
+    """USD per 1M tokens: cents when small, whole dollars when large; '-' when unknown (e.g. an idle GPU)."""
+    x = _num(v)
+    if x is None:
+        return "-"
+    return f"{x:.0f}" if x >= 100 else f"{x:.2f}" if x >= 1 else f"{x:.3f}"
 
 
 def _row(u: dict[str, Any]) -> list[str]:
@@ -127,6 +135,7 @@ def _row(u: dict[str, Any]) -> list[str]:
         fmt_rate(u.get("decode_tok_s")),
         "learning" if sat is None else fmt_rate(sat),
         sat_pct,
+        fmt_usd(u.get("usd_per_1m_output")),
         fmt_rate(u.get("errors_per_min")),
         fmt_rate(u.get("rate_limited_per_min")),
         fmt_int(u.get("ejections")),
@@ -175,9 +184,12 @@ def render(snap: dict[str, Any], *, url: str = "", color: bool = False, width: i
     queues: dict[str, Any] = snap["queue_depth"] if isinstance(snap.get("queue_depth"), dict) else {}
     redis_s = f"{_REDIS_COLORS.get(redis, '')}{redis}{_RESET}" if color else redis
 
+    raw_cost = snap.get("cost")
+    cost: dict[str, Any] = raw_cost if isinstance(raw_cost, dict) else {}
     lines = [
         "  ".join(x for x in ("gateway top", url, f"replica {snap.get('replica', '-')}", f"redis {redis_s}", f"at {when}") if x),
-        f"fleet: {fmt_rate(tot_toks)} tok/s  {fmt_int(tot_inflight)} in flight  "
+        f"fleet: {fmt_rate(tot_toks)} tok/s  ${fmt_usd(cost.get('fleet_usd_per_1m_output'))}/1M out  "
+        f"{fmt_int(tot_inflight)} in flight  "
         f"{len(ups)} upstream(s)  queued: "
         + (", ".join(f"{m}={fmt_int(d)}" for m, d in sorted(queues.items())) or "-"),
         "",

@@ -36,6 +36,7 @@ SNAPSHOT: dict[str, Any] = {
             "ejections": 0,
             "capacity": {"a": 0.008, "b": 0.0004, "saturation_tok_s": 2500.0, "samples": 240},
             "limits": {"rpm": None, "tpm": None, "rpm_used": 0, "tpm_used": 0},
+            "usd_per_1m_output": 0.8547, "spend_usd": 1.25,
         },
         {
             "name": "slow-cpu", "provider": "azure", "kind": "cpu", "models": ["fleet-model"],
@@ -47,6 +48,7 @@ SNAPSHOT: dict[str, Any] = {
             "limits": {"rpm": 600, "tpm": None, "rpm_used": 12, "tpm_used": 0},
         },
     ],
+    "cost": {"fleet_usd_per_1m_output": 1.2345, "pools_usd_per_1m_output": {"fleet-model": 1.2345}},
 }
 
 
@@ -116,16 +118,16 @@ async def test_top_once_prints_table(gateway_stub: GatewayStub, capsys: pytest.C
     assert "\x1b" not in out  # not a tty: no escape codes
     lines = out.splitlines()
     assert "host-123-ab12cd" in lines[0] and "redis ok" in lines[0]
-    assert "853.8 tok/s" in lines[1] and "12 in flight" in lines[1] and "fleet-model=3" in lines[1]
+    assert "853.8 tok/s" in lines[1] and "$1.23/1M out" in lines[1] and "12 in flight" in lines[1] and "fleet-model=3" in lines[1]
     header = next(ln for ln in lines if ln.startswith("NAME"))
     for col in ("PROVIDER", "STATE", "WEIGHT", "INFLIGHT", "TOK/S", "TTFT", "CAPACITY", "ERR/M"):
         assert col in header
     fast = next(ln for ln in lines if ln.startswith("fast-gpu")).split()
     assert fast == ["fast-gpu", "openai", "gpu", "healthy", "1.00", "12/64", "812.5", "83ms",
-                    "70.2", "2500", "32%", "0.00", "0.00", "0", "-"]
+                    "70.2", "2500", "32%", "0.855", "0.00", "0.00", "0", "-"]
     slow = next(ln for ln in lines if ln.startswith("slow-cpu")).split()
     assert slow == ["slow-cpu", "azure", "cpu", "ejected", "0.25", "0/8", "41.3", "-",
-                    "-", "learning", "-", "6.50", "2.00", "3", "-"]
+                    "-", "learning", "-", "-", "6.50", "2.00", "3", "-"]
     assert top._hit({"hit_rate": 0.625}) == "62%" and top._hit(None) == "-"
     # columns line up: every row as wide as the header's columns
     assert lines.index(header) < [i for i, ln in enumerate(lines) if ln.startswith("fast-gpu")][0]
@@ -266,16 +268,17 @@ async def test_dashboard_renders_in_headless_chromium(gateway_stub: GatewayStub,
     p = _Rows()
     p.feed(dom)
     assert set(p.rows) == {"fast-gpu", "slow-cpu"}, dom[-3000:]
-    # name, provider, kind, state, weight, inflight, tok/s, ttft, capacity, errors
+    # name, provider, kind, state, weight, inflight, tok/s, ttft, capacity, $/1M out, errors
     assert p.rows["fast-gpu"] == ["fast-gpu", "openai", "gpu", "healthy", "1.00", "12 / 64",
-                                  "812.5", "83 ms", "2500", "0.00"]
+                                  "812.5", "83 ms", "2500", "$0.855", "0.00"]
     assert p.rows["slow-cpu"] == ["slow-cpu", "azure", "cpu", "ejected", "0.25", "0 / 8",
-                                  "41.3", "–", "learning…", "6.50 (2.00 429, 3 ej)"]
+                                  "41.3", "–", "learning…", "–", "6.50 (2.00 429, 3 ej)"]
     assert 'class="badge b-ejected"' in dom
     assert p.by_id["redis"] == "ok"
     assert p.by_id["conn"] == "live"
     assert p.by_id["replica"] == "host-123-ab12cd"
     assert p.by_id["fleet-toks"] == "853.8"
+    assert p.by_id["fleet-usd"] == "$1.234" or p.by_id["fleet-usd"] == "$1.235"
     assert p.by_id["fleet-inflight"] == "12"
     assert p.by_id["fleet-queued"] == "3"
     assert "fleet-model: 3" in p.by_id["queues"]
