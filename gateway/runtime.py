@@ -22,7 +22,7 @@ from gateway.reliability.verdicts import Verdicts
 from gateway.routing.affinity import Affinity
 from gateway.routing.router import Router
 from gateway.settings import Settings
-from gateway.spend import SpendLedger
+from gateway.spend import CostQuote, SpendLedger
 from gateway.state.fleet import Fleet
 from gateway.state.goodput import SloTracker
 from gateway.state.measure import Measurement
@@ -59,7 +59,8 @@ class Runtime:
         self.slo = SloTracker(self.fleet)
         # Order matters where one reads what another wrote: measurement first, SLO verdicts before tracing.
         subscribers = (
-            Measurement(), Verdicts(self.health, self.sync), self.slo, self.affinity, Tracing(self.telemetry), Metrics(self.telemetry)
+            Measurement(), Verdicts(self.health, self.sync), self.slo, self.affinity, CostQuote(self.fleet),
+            Tracing(self.telemetry), Metrics(self.telemetry),
         )
         for sub in subscribers:
             self.hooks.subscribe(sub)

@@ -39,6 +39,7 @@ from datetime import UTC, datetime, timedelta
 
 from redis.exceptions import RedisError
 
+from gateway.context import RequestContext
 from gateway.cost import Tokens, usd
 from gateway.errors import GatewayError
 from gateway.periodic import Periodic
@@ -334,3 +335,19 @@ def charge_request(
                   (tokens.input_tokens, tokens.output_tokens))
     return micros
 
+
+
+class CostQuote:
+    """Hook subscriber: what the request costs on the upstream that answered it, for its span (booking happens once,
+    in the HTTP layer, against the key's reservation; this only prices)."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+
+    def request_end(self, ctx: RequestContext, error: BaseException | None) -> None:
+        u = self.fleet.upstreams.get(ctx.upstream) if ctx.upstream else None
+        us = ctx.usage
+        if u is None or u.cfg.price is None or not (us.output_tokens or us.input_tokens):
+            return
+        tokens = Tokens(us.input_tokens if us.input_tokens is not None else ctx.est.prompt_tokens, us.cached_tokens, us.output_tokens)
+        ctx.extras["cost_usd"] = usd(u.quote(tokens, ctx.service_class == "batch"))

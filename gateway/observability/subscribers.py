@@ -114,6 +114,8 @@ class Tracing:
             span.set_attribute("http.response.status_code", ctx.status)
             if ctx.slo is not None:
                 span.set_attributes(_slo_attrs(ctx.slo))
+            if "cost_usd" in ctx.extras:
+                span.set_attribute(T.ATTR_REQUEST_COST_USD, ctx.extras["cost_usd"])
             if isinstance(error, GatewayError):
                 span.set_attribute(T.ATTR_ERROR_TYPE, str(error.status))
                 span.set_status(Status(StatusCode.ERROR, error.message))
