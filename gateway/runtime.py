@@ -21,6 +21,7 @@ from gateway.routing.router import Router
 from gateway.settings import Settings
 from gateway.state.fleet import Fleet
 from gateway.state.goodput import SloTracker
+from gateway.state.lengths import Lengths
 from gateway.state.measure import Measurement
 from gateway.sync.engine_metrics import EngineMetricsScraper
 from gateway.sync.fleet_sync import FleetSync
@@ -44,7 +45,7 @@ class Runtime:
         self.hooks = Hooks()
         self.slo = SloTracker(self.fleet)
         # Order matters where one reads what another wrote: measurement first, SLO verdicts before tracing.
-        subscribers = (Measurement(), Verdicts(self.health, self.sync), self.slo, Tracing(self.telemetry), Metrics(self.telemetry))
+        subscribers = (Lengths(self.fleet), Measurement(), Verdicts(self.health, self.sync), self.slo, Tracing(self.telemetry), Metrics(self.telemetry))
         for sub in subscribers:
             self.hooks.subscribe(sub)
         self.proxy = Proxy(s, self.fleet, self.router, self.client, self.hooks)

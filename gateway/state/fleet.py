@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.config import FleetConfig, ModelConfig
+from gateway.state.lengths import OutputLengths
 from gateway.state.stats import UpstreamStats
 
 
@@ -16,6 +17,7 @@ class Pool:
     upstreams: list[UpstreamStats]
     strategy: str
     rr: int = 0  # round-robin cursor
+    lengths: OutputLengths = field(default_factory=OutputLengths)  # observed output lengths (expected output)
 
 
 class Fleet:

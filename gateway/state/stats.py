@@ -12,6 +12,7 @@ import time
 from collections import deque
 
 from gateway.config import UpstreamConfig
+from gateway.context import Estimate
 from gateway.routing.capacity import CapacityCurve, Sample
 from gateway.upstream import provider_for
 from gateway.upstream.base import OPERATION_PATHS as OPERATIONS
@@ -21,6 +22,17 @@ REQ, OUT, ADM, ERR, RL = range(5)
 FIELDS = ("req", "out", "adm", "err", "rl")
 WINDOW_S = 60
 RATE_WINDOW_S = 10  # tok/s and error rates are averaged over this many seconds
+#: Rate limits are also paced over this many seconds: at most (PACE_S + 1)/WINDOW_S of a limit may start within
+#: any PACE_S-second stretch (+1: the oldest per-second bucket is partial). A little faster than the limit's own
+#: rate, so the 60 s budget is still what binds, but a cold start or a queue backlog cannot burn the whole
+#: minute's budget in its first second and leave the upstream idle for the rest of the window.
+PACE_S = 10
+PACE_BURST = 8
+#: Share of a GPU upstream's KV-cache token capacity the router fills: the expected output is a mean, some
+#: requests run longer, and past the capacity the engine preempts (recomputes) sequences.
+KV_FILL = 0.92
+#: From this fill on, the marginal gain is discounted (linearly to 0 at KV_FILL): the risk of preemption.
+KV_RISK_FROM = 0.75
 
 
 class Window:
@@ -75,6 +87,12 @@ class UpstreamStats:
         self.mine = Window()
         self.dirty: set[int] = set()
         self.others = Window()
+        # KV-cache tokens held by this replica's in-flight requests (prompt + expected output), the engine's token
+        # capacity (configured `kv_tokens`, else learned from its vllm:cache_config_info) and the KV tokens the
+        # engine reports beyond the fleet's own (engine_metrics.py).
+        self.kv_local = 0
+        self.kv_learned: int | None = None
+        self.kv_external = 0.0
         self.pending_samples: list[Sample] = []
         self.samples: deque[Sample] = deque(maxlen=400)
         self._remote = 0
@@ -93,6 +111,8 @@ class UpstreamStats:
         self.rate_limited_per_min = 0.0
         self.used_req_60 = 0
         self.used_tok_60 = 0
+        self.used_req_pace = 0
+        self.used_tok_pace = 0
         self.inflight_at_refresh = 0
         self.req_since_refresh = 0
         self.tok_since_refresh = 0
@@ -146,10 +166,12 @@ class UpstreamStats:
     def class_inflight(self, service_class: str) -> int:
         return self.inflight_by_class.get(service_class, 0)
 
-    def credit(self, admitted_tokens: int, service_class: str = "") -> None:
-        """A request was dispatched here: count it at once so a burst spreads out."""
+    def credit(self, admitted_tokens: int, service_class: str = "", kv_tokens: int = 0) -> int:
+        """A request was dispatched here: count it at once so a burst spreads out. Returns the epoch second it
+        was charged to (settle_tokens corrects that second's TPM charge by the usage)."""
         self._tick()
         self.inflight_local += 1
+        self.kv_local += kv_tokens
         self.inflight_by_class[service_class] = self.inflight_by_class.get(service_class, 0) + 1
         self.req_since_refresh += 1
         self.tok_since_refresh += admitted_tokens
@@ -157,10 +179,12 @@ class UpstreamStats:
         self.mine.add(sec, REQ, 1)
         self.mine.add(sec, ADM, admitted_tokens)
         self.dirty.add(sec)
+        return sec
 
-    def release(self, service_class: str = "") -> None:
+    def release(self, service_class: str = "", kv_tokens: int = 0) -> None:
         self._tick()
         self.inflight_local -= 1
+        self.kv_local -= kv_tokens
         self.inflight_by_class[service_class] -= 1
 
     def record_tokens(self, output_tokens: int) -> None:
@@ -206,26 +230,74 @@ class UpstreamStats:
         grown = self.inflight_local - self.inflight_at_refresh
         return grown + 1 <= self._share(mc, self.inflight_at_refresh + self.inflight_remote)
 
+    def charge(self, est: Estimate) -> int:
+        """Tokens this upstream's TPM limit is charged for the request at admission.
+
+        `reserved` providers (OpenAI-style) charge prompt + max_tokens up front, so that is what counts when the
+        client gave max_tokens; `usage` providers count what is really used, so the gateway charges prompt + the
+        expected output (est.output_tokens: from max_tokens and the pool's observed lengths) and settles the
+        difference when the usage is known (settle_tokens). Either way the tokens started in the window include
+        what the in-flight requests will still consume.
+        """
+        if self.cfg.tpm_counts == "usage" or est.max_tokens is None:
+            return est.prompt_tokens + est.output_tokens
+        return est.prompt_tokens + est.max_tokens
+
+    def settle_tokens(self, sec: int, charged: int, used: int) -> None:
+        """Correct a `usage` provider's TPM charge (made in epoch second `sec`) by the tokens really used."""
+        if self.cfg.tpm_counts != "usage" or used <= 0 or sec not in self.mine.buckets:
+            return
+        delta = used - charged
+        self.mine.add(sec, ADM, delta)
+        self.dirty.add(sec)
+        self.tok_since_refresh += delta
+
     def fits_tpm(self, tokens: int) -> bool:
         """Could a request of this size ever be admitted here (by this replica's share of an idle TPM window)?"""
         tpm = self.cfg.tpm
         return not tpm or tokens <= tpm // max(1, self.replicas) + (1 if self.rank < tpm % max(1, self.replicas) else 0)
 
-    def rate_allows(self, tokens: int, output_tokens: int) -> bool:
-        """RPM/TPM: the hard 60 s budget, and pacing so the budget is spent evenly rather than in bursts."""
+    def rate_allows(self, tokens: int) -> bool:
+        """RPM/TPM from the limits themselves: what started in the sliding 60 s window (plus this request) stays
+        within this replica's share of the limit, and what started in the last PACE_S seconds within the paced
+        share (so the budget is spread over the window, not burnt in a burst).
+
+        Nothing here depends on the request's own duration: a short request is not held back by a small
+        in-flight cap, so the queue behind it keeps moving and the budget is filled.
+        """
         cfg = self.cfg
-        if not (cfg.rpm or cfg.tpm):
-            return True
-        if cfg.rpm and self.req_since_refresh + 1 > self._share(cfg.rpm, self.used_req_60):
-            return False
-        if cfg.tpm and self.tok_since_refresh + tokens > self._share(cfg.tpm, self.used_tok_60):
-            return False
-        # Little's law: the limits sustain `rate` requests/s, so at the expected request duration they sustain
-        # rate*duration requests in flight. Holding that keeps the upstream busy all minute instead of burning
-        # the window's budget in the first seconds and then starving.
-        rate = min(cfg.rpm / 60 if cfg.rpm else math.inf, cfg.tpm / 60 / max(1, tokens) if cfg.tpm else math.inf)
-        duration = self.curve.ttft + output_tokens * self.curve.tpot(self.load + 1)
-        return self.load + 1 <= max(1.0, rate * duration)
+        if cfg.rpm:
+            n = self.req_since_refresh + 1
+            if n > self._share(cfg.rpm, self.used_req_60) or n > self._share(_paced(cfg.rpm, 1), self.used_req_pace):
+                return False
+        if cfg.tpm:
+            t = self.tok_since_refresh + tokens
+            if t > self._share(cfg.tpm, self.used_tok_60) or t > self._share(_paced(cfg.tpm, tokens), self.used_tok_pace):
+                return False
+        return True
+
+    # ---- KV-cache budget (GPU upstreams) ------------------------------------------------------------------
+    @property
+    def kv_capacity(self) -> int | None:
+        """The engine's KV-cache capacity in tokens: configured, else learned from its metrics, else unknown."""
+        return self.cfg.kv_tokens or self.kv_learned
+
+    def kv_load(self) -> float:
+        """KV tokens in use on the engine: this replica's exactly, the other replicas' estimated at the same
+        tokens per request (only counts are shared), plus what the engine reports beyond the fleet's."""
+        mine: float = self.kv_local
+        if self._remote and self.inflight_local > 0:
+            mine += self._remote * self.kv_local / self.inflight_local
+        return mine + self.kv_external
+
+    def kv_fill(self, kv_tokens: int) -> float:
+        """Share of the KV capacity in use with this request added (0 when the capacity is unknown)."""
+        cap = self.kv_capacity
+        return (self.kv_load() + kv_tokens) / cap if cap else 0.0
+
+    def kv_allows(self, kv_tokens: int) -> bool:
+        """Room in the KV cache for the request's prompt and expected output (an idle engine takes anything)."""
+        return self.kv_capacity is None or self.load < 1 or self.kv_fill(kv_tokens) <= KV_FILL
 
     # ---- background ---------------------------------------------------------------------------------------
     def take_dirty(self) -> dict[int, list[int]]:
@@ -257,6 +329,8 @@ class UpstreamStats:
         since60 = sec - WINDOW_S
         self.used_req_60 = view.sum(REQ, since60)
         self.used_tok_60 = view.sum(ADM, since60)
+        self.used_req_pace = view.sum(REQ, sec - PACE_S)
+        self.used_tok_pace = view.sum(ADM, sec - PACE_S)
         self.req_since_refresh = 0
         self.tok_since_refresh = 0
         self.inflight_at_refresh = self.inflight_local
@@ -295,4 +369,11 @@ class UpstreamStats:
             "ejections": self.ejections,
             "capacity": self.curve.snapshot(),
             "limits": {"rpm": c.rpm, "tpm": c.tpm, "rpm_used": self.used_req_60, "tpm_used": self.used_tok_60},
+            "kv": {"capacity_tokens": self.kv_capacity, "in_use_tokens": round(self.kv_load())},
         }
+
+
+def _paced(limit: int, need: int) -> int:
+    """The share of a 60 s limit that may start within PACE_S seconds: never less than one request of `need`,
+    nor than PACE_BURST requests' worth (a small limit such as 6 RPM may start all at once)."""
+    return max(need, math.ceil(limit * (PACE_S + 1) / WINDOW_S), min(limit, PACE_BURST * need))

@@ -21,6 +21,33 @@ log = logging.getLogger("gateway.sync.engine_metrics")
 _RUNNING = ("vllm:num_requests_running", "sglang:num_running_reqs")
 _WAITING = ("vllm:num_requests_waiting", "sglang:num_queue_reqs")
 _LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eEinfNa]+)")
+_KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")  # a fraction 0..1 (the older name first seen)
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="([^"]*)"')
+
+
+def parse_kv(text: str) -> tuple[int | None, float | None]:
+    """(KV capacity in tokens from vllm:cache_config_info's block_size x num_gpu_blocks, KV usage fraction).
+
+    Either is None when the page does not say. Engines with several label sets (data parallel) add up.
+    """
+    cap: int | None = None
+    usage: float | None = None
+    for line in text.splitlines():
+        if not line.startswith("vllm:"):
+            continue
+        m = _LINE.match(line)
+        if not m:
+            continue
+        name = m.group(1)
+        if name == "vllm:cache_config_info" and m.group(2):
+            labels = dict(_LABEL.findall(m.group(2)))
+            try:
+                cap = (cap or 0) + int(labels["block_size"]) * int(labels["num_gpu_blocks"])
+            except (KeyError, ValueError):
+                continue
+        elif name in _KV_USAGE and usage is None:
+            usage = float(m.group(3))
+    return cap, usage
 
 
 def parse_load(text: str) -> tuple[float, float] | None:
@@ -71,10 +98,25 @@ class EngineMetricsScraper:
             async with self._session.get(u.cfg.metrics_url) as r:
                 if r.status != 200:
                     return
-                load = parse_load(await r.text())
+                text = await r.text()
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
             u.external_load = 0.0  # unknown: plan with our own counts only
+            u.kv_external = 0.0
             return
+        load = parse_load(text)
         if load is not None:
             running, waiting = load
             u.external_load = max(0.0, running + waiting - inflight)
+        learn_kv(u, *parse_kv(text))
+
+
+def learn_kv(u: UpstreamStats, capacity: int | None, usage: float | None) -> None:
+    """The engine's KV capacity (unless configured) and the KV tokens it holds beyond the fleet's own requests
+    (other clients), which the router adds to the KV load it plans with."""
+    if capacity:
+        u.kv_learned = capacity
+    cap = u.kv_capacity
+    if usage is None or not cap:
+        return
+    ours = u.kv_load() - u.kv_external
+    u.kv_external = max(0.0, min(1.0, usage) * cap - ours)
