@@ -27,6 +27,7 @@ RATE_WINDOW_S = 10  # tok/s and error rates are averaged over this many seconds
 #: rate, so the 60 s budget is still what binds, but a cold start or a queue backlog cannot burn the whole
 #: minute's budget in its first second and leave the upstream idle for the rest of the window.
 PACE_S = 10
+REFIT_IDLE_S = 10.0
 PACE_BURST = 8
 #: Share of a GPU upstream's KV-cache token capacity the router fills: the expected output is a mean, some
 #: requests run longer, and past the capacity the engine preempts (recomputes) sequences.
@@ -95,6 +96,8 @@ class UpstreamStats:
         self.kv_external = 0.0
         self.pending_samples: list[Sample] = []
         self.samples: deque[Sample] = deque(maxlen=400)
+        self._fitted_newest = -1.0  # newest sample's ts at the last refit, and when that was
+        self._fitted_at = 0.0
         self._remote = 0
         self._external = 0.0
         # Integral of load over time, so a sample's concurrency is the mean over its interval, not a snapshot
@@ -336,6 +339,12 @@ class UpstreamStats:
         self.inflight_at_refresh = self.inflight_local
 
     def refit(self, now: float) -> None:
+        """Refit the curve when samples arrived since the last fit (or every REFIT_IDLE_S, as weights age): a fit
+        costs a few ms per upstream, which large pools of idle upstreams should not pay every second."""
+        newest = self.samples[-1].ts if self.samples else 0.0
+        if newest == self._fitted_newest and now - self._fitted_at < REFIT_IDLE_S:
+            return
+        self._fitted_newest, self._fitted_at = newest, now
         self.curve.fit(list(self.samples), now)
 
     def state(self, now: float) -> str:
