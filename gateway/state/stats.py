@@ -27,6 +27,8 @@ RATE_WINDOW_S = 10  # tok/s and error rates are averaged over this many seconds
 #: rate, so the 60 s budget is still what binds, but a cold start or a queue backlog cannot burn the whole
 #: minute's budget in its first second and leave the upstream idle for the rest of the window.
 PACE_S = 10
+#: Slack before a request's window slot is treated as expired at the provider (it arrived after the gateway counted it).
+EXPIRY_MARGIN_S = 0.5
 REFIT_IDLE_S = 10.0
 PACE_BURST = 8
 #: Share of a GPU upstream's KV-cache token capacity the router fills: the expected output is a mean, some
@@ -328,8 +330,9 @@ class UpstreamStats:
         self.rps = view.sum(REQ, since10) / span
         self.errors_per_min = view.sum(ERR, since10) * 60 / span
         self.rate_limited_per_min = view.sum(RL, since10) * 60 / span
-        # Bucket sec-60 counts too: part of it is still inside the provider's sliding 60 s window.
-        since60 = sec - WINDOW_S
+        # A request counted in bucket s may have reached the provider up to a second later (the bucket's end)
+        # plus network and clock skew: it leaves the provider's sliding window by s + 1 + 60 + EXPIRY_MARGIN_S.
+        since60 = math.floor(now - WINDOW_S - 1 - EXPIRY_MARGIN_S) + 1
         self.used_req_60 = view.sum(REQ, since60)
         self.used_tok_60 = view.sum(ADM, since60)
         self.used_req_pace = view.sum(REQ, sec - PACE_S)

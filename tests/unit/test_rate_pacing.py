@@ -154,3 +154,15 @@ def test_paced_shares_of_replicas_add_up(replicas: int):
         h.refresh(time.time())
         total += fill(router, fleet, req(100, 50))
     assert total == 110
+
+
+def test_a_request_leaves_the_window_only_after_the_provider_could_have_dropped_it():
+    """Bucket s may hold a request the provider received at s + 0.999 (+ skew): it still counts at s + 61.2 and
+    no longer at s + 61.6, so a new request cannot meet a slot the provider still holds (a 429)."""
+    _, _, h = hosted_fleet(rpm=120)
+    s = 1_000_000
+    h.others.add(s, REQ, 120)
+    h.refresh(s + 61.2)
+    assert h.used_req_60 == 120 and not h.rate_allows(1)
+    h.refresh(s + 61.6)
+    assert h.used_req_60 == 0 and h.rate_allows(1)
