@@ -167,10 +167,3 @@ def test_a_request_leaves_the_window_only_after_the_provider_could_have_dropped_
     h.refresh(s + 61.6)
     assert h.used_req_60 == 0 and h.rate_allows(1)
 
-
-def test_serve_defaults_to_the_usable_cores():
-    import os
-
-    from gateway.cli import usable_cores
-
-    assert 1 <= usable_cores() <= (os.cpu_count() or 1)
