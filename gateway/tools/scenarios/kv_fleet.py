@@ -15,6 +15,10 @@ learns each engine's KV capacity from its vllm:cache_config_info (metrics_url).
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import json
+import time
 from typing import Any
 
 import aiohttp
@@ -65,10 +69,10 @@ async def _one(bench: Any, sims_cfg: dict[str, SimConfig], strategy: str, tag: s
             mc.strategy = strategy
         fleet = cfg.model_dump(mode="json", exclude={"upstreams": {"__all__": {"name"}}})
         gw = await B.start_gateway(bench.procs, fleet, tag, strategy=strategy)
-        target = B.Target(gw.url + "/v1/chat/completions", B.chat_body(B.MODEL, p, m), c)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
             before = await _preemptions(s, sims)
-            r = await B.run_phase([target], o.warmup, o.compare_duration, sims=sims, gateway=gw)
+            r = await B.run_phase([], o.warmup, o.compare_duration, sims=sims, gateway=gw,
+                                  load=_unique_workers(gw.url + "/v1/chat/completions", c, p, m))
             after = await _preemptions(s, sims)
     finally:
         await bench._teardown(gw, sims)
@@ -79,6 +83,27 @@ async def _one(bench: Any, sims_cfg: dict[str, SimConfig], strategy: str, tag: s
         "ttft_p50_ms": r["ttft_p50_ms"], "latency_p99_ms": r["latency_p99_ms"],
         "per_upstream_tok_s": {n: u["tok_s"] for n, u in r["upstreams"].items()},
     }
+
+
+def _unique_workers(url: str, c: int, p: int, m: int) -> Any:
+    """c closed-loop workers whose every request has its own context (a distinct first word breaks the chained
+    block hashes, so no prefix-cache sharing): the KV cost of c long conversations, as tok_s_curve assumes."""
+    counter = itertools.count()
+
+    async def worker(session: aiohttp.ClientSession, rec: B.Recorder, stop_at: float) -> None:
+        while time.monotonic() < stop_at:
+            body = json.loads(B.chat_body(B.MODEL, p - 1, m))
+            body["messages"][0]["content"] = f"conversation{next(counter)} " + body["messages"][0]["content"]
+            try:
+                await B._stream_once(session, url, json.dumps(body).encode(), rec)
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as e:
+                rec.error(type(e).__name__, time.monotonic() - rec.origin)
+                await asyncio.sleep(0.05)
+
+    async def load(session: aiohttp.ClientSession, rec: B.Recorder, stop_at: float) -> None:
+        await asyncio.gather(*(worker(session, rec, stop_at) for _ in range(c)))
+
+    return load
 
 
 async def _compare(bench: Any, sims_cfg: dict[str, SimConfig], name: str, c: int, p: int, m: int) -> dict:
