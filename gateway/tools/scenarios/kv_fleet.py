@@ -1,9 +1,9 @@
 """The heterogeneous fleet on calibrated KV-engine presets (issue 16): KV pressure and speculative decoding.
 
 `kv_pressure`: calibrated_sims(kv_scale=0.25) (H100 ~107k, A10G ~10.5k KV tokens) + the rate-limited hosted API,
-closed loop with long contexts (3,000-token prompts standing in for long multi-turn conversations, 200 output
-tokens): the A10G holds only three such conversations and the H100 about 33, so routing by sequence counts
-preempts. Reports tok/s as % of this workload's optimum and preemptions/min at each simulator.
+closed loop with long contexts (2,000-token prompts standing in for long multi-turn conversations, growing by
+600 output tokens): the engines admit a sequence when its prompt fits, so the A10G takes five and then has to
+preempt as they grow, and the H100 about 53 of which ~41 fit grown; routing by sequence counts preempts. Reports tok/s as % of this workload's optimum and preemptions/min at each simulator.
 `spec_decode`: spec_decode_sims() (speculative decoding on the H100: much faster per request at low batch,
 little gain at high batch), at low load (8 workers) and high load (48).
 
@@ -129,9 +129,9 @@ def _render(r: dict) -> list[str]:
 @scenario("kv_pressure", render=_render)
 async def kv_pressure(bench: Any) -> dict:
     c = 24 if bench.o.quick else 48
-    run = await _compare(bench, calibrated_sims(kv_scale=0.25), "kv", c, 3000, 200)
+    run = await _compare(bench, calibrated_sims(kv_scale=0.25), "kv", c, 2000, 600)
     errors = sum(v["errors"] for v in run["strategies"].values())
-    return {"runs": [run], "error_count": errors, "notes": "calibrated presets, KV x0.25, 3k-token contexts"}
+    return {"runs": [run], "error_count": errors, "notes": "calibrated presets, KV x0.25, 2k-token contexts growing by 600 output tokens"}
 
 
 @scenario("spec_decode", render=_render)
