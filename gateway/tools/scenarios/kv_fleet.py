@@ -10,7 +10,9 @@ little gain at high batch), at low load (8 workers) and high load (48).
 The optimum is an exact allocation of the workers over per-upstream curves: virtual.tok_s_curve for KV engines
 (tools/bench.py's slot formula does not know KV capacity or speculation), bench.upstream_tok_s for the hosted
 API. throughput, round_robin and least_busy run side by side on fresh simulators and gateways. The gateway
-learns each engine's KV capacity from its vllm:cache_config_info (metrics_url).
+learns each engine's KV capacity from its vllm:cache_config_info (metrics_url). The KV budget is a hard limit in
+every strategy (like max_concurrency), so round_robin and least_busy are spared preemptions too: they differ in
+where the work goes, which the % of optimum shows.
 """
 
 from __future__ import annotations
