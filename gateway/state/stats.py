@@ -22,15 +22,15 @@ REQ, OUT, ADM, ERR, RL = range(5)
 FIELDS = ("req", "out", "adm", "err", "rl")
 WINDOW_S = 60
 RATE_WINDOW_S = 10  # tok/s and error rates are averaged over this many seconds
-#: Rate limits are also paced over this many seconds: at most (PACE_S + 1)/WINDOW_S of a limit may start within
-#: any PACE_S-second stretch (+1: the oldest per-second bucket is partial). A little faster than the limit's own
-#: rate, so the 60 s budget is still what binds, but a cold start or a queue backlog cannot burn the whole
-#: minute's budget in its first second and leave the upstream idle for the rest of the window.
-PACE_S = 10
+#: Rate limits are also paced by token buckets refilled at exactly the limit's rate (this replica's share), holding
+#: BURST_S seconds of it (and at least PACE_BURST requests, so a small limit such as 6 RPM may start at once).
+#: Started no faster than the limit allows, the sliding window never fills early: the upstream is kept busy all
+#: minute instead of the budget being burnt in a burst and the upstream then idling until the window slides.
+BURST_S = 2.0
+PACE_BURST = 8
 #: Slack before a request's window slot is treated as expired at the provider (it arrived after the gateway counted it).
 EXPIRY_MARGIN_S = 0.5
-REFIT_IDLE_S = 10.0
-PACE_BURST = 8
+REFIT_IDLE_S = 10.0  # a curve without new samples is refitted this often (its samples' weights age)
 #: Share of a GPU upstream's KV-cache token capacity the router fills: the expected output is a mean, some
 #: requests run longer, and past the capacity the engine preempts (recomputes) sequences.
 KV_FILL = 0.92
@@ -116,8 +116,10 @@ class UpstreamStats:
         self.rate_limited_per_min = 0.0
         self.used_req_60 = 0
         self.used_tok_60 = 0
-        self.used_req_pace = 0
-        self.used_tok_pace = 0
+        # Pacing buckets (requests, tokens), full at start; may go negative (a request larger than the bucket).
+        self._pace_req = math.inf
+        self._pace_tok = math.inf
+        self._pace_at = time.monotonic()
         self.inflight_at_refresh = 0
         self.req_since_refresh = 0
         self.tok_since_refresh = 0
@@ -184,6 +186,8 @@ class UpstreamStats:
         self.mine.add(sec, REQ, 1)
         self.mine.add(sec, ADM, admitted_tokens)
         self.dirty.add(sec)
+        self._pace_req -= 1
+        self._pace_tok -= admitted_tokens
         return sec
 
     def release(self, service_class: str = "", kv_tokens: int = 0) -> None:
@@ -256,6 +260,7 @@ class UpstreamStats:
         self.mine.add(sec, ADM, delta)
         self.dirty.add(sec)
         self.tok_since_refresh += delta
+        self._pace_tok -= delta
 
     def fits_tpm(self, tokens: int) -> bool:
         """Could a request of this size ever be admitted here (by this replica's share of an idle TPM window)?"""
@@ -264,22 +269,40 @@ class UpstreamStats:
 
     def rate_allows(self, tokens: int) -> bool:
         """RPM/TPM from the limits themselves: what started in the sliding 60 s window (plus this request) stays
-        within this replica's share of the limit, and what started in the last PACE_S seconds within the paced
-        share (so the budget is spread over the window, not burnt in a burst).
+        within this replica's share of the limit, and the pacing buckets have room (see BURST_S).
 
         Nothing here depends on the request's own duration: a short request is not held back by a small
         in-flight cap, so the queue behind it keeps moving and the budget is filled.
         """
         cfg = self.cfg
+        if not (cfg.rpm or cfg.tpm):
+            return True
+        self._refill()
         if cfg.rpm:
             n = self.req_since_refresh + 1
-            if n > self._share(cfg.rpm, self.used_req_60) or n > self._share(_paced(cfg.rpm, 1), self.used_req_pace):
+            if n > self._share(cfg.rpm, self.used_req_60) or self._pace_req < 1.0:
                 return False
         if cfg.tpm:
             t = self.tok_since_refresh + tokens
-            if t > self._share(cfg.tpm, self.used_tok_60) or t > self._share(_paced(cfg.tpm, tokens), self.used_tok_pace):
+            if t > self._share(cfg.tpm, self.used_tok_60):
+                return False
+            if self._pace_tok < tokens and self._pace_tok < self._burst(cfg.tpm, 1.0):  # a full bucket takes anything
                 return False
         return True
+
+    def _burst(self, limit: int, least: float) -> float:
+        """Capacity of a pacing bucket: BURST_S seconds of this replica's share of the limit, at least `least`."""
+        share = limit / max(1, self.replicas)
+        return max(1.0, min(share, max(share * BURST_S / WINDOW_S, least)))
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        dt, self._pace_at = now - self._pace_at, now
+        cfg, n = self.cfg, max(1, self.replicas)
+        if cfg.rpm:
+            self._pace_req = min(self._burst(cfg.rpm, PACE_BURST), self._pace_req + dt * cfg.rpm / WINDOW_S / n)
+        if cfg.tpm:
+            self._pace_tok = min(self._burst(cfg.tpm, 1.0), self._pace_tok + dt * cfg.tpm / WINDOW_S / n)
 
     # ---- KV-cache budget (GPU upstreams) ------------------------------------------------------------------
     @property
@@ -335,8 +358,6 @@ class UpstreamStats:
         since60 = math.floor(now - WINDOW_S - 1 - EXPIRY_MARGIN_S) + 1
         self.used_req_60 = view.sum(REQ, since60)
         self.used_tok_60 = view.sum(ADM, since60)
-        self.used_req_pace = view.sum(REQ, sec - PACE_S)
-        self.used_tok_pace = view.sum(ADM, sec - PACE_S)
         self.req_since_refresh = 0
         self.tok_since_refresh = 0
         self.inflight_at_refresh = self.inflight_local
@@ -384,8 +405,3 @@ class UpstreamStats:
             "kv": {"capacity_tokens": self.kv_capacity, "in_use_tokens": round(self.kv_load())},
         }
 
-
-def _paced(limit: int, need: int) -> int:
-    """The share of a 60 s limit that may start within PACE_S seconds: never less than one request of `need`,
-    nor than PACE_BURST requests' worth (a small limit such as 6 RPM may start all at once)."""
-    return max(need, math.ceil(limit * (PACE_S + 1) / WINDOW_S), min(limit, PACE_BURST * need))

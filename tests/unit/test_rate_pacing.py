@@ -43,23 +43,24 @@ def fill(router: Router, fleet: Fleet, ctx: RequestContext, limit: int = 1000) -
 
 
 def test_sliding_window_counts_requests_started_in_the_last_minute():
-    fleet, router, h = hosted_fleet(rpm=120)
+    fleet, router, h = hosted_fleet(rpm=600)  # pacing bucket: 20 requests
     now = time.time()
     sec = int(now)
-    h.others.add(sec - 30, REQ, 100)  # the other replicas started 100 requests 30 s ago: 20 left this minute
+    h.others.add(sec - 30, REQ, 590)  # the other replicas started 590 requests 30 s ago: 10 left this minute
     h.others.add(sec - 70, REQ, 500)  # out of the window: does not count
     h.refresh(now)
-    assert fill(router, fleet, req(100, 50)) == 20
+    assert fill(router, fleet, req(100, 50)) == 10
 
 
-def test_pacing_spreads_the_budget_and_ignores_request_length():
-    """The paced share is the same for short and long requests (no cap from the admitted request's duration)."""
-    counts = []
+def test_pacing_refills_at_the_limits_rate_and_ignores_request_length():
+    """A burst takes the bucket (2 s of the limit), then requests start at the limit's own rate (10/s for 600
+    RPM), whatever their length: no cap from the admitted request's duration."""
     for output in (5, 500):
         fleet, router, h = hosted_fleet(rpm=600)
         h.refresh(time.time())
-        counts.append(fill(router, fleet, req(100, output)))
-    assert counts == [110, 110]  # (10 + 1) s of a 10 req/s budget
+        assert fill(router, fleet, req(100, output)) == 20
+        h._pace_at -= 1.5  # 1.5 s later
+        assert fill(router, fleet, req(100, output)) == 15
 
 
 def test_tpm_reserved_charges_max_tokens_and_usage_charges_expected_output_then_settles():
@@ -73,18 +74,23 @@ def test_tpm_reserved_charges_max_tokens_and_usage_charges_expected_output_then_
     router._dispatch(router.pick(fleet.pools["m"], loose), loose)
     sec, charged = loose.extras["tpm_charge"]
     assert charged == 1300 and u.mine.buckets[sec][ADM] == 1300
+    bucket = u._pace_tok
     u.settle_tokens(sec, charged, 1000 + 900)  # it ran longer than expected
     assert u.mine.buckets[sec][ADM] == 1900 and u.tok_since_refresh == 1900 and sec in u.dirty
+    assert u._pace_tok == bucket - 600
     h.settle_tokens(sec, 5000, 1300)  # a reserving provider keeps its charge
     assert h.window_sum(ADM) == 0
 
 
 def test_tpm_admits_on_expected_output_so_loose_max_tokens_do_not_underfill():
-    fleet, router, u = hosted_fleet(tpm=60_000, tpm_counts="usage")
-    u.refresh(time.time())
-    # prompt 500 + expected 100 = 600 tokens each: the paced share (11 s of 1000 tok/s) holds 18 of them,
-    # where charging max_tokens=4000 would hold only 2.
-    assert fill(router, fleet, req(500, 100, max_tokens=4000)) == 18
+    """tpm 60,000: the pacing bucket holds 2,000 tokens. Charged by expected output (600 tokens) three requests
+    start; charged by the loose max_tokens (4,500) only one (a full bucket takes any size, then it is in debt)."""
+    counts = []
+    for counts_by in ("usage", "reserved"):
+        fleet, router, u = hosted_fleet(tpm=60_000, tpm_counts=counts_by)
+        u.refresh(time.time())
+        counts.append(fill(router, fleet, req(500, 100, max_tokens=4000)))
+    assert counts == [3, 1]
 
 
 async def test_a_request_the_tpm_cannot_take_yet_does_not_block_smaller_ones():
@@ -146,14 +152,17 @@ def test_lengths_subscriber_refines_the_estimate_and_learns_from_finished_reques
 
 
 @pytest.mark.parametrize("replicas", [1, 3])
-def test_paced_shares_of_replicas_add_up(replicas: int):
+def test_paced_shares_of_replicas_add_up_to_the_limits_rate(replicas: int):
+    """Each replica refills at its share of the rate: together, 1.5 s after their buckets ran dry, 15 requests."""
     total = 0
     for rank in range(replicas):
         fleet, router, h = hosted_fleet(rpm=600)
         h.replicas, h.rank = replicas, rank
         h.refresh(time.time())
+        fill(router, fleet, req(100, 50))
+        h._pace_at -= 1.5
         total += fill(router, fleet, req(100, 50))
-    assert total == 110
+    assert total == 15
 
 
 def test_a_request_leaves_the_window_only_after_the_provider_could_have_dropped_it():
