@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -48,11 +50,28 @@ def _run_gateway(settings: Settings, reuse_port: bool = False) -> None:
         raise SystemExit(2)
 
 
+def usable_cores() -> int:
+    """CPU cores this process may use: its affinity set, capped by a cgroup v2 CPU quota (a container's limit;
+    os.cpu_count() would report the whole node's)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
 def cmd_serve(ns: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("host", ns.host), ("port", ns.port), ("config", ns.config)) if v is not None}
     settings = _settings(**overrides)
     _logging(settings.log_level)
-    if ns.workers <= 1:
+    workers = ns.workers if ns.workers is not None else (usable_cores() if settings.redis_url else 1)
+    if workers <= 1:
         _run_gateway(settings, reuse_port=ns.reuse_port)
         return 0
     if not settings.redis_url:
@@ -63,7 +82,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     for flag, v in (("--host", ns.host), ("--port", ns.port), ("--config", ns.config)):
         if v is not None:
             args += [flag, str(v)]
-    procs = [subprocess.Popen(args, env={**os.environ, "GATEWAY_REPLICA_ID": f"{settings.replica_id}-w{i}"}) for i in range(ns.workers)]
+    procs = [subprocess.Popen(args, env={**os.environ, "GATEWAY_REPLICA_ID": f"{settings.replica_id}-w{i}"}) for i in range(workers)]
 
     def forward(sig, _frame):
         for p in procs:
@@ -172,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="address to listen on (default: GATEWAY_HOST or 0.0.0.0)")
     p.add_argument("--port", type=int, help="port to listen on (default: GATEWAY_PORT or 8080)")
     p.add_argument("--config", help="fleet YAML (default: GATEWAY_CONFIG or the embedded demo fleet)")
-    p.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT) and Redis")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes sharing the port (SO_REUSEPORT) and Redis (default: the usable cores with "
+                        "GATEWAY_REDIS_URL set, else 1)")
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(fn=cmd_serve)
 

@@ -102,6 +102,14 @@ class UpstreamConfig(BaseModel):
     max_concurrency: int = Field(64, ge=1)
     rpm: int | None = Field(None, ge=1)
     tpm: int | None = Field(None, ge=1)
+    tpm_counts: Literal["reserved", "usage"] = Field(
+        "reserved",
+        description="how the provider counts TPM: reserved = prompt + max_tokens at admission (OpenAI); "
+        "usage = tokens really used (the gateway charges prompt + expected output and settles by usage)",
+    )
+    kv_tokens: int | None = Field(
+        None, ge=1, description="GPU engine KV-cache capacity in tokens (default: learned from vllm:cache_config_info)"
+    )
     api_version: str | None = None  # azure
     deployment: str | None = None  # azure
     metrics_url: str | None = None  # vLLM/SGLang Prometheus endpoint

@@ -21,12 +21,18 @@ class Estimate:
     """What a request is expected to cost, known before it is sent."""
 
     prompt_tokens: int
-    output_tokens: int  # expected (max_tokens when given)
+    output_tokens: int  # expected: max_tokens (or the default) until the pool's observed lengths refine it
     operation: str = "chat"
+    max_tokens: int | None = None  # the client's own limit, when it gave one
 
     @property
     def admitted_tokens(self) -> int:
-        """What hosted APIs charge against TPM at admission."""
+        """What reserving hosted APIs (OpenAI-style) charge against TPM at admission: prompt + max_tokens."""
+        return self.prompt_tokens + (self.max_tokens if self.max_tokens is not None else self.output_tokens)
+
+    @property
+    def kv_tokens(self) -> int:
+        """KV-cache tokens the request is expected to hold on a GPU engine at its end: prompt + expected output."""
         return self.prompt_tokens + self.output_tokens
 
 

@@ -25,6 +25,7 @@ from gateway.settings import Settings
 from gateway.spend import CostQuote, SpendLedger
 from gateway.state.fleet import Fleet
 from gateway.state.goodput import SloTracker
+from gateway.state.lengths import Lengths
 from gateway.state.measure import Measurement
 from gateway.state.response_store import ResponseStore
 from gateway.sync.engine_metrics import EngineMetricsScraper
@@ -59,7 +60,7 @@ class Runtime:
         self.slo = SloTracker(self.fleet)
         # Order matters where one reads what another wrote: measurement first, SLO verdicts before tracing.
         subscribers = (
-            Measurement(), Verdicts(self.health, self.sync), self.slo, self.affinity, CostQuote(self.fleet),
+            Lengths(self.fleet), Measurement(), Verdicts(self.health, self.sync), self.slo, self.affinity, CostQuote(self.fleet),
             Tracing(self.telemetry), Metrics(self.telemetry),
         )
         for sub in subscribers:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -248,8 +249,21 @@ async def _drain(app: web.Application, grace: float) -> None:
 
 
 def serve(app: web.Application, settings: Settings, *, reuse_port: bool = False) -> None:
-    """Run until SIGTERM/SIGINT, then drain while still listening (so /readyz answers 503), then stop."""
-    asyncio.run(_serve(app, settings, reuse_port))
+    """Run until SIGTERM/SIGINT, then drain while still listening (so /readyz answers 503), then stop.
+
+    On uvloop when it is installed (a libuv event loop: less CPU per socket read/write and callback than
+    asyncio's pure-Python selector loop), else on asyncio's own.
+    """
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(_serve(app, settings, reuse_port))
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 async def _serve(app: web.Application, settings: Settings, reuse_port: bool) -> None:

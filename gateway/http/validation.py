@@ -111,7 +111,8 @@ def build_context(
     # Count only the field this operation reads (validated above): junk in other fields cannot break or skew it.
     field = {"chat": "messages", "text_completion": "prompt", "embeddings": "input"}[operation]
     pt = prompt_tokens({field: body[field]}) if size <= _TOKENIZE_MAX_BYTES else size // 4
-    est = Estimate(pt, max_output_tokens(body) or DEFAULT_OUTPUT_TOKENS, operation)
+    limit = max_output_tokens(body)
+    est = Estimate(pt, limit or DEFAULT_OUTPUT_TOKENS, operation, limit or None)
     if operation == "embeddings":
         est.output_tokens = 1
     hdrs = headers if headers is not None else {}

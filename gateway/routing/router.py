@@ -27,7 +27,7 @@ from gateway.routing import candidates
 from gateway.routing.affinity import Affinity
 from gateway.routing.classes import ClassPolicy
 from gateway.state.fleet import Fleet, Pool
-from gateway.state.stats import UpstreamStats
+from gateway.state.stats import KV_FILL, KV_RISK_FROM, UpstreamStats
 
 
 @dataclass(slots=True)
@@ -37,6 +37,11 @@ class Decision:
     reason: str
     scores: dict[str, float] = field(default_factory=dict)
     queue_wait: float = 0.0
+
+
+#: A queued request that does not fit the rate limits (a large one against TPM) lets later requests that do fit
+#: pass for this long; then it holds the line so the budget frees up for it and it cannot starve.
+RATE_PASS_S = 2.0
 
 
 class Refusal(Exception):
@@ -93,7 +98,16 @@ def throughput_gain(u: UpstreamStats, est: Estimate, cached: int = 0) -> float:
     if n > 0 and u.cfg.kind == "gpu":
         # Its prefill stalls the running batch: tokens lost, spread over the request's lifetime.
         ext += (n / t0) * c.prefill * prefill / duration
-    return own - ext
+    return own * (1.0 - kv_risk(u, est)) - ext
+
+
+def kv_risk(u: UpstreamStats, est: Estimate) -> float:
+    """Chance-like discount for preemption: 0 while the KV cache (with this request) is below KV_RISK_FROM full,
+    rising linearly to 1 at KV_FILL (past which the request is not sent there at all)."""
+    fill = u.kv_fill(est.kv_tokens)
+    if fill <= KV_RISK_FROM:
+        return 0.0
+    return min(1.0, (fill - KV_RISK_FROM) / (KV_FILL - KV_RISK_FROM))
 
 
 #: The request size the candidate index ranks upstreams for (the live pick scores the real request).
@@ -155,7 +169,7 @@ class Router:
         for u in ups:
             if u.name in exclude or u.weight <= 0 or est.operation not in u.operations:
                 continue
-            if not u.fits_tpm(est.admitted_tokens):
+            if not u.fits_tpm(u.tpm_charge(est)):
                 sc.too_large = True
                 continue
             until = max(u.cooldown_until, self.health.ejected_until(u))
@@ -166,8 +180,11 @@ class Router:
             if not self.health.available(u, now) or not u.has_slot():  # half-open with its probe in flight, or full
                 sc.why = "saturated"
                 continue
-            if not u.rate_allows(est.admitted_tokens, est.output_tokens):
+            if not u.rate_allows(u.tpm_charge(est)):
                 sc.why = "rate_limited"
+                continue
+            if not u.kv_allows(est.kv_tokens):
+                sc.why = "saturated"
                 continue
             sc.cands.append(u)
         return sc
@@ -239,9 +256,12 @@ class Router:
 
     def _holds_line(self, pool: Pool, w: _Waiter) -> bool:
         """Does this waiter wait for capacity in general (the queue's order applies), or only for the upstreams
-        it may still use (a retry that excluded the one that failed it)? The latter must not block the others."""
+        it may still use (a retry that excluded the one that failed it)? The latter must not block the others;
+        nor, for RATE_PASS_S, does one the rate limits refused (a later, smaller request may fit)."""
         if w.future.done():
             return False
+        if w.last.kind == "rate_limited" and time.monotonic() - w.since < RATE_PASS_S:
+            return False  # no head-of-line blocking by a request the limits cannot take yet
         if not w.exclude:
             return True
         try:
@@ -251,8 +271,11 @@ class Router:
         return False
 
     def _dispatch(self, d: Decision, ctx: RequestContext) -> Decision:
-        d.upstream.credit(ctx.est.admitted_tokens, ctx.service_class)
-        self.fleet.changed.add(d.upstream.name)
+        u = d.upstream
+        charged = u.tpm_charge(ctx.est)
+        sec = u.credit(charged, ctx.service_class, ctx.est.kv_tokens)
+        ctx.extras["tpm_charge"] = (sec, charged)  # settled by the usage when a `usage` provider reports it
+        self.fleet.changed.add(u.name)
         self.health.dispatched(d.upstream)
         return d
 
@@ -262,7 +285,7 @@ class Router:
         self.release(u, ctx)
 
     def release(self, u: UpstreamStats, ctx: RequestContext) -> None:
-        u.release(ctx.service_class)
+        u.release(ctx.service_class, ctx.est.kv_tokens)
         self.fleet.changed.add(u.name)
         for m in self.fleet.models_of[u.name]:  # large pools: the freed slot is a candidate at once
             idx = self._indexes.get(m)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.config import FleetConfig, ModelConfig
 from gateway.cost import blended_usd_per_1m
+from gateway.state.lengths import OutputLengths
 from gateway.state.stats import WINDOW_S, OutlierView, UpstreamStats
 
 
@@ -19,6 +20,7 @@ class Pool:
     upstreams: list[UpstreamStats]
     strategy: str
     rr: int = 0  # round-robin cursor
+    lengths: OutputLengths = field(default_factory=OutputLengths)  # observed output lengths (expected output)
 
 
 class Fleet:

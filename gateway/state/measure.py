@@ -165,8 +165,11 @@ class Measurement:
             return
         n_mean = mean_load(start, u.load_area(), u)
         used = finish(u, out, stream=ctx.stream, prompt_tokens=ctx.est.prompt_tokens, n_mean=n_mean, t0=a.t0)
+        charge = ctx.extras.pop("tpm_charge", None)
         if used:
             ctx.used_tokens = used
+            if charge is not None:
+                u.settle_tokens(charge[0], charge[1], used)
         if err is None or a.streamed:  # this attempt produced the response
             ctx.outcome = out
             ctx.usage.input_tokens = out.input_tokens

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from gateway import cost
 from gateway.config import UpstreamConfig
+from gateway.context import Estimate
 from gateway.routing.capacity import CapacityCurve, Sample
 from gateway.upstream import provider_for
 from gateway.upstream.base import OPERATION_PATHS as OPERATIONS
@@ -23,6 +24,20 @@ REQ, OUT, ADM, ERR, RL = range(5)
 FIELDS = ("req", "out", "adm", "err", "rl")
 WINDOW_S = 60
 RATE_WINDOW_S = 10  # tok/s and error rates are averaged over this many seconds
+#: Rate limits are also paced by token buckets refilled at exactly the limit's rate (this replica's share), holding
+#: BURST_S seconds of it (and at least PACE_BURST requests, so a small limit such as 6 RPM may start at once).
+#: Started no faster than the limit allows, the sliding window never fills early: the upstream is kept busy all
+#: minute instead of the budget being burnt in a burst and the upstream then idling until the window slides.
+BURST_S = 2.0
+PACE_BURST = 8
+#: Slack before a request's window slot is treated as expired at the provider (it arrived after the gateway counted it).
+EXPIRY_MARGIN_S = 0.5
+REFIT_IDLE_S = 10.0  # a curve without new samples is refitted this often (its samples' weights age)
+#: Share of a GPU upstream's KV-cache token capacity the router fills: the expected output is a mean, some
+#: requests run longer, and past the capacity the engine preempts (recomputes) sequences.
+KV_FILL = 0.92
+#: From this fill on, the marginal gain is discounted (linearly to 0 at KV_FILL): the risk of preemption.
+KV_RISK_FROM = 0.75
 
 
 class OutlierView(Protocol):
@@ -85,8 +100,16 @@ class UpstreamStats:
         self.mine = Window()
         self.dirty: set[int] = set()
         self.others = Window()
+        # KV-cache tokens held by this replica's in-flight requests (prompt + expected output), the engine's token
+        # capacity (configured `kv_tokens`, else learned from its vllm:cache_config_info) and the KV tokens the
+        # engine reports beyond the fleet's own (engine_metrics.py).
+        self.kv_local = 0
+        self.kv_learned: int | None = None
+        self.kv_external = 0.0
         self.pending_samples: list[Sample] = []
         self.samples: deque[Sample] = deque(maxlen=400)
+        self._fitted_newest = -1.0  # newest sample's ts at the last refit, and when that was
+        self._fitted_at = 0.0
         self._remote = 0
         self._external = 0.0
         # Integral of load over time, so a sample's concurrency is the mean over its interval, not a snapshot
@@ -103,6 +126,10 @@ class UpstreamStats:
         self.rate_limited_per_min = 0.0
         self.used_req_60 = 0
         self.used_tok_60 = 0
+        # Pacing buckets (requests, tokens), full at start; may go negative (a request larger than the bucket).
+        self._pace_req = math.inf
+        self._pace_tok = math.inf
+        self._pace_at = time.monotonic()
         self.inflight_at_refresh = 0
         self.req_since_refresh = 0
         self.tok_since_refresh = 0
@@ -184,10 +211,12 @@ class UpstreamStats:
     def class_inflight(self, service_class: str) -> int:
         return self.inflight_by_class.get(service_class, 0)
 
-    def credit(self, admitted_tokens: int, service_class: str = "") -> None:
-        """A request was dispatched here: count it at once so a burst spreads out."""
+    def credit(self, admitted_tokens: int, service_class: str = "", kv_tokens: int = 0) -> int:
+        """A request was dispatched here: count it at once so a burst spreads out. Returns the epoch second it
+        was charged to (settle_tokens corrects that second's TPM charge by the usage)."""
         self._tick()
         self.inflight_local += 1
+        self.kv_local += kv_tokens
         self.inflight_by_class[service_class] = self.inflight_by_class.get(service_class, 0) + 1
         self.req_since_refresh += 1
         self.tok_since_refresh += admitted_tokens
@@ -195,10 +224,14 @@ class UpstreamStats:
         self.mine.add(sec, REQ, 1)
         self.mine.add(sec, ADM, admitted_tokens)
         self.dirty.add(sec)
+        self._pace_req -= 1
+        self._pace_tok -= admitted_tokens
+        return sec
 
-    def release(self, service_class: str = "") -> None:
+    def release(self, service_class: str = "", kv_tokens: int = 0) -> None:
         self._tick()
         self.inflight_local -= 1
+        self.kv_local -= kv_tokens
         self.inflight_by_class[service_class] -= 1
 
     def record_tokens(self, output_tokens: int) -> None:
@@ -258,25 +291,92 @@ class UpstreamStats:
         n = max(1, self.replicas)
         return limit // n + (1 if self.rank < limit % n else 0)
 
+    def tpm_charge(self, est: Estimate) -> int:
+        """Tokens this upstream's TPM limit is charged for the request at admission.
+
+        `reserved` providers (OpenAI-style) charge prompt + max_tokens up front, so that is what counts when the
+        client gave max_tokens; `usage` providers count what is really used, so the gateway charges prompt + the
+        expected output (est.output_tokens: from max_tokens and the pool's observed lengths) and settles the
+        difference when the usage is known (settle_tokens). Either way the tokens started in the window include
+        what the in-flight requests will still consume.
+        """
+        if self.cfg.tpm_counts == "usage" or est.max_tokens is None:
+            return est.prompt_tokens + est.output_tokens
+        return est.prompt_tokens + est.max_tokens
+
+    def settle_tokens(self, sec: int, charged: int, used: int) -> None:
+        """Correct a `usage` provider's TPM charge (made in epoch second `sec`) by the tokens really used."""
+        if self.cfg.tpm_counts != "usage" or used <= 0 or sec not in self.mine.buckets:
+            return
+        delta = used - charged
+        self.mine.add(sec, ADM, delta)
+        self.dirty.add(sec)
+        self.tok_since_refresh += delta
+        self._pace_tok -= delta
+
     def fits_tpm(self, tokens: int) -> bool:
         """Could a request of this size ever be admitted here (by this replica's share of an idle TPM window)?"""
         return not self.cfg.tpm or tokens <= self.static_share(self.cfg.tpm)
 
-    def rate_allows(self, tokens: int, output_tokens: int) -> bool:
-        """RPM/TPM: the hard 60 s budget, and pacing so the budget is spent evenly rather than in bursts."""
+    def rate_allows(self, tokens: int) -> bool:
+        """RPM/TPM from the limits themselves: what started in the sliding 60 s window (plus this request) stays
+        within this replica's share of the limit, and the pacing buckets have room (see BURST_S).
+
+        Nothing here depends on the request's own duration: a short request is not held back by a small
+        in-flight cap, so the queue behind it keeps moving and the budget is filled.
+        """
         cfg = self.cfg
         if not (cfg.rpm or cfg.tpm):
             return True
-        if cfg.rpm and self.req_since_refresh + 1 > self._share(cfg.rpm, self.used_req_60):
-            return False
-        if cfg.tpm and self.tok_since_refresh + tokens > self._share(cfg.tpm, self.used_tok_60):
-            return False
-        # Little's law: the limits sustain `rate` requests/s, so at the expected request duration they sustain
-        # rate*duration requests in flight. Holding that keeps the upstream busy all minute instead of burning
-        # the window's budget in the first seconds and then starving.
-        rate = min(cfg.rpm / 60 if cfg.rpm else math.inf, cfg.tpm / 60 / max(1, tokens) if cfg.tpm else math.inf)
-        duration = self.curve.ttft + output_tokens * self.curve.tpot(self.load + 1)
-        return self.load + 1 <= max(1.0, rate * duration)
+        self._refill()
+        if cfg.rpm:
+            n = self.req_since_refresh + 1
+            if n > self._share(cfg.rpm, self.used_req_60) or self._pace_req < 1.0:
+                return False
+        if cfg.tpm:
+            t = self.tok_since_refresh + tokens
+            if t > self._share(cfg.tpm, self.used_tok_60):
+                return False
+            if self._pace_tok < tokens and self._pace_tok < self._burst(cfg.tpm, 1.0):  # a full bucket takes anything
+                return False
+        return True
+
+    def _burst(self, limit: int, least: float) -> float:
+        """Capacity of a pacing bucket: BURST_S seconds of this replica's share of the limit, at least `least`."""
+        share = limit / max(1, self.replicas)
+        return max(1.0, min(share, max(share * BURST_S / WINDOW_S, least)))
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        dt, self._pace_at = now - self._pace_at, now
+        cfg, n = self.cfg, max(1, self.replicas)
+        if cfg.rpm:
+            self._pace_req = min(self._burst(cfg.rpm, PACE_BURST), self._pace_req + dt * cfg.rpm / WINDOW_S / n)
+        if cfg.tpm:
+            self._pace_tok = min(self._burst(cfg.tpm, 1.0), self._pace_tok + dt * cfg.tpm / WINDOW_S / n)
+
+    # ---- KV-cache budget (GPU upstreams) ------------------------------------------------------------------
+    @property
+    def kv_capacity(self) -> int | None:
+        """The engine's KV-cache capacity in tokens: configured, else learned from its metrics, else unknown."""
+        return self.cfg.kv_tokens or self.kv_learned
+
+    def kv_load(self) -> float:
+        """KV tokens in use on the engine: this replica's exactly, the other replicas' estimated at the same
+        tokens per request (only counts are shared), plus what the engine reports beyond the fleet's."""
+        mine: float = self.kv_local
+        if self._remote and self.inflight_local > 0:
+            mine += self._remote * self.kv_local / self.inflight_local
+        return mine + self.kv_external
+
+    def kv_fill(self, kv_tokens: int) -> float:
+        """Share of the KV capacity in use with this request added (0 when the capacity is unknown)."""
+        cap = self.kv_capacity
+        return (self.kv_load() + kv_tokens) / cap if cap else 0.0
+
+    def kv_allows(self, kv_tokens: int) -> bool:
+        """Room in the KV cache for the request's prompt and expected output (an idle engine takes anything)."""
+        return self.kv_capacity is None or self.load < 1 or self.kv_fill(kv_tokens) <= KV_FILL
 
     # ---- background ---------------------------------------------------------------------------------------
     def take_dirty(self) -> dict[int, list[int]]:
@@ -304,8 +404,9 @@ class UpstreamStats:
         self.rps = view.sum(REQ, since10) / span
         self.errors_per_min = view.sum(ERR, since10) * 60 / span
         self.rate_limited_per_min = view.sum(RL, since10) * 60 / span
-        # Bucket sec-60 counts too: part of it is still inside the provider's sliding 60 s window.
-        since60 = sec - WINDOW_S
+        # A request counted in bucket s may have reached the provider up to a second later (the bucket's end)
+        # plus network and clock skew: it leaves the provider's sliding window by s + 1 + 60 + EXPIRY_MARGIN_S.
+        since60 = math.floor(now - WINDOW_S - 1 - EXPIRY_MARGIN_S) + 1
         self.used_req_60 = view.sum(REQ, since60)
         self.used_tok_60 = view.sum(ADM, since60)
         self.req_since_refresh = 0
@@ -322,6 +423,12 @@ class UpstreamStats:
         )
 
     def refit(self, now: float) -> None:
+        """Refit the curve when samples arrived since the last fit (or every REFIT_IDLE_S, as weights age): a fit
+        costs a few ms per upstream, which large pools of idle upstreams should not pay every second."""
+        newest = self.samples[-1].ts if self.samples else 0.0
+        if newest == self._fitted_newest and now - self._fitted_at < REFIT_IDLE_S:
+            return
+        self._fitted_newest, self._fitted_at = newest, now
         self.curve.fit(list(self.samples), now)
 
     def state(self, now: float, ejected: bool = False) -> str:
@@ -362,6 +469,7 @@ class UpstreamStats:
             "price": c.price.model_dump(exclude_none=True) if c.price else None,
             "usd_per_1m_output": _round_opt(self.live_usd_per_1m(), 4),
             "spend_usd": round(cost.usd(self.spend_micros), 6),
+            "kv": {"capacity_tokens": self.kv_capacity, "in_use_tokens": round(self.kv_load())},
         }
 
 

@@ -36,6 +36,32 @@ _LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eEinfNa]+
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 _CACHE_QUERIES = ("vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total")
 _CACHE_HITS = ("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total")
+_KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")  # a fraction 0..1 (the older name first seen)
+
+
+def parse_kv(text: str) -> tuple[int | None, float | None]:
+    """(KV capacity in tokens from vllm:cache_config_info's block_size x num_gpu_blocks, KV usage fraction).
+
+    Either is None when the page does not say. Engines with several label sets (data parallel) add up.
+    """
+    cap: int | None = None
+    usage: float | None = None
+    for line in text.splitlines():
+        if not line.startswith("vllm:"):
+            continue
+        m = _LINE.match(line)
+        if not m:
+            continue
+        name = m.group(1)
+        if name == "vllm:cache_config_info" and m.group(2):
+            labels = dict(_LABEL.findall(m.group(2)))
+            try:
+                cap = (cap or 0) + int(labels["block_size"]) * int(labels["num_gpu_blocks"])
+            except (KeyError, ValueError):
+                continue
+        elif name in _KV_USAGE and usage is None:
+            usage = float(m.group(3))
+    return cap, usage
 
 
 def parse_load(text: str) -> tuple[float, float] | None:
@@ -133,15 +159,17 @@ class EngineMetricsScraper:
                 if r.status != 200:
                     return
                 text = await r.text()
-                load = parse_load(text)
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
             u.external_load = 0.0  # unknown: plan with our own counts only
+            u.kv_external = 0.0
             return
+        load = parse_load(text)
         if load is not None:
             running, waiting = load
             # A request dispatched while the page was fetched is counted by the engine but not in `inflight`:
             # subtract the larger of the counts before and after, so it does not show as a phantom external load.
             u.external_load = max(0.0, running + waiting - max(inflight, u.inflight))
+        learn_kv(u, *parse_kv(text))
         if self.affinity is not None:
             self._cache_state(u, text)
 
@@ -153,3 +181,15 @@ class EngineMetricsScraper:
             ua.engine_capacity(capacity)
         if counters is not None:
             ua.engine_counters(*counters)
+
+
+def learn_kv(u: UpstreamStats, capacity: int | None, usage: float | None) -> None:
+    """The engine's KV capacity (unless configured) and the KV tokens it holds beyond the fleet's own requests
+    (other clients), which the router adds to the KV load it plans with."""
+    if capacity:
+        u.kv_learned = capacity
+    cap = u.kv_capacity
+    if usage is None or not cap:
+        return
+    ours = u.kv_load() - u.kv_external
+    u.kv_external = max(0.0, min(1.0, usage) * cap - ours)

@@ -462,10 +462,12 @@ async def _get_json(session: aiohttp.ClientSession, url: str) -> Any:
 
 async def run_phase(targets: list[Target], warmup: float, duration: float, *, streamed: bool = True,
                     sims: SimFleetProc | None = None, gateway: GatewayProc | None = None,
-                    events: list[tuple[float, Any]] | None = None) -> dict:
+                    events: list[tuple[float, Any]] | None = None, load: Any = None) -> dict:
     """Closed loop: every target's workers repeat their request until warm-up + duration are over.
 
     `events`: (seconds after the measured window starts, coroutine factory) run during the phase (e.g. faults).
+    `load`: an extra load generator (e.g. open-loop arrivals), called as load(session, recorder, stop_at) and
+    run for the whole phase.
     """
     origin = time.monotonic()
     rec = Recorder(origin, (warmup, warmup + duration))
@@ -532,6 +534,8 @@ async def run_phase(targets: list[Target], warmup: float, duration: float, *, st
         tasks = [asyncio.create_task(_worker(session, t.url, t.body, rec, stop_at, streamed))
                  for t in targets for _ in range(t.workers)]
         aux = [asyncio.create_task(monitor()), asyncio.create_task(mark_window_start())]
+        if load is not None:
+            tasks.append(asyncio.create_task(load(session, rec, stop_at)))
         aux += [asyncio.create_task(run_event(at, fn)) for at, fn in (events or [])]
         try:
             await asyncio.sleep(max(0.0, stop_at - time.monotonic()))

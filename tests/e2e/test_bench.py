@@ -107,3 +107,28 @@ def test_quick_batch_scenario(tmp_path: Path) -> None:
     assert r["batch_seconds"] > 0 and r["batch_tok_s"] > 0 and r["batch_tok_s_during_interactive"] > 0
     for phase in ("interactive_alone", "interactive_with_batch"):
         assert r[phase]["tok_s"] > 0 and r[phase]["ttft_p50_ms"] > 0 and r[phase]["error_count"] == 0
+
+
+def test_kv_optimum_matches_brute_force_over_the_kv_curves() -> None:
+    """kv_pressure/spec_decode's optimum: the exact split of workers over virtual.tok_s_curve (KV engines) and
+    the hosted formula, checked against every allocation for a small worker count."""
+    from gateway.sim.reference import calibrated_sims
+    from gateway.sim.virtual import tok_s_curve
+    from gateway.tools.scenarios.kv_fleet import kv_optimum
+
+    sims = calibrated_sims(kv_scale=0.1)
+    c, m, p = 4, 32, 1500
+    res = kv_optimum(sims, c, m, p)
+    curves = {k: tok_s_curve(s, c, p, m) if s.kv_engine else [upstream_tok_s(s, n, m, p) for n in range(c + 1)]
+              for k, s in sims.items()}
+    names = list(sims)
+    best = max(sum(curves[k][n] for k, n in zip(names, alloc))
+               for alloc in itertools.product(range(c + 1), repeat=len(names)) if sum(alloc) <= c)
+    assert res["tok_s"] == pytest.approx(best, abs=0.1) and sum(res["allocation"].values()) <= c
+
+
+def test_new_scenarios_are_registered() -> None:
+    from gateway.tools.scenarios import registry
+
+    assert {"rpm_closed", "rpm_open", "kv_pressure", "spec_decode", "long_prompts", "wide_lengths",
+            "cold_start"} <= set(registry())

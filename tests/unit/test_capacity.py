@@ -96,3 +96,70 @@ def test_router_sends_long_prompts_away_from_a_busy_gpu():
     short, long_ = Estimate(200, 128), Estimate(8000, 128)
     assert throughput_gain(fast, short) > throughput_gain(hosted, short)
     assert throughput_gain(fast, long_) < throughput_gain(hosted, long_)
+
+
+def _rows(fn, ns, now: float, age: float = 0.0, seed: int = 3, ttft=lambda s: 0.1, prompt=lambda i: 100):
+    rnd = random.Random(seed)
+    return [Sample(now - age - i * 0.01, n, fn(n) * (1 + rnd.uniform(-0.05, 0.05)), ttft(prompt(i)), prompt(i), 128)
+            for i, n in enumerate(ns)]
+
+
+def test_slope_stays_identified_when_recent_samples_sit_at_the_operating_point():
+    """300 fresh samples at n=30 would drown the earlier spread-out ones under plain recency; per-bucket
+    memory keeps them, so the curve is still right away from the operating point."""
+    now = time.time()
+    true = lambda n: 0.008 + 0.0004 * n  # noqa: E731
+    spread = _rows(true, [1 + i % 10 for i in range(60)], now, age=20.0)
+    at_op = _rows(true, [30.0] * 300, now, seed=4)
+    c = CapacityCurve(CapacityHint(a=0.05, b=0.0), slots=64)
+    c.fit(at_op + spread, now)
+    assert abs(c.tpot(2) - true(2)) / true(2) < 0.1
+    assert abs(c.b - 0.0004) / 0.0004 < 0.2
+
+
+def test_a_server_that_changes_is_followed_by_its_newest_samples():
+    now = time.time()
+    before = _rows(lambda n: 0.008 + 0.0004 * n, [1 + i % 60 for i in range(200)], now, age=15.0)
+    after = _rows(lambda n: 4 * (0.008 + 0.0004 * n), [30.0] * 40, now, seed=5)
+    c = CapacityCurve(CapacityHint(a=0.008, b=0.0004), slots=64)
+    c.fit(after + before, now)
+    assert abs(c.tpot(30) - 0.08) / 0.08 < 0.15
+
+
+def test_outliers_do_not_tilt_the_line():
+    now = time.time()
+    ns = [1 + i % 40 for i in range(200)]
+    rows = _rows(lambda n: 0.01 + 0.0005 * n, ns, now)
+    for i in random.Random(7).sample(range(200), 20):  # 10% stalled streams, 8x slower
+        rows[i].tpot *= 8
+    c = CapacityCurve(CapacityHint(a=0.02, b=0.0), slots=64)
+    c.fit(rows, now)
+    assert abs(c.tpot(1) - 0.0105) / 0.0105 < 0.2 and abs(c.tpot(40) - 0.03) / 0.03 < 0.1
+
+
+def test_speculative_decoding_shape_is_followed_not_forced_onto_a_line():
+    """Speculation halves the per-token time at low batch and gains nothing at high batch."""
+    now = time.time()
+
+    def true(n: float) -> float:
+        return (0.01 + 0.0005 * n) * (0.5 if n < 3 else 0.75 if n < 6 else 1.0)
+
+    ns = [1 + i % 48 for i in range(480)]
+    c = CapacityCurve(CapacityHint(a=0.01, b=0.0005), slots=64)
+    c.fit(_rows(true, ns, now), now)
+    for n in (1, 2, 40):
+        assert abs(c.tpot(n) - true(n)) / true(n) < 0.15, (n, c.tpot(n), true(n))
+    assert c.snapshot()["shape"]
+    plain = CapacityCurve(CapacityHint(a=0.01, b=0.0005), slots=64)
+    plain.fit(_rows(lambda n: 0.01 + 0.0005 * n, ns, now), now)
+    assert plain.snapshot()["shape"] == []  # a line where the data is a line
+
+
+def test_ttft_grows_with_multi_thousand_token_prompts():
+    """Hosted and GPU TTFT alike: 0.3 s + 0.1 ms per prompt token over 2-6k-token prompts."""
+    now = time.time()
+    rows = _rows(lambda n: 0.02, [4.0] * 200, now, ttft=lambda p: 0.3 + 1e-4 * p, prompt=lambda i: 2000 + (i * 97) % 4000)
+    c = CapacityCurve(CapacityHint(a=0.02, b=0.0, ttft=0.2), slots=32)
+    c.fit(rows, now)
+    assert abs(c.prefill - 1e-4) / 1e-4 < 0.1
+    assert abs(c.ttft_for(6000) - 0.9) < 0.06 and abs(c.ttft_for(2000) - 0.5) < 0.06
