@@ -36,7 +36,7 @@ async def start_replica(tmp: Path, fleet: dict, redis_url: str, prefix: str, nam
            "GATEWAY_SHUTDOWN_GRACE": "1", "GATEWAY_LOG_LEVEL": "WARNING"}
     with _log_file(tmp / f"{name}.log") as log:  # the child keeps its own copy of the descriptor
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port", str(port), "--config", str(cfg),
+            sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port", str(port), "--config", str(cfg), "--workers", "1",
             stdout=log, stderr=asyncio.subprocess.STDOUT, env=env,
         )
     url = f"http://127.0.0.1:{port}"
