@@ -138,10 +138,19 @@ def _slo_attrs(v: SloVerdict) -> dict[str, Any]:
     return attrs
 
 
+def _upstream_id(a: Attempt, rid: str | None) -> str | None:
+    """The id the upstream itself gave the response: Anthropic's `msg_...` (the canonical chunks carry it as
+    `chatcmpl-msg_...`); None rather than an id the gateway made up."""
+    if a.upstream.cfg.provider != "anthropic" or not rid:
+        return rid
+    rid = rid.removeprefix("chatcmpl-")
+    return rid if rid.startswith("msg_") else None
+
+
 def _outcome_attrs(ctx: RequestContext, a: Attempt) -> dict[str, Any]:
     out = a.outcome
     attrs = T.response_attributes(
-        response_model=out.response_model, response_id=out.response_id, finish_reasons=out.finish_reasons,
+        response_model=out.response_model, response_id=_upstream_id(a, out.response_id), finish_reasons=out.finish_reasons,
         input_tokens=out.input_tokens, output_tokens=out.output_tokens,
         ttfc_s=out.first_at - a.t0 if ctx.stream and out.first_at is not None else None,
     )

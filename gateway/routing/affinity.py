@@ -234,7 +234,8 @@ class Affinity:
 
     @staticmethod
     def enabled(pool: Pool, ctx: RequestContext) -> bool:
-        return pool.cfg.affinity and pool.strategy == "throughput" and ctx.operation != "embeddings"
+        """Affinity only matters where there is a choice: a pool of one upstream skips the prompt hashing."""
+        return pool.cfg.affinity and pool.strategy == "throughput" and ctx.operation != "embeddings" and len(pool.upstreams) > 1
 
     def predict(self, pool: Pool, cands: list[UpstreamStats], ctx: RequestContext) -> dict[str, int]:
         """Predicted cached prompt tokens per candidate, 0 where the bounded-load rule withholds the credit."""

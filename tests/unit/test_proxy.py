@@ -196,3 +196,18 @@ async def test_unknown_model_and_non_retryable_rejection_reach_the_caller() -> N
         await r.proxy.handle(build_context("chat", request(stream=False)), InProcessWriter())
     assert e.value.status == 400 and len(r.transport.calls) == 1, "the client's own fault is not retried"
     await r.tel.shutdown()
+
+
+def test_spans_carry_the_upstreams_own_response_id() -> None:
+    """Anthropic's msg_ id, not the chatcmpl- form the canonical chunks carry, and never an id the gateway made up."""
+    from gateway.hooks import Attempt
+    from gateway.observability.subscribers import _upstream_id
+    from gateway.routing.router import Decision
+
+    fleet = Fleet(reference_fleet(DEMO_PORTS), "throughput")
+    u = fleet.upstreams["hosted"]
+    a = Attempt(1, Decision(u, "throughput", ""), None)  # type: ignore[arg-type]
+    assert _upstream_id(a, "chatcmpl-abc") == "chatcmpl-abc"  # an OpenAI-compatible upstream's own id
+    u.cfg = u.cfg.model_copy(update={"provider": "anthropic"})
+    assert _upstream_id(a, "chatcmpl-msg_01XY") == "msg_01XY"
+    assert _upstream_id(a, "chatcmpl-3f2a9c") is None  # the upstream gave none: no synthesized id on spans
