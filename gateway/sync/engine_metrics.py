@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Iterator
 
 import aiohttp
 
@@ -39,6 +40,25 @@ _CACHE_HITS = ("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total
 _KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")  # a fraction 0..1 (the older name first seen)
 
 
+def _vllm_samples(text: str) -> Iterator[tuple[str, str, float]]:
+    """(family, label text, value) of every `vllm:` sample on a metrics page."""
+    for line in text.splitlines():
+        if not line.startswith("vllm:"):
+            continue
+        m = _LINE.match(line)
+        if m:
+            yield m.group(1), m.group(2) or "", float(m.group(3))
+
+
+def _kv_capacity(labels: str) -> int | None:
+    """KV-cache tokens from vllm:cache_config_info's labels: block_size x num_gpu_blocks."""
+    d = dict(_LABEL.findall(labels))
+    try:
+        return int(d["block_size"]) * int(d["num_gpu_blocks"])
+    except (KeyError, ValueError):
+        return None
+
+
 def parse_kv(text: str) -> tuple[int | None, float | None]:
     """(KV capacity in tokens from vllm:cache_config_info's block_size x num_gpu_blocks, KV usage fraction).
 
@@ -46,21 +66,13 @@ def parse_kv(text: str) -> tuple[int | None, float | None]:
     """
     cap: int | None = None
     usage: float | None = None
-    for line in text.splitlines():
-        if not line.startswith("vllm:"):
-            continue
-        m = _LINE.match(line)
-        if not m:
-            continue
-        name = m.group(1)
-        if name == "vllm:cache_config_info" and m.group(2):
-            labels = dict(_LABEL.findall(m.group(2)))
-            try:
-                cap = (cap or 0) + int(labels["block_size"]) * int(labels["num_gpu_blocks"])
-            except (KeyError, ValueError):
-                continue
+    for name, labels, value in _vllm_samples(text):
+        if name == "vllm:cache_config_info" and labels:
+            c = _kv_capacity(labels)
+            if c is not None:
+                cap = (cap or 0) + c
         elif name in _KV_USAGE and usage is None:
-            usage = float(m.group(3))
+            usage = value
     return cap, usage
 
 
@@ -89,24 +101,14 @@ def parse_cache(text: str) -> tuple[int | None, tuple[float, float] | None]:
     capacity: int | None = None
     queries = hits = 0.0
     seen = False
-    for line in text.splitlines():
-        if not line.startswith("vllm:"):
-            continue
-        m = _LINE.match(line)
-        if not m:
-            continue
-        name = m.group(1)
-        if name == "vllm:cache_config_info" and m.group(2):
-            labels = dict(_LABEL.findall(m.group(2)))
-            try:
-                capacity = int(labels["num_gpu_blocks"]) * int(labels["block_size"])
-            except (KeyError, ValueError):
-                pass
+    for name, labels, value in _vllm_samples(text):
+        if name == "vllm:cache_config_info" and labels:
+            capacity = _kv_capacity(labels) or capacity
         elif name in _CACHE_QUERIES:
-            queries += float(m.group(3))
+            queries += value
             seen = True
         elif name in _CACHE_HITS:
-            hits += float(m.group(3))
+            hits += value
             seen = True
     return capacity, ((queries, hits) if seen else None)
 
