@@ -47,9 +47,12 @@ WINDOW = 60
 #: What is stored per key (Redis JSON) and shown by GET /admin/keys; the first three are identity.
 STORED_FIELDS = (
     "id", "name", "prefix", "rpm", "tpm", "created", "budget_usd_day", "budget_usd_month", "models", "expires_at", "metadata",
+    "service_class",
 )
 #: What POST /admin/keys accepts; anything else is a 400.
-SETTABLE_FIELDS = ("name", "rpm", "tpm", "budget_usd_day", "budget_usd_month", "models", "expires_at", "metadata")
+SETTABLE_FIELDS = (
+    "name", "rpm", "tpm", "budget_usd_day", "budget_usd_month", "models", "expires_at", "metadata", "service_class",
+)
 
 
 def _micros(v: float | None) -> int | None:
@@ -85,6 +88,8 @@ class ApiKey:
     models: list[str] | None = None
     expires_at: float | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    #: The service class of this key's requests when they name none (routing/classes.py; checked per pool).
+    service_class: str | None = None
     # this replica's usage: deque of [epoch second, requests, tokens]
     usage: deque = field(default_factory=deque)
 

@@ -149,11 +149,18 @@ def _metadata(body: dict) -> dict[str, str]:
     return dict(v)
 
 
+def _service_class(body: dict) -> str | None:
+    v = body.get("service_class")
+    if v is not None and not (isinstance(v, str) and 0 < len(v) <= 64 and v.isidentifier()):
+        raise GatewayError(400, "'service_class' must be a class name such as interactive or batch", param="service_class")
+    return v.lower() if isinstance(v, str) else None
+
+
 async def create_key(request: web.Request) -> web.Response:
     """POST /admin/keys: the plaintext key is in this response and nowhere else, ever.
 
     Fields: name, rpm, tpm, budget_usd_day, budget_usd_month, models (allow-list), expires_at (Unix s), metadata
-    ({team, owner, ...}). Unknown fields are a 400: a typo like `budget_usd` must not create an unlimited key."""
+    ({team, owner, ...}), service_class (the default class of the key's requests). Unknown fields are a 400: a typo like `budget_usd` must not create an unlimited key."""
     _check_admin(request)
     body = await read_json(request)
     unknown = sorted(set(body) - set(SETTABLE_FIELDS))
@@ -168,6 +175,7 @@ async def create_key(request: web.Request) -> web.Response:
     extra = {
         "budget_usd_day": _budget(body, "budget_usd_day"), "budget_usd_month": _budget(body, "budget_usd_month"),
         "models": _models(body), "expires_at": _expires(body), "metadata": _metadata(body),
+        "service_class": _service_class(body),
     }
     key, rec = await request.app[KEYS].create(name.strip(), _limit(body, "rpm"), _limit(body, "tpm"), **extra)
     return web.json_response({**rec.public(), "key": key}, status=201)

@@ -79,3 +79,22 @@ async def test_class_selection_errors_and_speed_headers(sim_fleet, start_gateway
     async with aiohttp.ClientSession() as s, s.get(gw.url + "/v1/gateway/upstreams") as r:
         snap = await r.json()
     assert snap["slo"]["classes"]["fleet-model"]["interactive"]["requests"] >= 2
+
+
+async def test_a_keys_default_class_applies_unless_the_request_names_one(sim_fleet, start_gateway):
+    admin = {"Authorization": "Bearer adm-secret"}
+    gw = await start_gateway(sim_fleet.config(), admin_key="adm-secret", require_api_key=True)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + "/admin/keys", json={"name": "offline", "service_class": "batch"}, headers=admin) as r:
+            assert r.status == 201
+            key = (await r.json())["key"]
+        async with s.post(gw.url + "/admin/keys", json={"name": "bad", "service_class": "not a class"}, headers=admin) as r:
+            assert r.status == 400 and (await r.json())["error"]["param"] == "service_class"
+    client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)
+    msgs = [{"role": "user", "content": "hello"}]
+    raw = await client.chat.completions.with_raw_response.create(model="fleet-model", messages=msgs, max_tokens=4)
+    assert raw.headers["x-gateway-class"] == "batch"
+    raw = await client.chat.completions.with_raw_response.create(
+        model="fleet-model", messages=msgs, max_tokens=4, extra_headers={"X-Gateway-Class": "interactive"}
+    )
+    assert raw.headers["x-gateway-class"] == "interactive"
