@@ -40,6 +40,10 @@ SERVICE_TIERS: dict[str, str | None] = {"flex": BATCH, "priority": INTERACTIVE, 
 CLASS_HEADER = "X-Gateway-Class"
 #: How fast the interactive demand estimate follows the observed in-flight count (per observation, ~150 ms apart).
 DEMAND_ALPHA = 0.05
+#: The demand assumed before any interactive request was seen: a cold gateway must not hand every slot to a batch
+#: backlog that arrived first (batch requests hold their slots for many seconds). It decays like any estimate, so a
+#: pool that only ever sees batch work gets its room back within ~15 s.
+INITIAL_DEMAND = 8.0
 
 
 def requested_class(headers: Mapping[str, str], body: dict) -> tuple[str | None, str | None]:
@@ -97,7 +101,7 @@ class ClassPolicy:
     def observe(self, pool: Pool) -> None:
         """Fold the current interactive in-flight count into the demand estimate (called every sync tick)."""
         now = sum(u.class_inflight(INTERACTIVE) for u in pool.upstreams)
-        prev = self.demand.get(pool.model, float(now))
+        prev = self.demand.get(pool.model, INITIAL_DEMAND)
         # Rise fast (a surge must be seen at once), decay slowly (room must outlast a lull between bursts).
         alpha = 0.5 if now > prev else DEMAND_ALPHA
         self.demand[pool.model] = prev + alpha * (now - prev)
@@ -146,6 +150,6 @@ class ClassPolicy:
 
     def reserve(self, pool: Pool) -> float:
         """Free interactive slots to keep: the expected extra interactive demand with a Poisson margin."""
-        d = self.demand.get(pool.model, 0.0)
+        d = self.demand.get(pool.model, INITIAL_DEMAND)
         inflight = sum(u.class_inflight(INTERACTIVE) for u in pool.upstreams)
         return max(1.0, d + 3.0 * math.sqrt(d) + 1.0 - inflight)

@@ -158,3 +158,16 @@ async def test_interactive_goes_best_effort_after_its_wait() -> None:
     router.wake()
     d = await asyncio.wait_for(task, 1.0)
     assert d.upstream.name == "A" and ctx.extras.get("best_effort") is True
+
+
+def test_a_cold_gateway_keeps_room_for_interactive_until_it_learns_there_is_none() -> None:
+    fleet, router = fleet_of({"A": 64}, FLOOR40)
+    pool, policy = fleet.pools["m"], router.classes
+    assert policy.reserve(pool) >= classes.INITIAL_DEMAND  # before any interactive request was seen
+    fill(router, fleet, "A", 32, "batch")  # room left for interactive: 42 - 32 = 10 < the cold reserve
+    with pytest.raises(Refusal):
+        router.pick(pool, req("batch"))
+    for _ in range(200):  # ~30 s of sync ticks without interactive traffic: the prior decays away
+        policy.observe(pool)
+    assert policy.reserve(pool) < 1.1  # the Poisson margin of a vanishing estimate
+    assert router.pick(pool, req("batch")).upstream.name == "A"
