@@ -82,7 +82,10 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     for flag, v in (("--host", ns.host), ("--port", ns.port), ("--config", ns.config)):
         if v is not None:
             args += [flag, str(v)]
-    procs = [subprocess.Popen(args, env={**os.environ, "GATEWAY_REPLICA_ID": f"{settings.replica_id}-w{i}"}) for i in range(workers)]
+    procs = [
+        subprocess.Popen(args, env={**os.environ, "GATEWAY_REPLICA_ID": f"{settings.replica_id}-w{i}"}, preexec_fn=_die_with_parent)
+        for i in range(workers)
+    ]
 
     def forward(sig, _frame):
         for p in procs:
@@ -91,6 +94,18 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     return max(p.wait() for p in procs)
+
+
+def _die_with_parent() -> None:
+    """In a worker process: receive SIGTERM when the supervising process dies, even by SIGKILL (Linux), so no
+    worker is left serving on its own (they drain on SIGTERM as usual)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the supervisor forwards SIGTERM/SIGINT itself
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:

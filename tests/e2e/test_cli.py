@@ -118,3 +118,31 @@ def test_bad_settings_exit_with_a_clear_message(monkeypatch, capsys):
         main(["check-config"])
     assert e.value.code == 2
     assert "GATEWAY_DEFAULT_STRATEGY: unknown strategy 'fastest'" in capsys.readouterr().err
+
+
+def test_workers_die_with_their_supervisor(redis_prefix):
+    """`serve --workers 2`: SIGKILL of the supervising process must not leave workers serving on their own."""
+    import subprocess
+
+    port = free_port()
+    env = {**os.environ, "GATEWAY_REDIS_URL": "redis://127.0.0.1:6379/0", "GATEWAY_REDIS_PREFIX": redis_prefix}
+    sup = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port", str(port),
+                            "--workers", "2"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def workers() -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(sup.pid)], capture_output=True, text=True).stdout
+        return [int(x) for x in out.split()]
+
+    deadline = time.monotonic() + 20
+    while len(workers()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    kids = workers()
+    assert len(kids) == 2
+    sup.kill()
+    sup.wait()
+    deadline = time.monotonic() + 10
+    alive = kids
+    while alive and time.monotonic() < deadline:
+        alive = [k for k in kids if os.path.exists(f"/proc/{k}") and "Z" not in open(f"/proc/{k}/stat").read().split()[2]]
+        time.sleep(0.1)
+    assert not alive, f"workers {alive} outlived their supervisor"
