@@ -5,7 +5,9 @@ layer (gateway/http/app.py) serves a Runtime; in-process callers (batch runner, 
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 from gateway.auth import KeyStore
 from gateway.batch.executor import InProcessExecutor
@@ -34,6 +36,8 @@ from gateway.tokens import encoding
 from gateway.upstream.client import UpstreamClient
 
 log = logging.getLogger("gateway")
+#: Seconds each component gets to stop (Runtime.stop).
+STOP_TIMEOUT = 10.0
 
 
 class Runtime:
@@ -103,17 +107,29 @@ class Runtime:
         await self.batch.start()
 
     async def stop(self) -> None:
-        await self.batch.stop(0.0)  # idempotent: the HTTP layer stops it first, with a grace, when it drains
-        await self.waker.stop()
-        if self.checker is not None:
-            await self.checker.stop()
-        await self.ledger.stop()
-        await self.keys.stop()
-        await self.scraper.stop()
-        await self.responses.drain()
-        await self.sync.stop()
-        await self.client.stop()
-        await self.telemetry.shutdown()
+        """Stop every component in order. Each gets STOP_TIMEOUT seconds: one that does not stop is logged by name
+        and left behind, so a stuck component cannot hold the process (or the next components) forever."""
+        steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+            ("batch", lambda: self.batch.stop(0.0)),  # idempotent: the HTTP layer stops it first, with a grace
+            ("router-wake", self.waker.stop),
+            ("health-checks", self.checker.stop if self.checker is not None else _nothing),
+            ("spend-ledger", self.ledger.stop),
+            ("key-store", self.keys.stop),
+            ("engine-metrics", self.scraper.stop),
+            ("response-store", self.responses.drain),
+            ("fleet-sync", self.sync.stop),
+            ("upstream-client", self.client.stop),
+            ("telemetry", self.telemetry.shutdown),
+        ]
+        for name, step in steps:
+            try:
+                await asyncio.wait_for(step(), STOP_TIMEOUT)
+            except TimeoutError:
+                log.error("shutdown: %s did not stop within %.0f s; going on without it", name, STOP_TIMEOUT)
+
+
+async def _nothing() -> None:
+    return None
 
 
 def _register_secrets(settings: Settings, cfg: FleetConfig) -> None:

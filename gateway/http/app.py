@@ -211,7 +211,10 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
         await rt.start()
 
     async def on_shutdown(app: web.Application) -> None:
-        await rt.batch.stop(min(settings.shutdown_grace, 10.0))  # lines still running finish; the rest stay queued
+        try:  # lines still running finish; the rest stay queued for other replicas
+            await asyncio.wait_for(rt.batch.stop(min(settings.shutdown_grace, 10.0)), 20.0)
+        except TimeoutError:
+            log.error("shutdown: batch workers did not stop within 20 s; going on without them")
         await _drain(app, settings.shutdown_grace)
 
     async def on_cleanup(app: web.Application) -> None:
