@@ -108,7 +108,7 @@ def redis_prefix() -> str:
 
 @pytest.fixture
 async def redis_client(redis_prefix: str) -> AsyncIterator[aioredis.Redis]:
-    r = aioredis.from_url(REDIS_URL)
+    r = aioredis.from_url(REDIS_URL, socket_timeout=10, socket_connect_timeout=5)
     await r.ping()  # the real server must be there: no silent skip
     yield r
     keys = [k async for k in r.scan_iter(f"{redis_prefix}:*")]

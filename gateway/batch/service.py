@@ -27,7 +27,7 @@ from gateway.batch.validate import LineError, LineFailure, WorkItem, check_line
 from gateway.batch.worker import REDIS_ERRORS, Worker, WorkerConfig
 from gateway.errors import GatewayError
 from gateway.observability.telemetry import Telemetry
-from gateway.periodic import Periodic
+from gateway.periodic import Periodic, cancel_and_wait
 from gateway.settings import Settings
 
 log = logging.getLogger("gateway.batch")
@@ -84,9 +84,7 @@ class BatchService:
         self._stopped = True
         await self._sweeper.stop()
         await self.worker.stop(grace)
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(list(self._tasks))
         await self.redis.aclose()
 
     def _spawn(self, coro) -> None:

@@ -25,6 +25,7 @@ from gateway.batch.keys import GROUP, BatchKeys
 from gateway.batch.models import FINAL, ExecRequest, ExecResult, Execute, error_line, output_tokens, response_line
 from gateway.batch.store import BatchStore
 from gateway.observability.telemetry import Telemetry
+from gateway.periodic import cancel_and_wait
 
 log = logging.getLogger("gateway.batch")
 REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
@@ -80,14 +81,11 @@ class Worker:
         """Stop claiming; let running lines finish for `grace` seconds; the rest stay pending for other replicas."""
         self.stopping = True
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait([self._task])
         tasks = list(self.inflight.values())
         if tasks:
             _, late = await asyncio.wait(tasks, timeout=grace)
-            for t in late:
-                t.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
+            await cancel_and_wait(late)
 
     async def _run(self) -> None:
         backoff = 0.5

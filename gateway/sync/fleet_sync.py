@@ -54,6 +54,7 @@ CLEAN_EVERY = 10.0
 SAMPLES_KEPT = 400
 _ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 SOCKET_TIMEOUT = 1.0
+STOP_TIMEOUT = 3 * SOCKET_TIMEOUT
 WRITE_DEADLINE = SOCKET_TIMEOUT / 2  # an admin write that reaches Redis later than this is refused there
 
 # Admin weights are durable without Redis persistence: a change is written to Redis first (atomically, with a
@@ -164,16 +165,21 @@ class FleetSync:
         await self._loop.stop()
         if self.redis is not None and not self._stopped:
             self._stopped = True
-            try:
-                await self.sync_once()  # flush the last deltas
-                b = Batch(self.redis)
-                b.write("zrem", self.keys.hb, self.replica)
-                b.write("hdel", self.keys.inflight, self.replica)
-                b.write("hdel", self.keys.schema, self.replica)
-                await b.execute()
+            try:  # bounded: a store that stopped answering must not hold up the shutdown
+                await asyncio.wait_for(self._leave(), STOP_TIMEOUT)
             except _ERRORS:
                 pass
             await self.redis.aclose()
+
+    async def _leave(self) -> None:
+        """Flush the last deltas and take this replica out of the heartbeat, in-flight and layout rows."""
+        assert self.redis is not None
+        await self.sync_once()
+        b = Batch(self.redis)
+        b.write("zrem", self.keys.hb, self.replica)
+        b.write("hdel", self.keys.inflight, self.replica)
+        b.write("hdel", self.keys.schema, self.replica)
+        await b.execute()
 
     # ---- operator actions (shared through Redis) ------------------------------------------------------------
     def set_cooldown(self, upstream: str, until: float) -> None:
