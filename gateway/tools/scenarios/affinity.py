@@ -1,16 +1,21 @@
-"""Bench scenario `affinity` (issue 11): KV-cache-aware routing on a multi-turn workload.
+"""Bench scenario `affinity` (issue 11): KV-cache-aware routing on multi-turn workloads.
 
-Workload: K tenants, each with a shared system prompt of 1-4k tokens; closed-loop workers each run conversations
-of 5-10 turns back to back (history grows every turn, answers of 100-300 tokens), streamed, on the calibrated
-prefix-caching fleet (sim/reference.py calibrated_sims: two KV-engine GPUs and a hosted API with prompt caching).
-The same seeded workload runs, each on fresh simulators, through:
+Closed-loop workers each run conversations of 5-10 turns back to back (history grows every turn, answers of
+100-300 tokens, streamed) on prefix-caching engines, in three settings:
 
-- `throughput+affinity` (the default), `throughput` without affinity (the pool's `affinity: false` switch),
-  `round_robin`, `least_busy`;
-- a perfect-stickiness oracle's hit rate, computed offline over the affinity run's own requests: one unbounded
-  cache that every request hits for its longest already-sent block prefix (an upper bound on any placement);
-- the affinity gateway with two replicas (with Redis), for the hit rate of per-replica indexes vs one;
-- a no-shared-prefix workload (every request a fresh prompt) with and without affinity: the cost of hashing.
+- `mixed`: K tenants sharing system prompts of 1-4k tokens, on the calibrated fleet (sim/reference.py
+  calibrated_sims: an H100 and an A10G KV engine and a hosted API with prompt caching). The H100 takes most of
+  the traffic and the shared prompts are cached wherever requests go, so placement has little left to win.
+- `similar`: the same tenant workload on four identical H100 engines (how replicas of one vLLM model are run).
+- `documents`: four identical H100 engines; every conversation opens with its own 2-4k-token document
+  ("chat with this file"), so only the engine that prefilled it holds it: here placement decides the hit rate.
+
+Each runs, on fresh simulators, through `throughput+affinity` (the default) and `throughput` without affinity
+(the pool's `affinity: false`); `mixed` also through `round_robin` and `least_busy`. Beside them: a
+perfect-stickiness oracle's hit rate, computed offline over the affinity run's own requests (one unbounded cache
+that every request hits for its longest already-sent block prefix: an upper bound on any placement); the
+documents workload through two gateway replicas (with Redis: per-replica indexes vs one); a `fresh` workload
+(no prefix shared by any two requests) with and without affinity: the cost of hashing.
 
 Reported per variant: output tok/s, TTFT p50/p99, prefix hit rate (cached / prompt tokens, from usage), the
 highest in-flight / max_concurrency seen on any upstream, and the gateway's peak queue depth.
@@ -87,19 +92,32 @@ async def _stream(http: aiohttp.ClientSession, url: str, msgs: list[dict], max_t
     return "".join(text)
 
 
-async def _worker(wid: int, url: str, tenants: list[str], shared: bool, rec: Rec, stop: float, seed: int) -> None:
-    """Conversations back to back until `stop`; `shared`: multi-turn on tenant prompts, else fresh prompts."""
+#: Workloads: `tenants` (a few shared system prompts of 1-4k tokens, short turns: the shared part is cached on
+#: every engine whatever the placement), `documents` (a short system prompt, then a document of 2-4k tokens unique
+#: to the conversation and questions about it: only the engine that saw the document has it cached), `fresh`
+#: (no prefix shared by any two requests: what hashing costs when nothing can hit).
+WORKLOADS = ("tenants", "documents", "fresh")
+
+
+def _opening(workload: str, tenants: list[str], rnd: random.Random, tag: str) -> tuple[list[dict], int]:
+    """A conversation's first messages and its number of turns."""
+    if workload == "tenants":
+        return [{"role": "system", "content": tenants[rnd.randrange(len(tenants))]}], rnd.randint(5, 10)
+    if workload == "documents":
+        doc = f"Document {tag}. " + _words(rnd.randint(2000, 4000), rnd.randrange(10**6))
+        return [{"role": "system", "content": tenants[0][:800]}, {"role": "user", "content": doc},
+                {"role": "assistant", "content": "I have read the document."}], rnd.randint(5, 10)
+    return [{"role": "system", "content": f"Request {tag}. " + _words(rnd.randint(700, 2800), rnd.randrange(10**6))}], 1
+
+
+async def _worker(wid: int, url: str, tenants: list[str], workload: str, rec: Rec, stop: float, seed: int) -> None:
+    """Conversations back to back until `stop` (each turn's answer joins the history)."""
     rnd = random.Random(seed * 1000 + wid)
     conv = 0
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
         while time.monotonic() < stop:
             conv += 1
-            if shared:
-                msgs = [{"role": "system", "content": tenants[rnd.randrange(len(tenants))]}]
-                turns = rnd.randint(5, 10)
-            else:  # no shared prefix anywhere: a unique first line, then a prompt of tenant-like size
-                msgs = [{"role": "system", "content": f"Request {seed}-{wid}-{conv}. " + _words(rnd.randint(700, 2800), rnd.randrange(10**6))}]
-                turns = 1
+            msgs, turns = _opening(workload, tenants, rnd, f"{seed}-{wid}-{conv}")
             for t in range(turns):
                 if time.monotonic() >= stop:
                     return
@@ -152,33 +170,61 @@ def oracle_hit_rate(bodies: list[tuple[bool, list[dict]]]) -> float:
     return hit / total if total else 0.0
 
 
-async def _variant(bench: Any, tag: str, strategy: str, affinity: bool, *, shared: bool = True, workers: int = 1) -> dict:
-    from gateway.sim.reference import calibrated_fleet, calibrated_sims
+def _similar_sims(n: int = 4) -> dict:
+    """`n` identical H100 / Llama-3-8B KV engines with prefix caching: how vLLM replicas of one model are deployed,
+    and where placement decides the hit rate (a conversation's history is cached on one replica only)."""
+    from dataclasses import replace
+
+    from gateway.sim.reference import calibrated_sims
+
+    h100 = calibrated_sims(kv_scale=0.25)["fast-gpu"]
+    return {f"gpu-{i}": replace(h100, name=f"sim-gpu-{i}") for i in range(n)}
+
+
+def _fleet(shape: str, ports: dict[str, int], sims: dict) -> Any:
+    from gateway.config import CapacityHint
+    from gateway.sim.reference import calibrated_fleet
+    from gateway.sim.scaled import scaled_fleet
+    from gateway.sim.virtual import capacity_hint
+
+    if shape == "mixed":
+        return calibrated_fleet(ports, sims)
+    names = list(sims)  # identical engines: one fitted seed serves them all
+    cfg = scaled_fleet(len(names), [f"http://127.0.0.1:{ports[n]}/v1" for n in names], model=MODEL,
+                       max_concurrency=sims[names[0]].slots, hints=[CapacityHint(**capacity_hint(sims[names[0]]))])
+    for i, n in enumerate(names):
+        cfg.upstreams[f"up-{i}"].metrics_url = f"http://127.0.0.1:{ports[n]}/metrics"
+    return cfg
+
+
+async def _variant(bench: Any, tag: str, strategy: str, affinity: bool, *, workload: str = "tenants",
+                   workers: int = 1, shape: str = "mixed") -> dict:
+    from gateway.sim.reference import calibrated_sims
     from gateway.tools.bench import start_gateway, start_sims
 
     o = bench.o
-    sims = calibrated_sims(kv_scale=0.25)
+    sims = calibrated_sims(kv_scale=0.25) if shape == "mixed" else _similar_sims()
     sp = await start_sims(bench.procs, sims, tag)
-    cfg = calibrated_fleet(sp.ports, sims)
+    cfg = _fleet(shape, sp.ports, sims)
     for mc in cfg.models.values():
         mc.strategy, mc.affinity = strategy, affinity
     fleet = cfg.model_dump(mode="json", exclude={"upstreams": {"__all__": {"name"}}})
     redis = o.redis_url if workers > 1 else ""
     gw = await start_gateway(bench.procs, fleet, tag, workers=workers, redis_url=redis, strategy=strategy)
     try:
-        return await _drive(gw.url, o, shared)
+        return await _drive(gw.url, o, workload)
     finally:
         await bench._teardown(gw, sp)
 
 
-async def _drive(url: str, o: Any, shared: bool) -> dict:
+async def _drive(url: str, o: Any, workload: str) -> dict:
     k = 4
     tenants = [f"You are the assistant of tenant {i}. " + _words(1000 + 1000 * i, 1000 + i) for i in range(k)]  # 1-4k tokens
     duration = max(o.compare_duration, 12.0)
     now = time.monotonic()
     rec = Rec(t0=now + o.warmup, t1=now + o.warmup + duration)
     stop = rec.t1
-    tasks = [asyncio.create_task(_worker(w, url, tenants, shared, rec, stop, 7)) for w in range(o.concurrency)]
+    tasks = [asyncio.create_task(_worker(w, url, tenants, workload, rec, stop, 7)) for w in range(o.concurrency)]
     tasks.append(asyncio.create_task(_monitor(url, rec, stop)))
     await asyncio.gather(*tasks)
     return {
@@ -200,27 +246,38 @@ def _ms(x: float | None) -> float | None:
 
 @scenario("affinity", render=lambda r: render(r))
 async def run(bench: Any) -> dict:
-    variants = [("throughput+affinity", "throughput", True), ("throughput", "throughput", False),
-                ("round_robin", "round_robin", False), ("least_busy", "least_busy", False)]
+    """The three settings of the module docstring, then two replicas and the no-shared-prefix check."""
     out: dict[str, Any] = {}
-    for name, strategy, aff in variants:
-        print(f"  affinity: {name} ...", flush=True)
-        out[name] = await _variant(bench, f"aff-{name.replace('+', '-')}", strategy, aff)
-    bodies = out["throughput+affinity"].pop("_bodies")
-    out["oracle_hit_rate"] = round(await asyncio.to_thread(oracle_hit_rate, bodies), 4)
-    for r in out.values():
-        if isinstance(r, dict):
-            r.pop("_bodies", None)
+    base = [("throughput+affinity", "throughput", True), ("throughput", "throughput", False)]
+    plans = {"mixed": ("mixed", "tenants", base + [("round_robin", "round_robin", False), ("least_busy", "least_busy", False)]),
+             "similar": ("similar", "tenants", base), "documents": ("similar", "documents", base)}
+    for key, (shape, workload, variants) in plans.items():
+        rows: dict[str, Any] = {}
+        for name, strategy, aff in variants:
+            print(f"  affinity: {key} {name} ...", flush=True)
+            rows[name] = await _variant(bench, f"aff-{key}-{name.replace('+', '-')}", strategy, aff, workload=workload,
+                                        shape=shape)
+        bodies = rows["throughput+affinity"].pop("_bodies")
+        rows["oracle_hit_rate"] = round(await asyncio.to_thread(oracle_hit_rate, bodies), 4)
+        for r in rows.values():
+            if isinstance(r, dict):
+                r.pop("_bodies", None)
+        out[key] = rows
+    docs = out["documents"]
     if bench.o.redis_url:
-        print("  affinity: two replicas ...", flush=True)
-        out["two_replicas"] = await _variant(bench, "aff-2rep", "throughput", True, workers=2)
-        out["two_replicas"].pop("_bodies")
+        print("  affinity: documents, two replicas ...", flush=True)
+        docs["two_replicas"] = await _variant(bench, "aff-2rep", "throughput", True, workers=2, shape="similar",
+                                              workload="documents")
+        docs["two_replicas"].pop("_bodies")
     for name, aff in (("no_shared_prefix+affinity", True), ("no_shared_prefix", False)):
-        print(f"  affinity: {name} ...", flush=True)
-        out[name] = await _variant(bench, f"aff-{name.replace('+', '-')}", "throughput", aff, shared=False)
-        out[name].pop("_bodies")
-    out.update(_verdict(out))
-    out["error_count"] = sum(r.get("error_count", 0) for r in out.values() if isinstance(r, dict))
+        print(f"  affinity: similar {name} ...", flush=True)
+        docs[name] = await _variant(bench, f"aff-{name.replace('+', '-')}", "throughput", aff, workload="fresh",
+                                    shape="similar")
+        docs[name].pop("_bodies")
+    for rows in out.values():
+        rows.update(_verdict(rows))
+    out["error_count"] = sum(r.get("error_count", 0) for rows in list(out.values()) for r in rows.values()
+                             if isinstance(r, dict))
     return out
 
 
@@ -233,8 +290,8 @@ def _verdict(out: dict) -> dict:
         v["tok_s_ratio"] = round(a["tok_s"] / b["tok_s"], 3)  # target >= 1.3
     if out.get("oracle_hit_rate"):
         v["hit_rate_vs_oracle"] = round((a.get("hit_rate") or 0) / out["oracle_hit_rate"], 3)  # target >= 0.9
-    n1, n0 = out["no_shared_prefix+affinity"], out["no_shared_prefix"]
-    if n0.get("tok_s"):
+    n1, n0 = out.get("no_shared_prefix+affinity"), out.get("no_shared_prefix")
+    if n1 and n0 and n0.get("tok_s"):
         v["no_shared_prefix_ratio"] = round(n1["tok_s"] / n0["tok_s"], 3)  # target >= 0.98
     if "two_replicas" in out and a.get("hit_rate") is not None and out["two_replicas"].get("hit_rate") is not None:
         v["two_replicas_hit_rate_points"] = round(100 * (out["two_replicas"]["hit_rate"] - a["hit_rate"]), 1)  # >= -5
@@ -242,15 +299,21 @@ def _verdict(out: dict) -> dict:
 
 
 def render(r: dict) -> list[str]:
-    lines = ["", "### KV-cache affinity (multi-turn, calibrated prefix-caching fleet)", "",
-             "| variant | tok/s | TTFT p50 | TTFT p99 | hit rate | requests | peak util | peak queue | errors |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for name, x in r.items():
-        if isinstance(x, dict) and "tok_s" in x:
-            lines.append(f"| {name} | {x['tok_s']} | {x['ttft_p50_ms']} ms | {x['ttft_p99_ms']} ms | {x['hit_rate']} | "
-                         f"{x['requests']} | {x['peak_upstream_utilisation']} | {x['peak_queue']} | {x['error_count']} |")
-    lines += ["", f"oracle hit rate {r.get('oracle_hit_rate')}; TTFT p50 without/with affinity {r.get('ttft_p50_ratio')} "
-              f"(target >= 2); tok/s with/without {r.get('tok_s_ratio')} (>= 1.3); hit rate / oracle "
-              f"{r.get('hit_rate_vs_oracle')} (>= 0.9); no shared prefix with/without {r.get('no_shared_prefix_ratio')} "
-              f"(>= 0.98); two replicas' hit rate minus one's {r.get('two_replicas_hit_rate_points')} points (>= -5)"]
+    lines = ["", "### KV-cache affinity (multi-turn conversations on prefix-caching engines)", ""]
+    for shape, title in (("mixed", "tenant prompts, calibrated mixed fleet (H100 + A10G + hosted)"),
+                         ("similar", "tenant prompts, four similar H100s"),
+                         ("documents", "a document per conversation, four similar H100s")):
+        rows = r.get(shape, {})
+        lines += [f"{title}:", "", "| variant | tok/s | TTFT p50 | TTFT p99 | hit rate | requests | peak util | peak queue | errors |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for name, x in rows.items():
+            if isinstance(x, dict) and "tok_s" in x:
+                lines.append(f"| {name} | {x['tok_s']} | {x['ttft_p50_ms']} ms | {x['ttft_p99_ms']} ms | {x['hit_rate']} | "
+                             f"{x['requests']} | {x['peak_upstream_utilisation']} | {x['peak_queue']} | {x['error_count']} |")
+        lines += ["", f"oracle hit rate {rows.get('oracle_hit_rate')}; TTFT p50 without/with affinity "
+                  f"{rows.get('ttft_p50_ratio')} (target >= 2); tok/s with/without {rows.get('tok_s_ratio')} (>= 1.3); "
+                  f"hit rate / oracle {rows.get('hit_rate_vs_oracle')} (>= 0.9)", ""]
+    sim = r.get("documents", {})
+    lines.append(f"Four similar H100s: no shared prefix with/without affinity {sim.get('no_shared_prefix_ratio')} (>= 0.98); "
+                 f"two replicas' hit rate minus one's {sim.get('two_replicas_hit_rate_points')} points (>= -5)")
     return lines
