@@ -19,7 +19,7 @@ ENV_PREFIX = "GATEWAY_"
 #: GATEWAY_* variables read by the command-line tools, not by the server (`gateway top`, `gateway bench`).
 TOOL_ENV_VARS = frozenset({
     "GATEWAY_URL", "GATEWAY_BENCH_REDIS_URL", "GATEWAY_BENCH_SCALING_QUALITY", "GATEWAY_BENCH_SCALING_REPLICAS",
-    "GATEWAY_BENCH_SCALING_UPSTREAMS",
+    "GATEWAY_BENCH_SCALING_UPSTREAMS", "GATEWAY_BENCH_MIXED_VARIANTS",
 })
 
 

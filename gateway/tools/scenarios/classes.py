@@ -8,13 +8,15 @@ maximiser), round_robin and least_busy. Every request is judged client-side agai
 
 Reported per variant and class: SLO attainment, goodput, tok/s, TTFT p50/p99; the total tok/s against the fleet's
 best total (every GPU server at its slots, the hosted API's whole RPM budget spent on batch-length answers);
-attainment after the surge (from 10 s after it on) and batch tok/s in each phase.
+attainment after the surge (from 10 s after it on) and batch tok/s in each phase. GATEWAY_BENCH_MIXED_VARIANTS
+(e.g. `classes`) runs only the named variants.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -42,6 +44,7 @@ class Rec:
     end: float
     tokens: int
     ok: bool
+    upstream: str = ""
 
     def met(self) -> bool:
         if not self.ok or self.first is None:
@@ -57,6 +60,8 @@ class Load:
     def __init__(self) -> None:
         self.recs: list[Rec] = []
         self.buckets: dict[str, dict[int, int]] = {"interactive": {}, "batch": {}}
+        #: (class, upstream) -> output tokens per second, as they streamed.
+        self.by_upstream: dict[tuple[str, str], dict[int, int]] = {}
 
     def tok_s(self, cls: str, t0: float, t1: float) -> float:
         b = self.buckets[cls]
@@ -69,8 +74,11 @@ async def _one(session: aiohttp.ClientSession, url: str, body: bytes, cls: str, 
     first = None
     n = 0
     ok = False
+    upstream = ""
     try:
         async with session.post(url, data=body, headers={"Content-Type": "application/json", "X-Gateway-Class": cls}) as r:
+            upstream = r.headers.get("x-gateway-upstream", "")
+            per_up = load.by_upstream.setdefault((cls, upstream), {})
             if r.status == 200:
                 async for line in r.content:
                     if line.startswith(b'data: {"error"'):
@@ -81,13 +89,14 @@ async def _one(session: aiohttp.ClientSession, url: str, body: bytes, cls: str, 
                         n += 1
                         sec = int(now - origin)
                         buckets[sec] = buckets.get(sec, 0) + 1
+                        per_up[sec] = per_up.get(sec, 0) + 1
                     elif line.startswith(b"data: [DONE]"):
                         ok = True
             else:
                 await r.read()
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
         pass
-    load.recs.append(Rec(cls, t0 - origin, None if first is None else first - origin, time.monotonic() - origin, n, ok))
+    load.recs.append(Rec(cls, t0 - origin, None if first is None else first - origin, time.monotonic() - origin, n, ok, upstream))
 
 
 async def _drive(url: str, rate: float, batch_workers: int, phase: float, seed: int, surge: bool = True) -> Load:
@@ -156,6 +165,11 @@ def summarise(load: Load, warmup: float, phase: float, best_total: float) -> dic
         "surge": {c: _class_figures(load, c, phase, end) for c in ("interactive", "batch")},
         "after_surge_10s": _class_figures(load, "interactive", phase + 10.0, end) if end - phase > 12 else None,
     }
+    by_up: dict[str, dict[str, float]] = {}
+    for (cls, up), secs in sorted(load.by_upstream.items()):  # output tok/s per upstream and class in the window
+        rate = sum(v for sec, v in secs.items() if warmup <= sec < end) / max(1e-9, end - warmup)
+        by_up.setdefault(up, {})[cls] = round(rate, 1)
+    out["tok_s_by_upstream"] = by_up
     total = out["interactive"]["tok_s"] + out["batch"]["tok_s"]
     out["total_tok_s"] = round(total, 1)
     out["pct_of_best_total"] = round(100 * total / best_total, 1)
@@ -204,7 +218,10 @@ async def mixed(bench: Any) -> dict:
     best = best_total(bench.sims)
     res: dict[str, Any] = {"rate": rate, "batch_workers": batch_workers, "phase_s": phase, "best_total_tok_s": round(best, 1),
                            "floor_tok_s": FLOOR_TOK_S, "max_ttft_s": MAX_TTFT_S, "variants": {}}
+    only = {v.strip() for v in os.environ.get("GATEWAY_BENCH_MIXED_VARIANTS", "").split(",") if v.strip()}
     for name, strategy, classes_on in VARIANTS:
+        if only and name not in only:
+            continue
         sims = await B.start_sims(bench.procs, bench.sims, f"mixed-{name}")
         gw = None
         try:
