@@ -113,6 +113,14 @@ class Settings(BaseSettings):
     #: Seconds files, and batches after they end, are kept (OpenAI keeps batch files 30 days).
     batch_retention: int = Field(30 * 24 * 3600, gt=0)
     batch_sweep_interval: float = Field(5.0, gt=0)
+    #: Where file contents (uploads, output and error files) live: empty = in Redis; a directory shared by every
+    #: replica (NFS, a shared volume) for installs whose batches outgrow Redis memory. README "Batch API".
+    batch_files_dir: str = ""
+    #: How often each replica removes directory contents whose metadata expired (retention) or was lost.
+    batch_files_sweep_interval: float = Field(300.0, gt=0)
+    #: A line handed to a worker this many times without an answer (each replica running it died or stopped)
+    #: is not run again: it goes to the error file, so a line that crashes replicas cannot loop forever.
+    batch_max_deliveries: int = Field(5, ge=1)
     shutdown_grace: float = 30.0
     capture_content: bool = False
     #: Client request headers forwarded to upstreams (an allow-list; credentials and hop-by-hop headers never are).

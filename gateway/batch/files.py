@@ -1,8 +1,10 @@
-"""Files API storage in Redis: uploads are streamed into ~1 MiB chunks of whole lines, never held whole.
+"""Files API storage: metadata and owner indexes in Redis, contents in a ContentStore (content.py: Redis or a
+shared directory). Uploads are streamed into ~1 MiB chunks of whole lines, never held whole.
 
-Retention: every key of a file expires `ttl` seconds after upload (settings.batch_file_ttl, default 30 days);
-output and error files of a batch expire with the same TTL from the batch's end. A file belongs to the gateway
-API key that uploaded it (owner None = keys not required) and is invisible (404) to any other key.
+Retention: a file's metadata expires `ttl` seconds after upload (settings.batch_retention, default 30 days);
+output and error files of a batch expire with the same TTL from the batch's end; contents go with the metadata
+(Redis TTL, or the directory sweep). A file belongs to the gateway API key that uploaded it (owner None = keys not
+required) and is invisible (404) to any other key.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.batch.content import ContentStore
 from gateway.batch.keys import ANON, BatchKeys
 from gateway.batch.models import new_id
 from gateway.batch.validate import split_lines
@@ -29,10 +32,12 @@ class FileLimits:
 
 
 class FileWriter:
-    """Appends lines of one new file to Redis chunk by chunk; `close()` writes the metadata (the file then exists)."""
+    """Appends lines of one new file to the content store chunk by chunk; `close()` publishes the content and
+    then writes the metadata (the file then exists)."""
 
     def __init__(self, store: FileStore, fid: str, limits: FileLimits | None) -> None:
         self.store, self.fid, self.limits = store, fid, limits
+        self.content = store.content.writer(fid)
         self.bytes = self.stored = self.lines = self.chunks = 0
         self._buf = bytearray()
         self._rest = bytearray()
@@ -57,7 +62,7 @@ class FileWriter:
 
     async def _push(self) -> None:
         if self._buf:
-            await self.store.redis.rpush(self.store.k.chunks(self.fid), bytes(self._buf))
+            await self.content.append(bytes(self._buf))
             self.chunks += 1
             self._buf = bytearray()
 
@@ -70,16 +75,17 @@ class FileWriter:
             "id": self.fid, "bytes": self.bytes if self.limits else self.stored, "created_at": int(now), "filename": filename, "purpose": purpose,
             "owner": owner or ANON, "lines": self.lines, "expires_at": int(now) + ttl,
         }
+        await self.content.commit(ttl)  # a crash before the metadata below leaves an orphan the sweep removes
         k, p = self.store.k, self.store.redis.pipeline(transaction=True)
         p.hset(k.file(self.fid), mapping={a: str(b) for a, b in meta.items()})
         p.expire(k.file(self.fid), ttl)
-        p.expire(k.chunks(self.fid), ttl)
         p.zadd(k.files_of(owner), {self.fid: int(now * 1000)})
         await p.execute()
         return public_file(meta)
 
     async def abort(self) -> None:
-        await self.store.redis.delete(self.store.k.chunks(self.fid))
+        """Drop this writer's unpublished content (a failed upload leaves nothing behind)."""
+        await self.content.abort()
 
 
 def public_file(meta: dict[str, Any]) -> dict[str, Any]:
@@ -97,8 +103,8 @@ def decode_hash(h: dict) -> dict[str, str]:
 
 
 class FileStore:
-    def __init__(self, redis, keys: BatchKeys, limits: FileLimits) -> None:
-        self.redis, self.k, self.limits = redis, keys, limits
+    def __init__(self, redis, keys: BatchKeys, limits: FileLimits, content: ContentStore) -> None:
+        self.redis, self.k, self.limits, self.content = redis, keys, limits, content
 
     def writer(self, limited: bool = True, fid: str | None = None) -> FileWriter:
         return FileWriter(self, fid or new_id("file"), self.limits if limited else None)
@@ -110,25 +116,37 @@ class FileStore:
             raise GatewayError(404, f"No such File object: {fid}", code="file_not_found", param="file_id")
         return h
 
-    async def chunks(self, fid: str) -> AsyncIterator[bytes]:
-        n = await self.redis.llen(self.k.chunks(fid))
-        for i in range(n):
-            c = await self.redis.lindex(self.k.chunks(fid), i)
-            if c is not None:
-                yield c
+    def chunks(self, fid: str) -> AsyncIterator[bytes]:
+        return self.content.chunks(fid)
 
     async def lines(self, fid: str) -> AsyncIterator[bytes]:
-        async for c in self.chunks(fid):
-            for ln in bytes(c).split(b"\n"):
+        """Non-blank lines; a line may span chunks (the directory store reads fixed-size blocks)."""
+        rest = b""
+        async for c in self.content.chunks(fid):
+            *whole, rest = (rest + c).split(b"\n")
+            for ln in whole:
                 if ln.strip():
                     yield ln
+        if rest.strip():
+            yield rest
 
     async def delete(self, fid: str, owner: str | None) -> None:
         await self.meta(fid, owner)
         p = self.redis.pipeline(transaction=True)
-        p.delete(self.k.file(fid), self.k.chunks(fid))
+        p.delete(self.k.file(fid))
         p.zrem(self.k.files_of(owner), fid)
         await p.execute()
+        await self.content.delete(fid)  # after the metadata: nobody finds a file whose content is going
+
+    async def sweep(self) -> int:
+        """Retention of contents that do not expire by themselves (directory store): see ContentStore.sweep."""
+        return await self.content.sweep(self._live)
+
+    async def _live(self, ids: list[str]) -> set[str]:
+        p = self.redis.pipeline(transaction=False)
+        for fid in ids:
+            p.exists(self.k.file(fid))
+        return {fid for fid, n in zip(ids, await p.execute(), strict=True) if n}
 
     async def list_page(self, owner: str | None, after: str | None, limit: int, order: str, purpose: str | None) -> dict[str, Any]:
         return await page(self.redis, self.k.files_of(owner), after, limit, order, self._load_many, purpose)

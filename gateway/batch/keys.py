@@ -1,7 +1,8 @@
 """Every Redis key the batch package uses, in one place (prefix = settings.redis_prefix).
 
 Files:   {p}:bf:{file_id}            hash  metadata (id, bytes, created_at, filename, purpose, owner, lines, chunks)
-         {p}:bf:{file_id}:c          list  content chunks, each a run of whole lines (~1 MiB)
+         {p}:bf:{file_id}:c          list  content chunks, each a run of whole lines (~1 MiB) (Redis content store)
+         {p}:bf:{file_id}:c:{token}  list  the same while one writer appends, RENAMEd onto :c when it commits
          {p}:bf:idx:{owner}          zset  file ids of one owner, score = created_at (ms)
 Batches: {p}:bb:{batch_id}           hash  record (see store.py), counters completed/failed/total/tokens
          {p}:bb:{batch_id}:res       hash  custom_id -> "o"|"e" + output line (exactly one per custom_id)
@@ -28,6 +29,9 @@ class BatchKeys:
 
     def chunks(self, fid: str) -> str:
         return f"{self.p}:bf:{fid}:c"
+
+    def chunks_tmp(self, fid: str, token: str) -> str:
+        return f"{self.p}:bf:{fid}:c:{token}"
 
     def files_of(self, owner: str | None) -> str:
         return f"{self.p}:bf:idx:{owner or ANON}"

@@ -19,6 +19,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from gateway.batch.content import content_store
 from gateway.batch.files import FileLimits, FileStore
 from gateway.batch.keys import GROUP, BatchKeys
 from gateway.batch.models import ENDPOINTS, WINDOWS, Execute, error_line
@@ -49,11 +50,14 @@ class BatchService:
         self._tasks: set[asyncio.Task] = set()
         if self.redis is None:
             return
-        self.files = FileStore(self.redis, self.k, FileLimits(s.batch_max_file_bytes, s.batch_max_lines, s.batch_retention))
+        content = content_store(s.batch_files_dir, s.redis_prefix, self.redis, self.k, s.batch_retention)
+        self.files = FileStore(self.redis, self.k, FileLimits(s.batch_max_file_bytes, s.batch_max_lines, s.batch_retention), content)
         self.store = BatchStore(self.redis, self.k, s.batch_retention)
-        cfg = WorkerConfig(s.replica_id, s.batch_workers, s.batch_claim_idle, s.batch_max_attempts, s.batch_retry_base)
+        cfg = WorkerConfig(s.replica_id, s.batch_workers, s.batch_claim_idle, s.batch_max_attempts, s.batch_retry_base,
+                           max_deliveries=s.batch_max_deliveries)
         self.worker = Worker(self.redis, self.k, self.store, self.execute, cfg, self.finalize, tel)
         self._sweeper = Periodic("batch-sweeper", s.batch_sweep_interval, self.sweep)
+        self._files_sweeper = Periodic("batch-files-sweeper", s.batch_files_sweep_interval, self.sweep_files)
 
     @property
     def enabled(self) -> bool:
@@ -73,6 +77,8 @@ class BatchService:
         if self.s.batch_workers > 0:
             self.worker.start()
         self._sweeper.start()
+        if self.s.batch_files_dir:
+            self._files_sweeper.start()
 
     def stop_claiming(self) -> None:
         if self.redis is not None:
@@ -83,6 +89,7 @@ class BatchService:
             return
         self._stopped = True
         await self._sweeper.stop()
+        await self._files_sweeper.stop()
         await self.worker.stop(grace)
         await cancel_and_wait(list(self._tasks))
         await self.redis.aclose()
@@ -229,13 +236,17 @@ class BatchService:
         ending = "cancelled" if status == "cancelling" else "expired" if rec.get("expired") else "completed"
         owner = _owner(rec) or None
         stem = bid.removeprefix("batch_")
+        # Fixed ids: an attempt that died half way published nothing (writers commit atomically); this one replaces
+        # whatever a previous attempt did publish.
         out = self.files.writer(limited=False, fid=f"file-{stem}-output")
         err = self.files.writer(limited=False, fid=f"file-{stem}-errors")
-        await out.abort()  # a previous attempt may have died half way
-        await err.abort()
-        async for kind, line in self.store.results(bid):
-            await (out if kind == "o" else err).add_lines([line])
-            await self._keep_lease(self.k.fin_lease(bid), out.lines + err.lines)
+        try:
+            async for kind, line in self.store.results(bid):
+                await (out if kind == "o" else err).add_lines([line])
+                await self._keep_lease(self.k.fin_lease(bid), out.lines + err.lines)
+        except BaseException:
+            await asyncio.shield(asyncio.gather(out.abort(), err.abort(), return_exceptions=True))
+            raise
         ids: dict[str, Any] = {"completed": out.lines, "failed": err.lines}
         ttl = self.s.batch_retention
         if out.lines:
@@ -265,6 +276,10 @@ class BatchService:
             await self.worker.prune_consumers()
         except ResponseError:  # no stream or group yet
             pass
+
+    async def sweep_files(self) -> None:
+        """Retention of a directory store (its files carry no TTL); every replica may run it (deletes are idempotent)."""
+        await self.files.sweep()
 
     async def summary(self) -> dict[str, Any]:
         """Progress of the batches not yet final: lines pending/running/done/failed, batch tok/s, ETA."""

@@ -3,8 +3,12 @@
 At-least-once execution, exactly-once results: a line is XACKed only after its result is stored (HSETNX by
 custom_id, store.py), so a replica that dies mid-line leaves it pending; another replica's XAUTOCLAIM takes it
 over once it has been idle `claim_idle` seconds. A live worker refreshes the idle time of the lines it runs
-(XCLAIM JUSTID) so a slow line is not stolen from it. Redis outages are waited out: nothing is lost while Redis
-is away except time.
+(XCLAIM JUSTID, which does not count as a delivery) so a slow line is not stolen from it. Redis outages are
+waited out: nothing is lost while Redis is away except time.
+
+Crash loops: a line that kills (or hangs) every replica that runs it would be reclaimed forever. The stream counts
+deliveries (XREADGROUP and XAUTOCLAIM each add one); a reclaimed line delivered more than `max_deliveries` times is
+not run again but answered in the error file (`delivery_limit_reached`) and acknowledged.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class WorkerConfig:
     max_attempts: int = 5
     retry_base: float = 0.5
     retry_max: float = 30.0
+    max_deliveries: int = 5
 
 
 class LeavePending(Exception):
@@ -106,8 +111,8 @@ class Worker:
                     last_claim = now
                 if not entries:
                     entries = await self._read(free)
-                for eid, fields in entries:
-                    self._spawn(eid, fields)
+                for eid, fields, deliveries in entries:
+                    self._spawn(eid, fields, deliveries)
                 backoff = 0.5
             except ResponseError as e:
                 if "NOGROUP" in str(e):
@@ -121,18 +126,30 @@ class Worker:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
-    async def _read(self, count: int) -> list[tuple[str, dict]]:
+    async def _read(self, count: int) -> list[tuple[str, dict, int]]:
+        """New lines: (entry id, fields, deliveries = 1)."""
         resp = await self.redis.xreadgroup(GROUP, self.cfg.consumer, {self.k.queue: ">"}, count=count, block=1000)
-        return [(_s(eid), f) for _, items in resp or [] for eid, f in items]
+        return [(_s(eid), f, 1) for _, items in resp or [] for eid, f in items]
 
-    async def _autoclaim(self, count: int) -> list[tuple[str, dict]]:
+    async def _autoclaim(self, count: int) -> list[tuple[str, dict, int]]:
+        """Lines idle for claim_idle under any consumer (a dead replica's), with their delivery counts."""
         idle_ms = int(self.cfg.claim_idle * 1000)
         resp = await self.redis.xautoclaim(self.k.queue, GROUP, self.cfg.consumer, idle_ms, "0-0", count=count)
         items = resp[1] if resp else []
         got = [(_s(eid), f) for eid, f in items if f]
-        if got:
-            log.warning("batch worker %s: reclaimed %d lines idle for %.0fs (their replica died?)", self.cfg.consumer, len(got), self.cfg.claim_idle)
-        return [(e, f) for e, f in got if e not in self.inflight]
+        if not got:
+            return []
+        log.warning("batch worker %s: reclaimed %d lines idle for %.0fs (their replica died?)", self.cfg.consumer, len(got), self.cfg.claim_idle)
+        counts = await self._deliveries([e for e, _ in got])
+        return [(e, f, counts.get(e, 1)) for e, f in got if e not in self.inflight]
+
+    async def _deliveries(self, eids: list[str]) -> dict[str, int]:
+        """Times each entry was delivered, this claim included (XPENDING; XAUTOCLAIM does not report it)."""
+        p = self.redis.pipeline(transaction=False)
+        for e in eids:
+            p.xpending_range(self.k.queue, GROUP, min=e, max=e, count=1)
+        rows = await p.execute()
+        return {e: int(r[0]["times_delivered"]) for e, r in zip(eids, rows, strict=True) if r}
 
     async def _heartbeat(self) -> None:
         if self.inflight:
@@ -148,10 +165,10 @@ class Worker:
                 gone += 1
         return gone
 
-    def _spawn(self, eid: str, fields: dict) -> None:
+    def _spawn(self, eid: str, fields: dict, deliveries: int = 1) -> None:
         if eid in self.inflight:
             return
-        t = asyncio.create_task(self._handle(eid, {_s(a): b for a, b in fields.items()}))
+        t = asyncio.create_task(self._handle(eid, {_s(a): b for a, b in fields.items()}, deliveries))
         self.inflight[eid] = t
         t.add_done_callback(lambda _t: self.inflight.pop(eid, None))
 
@@ -167,9 +184,9 @@ class Worker:
             self._states.clear()
         return rec
 
-    async def _handle(self, eid: str, f: dict[str, Any]) -> None:
+    async def _handle(self, eid: str, f: dict[str, Any], deliveries: int) -> None:
         try:
-            await self._handle_line(eid, f)
+            await self._handle_line(eid, f, deliveries)
         except LeavePending:
             log.info("batch worker: line %s left pending for another replica (stopping)", eid)
         except REDIS_ERRORS as e:  # left pending: reclaimed (here or elsewhere) after the idle timeout
@@ -177,7 +194,7 @@ class Worker:
         except Exception:
             log.exception("batch worker: line %s failed; left pending", eid)
 
-    async def _handle_line(self, eid: str, f: dict[str, Any]) -> None:
+    async def _handle_line(self, eid: str, f: dict[str, Any], deliveries: int) -> None:
         bid, cid = _s(f["b"]), _s(f["c"])
         rec = await _retry_redis(lambda: self._state(bid), self)
         if rec is None:
@@ -185,7 +202,7 @@ class Worker:
         if not rec:  # the batch is gone (deleted or past retention): drop the line
             await self._ack(eid)
             return
-        ok, line, tokens = await self._outcome(rec, bid, cid, f)
+        ok, line, tokens = await self._outcome(rec, bid, cid, f, deliveries)
         if line is not None:
             code = str((line.get("error") or {}).get("code") or "")
             extra = {"batch_cancelled": "n_canceled", "batch_expired": "n_expired"}.get(code, "")
@@ -198,7 +215,8 @@ class Worker:
                 await self.on_done(bid)
         await _retry_redis(lambda: self._ack(eid), self)
 
-    async def _outcome(self, rec: dict[str, str], bid: str, cid: str, f: dict[str, Any]) -> tuple[bool, dict | None, int]:
+    async def _outcome(self, rec: dict[str, str], bid: str, cid: str, f: dict[str, Any],
+                       deliveries: int) -> tuple[bool, dict | None, int]:
         if rec.get("status") in FINAL:
             return False, None, 0  # the batch ended (e.g. cancelled while validating): nothing to record
         if rec.get("status") == "cancelling":
@@ -208,6 +226,9 @@ class Worker:
             return False, error_line(cid, "batch_expired", "This request could not be executed before the completion window expired."), 0
         if await self.store.has_result(bid, cid):
             return False, None, 0  # ran before a crash: the stored result stands
+        if deliveries > self.cfg.max_deliveries:
+            log.error("batch %s: line %s delivered %d times without an answer; not run again", bid, cid, deliveries)
+            return False, error_line(cid, "delivery_limit_reached", too_many_deliveries(deliveries, self.cfg.max_deliveries)), 0
         req = ExecRequest(_s(f["u"]), json.loads(f["body"]), _s(f.get("o", b"")) or None, bid, cid)
         self.running_lines += 1
         attrs = {"gateway.batch.id": bid, "gateway.batch.custom_id": cid, "gateway.batch.endpoint": req.endpoint}
@@ -263,6 +284,12 @@ async def _retry_redis(op: Callable[[], Awaitable[Any]], w: Worker) -> Any:
             log.warning("batch worker: redis unavailable (%s); retrying", type(e).__name__)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+
+def too_many_deliveries(deliveries: int, limit: int) -> str:
+    return (f"This request was not executed again: it was handed to a batch worker {deliveries} times and each stopped "
+            f"without an answer (the replica running it crashed or was stopped); the limit is "
+            f"GATEWAY_BATCH_MAX_DELIVERIES={limit}.")
 
 
 def _s(v: Any) -> str:

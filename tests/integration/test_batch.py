@@ -1,4 +1,6 @@
-"""Batch and Files APIs end to end with the official openai SDK, against real gateways, simulators and Redis."""
+"""Batch and Files APIs end to end with the official openai SDK, against real gateways, simulators and Redis.
+
+Tests taking `backend` run once with file contents in Redis and once in a directory (GATEWAY_BATCH_FILES_DIR)."""
 
 from __future__ import annotations
 
@@ -6,11 +8,13 @@ import asyncio
 import io
 import json
 import time
+from pathlib import Path
 
 import aiohttp
 import openai
 import pytest
 
+from gateway.http.batch_api import BATCH
 from gateway.tools import top
 from tests.conftest import REDIS_URL
 
@@ -49,18 +53,47 @@ async def lines_of(c: openai.AsyncOpenAI, fid: str | None) -> list[dict]:
     return [json.loads(ln) for ln in content.content.splitlines() if ln.strip()]
 
 
+@pytest.fixture(params=["redis", "dir"])
+def backend(request, tmp_path) -> dict:
+    """Gateway settings selecting one content store."""
+    return {} if request.param == "redis" else {"batch_files_dir": str(tmp_path / "files")}
+
+
 @pytest.fixture
-async def gw(redis_client, redis_prefix, sim_fleet, start_gateway):
+async def gw(redis_client, redis_prefix, sim_fleet, start_gateway, backend):
     """A gateway on the shared Redis (torn down before the test keys are deleted)."""
     return await start_gateway(sim_fleet.config(), redis_url=REDIS_URL, redis_prefix=redis_prefix,
-                               batch_claim_idle=2.0, batch_sweep_interval=0.5)
+                               batch_claim_idle=2.0, batch_sweep_interval=0.5, **backend)
 
 
-async def test_sdk_round_trip(gw):
+def content_dir(backend: dict, prefix: str) -> Path | None:
+    return Path(backend["batch_files_dir"]) / prefix if backend else None
+
+
+async def stored(backend: dict, redis_client, prefix: str, fid: str) -> bytes | None:
+    """A file's content as the backend holds it, read behind the gateway's back (None: not stored)."""
+    d = content_dir(backend, prefix)
+    if d is not None:
+        return (d / fid).read_bytes() if (d / fid).exists() else None
+    chunks = await redis_client.lrange(f"{prefix}:bf:{fid}:c", 0, -1)
+    return b"".join(chunks) if chunks else None
+
+
+async def leftovers(backend: dict, redis_client, prefix: str) -> list:
+    """Everything a file upload may leave in the backend: content keys/files and temporaries."""
+    d = content_dir(backend, prefix)
+    if d is not None:
+        return sorted(p.name for p in d.iterdir())
+    return [k async for k in redis_client.scan_iter(f"{prefix}:bf:*")]
+
+
+async def test_sdk_round_trip(gw, backend, redis_client, redis_prefix):
     c = client(gw.url)
     rows = [chat_line(i) for i in range(30)]
     f = await c.files.create(file=("in.jsonl", io.BytesIO(jsonl(rows))), purpose="batch")
     assert f.purpose == "batch" and f.bytes == len(jsonl(rows)) and f.filename == "in.jsonl"
+    assert await stored(backend, redis_client, redis_prefix, f.id) == jsonl(rows)  # in the configured backend
+    assert await gw.app[BATCH].files.content.size(f.id) == f.bytes
     assert (await c.files.retrieve(f.id)).id == f.id
     assert (await c.files.content(f.id)).content == jsonl(rows)
     b = await c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
@@ -78,6 +111,7 @@ async def test_sdk_round_trip(gw):
         assert o["response"]["request_id"]
     out_file = await c.files.retrieve(b.output_file_id)
     assert out_file.purpose == "batch_output"
+    assert len(await stored(backend, redis_client, redis_prefix, b.output_file_id) or b"") == out_file.bytes > 0
     async with aiohttp.ClientSession() as s, s.get(gw.url + "/metrics") as r:
         metrics = await r.text()
     assert 'gateway_batch_lines_total{outcome="completed"} 30' in metrics, [m for m in metrics.splitlines() if "batch" in m]
@@ -85,14 +119,17 @@ async def test_sdk_round_trip(gw):
     assert deleted.deleted and deleted.id == f.id
     with pytest.raises(openai.NotFoundError):
         await c.files.retrieve(f.id)
+    with pytest.raises(openai.NotFoundError):
+        await c.files.content(f.id)
+    assert await stored(backend, redis_client, redis_prefix, f.id) is None  # the content went with it
 
 
 async def upload(c: openai.AsyncOpenAI, data: bytes, name: str = "in.jsonl") -> str:
     return (await c.files.create(file=(name, io.BytesIO(data)), purpose="batch")).id
 
 
-async def test_cancel_lets_running_lines_finish(redis_client, redis_prefix, sim_fleet, start_gateway):
-    gw = await start_gateway(sim_fleet.config(), redis_url=REDIS_URL, redis_prefix=redis_prefix, batch_workers=2)
+async def test_cancel_lets_running_lines_finish(redis_client, redis_prefix, sim_fleet, start_gateway, backend):
+    gw = await start_gateway(sim_fleet.config(), redis_url=REDIS_URL, redis_prefix=redis_prefix, batch_workers=2, **backend)
     c = client(gw.url)
     rows = [chat_line(i, max_tokens=60) for i in range(40)]
     b = await c.batches.create(input_file_id=await upload(c, jsonl(rows)), endpoint="/v1/chat/completions", completion_window="24h")
@@ -198,9 +235,9 @@ async def test_unknown_model_and_oversize_body_fail_only_their_line(redis_client
     assert [o["custom_id"] for o in await lines_of(c, b.output_file_id)] == ["req-0"]
 
 
-async def test_file_limits(redis_client, redis_prefix, sim_fleet, start_gateway):
+async def test_file_limits(redis_client, redis_prefix, sim_fleet, start_gateway, backend):
     gw = await start_gateway(sim_fleet.config(), redis_url=REDIS_URL, redis_prefix=redis_prefix,
-                             batch_max_file_bytes=10_000, batch_max_lines=5)
+                             batch_max_file_bytes=10_000, batch_max_lines=5, **backend)
     c = client(gw.url)
     with pytest.raises(openai.APIStatusError) as ei:
         await upload(c, b"x" * 20_000)
@@ -209,12 +246,13 @@ async def test_file_limits(redis_client, redis_prefix, sim_fleet, start_gateway)
         await upload(c, jsonl([chat_line(i) for i in range(6)]))
     assert ei.value.body["code"] == "too_many_requests"
     assert [f async for f in c.files.list()] == []  # nothing half-stored
+    assert await leftovers(backend, redis_client, redis_prefix) == []
 
 
-async def test_objects_belong_to_their_key(redis_client, redis_prefix, sim_fleet, start_gateway):
+async def test_objects_belong_to_their_key(redis_client, redis_prefix, sim_fleet, start_gateway, backend):
     admin = "adm_batch_test_key_1"
     gw = await start_gateway(sim_fleet.config(), redis_url=REDIS_URL, redis_prefix=redis_prefix,
-                             require_api_key=True, admin_key=admin)
+                             require_api_key=True, admin_key=admin, **backend)
     keys = []
     async with aiohttp.ClientSession() as s:
         for name in ("alice", "bob"):
@@ -239,8 +277,8 @@ async def test_objects_belong_to_their_key(redis_client, redis_prefix, sim_fleet
     assert len(await lines_of(alice, done.output_file_id)) == 2
 
 
-async def test_ten_thousand_lines_upload_and_validate_fast(redis_client, redis_prefix, sim_fleet, start_gateway):
-    gw = await start_gateway(sim_fleet.config(), redis_url=REDIS_URL, redis_prefix=redis_prefix, batch_workers=0)
+async def test_ten_thousand_lines_upload_and_validate_fast(redis_client, redis_prefix, sim_fleet, start_gateway, backend):
+    gw = await start_gateway(sim_fleet.config(), redis_url=REDIS_URL, redis_prefix=redis_prefix, batch_workers=0, **backend)
     c = client(gw.url)
     data = jsonl([chat_line(i) for i in range(10_000)])
     t0 = time.monotonic()
@@ -254,9 +292,12 @@ async def test_ten_thousand_lines_upload_and_validate_fast(redis_client, redis_p
     assert b.status == "in_progress" and b.request_counts.total == 10_000
     assert elapsed < 10, f"upload + validation took {elapsed:.1f}s"
     assert await redis_client.xlen(f"{redis_prefix}:bq") == 10_000
-    chunks = await redis_client.lrange(f"{redis_prefix}:bf:{fid}:c", 0, -1)
-    assert len(chunks) >= 2 and max(map(len, chunks)) < 2 * 1024 * 1024  # stored in bounded chunks of whole lines
-    assert b"".join(chunks) == data
+    assert await stored(backend, redis_client, redis_prefix, fid) == data
+    if not backend:
+        chunks = await redis_client.lrange(f"{redis_prefix}:bf:{fid}:c", 0, -1)
+        assert len(chunks) >= 2 and max(map(len, chunks)) < 2 * 1024 * 1024  # stored in bounded chunks of whole lines
+    else:  # the 1 MiB reads of the directory store cut lines: validation found all 10,000 whole all the same
+        assert len(data) > 1 << 20 and await leftovers(backend, redis_client, redis_prefix) == [fid]
 
 
 async def test_lines_left_at_the_completion_window_expire(redis_client, redis_prefix, sim_fleet, start_gateway):
@@ -293,15 +334,15 @@ async def test_a_span_per_line_parents_the_request_span(redis_client, redis_pref
     assert {s["trace_id"] for s in served} == {s["trace_id"] for s in lines}
 
 
-async def test_uploads_are_not_bound_by_the_request_body_limit(redis_client, redis_prefix, sim_fleet, start_gateway):
-    gw = await start_gateway(sim_fleet.config(), redis_url=REDIS_URL, redis_prefix=redis_prefix, max_body_bytes=50_000)
+async def test_uploads_are_not_bound_by_the_request_body_limit(redis_client, redis_prefix, sim_fleet, start_gateway, backend):
+    gw = await start_gateway(sim_fleet.config(), redis_url=REDIS_URL, redis_prefix=redis_prefix, max_body_bytes=50_000, **backend)
     c = client(gw.url)
     data = jsonl([chat_line(i) for i in range(3000)])  # ~500 kB: ten times the JSON body limit
     f = await c.files.create(file=("big.jsonl", io.BytesIO(data)), purpose="batch")
     assert f.bytes == len(data) and (await c.files.content(f.id)).content == data
 
 
-async def test_malformed_uploads_get_openai_errors(gw, redis_client, redis_prefix):
+async def test_malformed_uploads_get_openai_errors(gw, redis_client, redis_prefix, backend):
     mp = {"Content-Type": "multipart/form-data; boundary=xx"}
     purpose = b'--xx\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
     file_part = b'--xx\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n{}\n'
@@ -319,11 +360,11 @@ async def test_malformed_uploads_get_openai_errors(gw, redis_client, redis_prefi
                 err = (await r.json())["error"]
                 assert r.status == 400 and err["code"] == code and err["type"] == "invalid_request_error", (body, err)
     assert [k async for k in redis_client.scan_iter(f"{redis_prefix}:bf:*")] == []  # nothing half-stored
+    assert await leftovers(backend, redis_client, redis_prefix) == []
 
 
 async def test_consumers_of_long_gone_replicas_are_pruned(gw, redis_client, redis_prefix):
     from gateway.batch.keys import GROUP
-    from gateway.http.batch_api import BATCH
 
     worker = gw.app[BATCH].worker
     queue = f"{redis_prefix}:bq"
@@ -368,3 +409,40 @@ async def test_cancel_while_validating(gw, redis_client, redis_prefix):
     assert b.status == "cancelled" and b.output_file_id is None and b.request_counts.completed == 0
     ttl = await redis_client.ttl(f"{redis_prefix}:bb:{b.id}:res")
     assert ttl == -2 or ttl > 0  # absent or expiring with the batch, never kept forever
+
+
+async def test_retention_removes_files_and_their_contents(redis_client, redis_prefix, sim_fleet, start_gateway, backend):
+    gw = await start_gateway(sim_fleet.config(), redis_url=REDIS_URL, redis_prefix=redis_prefix, batch_retention=3,
+                             batch_sweep_interval=0.5, batch_files_sweep_interval=0.2, **backend)
+    c = client(gw.url)
+    fid = await upload(c, jsonl([chat_line(0), chat_line(1)]))
+    b = await c.batches.create(input_file_id=fid, endpoint="/v1/chat/completions", completion_window="24h")
+    b, _ = await wait_final(c, b.id)
+    assert b.status == "completed"
+    ids = [fid, b.output_file_id]
+    assert all([await stored(backend, redis_client, redis_prefix, x) for x in ids])
+    deadline = time.monotonic() + 20
+    while [x for x in ids if await stored(backend, redis_client, redis_prefix, x) is not None]:
+        assert time.monotonic() < deadline, f"contents still stored: {await leftovers(backend, redis_client, redis_prefix)}"
+        await asyncio.sleep(0.2)
+    for x in ids:
+        with pytest.raises(openai.NotFoundError):
+            await c.files.retrieve(x)
+    assert [f async for f in c.files.list()] == [] and await leftovers(backend, redis_client, redis_prefix) == []
+
+
+async def test_replicas_share_one_files_directory(redis_client, redis_prefix, sim_fleet, start_gateway, tmp_path):
+    shared = {"redis_url": REDIS_URL, "redis_prefix": redis_prefix, "batch_files_dir": str(tmp_path / "shared")}
+    api = await start_gateway(sim_fleet.config(), batch_workers=0, **shared)
+    runner = await start_gateway(sim_fleet.config(), batch_sweep_interval=0.5, **shared)
+    ca, cr = client(api.url), client(runner.url)
+    data = jsonl([chat_line(i) for i in range(20)])
+    fid = await upload(ca, data)
+    assert (await cr.files.content(fid)).content == data
+    b = await cr.batches.create(input_file_id=fid, endpoint="/v1/chat/completions", completion_window="24h")
+    done, _ = await wait_final(ca, b.id)
+    assert done.status == "completed" and len(await lines_of(ca, done.output_file_id)) == 20  # written by the runner
+    await ca.files.delete(done.output_file_id)
+    with pytest.raises(openai.NotFoundError):
+        await cr.files.content(done.output_file_id)
+    assert sorted(p.name for p in (tmp_path / "shared" / redis_prefix).iterdir()) == [fid]

@@ -12,9 +12,11 @@ import pytest
 from tests.conftest import REDIS_URL
 
 
-@pytest.fixture
-async def gw(redis_client, redis_prefix, sim_fleet, start_gateway):
-    return await start_gateway(sim_fleet.config(), redis_url=REDIS_URL, redis_prefix=redis_prefix)
+@pytest.fixture(params=["redis", "dir"])
+async def gw(request, redis_client, redis_prefix, sim_fleet, start_gateway, tmp_path):
+    """Run once with file contents in Redis, once in a directory (the request list is stored as an input file)."""
+    files = {"batch_files_dir": str(tmp_path / "files")} if request.param == "dir" else {}
+    return await start_gateway(sim_fleet.config(), redis_url=REDIS_URL, redis_prefix=redis_prefix, **files)
 
 
 def req(i: int, model: str = "fleet-model", max_tokens: int = 6) -> dict:

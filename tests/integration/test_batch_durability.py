@@ -1,5 +1,5 @@
 """Batches survive a replica killed with SIGKILL mid-batch and a Redis restart mid-batch: every custom_id ends up
-exactly once across the output and error files."""
+exactly once across the output and error files. A line whose replica dies again and again is not retried forever."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ from typing import IO
 
 import aiohttp
 import openai
+import pytest
 import yaml
 
-from tests.conftest import free_port
+from gateway.batch.keys import GROUP
+from tests.conftest import REDIS_URL, free_port
 from tests.integration.test_batch import chat_line, client, jsonl, lines_of, upload, wait_final
 from tests.redis_server import RedisServer
 
@@ -27,13 +29,14 @@ def _log_file(path: Path) -> IO[bytes]:
     return path.open("wb")
 
 
-async def start_replica(tmp: Path, fleet: dict, redis_url: str, prefix: str, name: str) -> tuple[asyncio.subprocess.Process, str]:
+async def start_replica(tmp: Path, fleet: dict, redis_url: str, prefix: str, name: str,
+                        extra_env: dict[str, str] | None = None) -> tuple[asyncio.subprocess.Process, str]:
     cfg = tmp / "fleet.yaml"
     cfg.write_text(yaml.safe_dump(fleet, sort_keys=False))
     port = free_port()
     env = {**os.environ, "GATEWAY_REDIS_URL": redis_url, "GATEWAY_REDIS_PREFIX": prefix, "GATEWAY_REPLICA_ID": name,
            "GATEWAY_BATCH_CLAIM_IDLE": "2", "GATEWAY_BATCH_SWEEP_INTERVAL": "0.5", "GATEWAY_BATCH_WORKERS": "4",
-           "GATEWAY_SHUTDOWN_GRACE": "1", "GATEWAY_LOG_LEVEL": "WARNING"}
+           "GATEWAY_SHUTDOWN_GRACE": "1", "GATEWAY_LOG_LEVEL": "WARNING", **(extra_env or {})}
     with _log_file(tmp / f"{name}.log") as log:  # the child keeps its own copy of the descriptor
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port", str(port), "--config", str(cfg), "--workers", "1",
@@ -59,7 +62,11 @@ def exactly_once(out: list[dict], err: list[dict]) -> None:
     assert sorted(ids) == sorted(f"req-{i}" for i in range(N_LINES)), f"{len(ids)} results, {len(set(ids))} distinct"
 
 
-async def test_kill_9_of_one_replica_mid_batch(sim_fleet, tmp_path):
+@pytest.mark.parametrize("files", ["redis", "dir"])
+async def test_kill_9_of_one_replica_mid_batch(sim_fleet, tmp_path, files):
+    """With "dir" both replicas share one files directory: the input B uploaded is read by A, which builds the
+    output files after B died."""
+    env = {"GATEWAY_BATCH_FILES_DIR": str(tmp_path / "files")} if files == "dir" else {}
     redis = RedisServer()
     await redis.start()
     prefix = f"gwtest-{uuid.uuid4().hex[:8]}"
@@ -67,7 +74,7 @@ async def test_kill_9_of_one_replica_mid_batch(sim_fleet, tmp_path):
     procs = []
     try:
         for name in ("rep-a", "rep-b"):
-            procs.append(await start_replica(tmp_path, fleet, redis.url, prefix, name))
+            procs.append(await start_replica(tmp_path, fleet, redis.url, prefix, name, env))
         (_, url_a), (proc_b, url_b) = procs
         c = client(url_b)
         rows = [chat_line(i, max_tokens=40) for i in range(N_LINES)]
@@ -87,6 +94,9 @@ async def test_kill_9_of_one_replica_mid_batch(sim_fleet, tmp_path):
         exactly_once(out, err)
         assert done.request_counts.completed == len(out) == N_LINES and not err
         assert "reclaimed" in (tmp_path / "rep-a.log").read_text()  # A took over the lines B was running
+        if env:
+            names = {p.name for p in (tmp_path / "files" / prefix).iterdir()}
+            assert done.output_file_id in names and not [n for n in names if n.endswith(".part")]
     finally:
         for p, _ in procs:
             if p.returncode is None:
@@ -132,3 +142,40 @@ async def _wait_final_through_outage(c: openai.AsyncOpenAI, bid: str):
         except openai.APIStatusError:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.5)
+
+
+@pytest.mark.parametrize("limit", [2, 3])
+async def test_a_line_whose_replicas_keep_dying_goes_to_the_error_file(limit, redis_client, redis_prefix, sim_fleet,
+                                                                       start_gateway):
+    """req-0 is delivered to two replicas that die running it (consumers that claim and never ack); the worker's
+    reclaim is its third delivery: past a limit of 2 it is answered in the error file, with 3 it runs."""
+    api = await start_gateway(sim_fleet.config(), redis_url=REDIS_URL, redis_prefix=redis_prefix, batch_workers=0)
+    c = client(api.url)
+    b = await c.batches.create(input_file_id=await upload(c, jsonl([chat_line(i) for i in range(3)])),
+                               endpoint="/v1/chat/completions", completion_window="24h")
+    deadline = time.monotonic() + 30
+    while (await c.batches.retrieve(b.id)).status == "validating":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    queue = f"{redis_prefix}:bq"
+    [[_, [(eid, fields)]]] = await redis_client.xreadgroup(GROUP, "dead-1", {queue: ">"}, count=1)
+    assert fields[b"c"] == b"req-0"
+    await asyncio.sleep(0.2)
+    _, claimed, *_ = await redis_client.xautoclaim(queue, GROUP, "dead-2", 100, "0-0", count=10)
+    assert [e for e, _ in claimed] == [eid]
+    [pending] = await redis_client.xpending_range(queue, GROUP, min=eid, max=eid, count=1)
+    assert pending["times_delivered"] == 2 and pending["consumer"] == b"dead-2"
+    await start_gateway(sim_fleet.config(), redis_url=REDIS_URL, redis_prefix=redis_prefix, batch_workers=2,
+                        batch_claim_idle=0.5, batch_sweep_interval=0.5, batch_max_deliveries=limit)
+    done, _ = await wait_final(c, b.id)
+    assert done.status == "completed", done
+    out, err = await lines_of(c, done.output_file_id), await lines_of(c, done.error_file_id)
+    assert (await redis_client.xpending(queue, GROUP))["pending"] == 0  # acknowledged, never reclaimed again
+    if limit == 3:
+        assert sorted(o["custom_id"] for o in out) == ["req-0", "req-1", "req-2"] and not err
+        return
+    assert sorted(o["custom_id"] for o in out) == ["req-1", "req-2"]
+    [e] = err
+    assert e["custom_id"] == "req-0" and e["response"] is None and e["error"]["code"] == "delivery_limit_reached"
+    assert "3 times" in e["error"]["message"] and "GATEWAY_BATCH_MAX_DELIVERIES=2" in e["error"]["message"]
+    assert (done.request_counts.completed, done.request_counts.failed) == (2, 1)
