@@ -22,6 +22,13 @@ class Pool:
     rr: int = 0  # round-robin cursor
     lengths: OutputLengths = field(default_factory=OutputLengths)  # observed output lengths (expected output)
 
+    def strategy_for(self, service_class: str) -> str:
+        """The routing strategy of one class's requests: the class's `prefer` (each preference is the strategy
+        of the same name: throughput, cost) when set, else the pool's. Lets batch work flow to the cheapest
+        tokens while interactive work keeps the pool's marginal-gain choice."""
+        cls = self.cfg.classes.get(service_class)
+        return cls.prefer if cls is not None and cls.prefer is not None else self.strategy
+
 
 class Fleet:
     def __init__(self, config: FleetConfig, default_strategy: str) -> None:
