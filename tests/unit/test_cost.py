@@ -262,3 +262,45 @@ def test_class_prefer_in_fleet_yaml():
     raw["models"]["m"]["classes"]["batch"]["prefer"] = "cheapest"
     with pytest.raises(ValidationError, match="prefer"):
         FleetConfig.model_validate(raw)
+
+
+# ---- cost per service class ------------------------------------------------------------------------------------
+def test_class_cost_live_window_and_totals():
+    from gateway.state.class_cost import ClassCost
+
+    now = [1000.0]
+    cc = ClassCost(window_s=60, clock=lambda: now[0])
+    assert cc.view() == {}
+    cc.add("m", "batch", 300, 100)  # 3 $/1M
+    cc.add("m", "interactive", 0, 0)  # charged nothing yet, no output: no $/1M
+    now[0] += 30
+    cc.add("m", "batch", 100, 100)  # 1 $/1M
+    v = cc.view()["m"]
+    assert v["batch"]["usd_per_1m_output"] == 2.0 and v["batch"]["window_output_tokens"] == 200
+    assert v["batch"]["spend_micros"] == 400 and v["batch"]["spend_usd"] == pytest.approx(4e-4)
+    assert v["batch"]["requests"] == 2
+    assert v["interactive"]["usd_per_1m_output"] is None
+    now[0] += 45  # the first charge left the 60 s window; totals keep it
+    v = cc.view()["m"]["batch"]
+    assert v["usd_per_1m_output"] == 1.0 and v["window_spend_usd"] == pytest.approx(1e-4)
+    assert v["usd_per_1m_output_total"] == 2.0 and v["output_tokens"] == 200
+    now[0] += 60
+    assert cc.view()["m"]["batch"]["usd_per_1m_output"] is None  # idle: no live figure, totals stay
+    assert len(cc._recent[("m", "batch")]) == 0  # buckets are pruned: bounded by the window
+
+
+def test_charge_request_books_the_class_at_its_rates():
+    """spend.charge_request: batch pays the batch rate; both classes land in their pool's class book under the
+    pool's name (an alias resolves), and a refund (no tokens) books nothing."""
+    from gateway.spend import SpendLedger, charge_request
+
+    cfg: FleetConfig = reference_fleet(DEMO_PORTS)
+    fleet = Fleet(cfg, "throughput")
+    ledger = SpendLedger(None, "p", "r")
+    t = cost.Tokens(1000, 0, 500)
+    assert charge_request(fleet, ledger, None, 0, "gpt-4o-mini", "hosted", t, service_class="batch") == 75 + 150
+    assert charge_request(fleet, ledger, None, 0, "fleet-model", "hosted", t, service_class="interactive") == 150 + 300
+    assert charge_request(fleet, ledger, None, 0, "fleet-model", None, cost.Tokens(), service_class="batch") == 0
+    v = fleet.cost_view()["classes"]["fleet-model"]
+    assert (v["batch"]["spend_micros"], v["batch"]["requests"], v["batch"]["usd_per_1m_output"]) == (225, 1, 0.45)
+    assert (v["interactive"]["spend_micros"], v["interactive"]["usd_per_1m_output"]) == (450, 0.9)
