@@ -304,3 +304,22 @@ def test_charge_request_books_the_class_at_its_rates():
     v = fleet.cost_view()["classes"]["fleet-model"]
     assert (v["batch"]["spend_micros"], v["batch"]["requests"], v["batch"]["usd_per_1m_output"]) == (225, 1, 0.45)
     assert (v["interactive"]["spend_micros"], v["interactive"]["usd_per_1m_output"]) == (450, 0.9)
+
+
+def test_class_cost_bench_prices_each_request_where_it_was_served():
+    from gateway.sim.reference import REFERENCE_SIMS
+    from gateway.tools.scenarios.classes import Rec
+    from gateway.tools.scenarios.cost import class_cost_fleet, class_usd_per_1m
+
+    recs = [Rec("batch", 0.0, 0.1, 5.0, 100, True, "hosted"), Rec("batch", 0.0, 0.1, 6.0, 100, True, "fast-gpu"),
+            Rec("batch", 0.0, 0.1, 99.0, 100, True, "fast-gpu"),  # ended after the window: not counted
+            Rec("interactive", 0.0, 0.1, 5.0, 10, True, "slow-gpu")]
+    b = class_usd_per_1m(recs, "batch", 200, 2.0, 30.0)
+    # hosted at its batch rates (0.075 in, 0.3 out), fast-gpu at 1 in, 4 out; whole micro-dollars per request
+    assert b["output_tokens"] == 200 and b["usd"] == pytest.approx((round(15 + 30) + (200 + 400)) / 1e6)
+    assert b["usd_per_1m_output"] == pytest.approx(645 / 200) and b["tokens_by_upstream"] == {"fast-gpu": 100, "hosted": 100}
+    assert class_usd_per_1m(recs, "interactive", 200, 2.0, 30.0)["usd_per_1m_output"] == pytest.approx(23 / 10)
+    cfg = FleetConfig.model_validate(class_cost_fleet(DEMO_PORTS, REFERENCE_SIMS, "cost"))
+    batch = cfg.models["fleet-model"].classes["batch"]
+    assert batch.prefer == "cost" and batch.priority == 10 and batch.max_wait_s == 300.0  # built-in batch kept
+    assert cfg.upstreams["slow-gpu"].price is not None and cfg.upstreams["slow-gpu"].price.output_per_1m == 0.3

@@ -42,6 +42,7 @@ class Rec:
     end: float
     tokens: int
     ok: bool
+    upstream: str = ""  # x-gateway-upstream: who served it (the `class_cost` scenario prices it there)
 
     def met(self) -> bool:
         if not self.ok or self.first is None:
@@ -69,8 +70,10 @@ async def _one(session: aiohttp.ClientSession, url: str, body: bytes, cls: str, 
     first = None
     n = 0
     ok = False
+    upstream = ""
     try:
         async with session.post(url, data=body, headers={"Content-Type": "application/json", "X-Gateway-Class": cls}) as r:
+            upstream = r.headers.get("x-gateway-upstream", "")
             if r.status == 200:
                 async for line in r.content:
                     if line.startswith(b'data: {"error"'):
@@ -87,7 +90,7 @@ async def _one(session: aiohttp.ClientSession, url: str, body: bytes, cls: str, 
                 await r.read()
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
         pass
-    load.recs.append(Rec(cls, t0 - origin, None if first is None else first - origin, time.monotonic() - origin, n, ok))
+    load.recs.append(Rec(cls, t0 - origin, None if first is None else first - origin, time.monotonic() - origin, n, ok, upstream))
 
 
 async def _drive(url: str, rate: float, batch_workers: int, phase: float, seed: int, surge: bool = True) -> Load:
