@@ -14,6 +14,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from gateway.upstream import provider_kinds
 
 UpstreamKind = Literal["gpu", "hosted"]
+#: What a pool (`prefer` on a model) or one of its service classes (`prefer` on a class) optimises when choosing among
+#: the upstreams that may take a request: aggregate tok/s, or USD per token (the router's `cost` strategy).
+Preference = Literal["throughput", "cost"]
 
 
 def _known_provider(v: str) -> str:
@@ -176,6 +179,10 @@ class ServiceClass(BaseModel):
     aging_s: float = Field(5.0, gt=0)
     #: How long a request of this class may wait in the gateway queue at most (None: GATEWAY_QUEUE_TIMEOUT).
     max_wait_s: float | None = Field(None, gt=0)
+    #: How this class chooses among the upstreams that meet its admission: `cost` = the cheapest USD per token
+    #: (batch work flows to the cheapest tokens), `throughput` = the largest marginal tok/s gain; None = the
+    #: pool's strategy. Admission (the class's targets, the guards that protect interactive room) is unchanged.
+    prefer: Preference | None = None
 
 
 def default_classes() -> dict[str, ServiceClass]:
@@ -201,7 +208,7 @@ class ModelConfig(BaseModel):
     affinity: bool = True
 
     #: `cost`: among upstreams with a free slot, the cheapest $/token (ties by throughput gain).
-    prefer: Literal["throughput", "cost"] | None = None
+    prefer: Preference | None = None
 
     @model_validator(mode="after")
     def _classes(self) -> ModelConfig:

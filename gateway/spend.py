@@ -43,6 +43,7 @@ from gateway.context import RequestContext
 from gateway.cost import Tokens, usd
 from gateway.errors import GatewayError
 from gateway.periodic import Periodic
+from gateway.routing.classes import BATCH
 from gateway.state.fleet import Fleet
 
 log = logging.getLogger("gateway.spend")
@@ -319,18 +320,22 @@ def _row(v: dict[str, int]) -> dict:
 
 def charge_request(
     fleet: Fleet, ledger: SpendLedger, key_id: str | None, reserved: int, model: str, upstream: str | None,
-    tokens: Tokens, *, batch: bool = False,
+    tokens: Tokens, *, service_class: str = "",
 ) -> int:
     """Price one finished client request on the upstream that answered it and book it (micro-dollars).
 
     A request that never reached an upstream (or whose attempts all failed) has no tokens: it costs nothing and
     its budget reservation is released: the refund. Independent of the request object, so any caller that knows
-    the serving upstream and its usage can charge (e.g. a `request_end` hook)."""
+    the serving upstream and its usage can charge (e.g. a `request_end` hook). The batch class pays batch rates;
+    a charged request is also booked to its pool's class (state/class_cost.py)."""
     micros = 0
     u = fleet.upstreams.get(upstream) if upstream else None
+    charged = False
     if u is not None and (tokens.input_tokens or tokens.output_tokens):
-        micros = u.charge(tokens, batch)
+        micros, charged = u.charge(tokens, service_class == BATCH), True
     pool = fleet.pool(model)
+    if charged and pool is not None and service_class in pool.cfg.classes:
+        fleet.class_cost.add(pool.model, service_class, micros, tokens.output_tokens)
     ledger.charge(key_id, reserved, micros, pool.model if pool else model, upstream if u else None,
                   (tokens.input_tokens, tokens.output_tokens))
     return micros
@@ -350,4 +355,4 @@ class CostQuote:
         if u is None or u.cfg.price is None or not (us.output_tokens or us.input_tokens):
             return
         tokens = Tokens(us.input_tokens if us.input_tokens is not None else ctx.est.prompt_tokens, us.cached_tokens, us.output_tokens)
-        ctx.extras["cost_usd"] = usd(u.quote(tokens, ctx.service_class == "batch"))
+        ctx.extras["cost_usd"] = usd(u.quote(tokens, ctx.service_class == BATCH))

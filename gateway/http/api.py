@@ -124,7 +124,7 @@ def _charge(proxy: Proxy, ledger: SpendLedger, key_id: str | None, reserved: int
     u = ctx.usage
     billed_input = u.input_tokens if u.input_tokens is not None else (ctx.est.prompt_tokens if u.output_tokens else 0)
     charge_request(proxy.fleet, ledger, key_id, reserved, ctx.model, ctx.upstream,
-                   Tokens(billed_input, u.cached_tokens, u.output_tokens), batch=ctx.service_class == "batch")
+                   Tokens(billed_input, u.cached_tokens, u.output_tokens), service_class=ctx.service_class)
 
 
 def _context(request: web.Request, operation: str, body: dict, dialect: str = "openai") -> RequestContext:

@@ -552,8 +552,8 @@ class Telemetry:
         return generate_latest(registry).decode()
 
     def cost_text(self, snapshot: Mapping[str, Any], key_spend: Iterable[tuple[str, str, float, float]]) -> str:
-        """Cost gauges: $/1M output tokens per upstream, pool and fleet; spend per gateway key (id, name, today,
-        this month, as this replica knows it). Rendered apart from prometheus_text: key spend is admin data the
+        """Cost gauges: $/1M output tokens per upstream, pool, fleet and service class (with each class's spend);
+        spend per gateway key (id, name, today, this month, as this replica knows it). Rendered apart from prometheus_text: key spend is admin data the
         fleet snapshot does not carry."""
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_CostCollector(snapshot, list(key_spend)))
@@ -778,6 +778,29 @@ def _slo_families(slo: Mapping[str, Any]) -> Iterator[Metric]:
             yield fam
 
 
+def _class_cost_families(classes: Any) -> Iterator[Metric]:
+    """Per pool and service class (state/class_cost.py, this replica's requests): live USD per 1M output tokens
+    over the class-cost window, and the spend and output tokens charged since start as counters, so that
+    sum(rate(spend)) / sum(rate(tokens)) * 1e6 is the fleet's $/1M per class over any range."""
+    labels = ["model", "service_class"]
+    live = GaugeMetricFamily("gateway_class_cost_usd_per_1m_output_tokens",
+                             "USD per 1M output tokens charged to a service class's requests (recent window).", labels=labels)
+    spend = Metric("gateway_class_spend_usd", "USD charged to a service class's requests since start.", "counter")
+    tokens = Metric("gateway_class_charged_output_tokens", "Output tokens charged to a service class since start.", "counter")
+    for model, by_class in (classes.items() if isinstance(classes, Mapping) else ()):
+        for cls, f in (by_class.items() if isinstance(by_class, Mapping) else ()):
+            if not isinstance(f, Mapping):
+                continue
+            if (v := _num(f.get("usd_per_1m_output"))) is not None:
+                live.add_metric([str(model), str(cls)], v)
+            lab = {"model": str(model), "service_class": str(cls)}
+            if (v := _num(f.get("spend_usd"))) is not None:
+                spend.add_sample("gateway_class_spend_usd_total", lab, v)
+            if (v := _num(f.get("output_tokens"))) is not None:
+                tokens.add_sample("gateway_class_charged_output_tokens_total", lab, v)
+    yield from (live, spend, tokens)
+
+
 class _CostCollector:
     def __init__(self, snap: Mapping[str, Any], key_spend: list[tuple[str, str, float, float]]) -> None:
         self._snap = snap
@@ -796,6 +819,7 @@ class _CostCollector:
         if (v := _num(c.get("fleet_usd_per_1m_output"))) is not None:
             per_1m.add_metric(["fleet", "fleet"], v)
         yield per_1m
+        yield from _class_cost_families(c.get("classes"))
         spend = GaugeMetricFamily("gateway_key_spend_usd", "Spend of a gateway API key in the current UTC day / month.",
                                   labels=["key_id", "key_name", "period"])
         for kid, name, today, month in self._spend:

@@ -9,7 +9,8 @@ Interactive admission. All sequences on a server share t(n), so a floor f holds 
 the server's *total* load n satisfies t(n) <= 1/f, i.e. n <= n_f = (1/f - a)/b. An interactive request may go to an
 upstream only if, counting itself, the load stays within n_f (split across replicas like every other limit) and its
 predicted TTFT (the fitted TTFT for its prompt size) meets the target. A hosted API qualifies while its measured
-per-request speed and TTFT meet the targets. Among qualifying upstreams the strategy (marginal gain) picks.
+per-request speed and TTFT meet the targets. Among qualifying upstreams the class's strategy picks: its `prefer`
+(cost: the cheapest USD per token; throughput: the marginal gain), else the pool's (Pool.strategy_for).
 
 Batch admission. Batch requests fill the remaining capacity up to the throughput-optimal point (max_concurrency, the
 knee; rate limits), with two guards: (1) never onto a server where interactive requests are running if that pushes

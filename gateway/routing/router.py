@@ -25,7 +25,7 @@ from gateway.errors import GatewayError
 from gateway.reliability.outlier import OutlierDetector
 from gateway.routing import candidates
 from gateway.routing.affinity import Affinity
-from gateway.routing.classes import ClassPolicy
+from gateway.routing.classes import BATCH, ClassPolicy
 from gateway.state.fleet import Fleet, Pool
 from gateway.state.stats import KV_FILL, KV_RISK_FROM, UpstreamStats
 
@@ -137,7 +137,9 @@ class Router:
         that meets them) but never the hard limits: slots, rate limits, health.
         """
         now = time.time()
-        if candidates.sampled(pool, self.sample_above):  # large pool: a constant number of candidates
+        # Large pool: a constant number of candidates, ranked by throughput; a class that prefers another
+        # objective (cost) scores the whole pool, or the cheapest upstream could be outside the sample.
+        if candidates.sampled(pool, self.sample_above) and pool.strategy_for(ctx.service_class) == "throughput":
             few = self._admitted(pool, self._scan(self._index(pool).candidates(), ctx.est, exclude, now).cands, ctx, best_effort)
             if few:
                 return self._choose(pool, few, ctx)
@@ -161,7 +163,8 @@ class Router:
         return cands if best_effort else self.classes.admit(pool, cands, ctx)
 
     def _choose(self, pool: Pool, cands: list[UpstreamStats], ctx: RequestContext) -> Decision:
-        return STRATEGIES[pool.strategy](pool, cands, ctx, self.health.success_probability)
+        """The class's strategy (its `prefer`, else the pool's) among the upstreams its admission left."""
+        return STRATEGIES[pool.strategy_for(ctx.service_class)](pool, cands, ctx, self.health.success_probability)
 
     def _scan(self, ups: list[UpstreamStats], est: Estimate, exclude: frozenset[str], now: float) -> _Scan:
         """The upstreams that can take the request now, and why the others cannot."""
@@ -425,25 +428,27 @@ def _lowest_latency(pool: Pool, cands: list[UpstreamStats], ctx: RequestContext,
     return Decision(u, "lowest_latency", f"lowest predicted latency {scores[u.name]:.2f}s", scores)
 
 
-def expected_usd_per_1m(u: UpstreamStats, est: Estimate) -> float:
+def expected_usd_per_1m(u: UpstreamStats, est: Estimate, batch: bool = False) -> float:
     """What this request adds to the bill per output token (USD per 1M, input included), at the margin.
 
     Per-token prices: the request's own price over its expected output. An hourly server is paid for whether it
     runs or idles, so a request there adds tokens but no spend: 0 at the margin (and it lowers that server's
     average $/token, cost.gpu_usd_per_1m). Filling paid-for servers first is what lowers the fleet's $/1M; the
-    router only offers servers with a free slot, so this never pushes one past max_concurrency. No price: 0."""
+    router only offers servers with a free slot, so this never pushes one past max_concurrency. No price: 0.
+    `batch`: priced at the provider's batch rates, which is what a batch-class request is charged (spend.py)."""
     p = u.cfg.price
     if p is None or not p.per_token:
         return 0.0
     m = max(1, est.output_tokens)
-    return cost.request_cost_micros(p, cost.Tokens(est.prompt_tokens, 0, m)) / m
+    return cost.request_cost_micros(p, cost.Tokens(est.prompt_tokens, 0, m), batch=batch) / m
 
 
 def _cost(pool: Pool, cands: list[UpstreamStats], ctx: RequestContext, odds: SuccessOdds) -> Decision:
     """Cheapest USD per token among the candidates (all have a free slot); ties (e.g. the paid-for hourly
     servers) by throughput gain, so among them the request still goes where it adds the most tok/s."""
     est = ctx.est
-    scores = {u.name: expected_usd_per_1m(u, est) for u in cands}
+    batch = ctx.service_class == BATCH
+    scores = {u.name: expected_usd_per_1m(u, est, batch) for u in cands}
     best = min(cands, key=lambda u: (round(scores[u.name], 9), -throughput_gain(u, est) * u.weight))
     return Decision(best, "cost", f"cheapest ${scores[best.name]:.4f}/1M output tokens", scores)
 

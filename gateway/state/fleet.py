@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from gateway.config import FleetConfig, ModelConfig
 from gateway.cost import blended_usd_per_1m
+from gateway.state.class_cost import ClassCost
 from gateway.state.lengths import OutputLengths
 from gateway.state.stats import WINDOW_S, OutlierView, UpstreamStats
 
@@ -22,6 +23,13 @@ class Pool:
     rr: int = 0  # round-robin cursor
     lengths: OutputLengths = field(default_factory=OutputLengths)  # observed output lengths (expected output)
 
+    def strategy_for(self, service_class: str) -> str:
+        """The routing strategy of one class's requests: the class's `prefer` (each preference is the strategy
+        of the same name: throughput, cost) when set, else the pool's. Lets batch work flow to the cheapest
+        tokens while interactive work keeps the pool's marginal-gain choice."""
+        cls = self.cfg.classes.get(service_class)
+        return cls.prefer if cls is not None and cls.prefer is not None else self.strategy
+
 
 class Fleet:
     def __init__(self, config: FleetConfig, default_strategy: str) -> None:
@@ -32,6 +40,8 @@ class Fleet:
             for m, c in config.models.items()
         }
         self._aliases = {a: m for m, c in config.models.items() for a in c.aliases}
+        #: What each pool's service classes were charged (spend.charge_request books every request here).
+        self.class_cost = ClassCost()
         #: Names of upstreams whose figures changed since the router last re-ranked them (routing/candidates.py);
         #: written by the router on dispatch/release and by fleet_sync when it merges new figures.
         self.changed: set[str] = set(self.upstreams)
@@ -64,10 +74,12 @@ class Fleet:
 
     def cost_view(self) -> dict:
         """Live USD per 1M output tokens per model pool and for the fleet (gateway/cost.py: all spend, hourly
-        servers included even when idle, over all output tokens delivered)."""
+        servers included even when idle, over all output tokens delivered), and per pool and service class what
+        its requests were charged (state/class_cost.py)."""
         pools = {m: _r(blended_usd_per_1m(u.cost_row() for u in p.upstreams)) for m, p in self.pools.items()}
         fleet = _r(blended_usd_per_1m(u.cost_row() for u in self.upstreams.values()))
-        return {"fleet_usd_per_1m_output": fleet, "pools_usd_per_1m_output": pools}
+        return {"fleet_usd_per_1m_output": fleet, "pools_usd_per_1m_output": pools, "classes": self.class_cost.view(),
+                "classes_window_s": self.class_cost.window_s}
 
     def snapshot(self, health: OutlierView | None = None) -> list[dict]:
         now = time.time()

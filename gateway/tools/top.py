@@ -214,6 +214,7 @@ def render(snap: dict[str, Any], *, url: str = "", color: bool = False, width: i
     if not rows:
         lines.append("(no upstreams)")
     lines += _slo_lines(snap.get("slo"))
+    lines += _class_cost_lines(cost)
     lines += _batch_lines(snap.get("batches"))
     if width:
         # keep the frame from wrapping on narrow terminals (color codes are only on
@@ -233,6 +234,21 @@ def _slo_lines(slo: Any) -> list[str]:
             att = _num(f.get("attainment"))
             out.append(f"  {model}/{cls}  {fmt_int(f.get('requests'))}  {'-' if att is None else f'{100 * att:.1f}%'}  "
                        f"{fmt_rate(f.get('tok_s'))}  {fmt_rate(f.get('goodput_tok_s'))}")
+    return out
+
+
+def _class_cost_lines(cost: dict[str, Any]) -> list[str]:
+    """Cost per service class (this replica): live $/1M output tokens over the class-cost window, spend since start."""
+    classes = cost.get("classes")
+    if not isinstance(classes, dict) or not classes:
+        return []
+    out = ["", f"class cost (this replica; $/1M over the last {fmt_int(cost.get('classes_window_s'))} s): "
+               "model/class  $/1M out  spent  output tokens"]
+    for model, by_class in sorted(classes.items()):
+        for cls, f in sorted(by_class.items() if isinstance(by_class, dict) else ()):
+            spent = _num(f.get("spend_usd"))
+            out.append(f"  {model}/{cls}  ${fmt_usd(f.get('usd_per_1m_output'))}  "
+                       f"{'-' if spent is None else f'${spent:.4f}'}  {fmt_int(f.get('output_tokens'))}")
     return out
 
 

@@ -48,7 +48,13 @@ SNAPSHOT: dict[str, Any] = {
             "limits": {"rpm": 600, "tpm": None, "rpm_used": 12, "tpm_used": 0},
         },
     ],
-    "cost": {"fleet_usd_per_1m_output": 1.2345, "pools_usd_per_1m_output": {"fleet-model": 1.2345}},
+    "slo": {"window_s": 10.0, "classes": {"fleet-model": {
+        "interactive": {"requests": 31, "attainment": 0.9677, "tok_s": 120.5, "goodput_tok_s": 110.25}}}},
+    "cost": {"fleet_usd_per_1m_output": 1.2345, "pools_usd_per_1m_output": {"fleet-model": 1.2345},
+             "classes_window_s": 60,
+             "classes": {"fleet-model": {
+                 "interactive": {"usd_per_1m_output": 2.5, "spend_usd": 0.0125, "output_tokens": 5000},
+                 "batch": {"usd_per_1m_output": 0.3, "spend_usd": 0.0006, "output_tokens": 2000}}}},
 }
 
 
@@ -129,6 +135,10 @@ async def test_top_once_prints_table(gateway_stub: GatewayStub, capsys: pytest.C
     assert slow == ["slow-cpu", "azure", "cpu", "ejected", "0.25", "0/8", "41.3", "-",
                     "-", "learning", "-", "-", "6.50", "2.00", "3", "-"]
     assert top._hit({"hit_rate": 0.625}) == "62%" and top._hit(None) == "-"
+    # cost per service class: live $/1M out, spent, output tokens (a class with no SLO rows in the window too)
+    assert "  fleet-model/batch  $0.300  $0.0006  2000" in lines
+    assert "  fleet-model/interactive  $2.50  $0.0125  5000" in lines
+    assert any(ln.startswith("class cost (this replica; $/1M over the last 60 s)") for ln in lines)
     # columns line up: every row as wide as the header's columns
     assert lines.index(header) < [i for i, ln in enumerate(lines) if ln.startswith("fast-gpu")][0]
 
@@ -222,6 +232,7 @@ class _Rows(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
         self.rows: dict[str, list[str]] = {}
+        self.class_rows: dict[str, list[str]] = {}
         self.by_id: dict[str, str] = {}
         self.canvases: dict[str, dict[str, str | None]] = {}
         self._row: str | None = None
@@ -233,6 +244,9 @@ class _Rows(HTMLParser):
         if tag == "tr" and a.get("data-upstream"):
             self._row = a["data-upstream"]
             self.rows[self._row] = []
+        elif tag == "tr" and a.get("data-class"):
+            self._row = "class:" + str(a["data-class"])
+            self.class_rows[self._row[6:]] = self.rows[self._row] = []
         elif tag == "td" and self._row is not None:
             self._cell = []
         if tag == "canvas" and a.get("id"):
@@ -267,7 +281,11 @@ async def test_dashboard_renders_in_headless_chromium(gateway_stub: GatewayStub,
 
     p = _Rows()
     p.feed(dom)
-    assert set(p.rows) == {"fast-gpu", "slow-cpu"}, dom[-3000:]
+    assert {k for k in p.rows if not k.startswith("class:")} == {"fast-gpu", "slow-cpu"}, dom[-3000:]
+    # service classes: SLO figures joined with the class cost book; a class known only to the cost book shows too
+    assert p.class_rows["fleet-model/interactive"] == ["fleet-model", "interactive", "31", "96.8%", "120.5", "110.3",
+                                                       "$2.50", "$0.0125"]
+    assert p.class_rows["fleet-model/batch"] == ["fleet-model", "batch", "–", "–", "–", "–", "$0.300", "$0.0006"]
     # name, provider, kind, state, weight, inflight, tok/s, ttft, capacity, $/1M out, errors
     assert p.rows["fast-gpu"] == ["fast-gpu", "openai", "gpu", "healthy", "1.00", "12 / 64",
                                   "812.5", "83 ms", "2500", "$0.855", "0.00"]

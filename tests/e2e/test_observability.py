@@ -46,6 +46,32 @@ async def _traffic(url: str) -> None:
     await asyncio.sleep(0.4)  # one fleet-sync cycle folds the counts into the windows
 
 
+async def _batch_traffic(url: str, n: int = 2) -> None:
+    """Batch-class requests (X-Gateway-Class), so the class cost series exist for both classes."""
+    c = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    for i in range(n):
+        r = await c.chat.completions.create(model="fleet-model", messages=[{"role": "user", "content": f"b{i}"}],
+                                            max_tokens=8, extra_headers={"X-Gateway-Class": "batch"})
+        assert r.usage is not None and r.usage.completion_tokens == 8
+
+
+async def _class_cost_scraped(prom: str, gateway) -> None:
+    """Cost per service class as Prometheus stored it equals the gateway's own book (the reference fleet's prices:
+    hourly GPUs charged at their live rate, the hosted API per token), and the counters' quotient is the $/1M."""
+    book = gateway.runtime.fleet.class_cost.view()["fleet-model"]
+    assert book["interactive"]["requests"] == 6 and book["batch"]["requests"] == 2
+    for cls in ("interactive", "batch"):
+        sel = f'{{model="fleet-model",service_class="{cls}"}}'
+        spend = await _query(prom, "gateway_class_spend_usd_total" + sel)
+        tokens = await _query(prom, "gateway_class_charged_output_tokens_total" + sel)
+        live = await _query(prom, "gateway_class_cost_usd_per_1m_output_tokens" + sel)
+        assert spend and tokens and live, cls
+        usd, out = float(spend[0]["value"][1]), float(tokens[0]["value"][1])
+        assert usd > 0 and out == book[cls]["output_tokens"] == (6 * 4 if cls == "interactive" else 2 * 8)
+        assert usd == pytest.approx(book[cls]["spend_usd"])
+        assert float(live[0]["value"][1]) == pytest.approx(usd / out * 1e6, rel=1e-4)
+
+
 async def _metrics(url: str) -> tuple[str, str]:
     async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as r:
         assert r.status == 200
@@ -118,6 +144,7 @@ async def test_real_prometheus_scrapes_the_gateway(gateway, tmp_path: Path):
     binary, promtool = shutil.which("prometheus"), shutil.which("promtool")
     assert binary and promtool, "prometheus missing: `make prometheus` installs Debian's prometheus package"
     await _traffic(gateway.url)
+    await _batch_traffic(gateway.url)
     ctype, text = await _metrics(gateway.url)
     assert ctype == CONTENT_TYPE_LATEST
     r = await asyncio.to_thread(
@@ -141,10 +168,11 @@ async def test_real_prometheus_scrapes_the_gateway(gateway, tmp_path: Path):
         up = await _wait_up(prom, proc)
         assert up["lastError"] == ""
         ok = await _query(prom, 'gateway_requests_total{code="200",model="fleet-model"}')
-        assert ok and float(ok[0]["value"][1]) == 6
+        assert ok and float(ok[0]["value"][1]) == 6 + 2  # interactive + batch
         assert await _query(prom, 'gateway_requests_total{code="404"}')
         assert await _query(prom, "gateway_upstream_capacity_tokens_per_second")
         assert await _query(prom, "gen_ai_client_operation_duration_seconds_bucket")
+        await _class_cost_scraped(prom, gateway)
     finally:
         proc.terminate()
         try:

@@ -327,3 +327,62 @@ async def test_request_cost_on_spans(start_sims, start_gateway, otlp_receiver, m
     want = (r.usage.prompt_tokens * IN + r.usage.completion_tokens * OUT) / 1e6
     (server,) = [s for s in spans if s["kind"] == "SERVER"]  # the request's span carries the request's cost
     assert server["attributes"]["gateway.request.cost_usd"] == pytest.approx(want)
+
+
+# ---- per-class cost preference and cost per class ---------------------------------------------------------------
+DEAR, CHEAP = (10, 40), (1, 2)  # USD per 1M input / output tokens (a chargeback rate on each GPU server)
+
+
+def _class_fleet(ports: dict[str, int], batch_prefer: str | None) -> FleetConfig:
+    """A fast dear GPU server and a slower cheap one; the batch class (its built-in settings, plus `prefer`)."""
+    def up(name: str, a: float, price: tuple[int, int]) -> dict:
+        return {"provider": "openai", "kind": "gpu", "base_url": f"http://127.0.0.1:{ports[name]}/v1", "model": name,
+                "max_concurrency": 32, "capacity": {"a": a, "b": 0.0001, "ttft": 0.01},
+                "price": {"input_per_1m": price[0], "output_per_1m": price[1]}}
+
+    batch = {"priority": 10, "min_share": 0.1, "wait_s": 0.0, "aging_s": 10.0, "max_wait_s": 300.0, "prefer": batch_prefer}
+    return FleetConfig.model_validate({
+        "upstreams": {"dear": up("dear", 0.002, DEAR), "cheap": up("cheap", 0.01, CHEAP)},
+        "models": {MODEL: {"upstreams": ["dear", "cheap"], "classes": {"batch": batch}}},
+    })
+
+
+async def _served(url: str, cls: str, n: int) -> list[tuple[str, int, int]]:
+    """(upstream, prompt tokens, completion tokens) of `n` concurrent requests of class `cls`."""
+    c = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=20)
+
+    async def one(i: int) -> tuple[str, int, int]:
+        raw = await c.chat.completions.with_raw_response.create(
+            model=MODEL, messages=_msgs(i), max_tokens=6 + i, extra_headers={"X-Gateway-Class": cls})
+        r = raw.parse()
+        assert raw.headers["x-gateway-class"] == cls and r.usage is not None
+        return raw.headers["x-gateway-upstream"], r.usage.prompt_tokens, r.usage.completion_tokens
+
+    return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+async def test_batch_prefer_cost_sends_batch_to_the_cheapest_and_prices_each_class(start_sims, start_gateway):
+    sims = await start_sims({
+        "dear": SimConfig(name="dear", mode="gpu", base_step=0.002, per_seq=0.0001, slots=32, prefill_per_token=0.0),
+        "cheap": SimConfig(name="cheap", mode="gpu", base_step=0.01, per_seq=0.0001, slots=32, prefill_per_token=0.0),
+    })
+    off = await start_gateway(_class_fleet(sims.ports, None))
+    assert {u for u, _, _ in await _served(off.url, "batch", 4)} == {"dear"}  # without: the throughput choice
+    gw = await start_gateway(_class_fleet(sims.ports, "cost"))
+    batch, inter = await _served(gw.url, "batch", 6), await _served(gw.url, "interactive", 4)
+    assert {u for u, _, _ in batch} == {"cheap"}  # batch flows to the cheapest tokens
+    assert {u for u, _, _ in inter} == {"dear"}  # interactive keeps the fastest upstream
+    want = {"batch": sum(p * CHEAP[0] + o * CHEAP[1] for _, p, o in batch),
+            "interactive": sum(p * DEAR[0] + o * DEAR[1] for _, p, o in inter)}
+    tokens = {"batch": sum(o for *_, o in batch), "interactive": sum(o for *_, o in inter)}
+    async with aiohttp.ClientSession() as s:
+        async with s.get(gw.url + "/v1/gateway/upstreams") as r:
+            classes = (await r.json())["cost"]["classes"][MODEL]
+        async with s.get(gw.url + "/metrics") as r:
+            text = await r.text()
+    for cls in ("batch", "interactive"):
+        f = classes[cls]
+        assert (f["spend_micros"], f["output_tokens"], f["requests"]) == (want[cls], tokens[cls], len(batch if cls == "batch" else inter))
+        assert f["usd_per_1m_output"] == pytest.approx(want[cls] / tokens[cls], abs=1e-6)
+        assert f'gateway_class_spend_usd_total{{model="{MODEL}",service_class="{cls}"}} {want[cls] / 1e6}' in text
+    assert classes["batch"]["usd_per_1m_output"] * 5 < classes["interactive"]["usd_per_1m_output"]

@@ -134,7 +134,8 @@ def test_cost_strategy_fills_paid_for_servers_then_cheapest_per_token():
     # hourly GPUs add no spend at the margin; between them the larger throughput gain wins (fast-gpu)
     assert d.strategy == "cost" and d.upstream.name == "fast-gpu"
     assert d.scores["fast-gpu"] == 0.0 and d.scores["slow-gpu"] == 0.0
-    assert d.scores["hosted"] == pytest.approx(round(200 * 0.15 + 128 * 0.6) / 128)  # whole micro-dollars
+    # whole micro-dollars, at the batch rates a batch-class request is charged
+    assert d.scores["hosted"] == pytest.approx(round(200 * 0.075 + 128 * 0.3) / 128)
     # GPUs full: overflow to the per-token upstream
     for name in ("fast-gpu", "slow-gpu"):
         fleet.upstreams[name].inflight_local = fleet.upstreams[name].cfg.max_concurrency
@@ -178,3 +179,147 @@ def test_bench_prices_a_window():
     assert r["upstreams"]["api"]["usd"] == pytest.approx((5 * 200 * 1 + 1000 * 2) / 1e6)
     assert r["upstreams"]["free"]["usd_per_1m_output"] is None
     assert r["fleet_usd_per_1m_output"] == pytest.approx((0.1 + 0.003) / 11000 * 1e6, abs=1e-4)  # rounded to 4 places
+
+
+# ---- per-class cost preference ---------------------------------------------------------------------------------
+def _priced(batch_prefer: str | None, pool_prefer: str | None = None, inter_prefer: str | None = None) -> tuple[Fleet, Router]:
+    """The reference fleet with per-token prices: fast-gpu dear (a chargeback rate), slow-gpu cheapest, hosted
+    between them; the batch class's (and optionally the pool's and interactive's) preference set."""
+    from gateway.config import ServiceClass
+
+    cfg: FleetConfig = reference_fleet(DEMO_PORTS)
+    cfg.upstreams["fast-gpu"].price = Prices(input_per_1m=1.0, output_per_1m=8.0)
+    cfg.upstreams["slow-gpu"].price = Prices(input_per_1m=0.1, output_per_1m=0.2)
+    cfg.upstreams["hosted"].price = Prices(input_per_1m=0.5, output_per_1m=1.0)
+    m = cfg.models["fleet-model"]
+    m.prefer = pool_prefer  # type: ignore[assignment]
+    m.classes["batch"] = m.classes["batch"].model_copy(update={"prefer": batch_prefer})
+    m.classes["interactive"] = ServiceClass.model_validate({**m.classes["interactive"].model_dump(), "prefer": inter_prefer})
+    fleet = Fleet(cfg, "throughput")
+    return fleet, Router(fleet, OutlierDetector(3, 1.0, 10.0), queue_max=4, queue_timeout=0.3)
+
+
+def _ctx(cls: str) -> RequestContext:
+    return RequestContext("chat", "fleet-model", {}, True, False, "openai", Estimate(200, 128), service_class=cls)
+
+
+def test_batch_class_prefer_cost_picks_the_cheapest_while_interactive_keeps_throughput():
+    fleet, router = _priced("cost")
+    pool = fleet.pools["fleet-model"]
+    assert pool.strategy == "throughput" and pool.strategy_for("batch") == "cost"
+    b = router.pick(pool, _ctx("batch"))
+    assert (b.strategy, b.upstream.name) == ("cost", "slow-gpu")
+    i = router.pick(pool, _ctx("interactive"))
+    assert i.strategy == "throughput" and i.upstream.name == "fast-gpu"  # the fastest, not the cheapest
+    # the same batch request without the class preference goes where the throughput gain is largest
+    fleet2, router2 = _priced(None)
+    assert router2.pick(fleet2.pools["fleet-model"], _ctx("batch")).upstream.name == "fast-gpu"
+
+
+def test_batch_prefer_cost_only_among_upstreams_its_admission_allows():
+    """The cheapest upstream runs interactive work at its speed limit: batch admission refuses it, so the cost
+    preference picks the cheapest of what is left (hosted), never the refused one."""
+    fleet, router = _priced("cost")
+    pool = fleet.pools["fleet-model"]
+    slow = fleet.upstreams["slow-gpu"]
+    slow.curve.b = 0.003  # floor 20 tok/s holds up to n_f = (1/20 - a) / b = 10 < 16 slots
+    from gateway.routing.classes import interactive_limit
+
+    limit = interactive_limit(slow, pool.cfg.classes["interactive"])
+    assert 0 < limit < slow.cfg.max_concurrency
+    for _ in range(limit):
+        slow.credit(0, "interactive")
+    assert slow.has_slot()  # a free slot by max_concurrency: only class admission keeps batch off it
+    d = router.pick(pool, _ctx("batch"))
+    assert d.strategy == "cost" and d.upstream.name == "hosted"
+    assert "slow-gpu" not in d.scores
+
+
+def test_batch_prefer_cost_uses_the_batch_price():
+    """A batch request is charged the provider's batch rate, so that is what the cost preference compares."""
+    fleet, router = _priced("cost")
+    fleet.upstreams["fast-gpu"].cfg.price = Prices(input_per_1m=1.0, output_per_1m=8.0, batch_input_per_1m=0.01,
+                                                   batch_output_per_1m=0.01)
+    d = router.pick(fleet.pools["fleet-model"], _ctx("batch"))
+    assert d.upstream.name == "fast-gpu"
+    assert d.scores["fast-gpu"] == pytest.approx(round(200 * 0.01 + 128 * 0.01) / 128)
+
+
+def test_class_prefer_throughput_overrides_a_cost_pool():
+    fleet, router = _priced(None, pool_prefer="cost", inter_prefer="throughput")
+    pool = fleet.pools["fleet-model"]
+    assert router.pick(pool, _ctx("batch")).upstream.name == "slow-gpu"  # the pool's cost strategy
+    i = router.pick(pool, _ctx("interactive"))
+    assert (i.strategy, i.upstream.name) == ("throughput", "fast-gpu")
+
+
+def test_class_prefer_in_fleet_yaml():
+    raw = {"upstreams": {"u": {"base_url": "http://127.0.0.1:1/v1"}},
+           "models": {"m": {"upstreams": ["u"], "classes": {"batch": {"prefer": "cost"}}}}}
+    m = FleetConfig.model_validate(raw).models["m"]
+    assert m.classes["batch"].prefer == "cost" and m.classes["interactive"].prefer is None
+    assert m.classes["batch"].priority == 0  # a class given in YAML replaces the built-in one as a whole
+    raw["models"]["m"]["classes"]["batch"]["prefer"] = "cheapest"
+    with pytest.raises(ValidationError, match="prefer"):
+        FleetConfig.model_validate(raw)
+
+
+# ---- cost per service class ------------------------------------------------------------------------------------
+def test_class_cost_live_window_and_totals():
+    from gateway.state.class_cost import ClassCost
+
+    now = [1000.0]
+    cc = ClassCost(window_s=60, clock=lambda: now[0])
+    assert cc.view() == {}
+    cc.add("m", "batch", 300, 100)  # 3 $/1M
+    cc.add("m", "interactive", 0, 0)  # charged nothing yet, no output: no $/1M
+    now[0] += 30
+    cc.add("m", "batch", 100, 100)  # 1 $/1M
+    v = cc.view()["m"]
+    assert v["batch"]["usd_per_1m_output"] == 2.0 and v["batch"]["window_output_tokens"] == 200
+    assert v["batch"]["spend_micros"] == 400 and v["batch"]["spend_usd"] == pytest.approx(4e-4)
+    assert v["batch"]["requests"] == 2
+    assert v["interactive"]["usd_per_1m_output"] is None
+    now[0] += 45  # the first charge left the 60 s window; totals keep it
+    v = cc.view()["m"]["batch"]
+    assert v["usd_per_1m_output"] == 1.0 and v["window_spend_usd"] == pytest.approx(1e-4)
+    assert v["usd_per_1m_output_total"] == 2.0 and v["output_tokens"] == 200
+    now[0] += 60
+    assert cc.view()["m"]["batch"]["usd_per_1m_output"] is None  # idle: no live figure, totals stay
+    assert len(cc._recent[("m", "batch")]) == 0  # buckets are pruned: bounded by the window
+
+
+def test_charge_request_books_the_class_at_its_rates():
+    """spend.charge_request: batch pays the batch rate; both classes land in their pool's class book under the
+    pool's name (an alias resolves), and a refund (no tokens) books nothing."""
+    from gateway.spend import SpendLedger, charge_request
+
+    cfg: FleetConfig = reference_fleet(DEMO_PORTS)
+    fleet = Fleet(cfg, "throughput")
+    ledger = SpendLedger(None, "p", "r")
+    t = cost.Tokens(1000, 0, 500)
+    assert charge_request(fleet, ledger, None, 0, "gpt-4o-mini", "hosted", t, service_class="batch") == 75 + 150
+    assert charge_request(fleet, ledger, None, 0, "fleet-model", "hosted", t, service_class="interactive") == 150 + 300
+    assert charge_request(fleet, ledger, None, 0, "fleet-model", None, cost.Tokens(), service_class="batch") == 0
+    v = fleet.cost_view()["classes"]["fleet-model"]
+    assert (v["batch"]["spend_micros"], v["batch"]["requests"], v["batch"]["usd_per_1m_output"]) == (225, 1, 0.45)
+    assert (v["interactive"]["spend_micros"], v["interactive"]["usd_per_1m_output"]) == (450, 0.9)
+
+
+def test_class_cost_bench_prices_each_request_where_it_was_served():
+    from gateway.sim.reference import REFERENCE_SIMS
+    from gateway.tools.scenarios.classes import Rec
+    from gateway.tools.scenarios.cost import class_cost_fleet, class_usd_per_1m
+
+    recs = [Rec("batch", 0.0, 0.1, 5.0, 100, True, "hosted"), Rec("batch", 0.0, 0.1, 6.0, 100, True, "fast-gpu"),
+            Rec("batch", 0.0, 0.1, 99.0, 100, True, "fast-gpu"),  # ended after the window: not counted
+            Rec("interactive", 0.0, 0.1, 5.0, 10, True, "slow-gpu")]
+    b = class_usd_per_1m(recs, "batch", 200, 2.0, 30.0)
+    # hosted at its batch rates (0.075 in, 0.3 out), fast-gpu at 1 in, 4 out; whole micro-dollars per request
+    assert b["output_tokens"] == 200 and b["usd"] == pytest.approx((round(15 + 30) + (200 + 400)) / 1e6)
+    assert b["usd_per_1m_output"] == pytest.approx(645 / 200) and b["tokens_by_upstream"] == {"fast-gpu": 100, "hosted": 100}
+    assert class_usd_per_1m(recs, "interactive", 200, 2.0, 30.0)["usd_per_1m_output"] == pytest.approx(23 / 10)
+    cfg = FleetConfig.model_validate(class_cost_fleet(DEMO_PORTS, REFERENCE_SIMS, "cost"))
+    batch = cfg.models["fleet-model"].classes["batch"]
+    assert batch.prefer == "cost" and batch.priority == 10 and batch.max_wait_s == 300.0  # built-in batch kept
+    assert cfg.upstreams["slow-gpu"].price is not None and cfg.upstreams["slow-gpu"].price.output_per_1m == 0.3

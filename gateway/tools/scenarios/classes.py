@@ -44,7 +44,7 @@ class Rec:
     end: float
     tokens: int
     ok: bool
-    upstream: str = ""
+    upstream: str = ""  # x-gateway-upstream: who served it (the `class_cost` scenario prices it there)
 
     def met(self) -> bool:
         if not self.ok or self.first is None:
