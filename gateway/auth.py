@@ -14,8 +14,9 @@ serving. If Redis comes back empty (restarted without persistence), the replica 
 are not lost; a key deleted in the second before such a crash could come back, and an operator must delete it
 again.
 
-Limits. RPM and TPM per key are enforced in memory with 1-second buckets over a sliding 60 s window. With N live
-replicas (taken from the fleet view) each replica allows max(1, limit / N): the fleet-wide total stays within
+Limits. RPM and TPM per key are enforced in memory with 1-second buckets over a sliding 60 s window (the window
+and limit check of state/rate.py, which upstream limits use too). With N live replicas (taken from the fleet
+view) each replica allows max(1, limit / N): the fleet-wide total stays within
 the limit when the load balancer spreads a key's traffic evenly; a skewed balancer makes a key hit 429 before
 its fleet-wide limit (never after, except for the rounding up to 1 per replica). TPM is charged prompt +
 expected output tokens at admission (as hosted APIs do) and corrected with the real usage when the request ends.
