@@ -70,16 +70,16 @@ class EndpointLoad:
     def credit(self, service_class: str, kv_tokens: int) -> None:
         self._tick()
         self.inflight_local += 1
+        self.load = self.inflight_local + self.remote + self.external  # _sum() inlined: once per request
         self.kv_local += kv_tokens
         self.by_class[service_class] = self.by_class.get(service_class, 0) + 1
-        self._sum()
 
-    def release(self, service_class: str, kv_tokens: int) -> None:
+    def release(self, service_class: str = "", kv_tokens: int = 0) -> None:
         self._tick()
         self.inflight_local -= 1
+        self.load = self.inflight_local + self.remote + self.external
         self.kv_local -= kv_tokens
         self.by_class[service_class] -= 1
-        self._sum()
 
     def set_remote(self, v: int) -> None:
         self._tick()

@@ -66,6 +66,7 @@ class UpstreamStats:
         self.fits_tpm = self.rates.fits_tpm
         self.tpm_charge = self.rates.tpm_charge
         self.load_area = self.endpoint.load_area
+        self.release = self.endpoint.release  # (service_class, kv_tokens): a request here ended
 
     # ---- operator and reliability state -------------------------------------------------------------------
     def set_weight(self, weight: float) -> bool:
@@ -146,9 +147,6 @@ class UpstreamStats:
         was charged to (settle_tokens corrects that second's TPM charge by the usage)."""
         self.endpoint.credit(service_class, kv_tokens)
         return self.rates.credit(admitted_tokens)
-
-    def release(self, service_class: str = "", kv_tokens: int = 0) -> None:
-        self.endpoint.release(service_class, kv_tokens)
 
     def record_tokens(self, output_tokens: int) -> None:
         if output_tokens > 0:
