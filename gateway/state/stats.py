@@ -47,7 +47,7 @@ class UpstreamStats:
         self.operations = frozenset(op for op in OPERATIONS if provider_for(cfg.provider).supports(op))
         self.member = Membership()
         self.endpoint = EndpointLoad(cfg, self.member)
-        self.rates = UpstreamRates(cfg, self.member)
+        self.rates = UpstreamRates(cfg, self.endpoint)
         self.learned = LearnedCurve(cfg)
         self.costs = CostCounters(cfg)
         #: The fitted curve (the same object as learned.curve, which refits it in place): read per candidate.
@@ -67,6 +67,9 @@ class UpstreamStats:
         self.tpm_charge = self.rates.tpm_charge
         self.load_area = self.endpoint.load_area
         self.release = self.endpoint.release  # (service_class, kv_tokens): a request here ended
+        # The sync loop calls these for every upstream every cycle (fleet_sync._refresh): bound the same way.
+        self.refresh = self.rates.refresh
+        self.quiet = self.rates.quiet
 
     # ---- operator and reliability state -------------------------------------------------------------------
     def set_weight(self, weight: float) -> bool:
@@ -184,10 +187,6 @@ class UpstreamStats:
         return cost.usd_per_second(self.cfg.price, tok_s, self.live_usd_per_1m()), tok_s
 
     # ---- background (fleet_sync) ----------------------------------------------------------------------------
-    def has_deltas(self) -> bool:
-        """Anything to flush: changed seconds or new samples."""
-        return bool(self.rates.dirty or self.learned.pending)
-
     def take_dirty(self) -> dict[int, list[int]]:
         return self.rates.take_dirty()
 
@@ -196,16 +195,6 @@ class UpstreamStats:
 
     def keep_samples(self, samples: Iterable[Sample]) -> None:
         self.learned.keep(samples)
-
-    def refresh(self, now: float) -> None:
-        """Recompute the cached figures from the other replicas' windows plus this replica's own."""
-        self.rates.refresh(now)
-        self.endpoint.mark_refresh()
-
-    def quiet(self) -> bool:
-        """Would refresh() change nothing? True for an upstream with no traffic in its window and zeroed figures:
-        the sync loop skips it, so an idle fleet costs nothing per upstream per cycle."""
-        return self.rates.quiet() and self.endpoint.inflight_at_refresh == self.endpoint.inflight_local
 
     def refit(self, now: float) -> None:
         self.learned.refit(now)

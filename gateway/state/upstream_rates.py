@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from gateway.config import UpstreamConfig
 from gateway.context import Estimate
-from gateway.state.load import Membership
+from gateway.state.load import EndpointLoad
 from gateway.state.rate import WINDOW_S, Window, exceeded, headroom_share, static_share
 
 # Per-second counter fields.
@@ -34,9 +34,11 @@ EXPIRY_MARGIN_S = 0.5
 class UpstreamRates:
     """Traffic windows, the figures cached from them, and RPM/TPM admission (sliding window + pacing buckets)."""
 
-    def __init__(self, cfg: UpstreamConfig, member: Membership) -> None:
+    def __init__(self, cfg: UpstreamConfig, endpoint: EndpointLoad) -> None:
         self.cfg = cfg  # rpm, tpm, tpm_counts: read live (the config is their one source)
-        self.member = member
+        #: Its in-flight count is snapshot at each refresh (has_slot shares the headroom seen then).
+        self.endpoint = endpoint
+        self.member = endpoint.member
         self.mine = Window()
         self.dirty: set[int] = set()
         self.others = Window()
@@ -177,11 +179,14 @@ class UpstreamRates:
         self.used_tok_60 = view.sum(ADM, since60)
         self.req_since_refresh = 0
         self.tok_since_refresh = 0
+        self.endpoint.mark_refresh()
 
     def quiet(self) -> bool:
-        """Would refresh() change nothing here? (No traffic in the windows and every figure zero.)"""
+        """Would refresh() change nothing? True for an upstream with no traffic in its window and zeroed figures:
+        the sync loop skips it, so an idle fleet costs nothing per upstream per cycle."""
+        e = self.endpoint
         return not (
             self.mine.buckets or self.others.buckets or self.req_since_refresh or self.tok_since_refresh
             or self.tok_s or self.rps or self.errors_per_min or self.rate_limited_per_min
-            or self.used_req_60 or self.used_tok_60
+            or self.used_req_60 or self.used_tok_60 or e.inflight_at_refresh != e.inflight_local
         )

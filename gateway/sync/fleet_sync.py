@@ -239,7 +239,7 @@ class FleetSync:
 
     def _to_push(self) -> list[UpstreamStats]:
         """Upstreams with deltas, at most MAX_PUSH_UPSTREAMS, starting where the last capped cycle stopped."""
-        active = [u for u in self.fleet.upstreams.values() if u.has_deltas()]
+        active = [u for u in self.fleet.upstreams.values() if u.rates.dirty or u.learned.pending]  # per upstream per cycle: reads only
         if len(active) <= MAX_PUSH_UPSTREAMS:
             return active
         start = self._push_from % len(active)
@@ -377,7 +377,7 @@ class FleetSync:
         if cooldowns:
             b.write("hset", k.cooldown, mapping={n: store.encode_float(v) for n, v in cooldowns.items()})
             b.write("hincrby", k.gen, "cooldown", 1)
-        row = store.encode_inflight({n: u.inflight_local for n, u in self.fleet.upstreams.items() if u.inflight_local})
+        row = store.encode_inflight({n: u.endpoint.inflight_local for n, u in self.fleet.upstreams.items() if u.endpoint.inflight_local})
         if row != self._inflight_sent[0] or now - self._inflight_sent[1] >= INFLIGHT_RESEND:
             b.write("hset", k.inflight, me, row)
             self._inflight_sent = (row, now)
