@@ -14,8 +14,9 @@ serving. If Redis comes back empty (restarted without persistence), the replica 
 are not lost; a key deleted in the second before such a crash could come back, and an operator must delete it
 again.
 
-Limits. RPM and TPM per key are enforced in memory with 1-second buckets over a sliding 60 s window. With N live
-replicas (taken from the fleet view) each replica allows max(1, limit / N): the fleet-wide total stays within
+Limits. RPM and TPM per key are enforced in memory with 1-second buckets over a sliding 60 s window (the window
+and limit check of state/rate.py, which upstream limits use too). With N live replicas (taken from the fleet
+view) each replica allows max(1, limit / N): the fleet-wide total stays within
 the limit when the load balancer spreads a key's traffic evenly; a skewed balancer makes a key hit 429 before
 its fleet-wide limit (never after, except for the rounding up to 1 per replica). TPM is charged prompt +
 expected output tokens at admission (as hosted APIs do) and corrected with the real usage when the request ends.
@@ -30,7 +31,6 @@ import json
 import logging
 import secrets
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -38,12 +38,14 @@ from redis.exceptions import RedisError
 
 from gateway.errors import GatewayError
 from gateway.periodic import Periodic
+from gateway.state.rate import WINDOW_S, Window, even_share, exceeded
 from gateway.sync.store import Keys
 
 log = logging.getLogger("gateway.auth")
 
 KEY_PREFIX = "sk-gw-"
-WINDOW = 60
+WINDOW = WINDOW_S
+KEY_REQ, KEY_TOK = 0, 1  # the fields of a key's usage window
 #: What is stored per key (Redis JSON) and shown by GET /admin/keys; the first three are identity.
 STORED_FIELDS = (
     "id", "name", "prefix", "rpm", "tpm", "created", "budget_usd_day", "budget_usd_month", "models", "expires_at", "metadata",
@@ -90,8 +92,8 @@ class ApiKey:
     metadata: dict[str, str] = field(default_factory=dict)
     #: The service class of this key's requests when they name none (routing/classes.py; checked per pool).
     service_class: str | None = None
-    # this replica's usage: deque of [epoch second, requests, tokens]
-    usage: deque = field(default_factory=deque)
+    #: This replica's usage: requests and tokens started per second (KEY_REQ, KEY_TOK).
+    usage: Window = field(default_factory=lambda: Window(2))
 
     def to_json(self) -> str:
         return json.dumps({f: getattr(self, f) for f in STORED_FIELDS})
@@ -128,35 +130,22 @@ class ApiKey:
             return {}
         now = time.time() if now is None else now
         req, tok = self._window(now)
-        reset = f"{max(1, int(self.usage[0][0] + WINDOW - now + 0.999))}s" if self.usage else "0s"
+        oldest = self.usage.oldest()
+        reset = f"{max(1, int(oldest + WINDOW - now + 0.999))}s" if oldest is not None else "0s"
         h = {}
         for kind, limit, used in (("requests", self.rpm, req), ("tokens", self.tpm, tok)):
             if limit is not None:
                 h[f"x-ratelimit-limit-{kind}"] = str(limit)
-                h[f"x-ratelimit-remaining-{kind}"] = str(max(0, int(max(1.0, limit / max(1, replicas)) - used)))
+                h[f"x-ratelimit-remaining-{kind}"] = str(max(0, int(even_share(limit, replicas) - used)))
                 h[f"x-ratelimit-reset-{kind}"] = reset
         return h
 
-    # ---- limits -------------------------------------------------------------------------------------------
+    # ---- limits (state/rate.py: the window and check upstream limits use too) -----------------------------
     def _window(self, now: float) -> tuple[int, int]:
-        edge = int(now) - WINDOW + 1
-        u = self.usage
-        while u and u[0][0] < edge:
-            u.popleft()
-        req = tok = 0
-        for _, r, t in u:
-            req += r
-            tok += t
-        return req, tok
-
-    def _retry_after(self, now: float, col: int, need: float, used: int) -> float:
-        """Seconds until enough of the window ages out that `need` more fits under `used`'s limit."""
-        freed = 0
-        for b in self.usage:
-            freed += b[col]
-            if used - freed <= need:
-                return max(1.0, b[0] + WINDOW - now)
-        return float(WINDOW)
+        """(requests, tokens) started in the sliding window, older seconds dropped."""
+        since = int(now) - WINDOW + 1
+        self.usage.prune(since)
+        return self.usage.sum(KEY_REQ, since), self.usage.sum(KEY_TOK, since)
 
     def _limit_headers(self, replicas: int, req: int, tok: int, reset: float, hit: str) -> dict[str, str]:
         """OpenAI-style x-ratelimit-* headers of this key's 429 (remaining: this replica's share, as enforced)."""
@@ -165,7 +154,7 @@ class ApiKey:
             if limit is None:
                 continue
             out[f"x-ratelimit-limit-{kind}"] = str(limit)
-            left = 0 if kind == hit else max(0, int(max(1.0, limit / replicas) - used))
+            left = 0 if kind == hit else max(0, int(even_share(limit, replicas) - used))
             out[f"x-ratelimit-remaining-{kind}"] = str(left)
             if kind == hit:
                 out[f"x-ratelimit-reset-{kind}"] = f"{max(1, int(reset + 0.999))}s"
@@ -180,25 +169,26 @@ class ApiKey:
             return int(now)
         req, tok = self._window(now)
         n = max(1, replicas)
-        if self.rpm is not None:
-            share = max(1.0, self.rpm / n)
-            if req + 1 > share:
-                ra = self._retry_after(now, 1, share - 1, req)
-                raise GatewayError(
-                    429, f"Rate limit reached for API key '{self.name}': {self.rpm} requests per minute",
-                    code="rate_limit_exceeded", retry_after=ra, headers=self._limit_headers(n, req, tok, ra, "requests"),
-                )
-        if self.tpm is not None:
-            share = max(1.0, self.tpm / n)
-            if tok + tokens > share:
-                ra = self._retry_after(now, 2, share - tokens, tok) if tokens <= share else float(WINDOW)
-                raise GatewayError(
-                    429, f"Rate limit reached for API key '{self.name}': {self.tpm} tokens per minute "
-                    f"(this request needs about {tokens})", code="rate_limit_exceeded", retry_after=ra,
-                    headers=self._limit_headers(n, req, tok, ra, "tokens"),
-                )
-        self._add(now, 1, tokens)
-        return int(now)
+        req_share = even_share(self.rpm, n) if self.rpm else 0.0
+        tok_share = even_share(self.tpm, n) if self.tpm else 0.0
+        hit = exceeded(self, req, req_share, tok, tok_share, tokens)
+        if hit == "requests":
+            ra = self.usage.frees_in(KEY_REQ, req, req_share - 1, now)
+            raise GatewayError(
+                429, f"Rate limit reached for API key '{self.name}': {self.rpm} requests per minute",
+                code="rate_limit_exceeded", retry_after=ra, headers=self._limit_headers(n, req, tok, ra, "requests"),
+            )
+        if hit == "tokens":
+            ra = self.usage.frees_in(KEY_TOK, tok, tok_share - tokens, now) if tokens <= tok_share else float(WINDOW)
+            raise GatewayError(
+                429, f"Rate limit reached for API key '{self.name}': {self.tpm} tokens per minute "
+                f"(this request needs about {tokens})", code="rate_limit_exceeded", retry_after=ra,
+                headers=self._limit_headers(n, req, tok, ra, "tokens"),
+            )
+        sec = int(now)
+        self.usage.add(sec, KEY_REQ, 1)
+        self.usage.add(sec, KEY_TOK, tokens)
+        return sec
 
     def settle(self, delta_tokens: int, booked: int, now: float | None = None) -> None:
         """Correct the token charge once the real usage is known.
@@ -208,21 +198,9 @@ class ApiKey:
         if self.tpm is None or not delta_tokens:
             return
         if delta_tokens > 0:
-            self._add(time.time() if now is None else now, 0, delta_tokens)
-            return
-        for b in self.usage:
-            if b[0] == booked:
-                b[2] = max(0, b[2] + delta_tokens)
-                return
-
-    def _add(self, now: float, req: int, tok: int) -> None:
-        sec = int(now)
-        u = self.usage
-        if u and u[-1][0] == sec:
-            u[-1][1] += req
-            u[-1][2] += tok
+            self.usage.add(int(time.time() if now is None else now), KEY_TOK, delta_tokens)
         else:
-            u.append([sec, req, tok])
+            self.usage.refund(booked, KEY_TOK, -delta_tokens)
 
 
 class KeyStore:

@@ -12,7 +12,7 @@ no double count. Days and months are UTC.
 Enforcement (hot path: no Redis). Per budgeted key the replica keeps the fleet-wide spend of the current day and
 month from the last sync, plus its own spend and in-flight reservations since then. A request is admitted while
 its estimated cost (the dearest upstream of the pool at its max_tokens) fits this replica's share of the headroom
-seen at the last sync, split between the live replicas like stats._share; when the headroom is smaller than one
+seen at the last sync, split between the live replicas like an upstream's limits (state/rate.py); when the headroom is smaller than one
 request per replica, only rank 0 may spend it. The shares add up to the headroom, so the fleet stops within about
 one request's cost of the budget. Over budget: 429 `insufficient_quota`, saying when the budget resets; when
 budget is left but this replica's share is held by its own running requests, a retryable 429 (Retry-After 1 s).
@@ -45,6 +45,7 @@ from gateway.errors import GatewayError
 from gateway.periodic import Periodic
 from gateway.routing.classes import BATCH
 from gateway.state.fleet import Fleet
+from gateway.state.rate import static_share
 
 log = logging.getLogger("gateway.spend")
 
@@ -90,7 +91,7 @@ def share(headroom: int, replicas: int, rank: int, need: int) -> int:
     n = max(1, replicas)
     if headroom < n * max(1, need):  # too little to split usefully: one replica may spend it all
         return headroom if rank == 0 else 0
-    return headroom // n + (1 if rank < headroom % n else 0)
+    return static_share(headroom, n, rank)
 
 
 @dataclass(slots=True)

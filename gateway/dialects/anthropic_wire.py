@@ -250,7 +250,22 @@ def chat_request_to_messages(body: dict[str, Any], upstream_model: str) -> dict[
     Unknown OpenAI fields are dropped; ``temperature`` is clamped to Anthropic's [0, 1].
     Raises ``ValueError`` for unusable input.
     """
-    messages = body.get("messages")
+    system, out = _chat_messages_to_anthropic(body.get("messages"))
+    req: dict[str, Any] = {"model": upstream_model, "messages": out}
+    if system:
+        req["system"] = system
+    req.update(_sampling_to_anthropic(body))
+    if "stream" in body:
+        req["stream"] = bool(body["stream"])
+    req.update(_tooling_to_anthropic(body))
+    if body.get("user"):
+        req["metadata"] = {"user_id": body["user"]}
+    return req
+
+
+def _chat_messages_to_anthropic(messages: Any) -> tuple[str, list[dict[str, Any]]]:
+    """(system prompt, messages): system and developer messages are lifted into Anthropic's one `system`
+    string; consecutive same-role turns are merged, since Anthropic requires the roles to alternate."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("'messages' must be a non-empty list")
     system: list[str] = []
@@ -273,10 +288,13 @@ def chat_request_to_messages(body: dict[str, Any], upstream_model: str) -> dict[
             raise ValueError(f"unsupported message role {role!r}")
     if not out:
         raise ValueError("request has no non-empty user or assistant messages")
+    return "\n\n".join(system), out
 
-    req: dict[str, Any] = {"model": upstream_model, "messages": out}
-    if system:
-        req["system"] = "\n\n".join(system)
+
+def _sampling_to_anthropic(body: dict[str, Any]) -> dict[str, Any]:
+    """max_tokens (required by Anthropic: DEFAULT_MAX_TOKENS when the client gave none), temperature clamped to
+    [0, 1], top_p, top_k and stop sequences."""
+    req: dict[str, Any] = {}
     max_tokens = body.get("max_completion_tokens")
     if max_tokens is None:
         max_tokens = body.get("max_tokens")
@@ -295,19 +313,21 @@ def chat_request_to_messages(body: dict[str, Any], upstream_model: str) -> dict[
             req["stop_sequences"] = stop
         else:
             raise ValueError("'stop' must be a string or an array of strings")
-    if "stream" in body:
-        req["stream"] = bool(body["stream"])
+    return req
+
+
+def _tooling_to_anthropic(body: dict[str, Any]) -> dict[str, Any]:
+    """tools and tool_choice; `parallel_tool_calls: false` becomes disable_parallel_tool_use on the choice."""
     tools = _tools_to_anthropic(body.get("tools") or [])
-    if tools:
-        req["tools"] = tools
-        choice = _tool_choice_to_anthropic(body.get("tool_choice"))
-        if body.get("parallel_tool_calls") is False and (choice is None or choice["type"] != "none"):
-            choice = choice or {"type": "auto"}
-            choice["disable_parallel_tool_use"] = True
-        if choice is not None:
-            req["tool_choice"] = choice
-    if body.get("user"):
-        req["metadata"] = {"user_id": body["user"]}
+    if not tools:
+        return {}
+    req: dict[str, Any] = {"tools": tools}
+    choice = _tool_choice_to_anthropic(body.get("tool_choice"))
+    if body.get("parallel_tool_calls") is False and (choice is None or choice["type"] != "none"):
+        choice = choice or {"type": "auto"}
+        choice["disable_parallel_tool_use"] = True
+    if choice is not None:
+        req["tool_choice"] = choice
     return req
 
 

@@ -228,7 +228,7 @@ class Affinity:
         self.upstreams: dict[str, UpstreamAffinity] = {}
         for name, u in fleet.upstreams.items():
             ua = self.upstreams[name] = UpstreamAffinity(u)
-            u.affinity = ua
+            u.attach_affinity(ua)
         #: (pool, session digest) -> (upstream, prompt tokens of the session's last request there)
         self.sessions: OrderedDict[tuple[str, bytes], tuple[str, int]] = OrderedDict()
 

@@ -27,7 +27,8 @@ from gateway.routing import candidates
 from gateway.routing.affinity import Affinity
 from gateway.routing.classes import BATCH, ClassPolicy
 from gateway.state.fleet import Fleet, Pool
-from gateway.state.stats import KV_FILL, KV_RISK_FROM, UpstreamStats
+from gateway.state.load import KV_FILL, KV_RISK_FROM
+from gateway.state.stats import UpstreamStats
 
 
 @dataclass(slots=True)

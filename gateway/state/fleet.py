@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 from gateway.config import FleetConfig, ModelConfig
 from gateway.cost import blended_usd_per_1m
 from gateway.state.class_cost import ClassCost
+from gateway.state.learned import SAMPLES_MAX
 from gateway.state.lengths import OutputLengths
-from gateway.state.stats import WINDOW_S, OutlierView, UpstreamStats
+from gateway.state.rate import WINDOW_S
+from gateway.state.stats import OutlierView, UpstreamStats
 
 
 @dataclass
@@ -59,9 +61,9 @@ class Fleet:
     def memory(self) -> dict:
         """What the per-upstream state holds now and what bounds it (window: WINDOW_S + 10 s of buckets for this
         replica and as many for the others; samples: the deque's maxlen). RSS is the process total."""
-        buckets = [len(u.mine.buckets) + len(u.others.buckets) for u in self.upstreams.values()]
-        samples = [len(u.samples) + len(u.pending_samples) for u in self.upstreams.values()]
-        maxlen = next((u.samples.maxlen for u in self.upstreams.values()), 0) or 0
+        buckets = [len(u.rates.mine.buckets) + len(u.rates.others.buckets) for u in self.upstreams.values()]
+        samples = [len(u.learned.samples) + len(u.learned.pending) for u in self.upstreams.values()]
+        maxlen = SAMPLES_MAX
         return {
             "upstreams": len(self.upstreams),
             "window_buckets": sum(buckets),

@@ -162,16 +162,15 @@ class EngineMetricsScraper:
                     return
                 text = await r.text()
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
-            u.external_load = 0.0  # unknown: plan with our own counts only
-            u.kv_external = 0.0
+            u.endpoint.forget_engine()  # unknown: plan with our own counts only
             return
         load = parse_load(text)
         if load is not None:
             running, waiting = load
             # A request dispatched while the page was fetched is counted by the engine but not in `inflight`:
             # subtract the larger of the counts before and after, so it does not show as a phantom external load.
-            u.external_load = max(0.0, running + waiting - max(inflight, u.inflight))
-        learn_kv(u, *parse_kv(text))
+            u.set_external_load(max(0.0, running + waiting - max(inflight, u.inflight)))
+        u.endpoint.learn_kv(*parse_kv(text))
         if self.affinity is not None:
             self._cache_state(u, text)
 
@@ -183,15 +182,3 @@ class EngineMetricsScraper:
             ua.engine_capacity(capacity)
         if counters is not None:
             ua.engine_counters(*counters)
-
-
-def learn_kv(u: UpstreamStats, capacity: int | None, usage: float | None) -> None:
-    """The engine's KV capacity (unless configured) and the KV tokens it holds beyond the fleet's own requests
-    (other clients), which the router adds to the KV load it plans with."""
-    if capacity:
-        u.kv_learned = capacity
-    cap = u.kv_capacity
-    if usage is None or not cap:
-        return
-    ours = u.kv_load() - u.kv_external
-    u.kv_external = max(0.0, min(1.0, usage) * cap - ours)

@@ -31,7 +31,8 @@ from redis.exceptions import RedisError
 from gateway.periodic import Periodic
 from gateway.routing.capacity import Sample
 from gateway.state.fleet import Fleet
-from gateway.state.stats import WINDOW_S, UpstreamStats, Window
+from gateway.state.rate import WINDOW_S, Window
+from gateway.state.stats import UpstreamStats
 from gateway.sync import store
 from gateway.sync.store import SCHEMA_VERSION, SLOT, Batch, Keys
 
@@ -183,9 +184,7 @@ class FleetSync:
 
     # ---- operator actions (shared through Redis) ------------------------------------------------------------
     def set_cooldown(self, upstream: str, until: float) -> None:
-        u = self.fleet.upstreams[upstream]
-        if until > u.cooldown_until:
-            u.cooldown_until = until
+        if self.fleet.upstreams[upstream].set_cooldown(until):
             self._cooldowns[upstream] = until
             self.fleet.changed.add(upstream)
 
@@ -203,7 +202,7 @@ class FleetSync:
             if int(res) < 0:
                 raise StoreUnavailable("the shared store (Redis) answered too late")
             version = int(res)
-        self.fleet.upstreams[upstream].weight = weight
+        self.fleet.upstreams[upstream].set_weight(weight)
         self.weight_versions[upstream] = version
         self.fleet.changed.add(upstream)
 
@@ -222,7 +221,7 @@ class FleetSync:
         samples = {u.name: s for u in active if (s := u.take_samples())}
         if self.redis is None:
             for n, s in samples.items():
-                ups[n].samples.extend(s)
+                ups[n].keep_samples(s)
             self._refresh(now, set(samples))
             return
         try:
@@ -232,7 +231,7 @@ class FleetSync:
                 log.warning("redis reachable again; fleet view shared")
                 self._inflight_sent = ("", 0.0)
                 for u in ups.values():  # Redis may have restarted empty: give it this replica's whole window back
-                    u.dirty.update(u.mine.buckets)
+                    u.rates.mark_dirty()
             if self.status != "version_mismatch":
                 self.status = "ok"
         except _ERRORS as e:
@@ -240,7 +239,7 @@ class FleetSync:
 
     def _to_push(self) -> list[UpstreamStats]:
         """Upstreams with deltas, at most MAX_PUSH_UPSTREAMS, starting where the last capped cycle stopped."""
-        active = [u for u in self.fleet.upstreams.values() if u.dirty or u.pending_samples]
+        active = [u for u in self.fleet.upstreams.values() if u.rates.dirty or u.learned.pending]  # per upstream per cycle: reads only
         if len(active) <= MAX_PUSH_UPSTREAMS:
             return active
         start = self._push_from % len(active)
@@ -250,12 +249,12 @@ class FleetSync:
     def _failed(self, now: float, e: BaseException, dirty: dict[str, dict[int, list[int]]], samples: dict[str, list[Sample]]) -> None:
         ups = self.fleet.upstreams
         for n, secs in dirty.items():
-            ups[n].dirty.update(secs)  # absolute totals: writing them again later is safe
+            ups[n].rates.mark_dirty(secs)  # absolute totals: writing them again later is safe
         for n, s in samples.items():
-            ups[n].samples.extend(s)  # not re-sent (a timed-out write may have landed); refits use them
+            ups[n].keep_samples(s)  # not re-sent (a timed-out write may have landed); refits use them
         if now - self.last_ok > 5 * HEARTBEAT_TTL:
             for n in self._remote_names:
-                ups[n].inflight_remote = 0  # other replicas' load is unknown by now
+                ups[n].set_remote_inflight(0)  # other replicas' load is unknown by now
                 self.fleet.changed.add(n)
             self._remote_names = set()
         if self.status != "degraded":
@@ -268,9 +267,9 @@ class FleetSync:
         if self._version_conflict(polled):
             ups = self.fleet.upstreams
             for n, secs in dirty.items():  # written once the versions agree again
-                ups[n].dirty.update(secs)
+                ups[n].rates.mark_dirty(secs)
             for n, s in samples.items():  # keep what this replica learned; nothing is merged or written
-                ups[n].samples.extend(s)
+                ups[n].keep_samples(s)
             self._refresh(now, set(samples))
             return
         dead = self._merge_inflight(polled)
@@ -350,7 +349,7 @@ class FleetSync:
         for n in self._remote_names | set(remote):
             u = ups[n]
             if u.inflight_remote != remote.get(n, 0):
-                u.inflight_remote = remote.get(n, 0)
+                u.set_remote_inflight(remote.get(n, 0))
                 self.fleet.changed.add(n)
         self._remote_names = set(remote)
         live = sorted(alive | {self.replica})
@@ -359,7 +358,7 @@ class FleetSync:
             self.replicas = len(live)
             rank = live.index(self.replica)
             for u in ups.values():  # only when membership changes
-                u.replicas, u.rank = len(live), rank
+                u.set_membership(len(live), rank)
         return dead
 
     def _push(self, b: Batch, now: float, dirty: dict[str, dict[int, list[int]]], samples: dict[str, list[Sample]],
@@ -378,7 +377,7 @@ class FleetSync:
         if cooldowns:
             b.write("hset", k.cooldown, mapping={n: store.encode_float(v) for n, v in cooldowns.items()})
             b.write("hincrby", k.gen, "cooldown", 1)
-        row = store.encode_inflight({n: u.inflight_local for n, u in self.fleet.upstreams.items() if u.inflight_local})
+        row = store.encode_inflight({n: u.endpoint.inflight_local for n, u in self.fleet.upstreams.items() if u.endpoint.inflight_local})
         if row != self._inflight_sent[0] or now - self._inflight_sent[1] >= INFLIGHT_RESEND:
             b.write("hset", k.inflight, me, row)
             self._inflight_sent = (row, now)
@@ -450,9 +449,7 @@ class FleetSync:
             self._rebuild(ups[n], plan["lo"])
         self._apply_operator(res)
         for n in plan["sampled"]:
-            u = ups[n]
-            u.samples.clear()
-            u.samples.extend(Sample.from_row(r) for r in res[("samples", n)])
+            ups[n].learned.replace(Sample.from_row(r) for r in res[("samples", n)])
         return set(plan["sampled"])
 
     def _apply_operator(self, res: dict[Hashable, Any]) -> None:
@@ -462,8 +459,7 @@ class FleetSync:
             self._stale_weights = self._apply_weights(res["weights"], res.get("weights_ver", {}))
         for n, until in res.get("cooldown", {}).items():
             c = ups.get(n)
-            if c is not None and until > c.cooldown_until:
-                c.cooldown_until = until
+            if c is not None and c.set_cooldown(until):
                 changed.add(n)
 
     def _apply_weights(self, weights: dict[str, float], versions: dict[str, int]) -> list[str]:
@@ -478,8 +474,7 @@ class FleetSync:
                 continue
             else:
                 w = u.cfg.weight
-            if w != u.weight:
-                u.weight = w
+            if u.set_weight(w):
                 self.fleet.changed.add(n)
         return stale
 
@@ -502,7 +497,7 @@ class FleetSync:
         others = Window()
         for w in cache.values():
             others.merge(w)
-        u.others = others
+        u.rates.set_others(others)
         if not cache:
             del self._slots[u.name]
 
@@ -521,7 +516,7 @@ class FleetSync:
         names = list(ups)
         for _ in range(min(IDLE_REFIT_BATCH, len(names))):  # samples age: refit idle upstreams slowly too
             self._idle_refit = (self._idle_refit + 1) % len(names)
-            if ups[names[self._idle_refit]].samples:
+            if ups[names[self._idle_refit]].learned.samples:
                 fits.add(names[self._idle_refit])
         for n in fits:
             ups[n].refit(now)

@@ -66,7 +66,7 @@ async def test_anthropic_client_to_anthropic_upstream_is_relayed_untouched(start
 
     from gateway.config import FleetConfig, ModelConfig, UpstreamConfig
     from gateway.sim import SimConfig
-    from gateway.state.stats import OUT
+    from gateway.state.upstream_rates import OUT
 
     sims = await start_sims({"claude": SimConfig(name="claude-up")})
     fleet = FleetConfig(

@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from gateway.config import FleetConfig, ModelConfig, UpstreamConfig
-from gateway.state.stats import OUT
+from gateway.state.upstream_rates import OUT
 
 
 def client(gw) -> openai.AsyncOpenAI:

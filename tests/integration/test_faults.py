@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 
 from gateway.sim import start_sim
-from gateway.state.stats import REQ
+from gateway.state.upstream_rates import REQ
 from tests.integration.test_reliability import Result, call, fleet_of, gpu, run_load, settle, wait_for
 from tests.integration.test_reliability import body as chat_body
 from tests.redis_server import RedisServer

@@ -12,7 +12,7 @@ import aiohttp
 
 from gateway.sim.scaled import scaled_fleet
 from gateway.state.fleet import Fleet
-from gateway.state.stats import OUT
+from gateway.state.upstream_rates import OUT
 from gateway.sync.fleet_sync import MAX_PUSH_UPSTREAMS, MAX_SLOT_READS, FleetSync
 from gateway.sync.store import SCHEMA_VERSION, Keys
 from tests.conftest import REDIS_URL
@@ -64,7 +64,7 @@ async def test_traffic_moves_only_what_changed_and_reaches_the_other_replica(red
         busy, _ = await cycles([a, b], 1)
         assert busy < idle + 12  # a few more commands for two active upstreams, not hundreds
         seen = fb.upstreams["up-250"]
-        assert seen.others.sum(OUT, 0) == 40 and seen.inflight_remote == 1 and seen.used_req_60 == 1
+        assert seen.rates.others.sum(OUT, 0) == 40 and seen.inflight_remote == 1 and seen.rates.used_req_60 == 1
         assert fb.upstreams["up-8"].window_sum(OUT) == 0
         fa.upstreams["up-7"].release()
         await cycles([a, b], 1)
@@ -100,7 +100,7 @@ async def test_reads_per_cycle_are_bounded_and_the_backlog_drains(redis_client, 
             before = a.cost.commands
             await a.sync_once()
             assert a.cost.commands - before <= 3 * MAX_PUSH_UPSTREAMS + 20
-        assert not any(u.dirty for u in fa.upstreams.values())
+        assert not any(u.rates.dirty for u in fa.upstreams.values())
         before = b.cost.commands
         await b.sync_once()
         assert b.cost.commands - before <= MAX_SLOT_READS + 20

@@ -10,7 +10,7 @@ import pytest
 from gateway.routing.capacity import Sample
 from gateway.sim.reference import DEMO_PORTS, reference_fleet
 from gateway.state.fleet import Fleet
-from gateway.state.stats import OUT
+from gateway.state.upstream_rates import OUT
 from gateway.sync.fleet_sync import HEARTBEAT_TTL, FleetSync
 from tests.conftest import REDIS_URL
 from tests.redis_server import RedisServer
@@ -43,9 +43,9 @@ async def test_two_replicas_share_inflight_tokens_weights_and_cooldowns(pair, re
     await asyncio.sleep(0.4)
     assert fast_b.inflight_remote == 3 and fast_b.inflight == 3
     assert fast_b.replicas == 2
-    assert fast_b.others.sum(OUT, 0) == 500 and fast_b.window_sum(OUT) == 500
+    assert fast_b.rates.others.sum(OUT, 0) == 500 and fast_b.window_sum(OUT) == 500
     assert fast_b.tok_s > 0
-    assert fast_b.used_req_60 == 3 and fast_b.used_tok_60 == 900
+    assert fast_b.rates.used_req_60 == 3 and fast_b.rates.used_tok_60 == 900
     assert fb.upstreams["slow-gpu"].weight == 0.25
     assert fb.upstreams["hosted"].state(time.time()) == "cooldown"
     # B's own load shows up on A; A's own count is exact and never double counted.
@@ -135,10 +135,10 @@ async def test_flush_retried_after_a_timeout_does_not_double_count(pair):
     for _ in range(10):
         fast.credit(100)
     await asyncio.sleep(0.2)
-    fast.dirty.update(fast.mine.buckets)  # as after a failed (timed-out) flush
+    fast.rates.mark_dirty()  # as after a failed (timed-out) flush
     await asyncio.sleep(0.3)
     seen = fb.upstreams["fast-gpu"]
-    assert seen.used_req_60 == 10 and seen.used_tok_60 == 1000
+    assert seen.rates.used_req_60 == 10 and seen.rates.used_tok_60 == 1000
 
 
 async def test_in_process_store_without_redis():
@@ -151,6 +151,6 @@ async def test_in_process_store_without_redis():
         up.record_tokens(40)
         await asyncio.sleep(0.15)
         assert sync.status == "disabled"
-        assert up.window_sum(OUT) == 40 and up.used_req_60 == 1 and up.inflight == 1
+        assert up.window_sum(OUT) == 40 and up.rates.used_req_60 == 1 and up.inflight == 1
     finally:
         await sync.stop()

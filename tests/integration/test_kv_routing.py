@@ -58,4 +58,4 @@ async def test_direct_load_preempts_but_through_the_gateway_it_does_not(start_si
         assert u.kv_capacity == engine.kv.num_blocks * engine.kv.block_size
         await _burst(gw.url + "/v1", "m")
         assert (await metric_samples(http, fleet.url("kv")))["vllm:num_preemptions_total"] == 0
-        assert engine.completed == CONCURRENT and u.kv_local == 0
+        assert engine.completed == CONCURRENT and u.endpoint.kv_local == 0

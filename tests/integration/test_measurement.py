@@ -9,14 +9,14 @@ import openai
 from aiohttp import web
 
 from gateway.config import FleetConfig, ModelConfig, UpstreamConfig
-from gateway.state.stats import OUT
+from gateway.state.upstream_rates import OUT
 
 
 async def test_long_stream_reports_decode_speed_before_it_ends(gateway):
     fast = gateway.proxy.fleet.upstreams["fast-gpu"]
     for u in gateway.proxy.fleet.upstreams.values():
         if u.name != "fast-gpu":
-            u.weight = 0
+            u.set_weight(0)
     c = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0)
     stream = await c.chat.completions.create(
         model="fleet-model", messages=[{"role": "user", "content": "x"}], max_tokens=400, stream=True
@@ -26,7 +26,7 @@ async def test_long_stream_reports_decode_speed_before_it_ends(gateway):
     async for ch in stream:
         n += 1
         if n == 250:  # ~2 s into a ~3.5 s stream
-            seen_mid_stream = [s for s in fast.samples if s.ttft < 0] + [s for s in fast.pending_samples if s.ttft < 0]
+            seen_mid_stream = [s for s in fast.learned.samples if s.ttft < 0] + [s for s in fast.learned.pending if s.ttft < 0]
     assert seen_mid_stream, "no progress sample while the stream was running"
     s = seen_mid_stream[0]
     assert 0.9 <= s.n <= 1.1  # mean concurrency over the interval: just this stream
@@ -58,5 +58,5 @@ async def test_tokens_counted_with_tiktoken_when_upstream_sends_no_usage(start_g
     assert text == "".join(words)
     up = gw.proxy.fleet.upstreams["plain"]
     assert up.window_sum(OUT) == 6
-    sample = (list(up.samples) + up.pending_samples)[-1]
+    sample = (list(up.learned.samples) + up.learned.pending)[-1]
     assert sample.output_tokens == 6 and sample.ttft > 0

@@ -162,7 +162,7 @@ async def test_stream_broken_after_first_byte_ends_as_response_failed(start_sims
 
 
 async def test_responses_are_measured_and_traced(start_sims, start_gateway, otlp_receiver, monkeypatch):
-    from gateway.state.stats import OUT
+    from gateway.state.upstream_rates import OUT
 
     trace = "5bf92f3577b34da6a3ce929d0e0e4736"
     sims = await start_sims({"s": SimConfig(name="s")})
@@ -219,7 +219,7 @@ class NativeResponsesUpstream:
 async def test_native_pass_through_to_upstreams_serving_the_responses_api(start_gateway):
     from aiohttp import web
 
-    from gateway.state.stats import OUT
+    from gateway.state.upstream_rates import OUT
 
     up = NativeResponsesUpstream()
     app = web.Application()

@@ -393,13 +393,13 @@ def test_scrub_stays_linear_on_hostile_text():
 def test_key_tpm_refund_lapses_with_its_charge():
     """A long request that used less than charged gets the difference back in the second it was charged,
     never later (a late refund would outlive the charge and lend the key extra tokens)."""
-    from gateway.auth import ApiKey
+    from gateway.auth import KEY_TOK, ApiKey
 
     k = ApiKey("d", "id", "team", "sk-gw-x", tpm=10000)
     t0 = 1_000_000.0
     booked = k.admit(9000, 1, now=t0)
     k.settle(-8000, booked, now=t0 + 70)  # finished 70 s later: the charge already left the window
-    assert all(b[2] >= 0 for b in k.usage)
+    assert all(b[KEY_TOK] >= 0 for b in k.usage.buckets.values())
     k.admit(9000, 1, now=t0 + 71)
     with pytest.raises(GatewayError):
         k.admit(2000, 1, now=t0 + 72)  # 11000 > 10000 within one minute

@@ -27,6 +27,7 @@ from gateway.sim.server import WORDS
 from gateway.state.fleet import Fleet
 from gateway.state.measure import Outcome
 from gateway.sync.engine_metrics import parse_cache
+from tests.state_helpers import hold
 
 
 def text(words: int, salt: int = 0) -> str:
@@ -162,7 +163,7 @@ def test_cached_tokens_raise_the_marginal_gain_most_where_prefill_is_slow() -> N
     slow, fast = fleet.upstreams["slow-gpu"], fleet.upstreams["fast-gpu"]
     est = Estimate(prompt_tokens=4000, output_tokens=200)
     for u in (slow, fast):
-        u.inflight_local = 4  # a running batch that a prefill would stall
+        hold(u, 4)  # a running batch that a prefill would stall
     gain = {u.name: (throughput_gain(u, est), throughput_gain(u, est, cached=3984)) for u in (slow, fast)}
     assert all(hit > miss > 0 for miss, hit in gain.values())
     assert gain["slow-gpu"][1] / gain["slow-gpu"][0] > 2 * gain["fast-gpu"][1] / gain["fast-gpu"][0]
@@ -198,12 +199,12 @@ def test_bounded_load_withholds_the_credit_past_the_share_and_slots() -> None:
     assert sticky_bound(slow, 500, slots) == 16  # never past max_concurrency
     ctx = chat(conversation(3))
     aff.upstreams["slow-gpu"].lru.add(prompt_prefix(ctx).hashes)
-    fleet.upstreams["fast-gpu"].inflight_local = 14
-    slow.inflight_local = 5  # load 20 in the pool: slow-gpu may take a 6th sticky request
+    hold(fleet.upstreams["fast-gpu"], 14)
+    hold(slow, 5)  # load 20 in the pool: slow-gpu may take a 6th sticky request
     router.pick(pool, ctx)
     assert ctx.predicted_cached and "slow-gpu" in ctx.predicted_cached
-    slow.inflight_local = 6  # a 7th would exceed twice its share: scored as a full prefill there
-    fleet.upstreams["fast-gpu"].inflight_local = 13
+    hold(slow, 6)  # a 7th would exceed twice its share: scored as a full prefill there
+    hold(fleet.upstreams["fast-gpu"], 13)
     router.pick(pool, ctx)
     assert not ctx.predicted_cached
 
@@ -222,7 +223,7 @@ def test_affinity_never_overrides_service_class_limits() -> None:
     ctx.service_class = "interactive"
     aff.upstreams["slow-gpu"].lru.add(prompt_prefix(ctx).hashes)
     assert router.pick(pool, ctx).upstream.name == "slow-gpu"
-    slow.inflight_local = 5  # a 6th sequence would decode below the class's 100 tok/s floor
+    hold(slow, 5)  # a 6th sequence would decode below the class's 100 tok/s floor
     d = router.pick(pool, ctx)
     assert d.upstream.name != "slow-gpu" and "slow-gpu" not in (ctx.predicted_cached or {})
 

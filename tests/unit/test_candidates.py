@@ -93,6 +93,6 @@ def test_falls_back_to_exact_scan_when_no_candidate_fits():
     only = "u57"
     for u in fleet.upstreams.values():
         if u.name != only:
-            u.weight = 0  # drained: never a candidate
+            u.set_weight(0)  # drained: never a candidate
     r.reindex()
     assert r.pick(pool, EST).upstream.name == only

@@ -5,6 +5,7 @@ from __future__ import annotations
 from gateway.sim.scaled import scaled_fleet
 from gateway.state.fleet import Fleet
 from gateway.sync.engine_metrics import EngineMetricsScraper, parse_load
+from tests.state_helpers import hold
 
 
 def fleet(n: int) -> Fleet:
@@ -22,8 +23,8 @@ def test_small_fleet_scrapes_everyone_every_tick():
 def test_large_fleet_scrapes_busy_every_tick_and_rotates_the_idle():
     f = fleet(100)
     s = EngineMetricsScraper(f, per_tick=10)
-    f.upstreams["up-42"].inflight_local = 1
-    f.upstreams["up-77"].external_load = 3.0
+    hold(f.upstreams["up-42"], 1)
+    f.upstreams["up-77"].set_external_load(3.0)
     seen: set[str] = set()
     for _ in range(13):  # 98 idle servers, 8 a tick: all seen within 13 ticks
         due = [u.name for u in s.due()]
@@ -36,7 +37,7 @@ def test_all_busy_rotates_within_budget():
     f = fleet(30)
     s = EngineMetricsScraper(f, per_tick=8)
     for u in f.upstreams.values():
-        u.inflight_local = 1
+        hold(u, 1)
     seen: set[str] = set()
     for _ in range(4):
         due = s.due()

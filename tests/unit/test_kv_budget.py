@@ -8,7 +8,7 @@ from gateway.context import Estimate, RequestContext
 from gateway.reliability.outlier import OutlierDetector
 from gateway.routing.router import Refusal, Router, kv_risk, throughput_gain
 from gateway.state.fleet import Fleet
-from gateway.sync.engine_metrics import learn_kv, parse_kv
+from gateway.sync.engine_metrics import parse_kv
 
 
 def gpu_fleet(**upstreams: dict) -> tuple[Fleet, Router]:
@@ -44,7 +44,7 @@ def test_kv_tokens_bound_admission_by_tokens_not_sequences():
     assert n_short == (9200 - 7000) // 300  # short conversations still fit in what is left
     g = fleet.upstreams["g"]
     router.release(g, req(3000, 500))
-    assert g.kv_local == 3500 + n_short * 300
+    assert g.endpoint.kv_local == 3500 + n_short * 300
 
 
 def test_max_concurrency_stays_a_hard_cap_and_an_idle_engine_takes_anything():
@@ -81,11 +81,11 @@ def test_capacity_and_external_kv_learned_from_vllm_metrics():
     fleet, _ = gpu_fleet(g={}, h={"kv_tokens": 8000})
     g, h = fleet.upstreams["g"], fleet.upstreams["h"]
     g.credit(0, "interactive", 6000)
-    learn_kv(g, *parse_kv(page))
-    assert g.kv_capacity == 32_000 and g.kv_external == 16_000 - 6000  # the engine holds more than we sent
-    learn_kv(g, None, 0.1)  # now less than ours (our estimate includes expected, not yet generated tokens)
-    assert g.kv_external == 0.0
-    learn_kv(h, 32_000, None)
+    g.endpoint.learn_kv(*parse_kv(page))
+    assert g.kv_capacity == 32_000 and g.endpoint.kv_external == 16_000 - 6000  # the engine holds more than we sent
+    g.endpoint.learn_kv(None, 0.1)  # now less than ours (our estimate includes expected, not yet generated tokens)
+    assert g.endpoint.kv_external == 0.0
+    h.endpoint.learn_kv(32_000, None)
     assert h.kv_capacity == 8000  # configured wins
 
 
@@ -94,5 +94,5 @@ def test_other_replicas_kv_estimated_from_their_counts():
     g = fleet.upstreams["g"]
     g.credit(0, "interactive", 2000)
     g.credit(0, "interactive", 4000)
-    g.inflight_remote = 4
+    g.set_remote_inflight(4)
     assert g.kv_load() == 6000 + 4 * 3000

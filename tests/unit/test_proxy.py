@@ -24,7 +24,7 @@ from gateway.settings import Settings
 from gateway.sim.reference import DEMO_PORTS, reference_fleet
 from gateway.state.fleet import Fleet
 from gateway.state.measure import Measurement
-from gateway.state.stats import ERR, OUT
+from gateway.state.upstream_rates import ERR, OUT
 from gateway.upstream.base import StreamDecoder
 from gateway.upstream.client import Frame, Timeouts
 from gateway.writers import InProcessWriter
@@ -138,7 +138,7 @@ async def test_retry_after_failing_upstream_then_measured_and_traced() -> None:
     assert ctx.upstream == second and ctx.status == 200
     assert (ctx.usage.input_tokens, ctx.usage.output_tokens) == (12, 5)
     ups = r.fleet.upstreams
-    assert ups[first].mine.sum(ERR, 0) == 1 and ups[second].mine.sum(OUT, 0) == 5
+    assert ups[first].rates.mine.sum(ERR, 0) == 1 and ups[second].rates.mine.sum(OUT, 0) == 5
     assert all(u.inflight_local == 0 for u in ups.values()), "every slot is released"
     # Each attempt was told its upstream's traceparent; spans: one server, two clients, the retry visible.
     assert all("traceparent" in c[2] for c in r.transport.calls)

@@ -7,7 +7,7 @@ import time
 
 from gateway.sim.scaled import scaled_fleet
 from gateway.state.fleet import Fleet
-from gateway.state.stats import WINDOW_S
+from gateway.state.rate import WINDOW_S
 
 
 def test_quiet_until_traffic_and_again_once_the_window_has_aged():
@@ -18,13 +18,13 @@ def test_quiet_until_traffic_and_again_once_the_window_has_aged():
     assert not u.quiet()
     now = time.time()
     u.refresh(now)
-    assert not u.quiet() and u.used_req_60 == 1
+    assert not u.quiet() and u.rates.used_req_60 == 1
     u.release()
     u.take_dirty()
     later = now + WINDOW_S + 20
     u.refresh(later)  # everything aged out of the window
-    assert u.used_req_60 == 0 and u.tok_s == 0
+    assert u.rates.used_req_60 == 0 and u.tok_s == 0
     assert u.quiet()
-    before = (u.tok_s, u.rps, u.used_req_60, u.used_tok_60, u.inflight_at_refresh)
+    before = (u.tok_s, u.rates.rps, u.rates.used_req_60, u.rates.used_tok_60, u.endpoint.inflight_at_refresh)
     u.refresh(later + 1)  # what the sync loop skips: it would change nothing
-    assert (u.tok_s, u.rps, u.used_req_60, u.used_tok_60, u.inflight_at_refresh) == before
+    assert (u.tok_s, u.rates.rps, u.rates.used_req_60, u.rates.used_tok_60, u.endpoint.inflight_at_refresh) == before

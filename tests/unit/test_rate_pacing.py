@@ -14,7 +14,8 @@ from gateway.reliability.outlier import OutlierDetector
 from gateway.routing.router import RATE_PASS_S, Refusal, Router
 from gateway.state.fleet import Fleet
 from gateway.state.lengths import MIN_OBSERVED, Lengths, OutputLengths
-from gateway.state.stats import ADM, REQ, UpstreamStats
+from gateway.state.stats import UpstreamStats
+from gateway.state.upstream_rates import ADM, REQ
 
 
 def hosted_fleet(**limits) -> tuple[Fleet, Router, UpstreamStats]:
@@ -46,8 +47,8 @@ def test_sliding_window_counts_requests_started_in_the_last_minute():
     fleet, router, h = hosted_fleet(rpm=600)  # pacing bucket: 20 requests
     now = time.time()
     sec = int(now)
-    h.others.add(sec - 30, REQ, 590)  # the other replicas started 590 requests 30 s ago: 10 left this minute
-    h.others.add(sec - 70, REQ, 500)  # out of the window: does not count
+    h.rates.others.add(sec - 30, REQ, 590)  # the other replicas started 590 requests 30 s ago: 10 left this minute
+    h.rates.others.add(sec - 70, REQ, 500)  # out of the window: does not count
     h.refresh(now)
     assert fill(router, fleet, req(100, 50)) == 10
 
@@ -59,7 +60,7 @@ def test_pacing_refills_at_the_limits_rate_and_ignores_request_length():
         fleet, router, h = hosted_fleet(rpm=600)
         h.refresh(time.time())
         assert fill(router, fleet, req(100, output)) == 20
-        h._pace_at -= 1.5  # 1.5 s later
+        h.rates._pace_at -= 1.5  # 1.5 s later
         assert fill(router, fleet, req(100, output)) == 15
 
 
@@ -73,11 +74,11 @@ def test_tpm_reserved_charges_max_tokens_and_usage_charges_expected_output_then_
     u.refresh(time.time())
     router._dispatch(router.pick(fleet.pools["m"], loose), loose)
     sec, charged = loose.extras["tpm_charge"]
-    assert charged == 1300 and u.mine.buckets[sec][ADM] == 1300
-    bucket = u._pace_tok
+    assert charged == 1300 and u.rates.mine.buckets[sec][ADM] == 1300
+    bucket = u.rates._pace_tok
     u.settle_tokens(sec, charged, 1000 + 900)  # it ran longer than expected
-    assert u.mine.buckets[sec][ADM] == 1900 and u.tok_since_refresh == 1900 and sec in u.dirty
-    assert u._pace_tok == bucket - 600
+    assert u.rates.mine.buckets[sec][ADM] == 1900 and u.rates.tok_since_refresh == 1900 and sec in u.rates.dirty
+    assert u.rates._pace_tok == bucket - 600
     h.settle_tokens(sec, 5000, 1300)  # a reserving provider keeps its charge
     assert h.window_sum(ADM) == 0
 
@@ -157,10 +158,10 @@ def test_paced_shares_of_replicas_add_up_to_the_limits_rate(replicas: int):
     total = 0
     for rank in range(replicas):
         fleet, router, h = hosted_fleet(rpm=600)
-        h.replicas, h.rank = replicas, rank
+        h.set_membership(replicas, rank)
         h.refresh(time.time())
         fill(router, fleet, req(100, 50))
-        h._pace_at -= 1.5
+        h.rates._pace_at -= 1.5
         total += fill(router, fleet, req(100, 50))
     assert total == 15
 
@@ -170,9 +171,9 @@ def test_a_request_leaves_the_window_only_after_the_provider_could_have_dropped_
     no longer at s + 61.6, so a new request cannot meet a slot the provider still holds (a 429)."""
     _, _, h = hosted_fleet(rpm=120)
     s = 1_000_000
-    h.others.add(s, REQ, 120)
+    h.rates.others.add(s, REQ, 120)
     h.refresh(s + 61.2)
-    assert h.used_req_60 == 120 and not h.rate_allows(1)
+    assert h.rates.used_req_60 == 120 and not h.rate_allows(1)
     h.refresh(s + 61.6)
-    assert h.used_req_60 == 0 and h.rate_allows(1)
+    assert h.rates.used_req_60 == 0 and h.rate_allows(1)
 

@@ -143,7 +143,7 @@ def test_limits_are_shared_between_replicas():
     hosted = fleet.upstreams["hosted"]
     hosted.cfg.rpm, hosted.cfg.tpm = 6000, None  # the pacing bucket (2 s of a third of it) is not what binds here
     hosted.cfg.max_concurrency = 30
-    hosted.replicas = 3
+    hosted.set_membership(3, 0)
     hosted.refresh(time.time())
     pool = fleet.pools["fleet-model"]
     n = 0
@@ -264,7 +264,8 @@ def test_replica_shares_add_up_exactly():
     for rank in range(3):
         fleet, router = make(**{"slow-gpu": {"weight": 0}, "hosted": {"weight": 0}, "fast-gpu": {"max_concurrency": 4}})
         fast = fleet.upstreams["fast-gpu"]
-        fast.replicas, fast.rank, fast.inflight_remote = 3, rank, 3
+        fast.set_membership(3, rank)
+        fast.set_remote_inflight(3)
         fast.refresh(time.time())
         try:
             while True:
@@ -277,7 +278,7 @@ def test_replica_shares_add_up_exactly():
     for rank in range(3):
         fleet, router = make(**{"fast-gpu": {"weight": 0}, "slow-gpu": {"weight": 0}, "hosted": {"rpm": 2}})
         hosted = fleet.upstreams["hosted"]
-        hosted.replicas, hosted.rank = 3, rank
+        hosted.set_membership(3, rank)
         hosted.refresh(time.time())
         try:
             while True:
@@ -292,12 +293,12 @@ def test_replica_shares_add_up_exactly():
 async def test_request_larger_than_any_tpm_share_is_refused_clearly():
     fleet, router = make(**{"fast-gpu": {"weight": 0}, "slow-gpu": {"weight": 0}, "hosted": {"tpm": 9000, "rpm": None}})
     hosted = fleet.upstreams["hosted"]
-    hosted.replicas = 3
+    hosted.set_membership(3, 0)
     big = req(prompt_tokens=100, output_tokens=4000)
     with pytest.raises(GatewayError) as e:
         await router.admit(fleet.pools["fleet-model"], big)
     assert e.value.status == 400 and e.value.param == "max_tokens" and "4100 tokens" in e.value.message
-    hosted.replicas = 1
+    hosted.set_membership(1, 0)
     assert (await router.admit(fleet.pools["fleet-model"], big)).upstream is hosted
 
 
