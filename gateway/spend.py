@@ -85,6 +85,12 @@ def _period_ids(day: int) -> tuple[str, str]:
     return d.strftime("%Y%m%d"), d.strftime("%Y%m")
 
 
+@functools.lru_cache(maxsize=4096)
+def _fields(group: str, name: str) -> tuple[str, ...]:
+    """The hash fields of one key, model or upstream (one per METRICS entry): made once, not on every charge."""
+    return tuple(f"{group}|{name}|{metric}" for metric in METRICS)
+
+
 def next_reset(now: float, period: str) -> datetime:
     """Start (UTC) of the next day / month: when a budget of that period is fresh again."""
     d = datetime.fromtimestamp(now, UTC)
@@ -197,11 +203,12 @@ class SpendLedger:
             return
         dk, mk = f"{self.prefix}:spend:d:{d}", f"{self.prefix}:spend:m:{m}"
         names = (("key", key_id), ("model", model), ("upstream", upstream))
+        values = (micros, 1, tokens[0], tokens[1])
         for group, name in names:
             if name is None:
                 continue
-            for metric, v in zip(METRICS, (micros, 1, tokens[0], tokens[1]), strict=True):
-                self._rows[(dk, f"{group}|{name}|{metric}")] += v
+            for field, v in zip(_fields(group, name), values, strict=True):
+                self._rows[(dk, field)] += v
         if key_id is not None:
             self._rows[(mk, f"key|{key_id}|usd_micros")] += micros
 
