@@ -92,7 +92,7 @@ class Proxy:
         pool = self.fleet.pool(ctx.model)
         if pool is None:
             raise GatewayError(404, f"The model '{ctx.model}' does not exist", code="model_not_found", param="model")
-        if not any(ctx.operation in u.operations for u in pool.upstreams):
+        if ctx.operation not in pool.operations:
             raise GatewayError(
                 400, f"The model '{ctx.model}' does not support {ctx.operation.replace('_', ' ')}",
                 code="unsupported_operation", param="model",

@@ -29,6 +29,7 @@ one flush interval; nothing waits on Redis.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -68,11 +69,28 @@ return 0
 
 
 def day_id(now: float) -> str:
-    return datetime.fromtimestamp(now, UTC).strftime("%Y%m%d")
+    return _period_ids(int(now // _DAY_S))[0]
 
 
 def month_id(now: float) -> str:
-    return datetime.fromtimestamp(now, UTC).strftime("%Y%m")
+    return _period_ids(int(now // _DAY_S))[1]
+
+
+_DAY_S = 86400  # a UTC day in POSIX time (no leap seconds)
+
+
+@functools.lru_cache(maxsize=8)
+def _period_ids(day: int) -> tuple[str, str]:
+    """(YYYYMMDD, YYYYMM) of a UTC day number. Cached because every charge needs both and strftime costs ~30 us
+    here (about a twentieth of a whole proxied request's CPU); the day number changes once a day."""
+    d = datetime.fromtimestamp(day * _DAY_S, UTC)
+    return d.strftime("%Y%m%d"), d.strftime("%Y%m")
+
+
+@functools.lru_cache(maxsize=4096)
+def _fields(group: str, name: str) -> tuple[str, ...]:
+    """The hash fields of one key, model or upstream (one per METRICS entry): made once, not on every charge."""
+    return tuple(f"{group}|{name}|{metric}" for metric in METRICS)
 
 
 def next_reset(now: float, period: str) -> datetime:
@@ -187,11 +205,12 @@ class SpendLedger:
             return
         dk, mk = f"{self.prefix}:spend:d:{d}", f"{self.prefix}:spend:m:{m}"
         names = (("key", key_id), ("model", model), ("upstream", upstream))
+        values = (micros, 1, tokens[0], tokens[1])
         for group, name in names:
             if name is None:
                 continue
-            for metric, v in zip(METRICS, (micros, 1, tokens[0], tokens[1]), strict=True):
-                self._rows[(dk, f"{group}|{name}|{metric}")] += v
+            for field, v in zip(_fields(group, name), values, strict=True):
+                self._rows[(dk, field)] += v
         if key_id is not None:
             self._rows[(mk, f"key|{key_id}|usd_micros")] += micros
 

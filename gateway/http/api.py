@@ -50,14 +50,26 @@ def _no_constants(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
+#: Made once: json.loads with a keyword argument builds a new decoder for every body.
+_DECODER = json.JSONDecoder(parse_constant=_no_constants)  # NaN / Infinity are not JSON
+
+
+def _loads(raw: bytes) -> object:
+    """json.loads(raw, parse_constant=_no_constants) with the shared decoder (same encodings accepted)."""
+    return _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
+
+
 async def read_json(request: web.Request) -> dict:
     s = request.app[PROXY_KEY].s
     declared = request.content_length
     if declared is not None and declared > s.max_body_bytes:  # refuse before waiting for the bytes
         raise GatewayError(413, f"request body too large (limit {s.max_body_bytes} bytes)", code="body_too_large")
     try:
-        async with asyncio.timeout(s.body_read_timeout):
+        if request.content.is_eof():  # a small body arrives with the headers: nothing to wait for, no timer to arm
             raw = await request.read()
+        else:
+            async with asyncio.timeout(s.body_read_timeout):
+                raw = await request.read()
     except TimeoutError:
         raise GatewayError(408, "the request body did not arrive in time", code="body_timeout") from None
     except (RequestPayloadError, HttpProcessingError):  # e.g. Content-Encoding: gzip over bytes that are not gzip
@@ -69,7 +81,7 @@ async def read_json(request: web.Request) -> dict:
     if not raw:
         raise GatewayError(400, "We could not parse the JSON body of your request: the body is empty.")
     try:
-        body = json.loads(raw, parse_constant=_no_constants)  # NaN / Infinity are not JSON
+        body = _loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise GatewayError(400, "We could not parse the JSON body of your request. It must be valid JSON.") from None
     if not isinstance(body, dict):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Callable
@@ -269,12 +270,29 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
+#: The young generation is collected every GC_THRESHOLDS[0] net container allocations; one request makes a few
+#: hundred, so the default 700 meant a collection (scanning the in-flight requests' live objects) every request or
+#: two. Ten times fewer collections scan about the same live set each: ~10x less collector work for a few MB more.
+GC_THRESHOLDS = (10_000, 10, 10)
+
+
+def _freeze_startup_objects() -> None:
+    """Move what start-up built (config, tokenizer, OpenTelemetry, routes: tens of thousands of objects that live
+    as long as the process) out of the garbage collector's generations. Every full collection would otherwise scan
+    them again, and request garbage triggers one every few thousand requests. Serving processes only: tests
+    build many runtimes in one process, which must stay collectable."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 async def _serve(app: web.Application, settings: Settings, reuse_port: bool) -> None:
     runner = GatewayRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=settings.shutdown_grace)
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port)
         await site.start()
+        _freeze_startup_objects()
         print(f"gateway listening on http://{settings.host}:{settings.port} (replica {settings.replica_id})", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -37,9 +37,13 @@ class Tracing:
         self.tel = tel
 
     def request_start(self, ctx: RequestContext) -> None:
-        span = self.tel.tracer.start_span(
-            f"{ctx.operation} {ctx.model}", context=self.tel.extract(ctx.headers), kind=SpanKind.SERVER
-        )
+        parent = self.tel.extract(ctx.headers)
+        if not self.tel.tracing_enabled:
+            # No exporter: what the no-op tracer would return (the client's span, or the invalid one), without
+            # naming or starting anything; attempt_start passes the client's trace context on.
+            ctx.extras[_SERVER] = trace.get_current_span(parent)
+            return
+        span = self.tel.tracer.start_span(f"{ctx.operation} {ctx.model}", context=parent, kind=SpanKind.SERVER)
         ctx.extras[_SERVER] = span
         if not span.is_recording():
             return
@@ -72,7 +76,12 @@ class Tracing:
         span.set_attribute(T.ATTR_RETRY_COUNT, a.number - 1)
 
     def attempt_start(self, ctx: RequestContext, a: Attempt) -> None:
-        parent = trace.set_span_in_context(ctx.extras[_SERVER])
+        server: Span = ctx.extras[_SERVER]
+        if not self.tel.tracing_enabled:  # no CLIENT span: the upstream gets the client's traceparent, if any
+            if server.get_span_context().is_valid:
+                self.tel.inject(a.headers, trace.set_span_in_context(server))
+            return
+        parent = trace.set_span_in_context(server)
         cfg = a.upstream.cfg
         span = self.tel.tracer.start_span(f"{ctx.operation} {a.upstream_model}", context=parent, kind=SpanKind.CLIENT)
         a.extras[_CLIENT] = span

@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from multidict import CIMultiDict, CIMultiDictProxy
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -174,6 +175,7 @@ def output_messages_json(text: str, finish_reason: str | None) -> str:
 
 
 @functools.lru_cache(maxsize=256)  # per attempt on the request path: a dict lookup after the first call
+@functools.lru_cache(maxsize=256)  # a handful of kinds, looked up on every attempt
 def provider_name(kind: str) -> str:
     """Map a fleet provider kind ("openai", "azure", "anthropic") to ``gen_ai.provider.name``, from the
     provider registry (gateway.upstream). Values that already are semconv values pass through; unknown ones
@@ -189,6 +191,7 @@ def provider_name(kind: str) -> str:
 
 
 @functools.lru_cache(maxsize=256)  # per attempt on the request path; base URLs are few
+@functools.lru_cache(maxsize=1024)  # per upstream URL: parsed once, not on every attempt
 def server_address_port(base_url: str) -> tuple[str, int]:
     """``server.address`` and ``server.port`` of an upstream URL (the port defaults by scheme, as the
     convention asks for the port the client connected to)."""
@@ -304,12 +307,15 @@ def span_name(operation: str, request_model: str | None) -> str:
 # --------------------------------------------------------------------------------------
 # Propagation
 # --------------------------------------------------------------------------------------
+_CI_HEADERS = (CIMultiDict, CIMultiDictProxy)
+
+
 class _CaseInsensitiveGetter(Getter[Mapping[str, str]]):
     """Header getter that works for plain dicts (any case) and multidicts alike."""
 
     def get(self, carrier: Mapping[str, str], key: str) -> list[str] | None:
         value = carrier.get(key)
-        if value is None:
+        if value is None and not isinstance(carrier, _CI_HEADERS):  # a multidict's get() already ignores case
             lk = key.lower()
             for k in carrier.keys():
                 if isinstance(k, str) and k.lower() == lk:

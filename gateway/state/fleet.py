@@ -24,6 +24,11 @@ class Pool:
     strategy: str
     rr: int = 0  # round-robin cursor
     lengths: OutputLengths = field(default_factory=OutputLengths)  # observed output lengths (expected output)
+    #: What at least one upstream of the pool serves (checked on every request: computed once).
+    operations: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.operations = frozenset().union(*(u.operations for u in self.upstreams))
 
     def strategy_for(self, service_class: str) -> str:
         """The routing strategy of one class's requests: the class's `prefer` (each preference is the strategy

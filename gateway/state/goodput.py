@@ -85,7 +85,10 @@ class SloTracker:
         ctx.slo = judge(ctx, pool.cfg.classes[ctx.service_class], out, error is None, now)
         tokens = out.output_tokens if out is not None else 0
         row = _Row(now, pool.model, ctx.service_class, ctx.upstream or "", ctx.slo.met, tokens)
-        self._rows.append(row)
+        rows = self._rows
+        rows.append(row)
+        while rows[0].at < now - WINDOW_S:  # bounded by the window even when no snapshot is ever taken
+            rows.popleft()
         tot = self.totals.setdefault((row.model, row.service_class, row.upstream, row.met), [0, 0])
         tot[0] += 1
         tot[1] += tokens

@@ -160,9 +160,13 @@ class UpstreamResponse:
 
     async def body(self, deadline: float) -> tuple[bytes, dict]:
         """The whole body (bounded in size and time) and its JSON object."""
+        content = self._resp.content
         try:
-            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                raw = await _read_bounded(self._resp.content, self._client.max_body)
+            if content.is_eof():  # a small body arrives with the headers: nothing to wait for, no timer to arm
+                raw = await _read_bounded(content, self._client.max_body)
+            else:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    raw = await _read_bounded(content, self._client.max_body)
         except TimeoutError:
             raise UpstreamTimeout(f"upstream {self.name} timed out", code="upstream_timeout") from None
         except (aiohttp.ClientError, OSError) as e:

@@ -1,0 +1,85 @@
+"""What the hot-path CPU work (cached period ids, cheap request ids, no span work without an exporter, GC tuning of
+serving processes, bounded SLO rows) must keep doing exactly as before."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from datetime import UTC, datetime
+
+from multidict import CIMultiDict
+
+from gateway.hooks import Attempt
+from gateway.http.validation import build_context, request_id, validate
+from gateway.observability.subscribers import Tracing
+from gateway.observability.telemetry import Telemetry
+from gateway.sim.reference import DEMO_PORTS, reference_fleet
+from gateway.spend import day_id, month_id
+from gateway.state.fleet import Fleet
+from gateway.state.goodput import WINDOW_S, SloTracker, _Row
+from gateway.state.measure import Outcome
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def _body() -> dict:
+    body = {"model": "fleet-model", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}
+    validate("chat", body)
+    return body
+
+
+def test_period_ids_switch_exactly_at_utc_midnight_and_never_serve_a_stale_day() -> None:
+    midnight = datetime(2027, 1, 1, tzinfo=UTC).timestamp()
+    assert (day_id(midnight - 0.001), month_id(midnight - 0.001)) == ("20261231", "202612")
+    assert (day_id(midnight), month_id(midnight)) == ("20270101", "202701")
+    for t in (midnight - 40 * 86400, midnight + 59 * 86400 + 3600, 0.0, -1.0):  # back, forward, epoch, before it
+        d = datetime.fromtimestamp(t, UTC)
+        assert (day_id(t), month_id(t)) == (d.strftime("%Y%m%d"), d.strftime("%Y%m"))
+
+
+def test_new_request_ids_are_distinct_32_hex_digits_and_a_clients_id_is_kept() -> None:
+    ids = {request_id({}) for _ in range(2000)}
+    assert len(ids) == 2000
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+    assert request_id({"x-request-id": "client-42"}) == "client-42"
+
+
+def test_without_an_exporter_only_the_clients_trace_context_reaches_the_upstream() -> None:
+    tel = Telemetry()
+    assert not tel.tracing_enabled
+    tracing = Tracing(tel)
+    cases = [
+        (CIMultiDict({"Traceparent": TRACEPARENT}), TRACEPARENT),  # inbound HTTP headers
+        ({"TRACEPARENT": TRACEPARENT}, TRACEPARENT),  # an in-process caller's plain dict, any case
+        ({}, None),  # nothing to pass on: no header made up
+    ]
+    for headers, expected in cases:
+        ctx = build_context("chat", _body(), headers=headers)
+        a = Attempt(1, None, Outcome())  # type: ignore[arg-type]  # the no-exporter path never reads the decision
+        tracing.request_start(ctx)
+        tracing.attempt_start(ctx, a)
+        tracing.attempt_end(ctx, a)
+        tracing.request_end(ctx, None)
+        assert a.headers.get("traceparent") == expected, headers
+
+
+def test_slo_rows_stay_within_the_window_without_snapshots() -> None:
+    fleet = Fleet(reference_fleet(DEMO_PORTS), "throughput")
+    tracker = SloTracker(fleet)
+    tracker._rows.append(_Row(-1e9, "fleet-model", "interactive", "u", True, 1))  # long out of the window
+    ctx = build_context("chat", _body())
+    ctx.service_class = fleet.pool("fleet-model").cfg.default_class  # type: ignore[union-attr]
+    ctx.status = 200
+    tracker.request_end(ctx, None)
+    assert len(tracker._rows) == 1 and tracker._rows[0].at > -1e9 + WINDOW_S
+
+
+def test_serving_processes_freeze_start_up_objects_and_collect_young_objects_less_often() -> None:
+    code = (
+        "import gc; from gateway.http.app import GC_THRESHOLDS, _freeze_startup_objects; "
+        "before = gc.get_freeze_count(); _freeze_startup_objects(); "
+        "print(gc.get_threshold() == GC_THRESHOLDS, GC_THRESHOLDS[0] > 700, gc.get_freeze_count() > before + 10000)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["True", "True", "True"], out.stderr
