@@ -175,8 +175,10 @@ async def test_cost_per_cycle_against_replicas(redis_client, redis_prefix):
 
 
 async def test_idle_cycle_cpu_fits_the_budget_at_1000_upstreams(redis_client, redis_prefix):
-    """5% of a core at one cycle per 150 ms is 7.5 ms of CPU per cycle; an idle cycle must stay far below that
-    whatever the fleet size (process CPU time, so a busy machine slows it down but does not inflate it)."""
+    """5% of a core at one cycle per 150 ms is 7.5 ms of CPU per cycle; an idle cycle must stay well below that
+    whatever the fleet size. Process CPU time, so a busy machine slows the cycle down without charging it for the
+    wait; cache and frequency effects of a loaded machine still move it by tens of percent, hence the margin (the
+    `scaling` bench measures idle CPU exactly, on a quiet machine)."""
     (_, a), (fb, b) = replica("A", redis_prefix, 1000), replica("B", redis_prefix, 1000)
     await a.start()
     await b.start()
@@ -185,7 +187,7 @@ async def test_idle_cycle_cpu_fits_the_budget_at_1000_upstreams(redis_client, re
         t0 = time.process_time()
         await cycles([a, b], 20)
         per_cycle_ms = (time.process_time() - t0) * 1000 / 40
-        assert per_cycle_ms < 3.0, per_cycle_ms
+        assert per_cycle_ms < 5.0, per_cycle_ms
         assert all(u.quiet() for u in fb.upstreams.values())
     finally:
         await a.stop()
