@@ -16,7 +16,10 @@ Batch admission. Batch requests fill the remaining capacity up to the throughput
 knee; rate limits), with two guards: (1) never onto a server where interactive requests are running if that pushes
 the load past their n_f; (2) keep enough interactive-qualifying room free in the pool for the interactive demand
 expected in the next moments (mean in-flight interactive requests plus a Poisson margin, 3 standard deviations),
-because a batch request holds its slot for a long time. A class's `min_share` of the pool's capacity is always
+because a batch request holds its slot for a long time. Guard (2) only holds batch back from upstreams whose
+slots are that room: a rate-limited hosted API is not (its budget goes to whoever comes first), so batch work
+may always spend it, and a short interactive answer is steered away from a nearly spent request budget
+(router.request_budget_factor): one request unit yields far more tokens as a long batch answer. A class's `min_share` of the pool's capacity is always
 allowed, so batch never starves when interactive load is high.
 """
 
@@ -130,12 +133,23 @@ class ClassPolicy:
         guaranteed = mine + 1 <= pool.cfg.classes[ctx.service_class].min_share * capacity
         limits = {u.name: interactive_limit(u, inter) for u in pool.upstreams}
         ok = []
+        reserve: float | None = None
         for u in cands:
             if u.class_inflight(INTERACTIVE) > 0 and not u.has_slot(limits[u.name]):
                 continue  # would push running interactive requests below their floor
-            if guaranteed or self._room_after(pool, u, limits, inter, ctx) >= self.reserve(pool):
+            if guaranteed or not self._is_room(u, inter, ctx):
+                ok.append(u)  # takes none of the room kept for interactive requests (a rate-limited API, ...)
+                continue
+            reserve = self.reserve(pool) if reserve is None else reserve
+            if self._room_after(pool, u, limits, inter, ctx) >= reserve:
                 ok.append(u)
         return ok
+
+    @staticmethod
+    def _is_room(u: UpstreamStats, inter: ServiceClass, ctx: RequestContext) -> bool:
+        """Do `u`'s free slots count as room for interactive requests? Not a rate-limited API's (its budget is
+        spent by whoever comes first, batch work included) nor one too slow to start for the TTFT target."""
+        return u.weight > 0 and not (u.cfg.rpm or u.cfg.tpm) and meets_ttft(u, inter, ctx.est.prompt_tokens)
 
     def _room_after(self, pool: Pool, target: UpstreamStats, limits: dict[str, int], inter: ServiceClass, ctx: RequestContext) -> float:
         """Interactive-qualifying free slots left in the pool if one more request went to `target`. Only upstreams
@@ -143,7 +157,7 @@ class ClassPolicy:
         (batch work spends it too)."""
         room = 0.0
         for u in pool.upstreams:
-            if u.weight <= 0 or u.cfg.rpm or u.cfg.tpm or not meets_ttft(u, inter, ctx.est.prompt_tokens):
+            if not self._is_room(u, inter, ctx):
                 continue
             load = u.load + (1 if u is target else 0)
             room += max(0.0, limits[u.name] - load)

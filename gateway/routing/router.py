@@ -43,6 +43,10 @@ class Decision:
 #: A queued request that does not fit the rate limits (a large one against TPM) lets later requests that do fit
 #: pass for this long; then it holds the line so the budget frees up for it and it cannot starve.
 RATE_PASS_S = 2.0
+#: Share of an upstream's RPM used in the last minute from which its requests are treated as scarce.
+RPM_PRESSURE = 0.8
+#: The output length that stands for "a long request" when a scarce request budget is spent (a quantile).
+LONG_OUTPUT_Q = 0.9
 
 
 class Refusal(Exception):
@@ -100,6 +104,26 @@ def throughput_gain(u: UpstreamStats, est: Estimate, cached: int = 0) -> float:
         # Its prefill stalls the running batch: tokens lost, spread over the request's lifetime.
         ext += (n / t0) * c.prefill * prefill / duration
     return own * (1.0 - kv_risk(u, est)) - ext
+
+
+def request_budget_factor(u: UpstreamStats, output_tokens: int, long_output: int) -> float:
+    """Discount for a short request on an upstream whose requests-per-minute budget is nearly spent.
+
+    A hosted API limited in RPM spends one unit of its budget per request, however long the answer. While the
+    budget has headroom a request there costs nothing else; once it is nearly used up (requests in the last
+    minute, or the last 10 s' rate, at RPM_PRESSURE of the limit), a 64-token answer there takes the place of a
+    long one (`long_output`: the pool's 90th-percentile output) that would have produced far more for the same
+    unit. So the gain is scaled by output_tokens / long_output (never above 1): short requests go to servers
+    whose capacity is measured in tokens, long ones keep the scarce requests. (A mean would not do: short
+    requests are usually the many, and would set the reference to their own length.)
+    """
+    rpm = u.cfg.rpm
+    if not rpm or output_tokens >= long_output:
+        return 1.0
+    r = u.rates  # the recent rate (10 s) sees pressure build before the minute's count does
+    if max(r.used_req_60, r.rps * 60.0) < RPM_PRESSURE * rpm:
+        return 1.0
+    return output_tokens / long_output
 
 
 def kv_risk(u: UpstreamStats, est: Estimate) -> float:
@@ -395,7 +419,9 @@ def _throughput(pool: Pool, cands: list[UpstreamStats], ctx: RequestContext, odd
         d.strategy = "throughput"
         return d
     cached = ctx.predicted_cached or {}
-    scores = {u.name: error_adjusted(throughput_gain(u, est, cached.get(u.name, 0)), odds(u)) * u.weight for u in cands}
+    long_output = pool.lengths.quantile(LONG_OUTPUT_Q, est.output_tokens)
+    scores = {u.name: error_adjusted(throughput_gain(u, est, cached.get(u.name, 0)), odds(u)) * u.weight
+              * request_budget_factor(u, est.output_tokens, long_output) for u in cands}
     # Work-conserving: every candidate has a free slot, so even a negative best gain is dispatched (the least
     # harmful place); requests wait in the gateway only when no upstream has a slot or rate-limit headroom.
     best = max(cands, key=lambda u: scores[u.name])

@@ -53,6 +53,15 @@ class OutputLengths:
         k = bisect.bisect_right(xs, max_tokens)  # xs[:k] <= max_tokens, the rest are capped by it
         return max(1, round((self._prefix[k] + (n - k) * max_tokens) / n))
 
+    def quantile(self, q: float, default: int) -> int:
+        """The q-quantile of recent output lengths (`default` until MIN_OBSERVED outputs were seen)."""
+        if len(self._recent) < MIN_OBSERVED:
+            return default
+        if self._fresh >= REBUILD_EVERY or not self._sorted:
+            self._rebuild()
+        xs = self._sorted
+        return xs[min(len(xs) - 1, int(q * len(xs)))]
+
     def _rebuild(self) -> None:
         self._sorted = sorted(self._recent)
         pre = [0]

@@ -165,16 +165,23 @@ def summarise(load: Load, warmup: float, phase: float, best_total: float) -> dic
         "surge": {c: _class_figures(load, c, phase, end) for c in ("interactive", "batch")},
         "after_surge_10s": _class_figures(load, "interactive", phase + 10.0, end) if end - phase > 12 else None,
     }
-    by_up: dict[str, dict[str, float]] = {}
-    for (cls, up), secs in sorted(load.by_upstream.items()):  # output tok/s per upstream and class in the window
-        rate = sum(v for sec, v in secs.items() if warmup <= sec < end) / max(1e-9, end - warmup)
-        by_up.setdefault(up, {})[cls] = round(rate, 1)
-    out["tok_s_by_upstream"] = by_up
+    out["tok_s_by_upstream"] = _by_upstream(load, warmup, end)
+    out["phase1"]["tok_s_by_upstream"] = _by_upstream(load, warmup, phase)
+    out["surge"]["tok_s_by_upstream"] = _by_upstream(load, phase, end)
     total = out["interactive"]["tok_s"] + out["batch"]["tok_s"]
     out["total_tok_s"] = round(total, 1)
     out["pct_of_best_total"] = round(100 * total / best_total, 1)
     out["recovery_s"] = _recovery(inter, phase, end)
     return out
+
+
+def _by_upstream(load: Load, t0: float, t1: float) -> dict[str, dict[str, float]]:
+    """Output tok/s per upstream and class between t0 and t1 (seconds since the start)."""
+    by_up: dict[str, dict[str, float]] = {}
+    for (cls, up), secs in sorted(load.by_upstream.items()):
+        rate = sum(v for sec, v in secs.items() if t0 <= sec < t1) / max(1e-9, t1 - t0)
+        by_up.setdefault(up, {})[cls] = round(rate, 1)
+    return by_up
 
 
 def _recovery(inter: list[Rec], surge: float, end: float, bucket: float = 2.0) -> float | None:
