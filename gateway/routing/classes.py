@@ -15,7 +15,7 @@ per-request speed and TTFT meet the targets. Among qualifying upstreams the clas
 Batch admission. Batch requests fill the remaining capacity up to the throughput-optimal point (max_concurrency, the
 knee; rate limits), with two guards: (1) never onto a server where interactive requests are running if that pushes
 the load past their n_f; (2) keep enough interactive-qualifying room free in the pool for the interactive demand
-expected in the next moments (mean in-flight interactive requests plus a Poisson margin, 3 standard deviations),
+expected in the next moments (mean in-flight interactive requests plus a Poisson margin, MARGIN_SIGMAS standard deviations),
 because a batch request holds its slot for a long time. Guard (2) only holds batch back from upstreams whose
 slots are that room: a rate-limited hosted API is not (its budget goes to whoever comes first), so batch work
 may always spend it, and a short interactive answer is steered away from a nearly spent request budget
@@ -48,6 +48,8 @@ DEMAND_ALPHA = 0.05
 #: backlog that arrived first (batch requests hold their slots for many seconds). It decays like any estimate, so a
 #: pool that only ever sees batch work gets its room back within ~15 s.
 INITIAL_DEMAND = 8.0
+#: Room kept above the expected interactive demand d, in Poisson standard deviations (sqrt d).
+MARGIN_SIGMAS = 3.0
 
 
 def requested_class(headers: Mapping[str, str], body: dict) -> tuple[str | None, str | None]:
@@ -167,4 +169,4 @@ class ClassPolicy:
         """Free interactive slots to keep: the expected extra interactive demand with a Poisson margin."""
         d = self.demand.get(pool.model, INITIAL_DEMAND)
         inflight = sum(u.class_inflight(INTERACTIVE) for u in pool.upstreams)
-        return max(1.0, d + 3.0 * math.sqrt(d) + 1.0 - inflight)
+        return max(1.0, d + MARGIN_SIGMAS * math.sqrt(d) + 1.0 - inflight)
