@@ -119,6 +119,25 @@ def test_batch_keeps_room_for_interactive_demand_but_gets_its_min_share() -> Non
     assert router2.pick(fleet2.pools["m"], req("batch")).upstream.name == "A"
 
 
+def test_batch_may_spend_a_rate_limited_api_when_gpu_room_is_kept() -> None:
+    """A rate-limited API's slots are no interactive room (its budget goes to whoever comes first): batch work is
+    not held back from it by the reserve, only from the GPU whose free slots the reserve keeps."""
+    ups = {
+        "A": {"base_url": "http://127.0.0.1:1/a", "max_concurrency": 64, "capacity": {"a": 0.008, "b": 0.0004, "ttft": 0.1}},
+        "H": {"base_url": "http://127.0.0.1:1/h", "kind": "hosted", "max_concurrency": 32, "rpm": 120,
+              "capacity": {"a": 0.0167, "b": 0.0, "ttft": 0.4}},
+    }
+    model = {"upstreams": ["A", "H"], "classes": {"interactive": FLOOR40.model_dump()}}
+    fleet = Fleet(FleetConfig.model_validate({"upstreams": ups, "models": {"m": model}}), "throughput")
+    router = Router(fleet, OutlierDetector(3, 1.0, 10.0), queue_max=16, queue_timeout=5.0)
+    pool = fleet.pools["m"]
+    fill(router, fleet, "A", 10, "interactive")
+    router.classes.observe(pool)
+    fill(router, fleet, "A", 30, "batch")  # A's interactive room (2) is below the reserve
+    d = router.pick(pool, req("batch", output=512))
+    assert d.upstream.name == "H" and set(d.scores) == {"H"}, "only the rate-limited API is open to batch"
+
+
 # ---- queue ---------------------------------------------------------------------------------------------------
 async def test_queue_serves_interactive_before_older_batch_and_aging_lifts_batch() -> None:
     fleet, router = fleet_of({"A": 1}, ServiceClass())  # no targets: only priorities matter here

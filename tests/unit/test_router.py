@@ -334,3 +334,50 @@ def test_failing_upstream_gets_less_than_its_success_weighted_share():
         counts[d.upstream.name] += 1
     share = counts["c"] / 90
     assert 0 < share < 0.7 / 2.7, counts
+
+
+# ---- a scarce request budget goes to long answers -------------------------------------------------------------
+def _spend_rpm(fleet: Fleet, name: str, requests: int) -> None:
+    """`requests` started on `name` this second, as the sync loop then sees them (refresh); its pacing bucket is
+    refilled (as if they had been paced over the last seconds), so only the budget's pressure is new."""
+    u = fleet.upstreams[name]
+    for _ in range(requests):
+        u.credit(0)
+        u.release()
+    u.refresh(time.time())
+    u.rates._pace_at -= 10.0
+
+
+def _lengths(fleet: Fleet, short: int, long: int) -> None:
+    lengths = fleet.pools["fleet-model"].lengths
+    for _ in range(short):
+        lengths.observe(64)
+    for _ in range(long):
+        lengths.observe(512)
+
+
+def test_short_answer_avoids_a_nearly_spent_rpm_budget_long_one_keeps_it():
+    fleet, router = make()
+    pool = fleet.pools["fleet-model"]
+    _lengths(fleet, 80, 20)  # p90 of recent outputs: 512
+    for _ in range(30):
+        fleet.upstreams["fast-gpu"].credit(0)  # a busy GPU: its marginal gain is well below the hosted API's
+    short, long = req(200, 64), req(200, 512)
+    assert router.pick(pool, short).upstream.name == "hosted", "with budget headroom the hosted API is free to use"
+    _spend_rpm(fleet, "hosted", 20)  # 20 requests in the last 10 s = 120/min: at the limit's pace
+    d = router.pick(pool, short)
+    assert d.upstream.name != "hosted" and d.scores["hosted"] < d.scores[d.upstream.name]
+    assert router.pick(pool, long).upstream.name == "hosted", "a long answer gets the most from a request unit"
+
+
+def test_budget_factor_only_for_request_limited_upstreams_and_short_requests():
+    from gateway.routing.router import request_budget_factor
+
+    fleet, _ = make()
+    hosted, fast = fleet.upstreams["hosted"], fleet.upstreams["fast-gpu"]
+    _spend_rpm(fleet, "hosted", 20)
+    assert request_budget_factor(hosted, 64, 512) == 64 / 512
+    assert request_budget_factor(hosted, 512, 512) == 1.0
+    assert request_budget_factor(fast, 64, 512) == 1.0  # no RPM limit: capacity is measured in tokens
+    fleet2, _ = make()
+    assert request_budget_factor(fleet2.upstreams["hosted"], 64, 512) == 1.0  # budget not under pressure
