@@ -9,6 +9,7 @@ Closed-loop workers each run conversations of 5-10 turns back to back (history g
 - `similar`: the same tenant workload on four identical H100 engines (how replicas of one vLLM model are run).
 - `documents`: four identical H100 engines; every conversation opens with its own 2-4k-token document
   ("chat with this file"), so only the engine that prefilled it holds it: here placement decides the hit rate.
+- `documents_a10g`: the same on four A10G engines, whose prefill is ~8x slower: what a miss costs there.
 
 Each runs, on fresh simulators, through `throughput+affinity` (the default) and `throughput` without affinity
 (the pool's `affinity: false`); `mixed` also through `round_robin` and `least_busy`. Beside them: a
@@ -170,15 +171,21 @@ def oracle_hit_rate(bodies: list[tuple[bool, list[dict]]]) -> float:
     return hit / total if total else 0.0
 
 
-def _similar_sims(n: int = 4) -> dict:
-    """`n` identical H100 / Llama-3-8B KV engines with prefix caching: how vLLM replicas of one model are deployed,
-    and where placement decides the hit rate (a conversation's history is cached on one replica only)."""
+#: Fleets of identical engines: (calibrated preset's upstream in calibrated_sims, KV scale). The H100 prefills
+#: ~65k tokens/s, so a cache miss costs it little; the A10G prefills ~8x slower (and holds ~42k KV tokens).
+SIMILAR = {"similar": ("fast-gpu", 0.25), "a10g": ("slow-gpu", 1.0)}
+
+
+def _similar_sims(shape: str, n: int = 4) -> dict:
+    """`n` identical KV engines with prefix caching: how vLLM replicas of one model are deployed, and where
+    placement decides the hit rate (a conversation's history is cached on one replica only)."""
     from dataclasses import replace
 
     from gateway.sim.reference import calibrated_sims
 
-    h100 = calibrated_sims(kv_scale=0.25)["fast-gpu"]
-    return {f"gpu-{i}": replace(h100, name=f"sim-gpu-{i}") for i in range(n)}
+    which, kv_scale = SIMILAR[shape]
+    one = calibrated_sims(kv_scale=kv_scale)[which]
+    return {f"gpu-{i}": replace(one, name=f"sim-gpu-{i}") for i in range(n)}
 
 
 def _fleet(shape: str, ports: dict[str, int], sims: dict) -> Any:
@@ -203,7 +210,7 @@ async def _variant(bench: Any, tag: str, strategy: str, affinity: bool, *, workl
     from gateway.tools.bench import start_gateway, start_sims
 
     o = bench.o
-    sims = calibrated_sims(kv_scale=0.25) if shape == "mixed" else _similar_sims()
+    sims = calibrated_sims(kv_scale=0.25) if shape == "mixed" else _similar_sims(shape)
     sp = await start_sims(bench.procs, sims, tag)
     cfg = _fleet(shape, sp.ports, sims)
     for mc in cfg.models.values():
@@ -250,7 +257,8 @@ async def run(bench: Any) -> dict:
     out: dict[str, Any] = {}
     base = [("throughput+affinity", "throughput", True), ("throughput", "throughput", False)]
     plans = {"mixed": ("mixed", "tenants", base + [("round_robin", "round_robin", False), ("least_busy", "least_busy", False)]),
-             "similar": ("similar", "tenants", base), "documents": ("similar", "documents", base)}
+             "similar": ("similar", "tenants", base), "documents": ("similar", "documents", base),
+             "documents_a10g": ("a10g", "documents", base)}
     for key, (shape, workload, variants) in plans.items():
         rows: dict[str, Any] = {}
         for name, strategy, aff in variants:
@@ -302,7 +310,8 @@ def render(r: dict) -> list[str]:
     lines = ["", "### KV-cache affinity (multi-turn conversations on prefix-caching engines)", ""]
     for shape, title in (("mixed", "tenant prompts, calibrated mixed fleet (H100 + A10G + hosted)"),
                          ("similar", "tenant prompts, four similar H100s"),
-                         ("documents", "a document per conversation, four similar H100s")):
+                         ("documents", "a document per conversation, four similar H100s"),
+                         ("documents_a10g", "a document per conversation, four similar A10Gs")):
         rows = r.get(shape, {})
         lines += [f"{title}:", "", "| variant | tok/s | TTFT p50 | TTFT p99 | hit rate | requests | peak util | peak queue | errors |",
                   "|---|---|---|---|---|---|---|---|---|"]
