@@ -242,15 +242,16 @@ class Affinity:
         p = prompt_prefix(ctx)
         pt = ctx.est.prompt_tokens
         sess = self._session(pool, ctx)
-        load = sum(u.load for u in pool.upstreams)
-        slots = sum(u.cfg.max_concurrency for u in pool.upstreams)
         out: dict[str, int] = {}
+        totals: tuple[float, int] | None = None  # the pool's load and slots, summed only when a hit needs the bound
         for u in cands:
-            if u.load + 1 > sticky_bound(u, load, slots, self.load_factor):
-                continue
             st = sess[1] if sess is not None and sess[0] == u.name else 0
             c = self.upstreams[u.name].predict(p, pt, st)
-            if c > 0:
+            if c <= 0:
+                continue
+            if totals is None:
+                totals = (sum(x.load for x in pool.upstreams), pool.slots)
+            if u.load + 1 <= sticky_bound(u, totals[0], totals[1], self.load_factor):
                 out[u.name] = c
         return out
 

@@ -131,7 +131,7 @@ class ClassPolicy:
         if inter is None or (inter.min_tok_s <= 0 and inter.max_ttft_s is None):
             return cands  # no targets to protect
         mine = sum(u.class_inflight(ctx.service_class) for u in pool.upstreams)
-        capacity = sum(u.cfg.max_concurrency for u in pool.upstreams)
+        capacity = pool.slots
         guaranteed = mine + 1 <= pool.cfg.classes[ctx.service_class].min_share * capacity
         limits = {u.name: interactive_limit(u, inter) for u in pool.upstreams}
         ok = []

@@ -26,9 +26,13 @@ class Pool:
     lengths: OutputLengths = field(default_factory=OutputLengths)  # observed output lengths (expected output)
     #: What at least one upstream of the pool serves (checked on every request: computed once).
     operations: frozenset[str] = field(init=False)
+    #: The pool's engine slots (sum of max_concurrency, fixed by config): per-request rules read it, so a pool of
+    #: hundreds of upstreams is not summed per request.
+    slots: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.operations = frozenset().union(*(u.operations for u in self.upstreams))
+        self.slots = sum(u.cfg.max_concurrency for u in self.upstreams)
 
     def strategy_for(self, service_class: str) -> str:
         """The routing strategy of one class's requests: the class's `prefer` (each preference is the strategy
