@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection
 
 log = logging.getLogger("gateway.periodic")
 
@@ -18,7 +18,7 @@ log = logging.getLogger("gateway.periodic")
 RECANCEL_AFTER = 1.0
 
 
-async def cancel_and_wait(tasks: Iterable[asyncio.Task], limit: float = 10.0) -> None:
+async def cancel_and_wait(tasks: Collection[asyncio.Task], limit: float = 10.0) -> None:
     """Cancel `tasks` and wait for them, cancelling again every RECANCEL_AFTER s in case one swallowed the cancel;
     after `limit` seconds give up on the rest (logged by name) rather than hang the shutdown."""
     loop = asyncio.get_running_loop()
