@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import re
+import signal
 import struct
 import time
 import warnings
@@ -593,14 +594,20 @@ async def start_sim(cfg: SimConfig, host: str = "127.0.0.1", port: int = 0) -> t
 
 
 async def serve_forever(cfg: SimConfig, host: str, port: int) -> None:
-    """Run the sim until cancelled (used by `gateway sim`)."""
+    """Run the sim until SIGTERM or SIGINT (used by `gateway sim`). Both handlers are installed explicitly: a
+    process started in the background by a non-interactive shell inherits SIGINT ignored, and `docker stop` sends
+    SIGTERM, whose default would skip the cleanup."""
     try:
         runner, bound = await start_sim(cfg, host, port)
     except ValueError as e:  # an inconsistent configuration: say so instead of a traceback
         raise SystemExit(f"gateway sim: {e}") from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     print(f"sim {cfg.name!r} ({cfg.mode}) listening on http://{host}:{bound}/v1", flush=True)
     try:
-        await asyncio.Event().wait()
+        await stop.wait()
     finally:
         await runner.cleanup()
 
