@@ -93,6 +93,11 @@ def estimate_micros(prices: Iterable[tuple[Prices | None, float | None]], prompt
     return best
 
 
+def spent_usd_per_1m(micros: int, output_tokens: int) -> float | None:
+    """What was spent per output token: micro-dollars per token is USD per 1M tokens (None before any token)."""
+    return micros / output_tokens if output_tokens > 0 else None
+
+
 def usd_per_1m_output(p: Prices | None, tok_s: float, spend_micros: int = 0, output_tokens: int = 0) -> float | None:
     """An upstream's live USD per 1M output tokens.
 
@@ -101,9 +106,8 @@ def usd_per_1m_output(p: Prices | None, tok_s: float, spend_micros: int = 0, out
     if p is None:
         return None
     if p.per_token:
-        if output_tokens > 0:
-            return spend_micros / output_tokens
-        return float(_d(p.output_per_1m))
+        spent = spent_usd_per_1m(spend_micros, output_tokens)
+        return spent if spent is not None else float(_d(p.output_per_1m))
     hourly = p.hourly
     return gpu_usd_per_1m(hourly, tok_s) if hourly is not None else None
 

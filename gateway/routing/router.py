@@ -43,7 +43,8 @@ class Decision:
 #: A queued request that does not fit the rate limits (a large one against TPM) lets later requests that do fit
 #: pass for this long; then it holds the line so the budget frees up for it and it cannot starve.
 RATE_PASS_S = 2.0
-#: Share of an upstream's RPM used in the last minute from which its requests are treated as scarce.
+#: Share of an upstream's RPM (used in the last minute, or at the last 10 s' rate) from which its requests are
+#: treated as scarce (request_budget_factor).
 RPM_PRESSURE = 0.8
 #: The output length that stands for "a long request" when a scarce request budget is spent (a quantile).
 LONG_OUTPUT_Q = 0.9

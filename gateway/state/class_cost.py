@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway.cost import usd
+from gateway.cost import spent_usd_per_1m, usd
 
 WINDOW_S = 60
 
@@ -40,8 +40,9 @@ class _Sums:
 
 
 def usd_per_1m(micros: int, output_tokens: int) -> float | None:
-    """Micro-dollars per output token is USD per 1M output tokens (None before any output token)."""
-    return round(micros / output_tokens, 6) if output_tokens > 0 else None
+    """USD per 1M output tokens, rounded for the views (cost.spent_usd_per_1m)."""
+    v = spent_usd_per_1m(micros, output_tokens)
+    return None if v is None else round(v, 6)
 
 
 class ClassCost:
