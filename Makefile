@@ -5,7 +5,7 @@ PYTHON ?= python3
 APT := $(shell command -v apt-get 2>/dev/null)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install run test lint bench redis chromium prometheus check clean
+.PHONY: install run test lint bench redis chromium prometheus nginx check clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,10 @@ chromium:
 prometheus:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
 
+# nginx for the bench's overhead scenario (the reverse proxy the gateway's CPU per request is compared with).
+nginx:
+	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends nginx; }
+
 run: install
 	$(VENV)/bin/gateway demo
 
@@ -37,10 +41,10 @@ lint: install
 	$(VENV)/bin/ruff check gateway tests
 	$(VENV)/bin/mypy gateway
 
-test: install redis chromium prometheus lint
+test: install redis chromium prometheus nginx lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests
 
-bench: install redis
+bench: install redis nginx
 	$(VENV)/bin/gateway bench
 
 check: install

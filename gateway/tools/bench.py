@@ -462,8 +462,11 @@ async def _get_json(session: aiohttp.ClientSession, url: str) -> Any:
 
 async def run_phase(targets: list[Target], warmup: float, duration: float, *, streamed: bool = True,
                     sims: SimFleetProc | None = None, gateway: GatewayProc | None = None,
-                    events: list[tuple[float, Any]] | None = None, load: Any = None) -> dict:
+                    events: list[tuple[float, Any]] | None = None, load: Any = None,
+                    groups: dict[str, int] | None = None) -> dict:
     """Closed loop: every target's workers repeat their request until warm-up + duration are over.
+
+    `groups`: more process groups (name -> pgid) whose CPU is measured over the window, beside sims and gateway.
 
     `events`: (seconds after the measured window starts, coroutine factory) run during the phase (e.g. faults).
     `load`: an extra load generator (e.g. open-loop arrivals), called as load(session, recorder, stop_at) and
@@ -523,7 +526,7 @@ async def run_phase(targets: list[Target], warmup: float, duration: float, *, st
         async def mark_window_start() -> None:
             await asyncio.sleep(max(0.0, origin + warmup - time.monotonic()))
             sim_before.update(await sim_stats())
-            cpu0.update(_cpus(sims, gateway))
+            cpu0.update(_cpus(sims, gateway, groups))
             nonlocal pcpu0
             pcpu0 = time.process_time()
 
@@ -540,7 +543,7 @@ async def run_phase(targets: list[Target], warmup: float, duration: float, *, st
         try:
             await asyncio.sleep(max(0.0, stop_at - time.monotonic()))
             sim_after.update(await sim_stats())
-            cpu1.update(_cpus(sims, gateway))
+            cpu1.update(_cpus(sims, gateway, groups))
             pcpu1 = time.process_time()
         finally:
             for t in tasks + aux:
@@ -552,8 +555,8 @@ async def run_phase(targets: list[Target], warmup: float, duration: float, *, st
                       | {"loadgen": round((pcpu1 - pcpu0) / duration, 2)})
 
 
-def _cpus(sims: SimFleetProc | None, gateway: GatewayProc | None) -> dict[str, float]:
-    out = {}
+def _cpus(sims: SimFleetProc | None, gateway: GatewayProc | None, groups: dict[str, int] | None) -> dict[str, float]:
+    out = {name: group_cpu_seconds(pgid) for name, pgid in (groups or {}).items()}
     if sims is not None:
         out["sims"] = group_cpu_seconds(sims.proc.pid)
     if gateway is not None:
@@ -772,48 +775,6 @@ class Bench:
         r["notes"] = f"{o.workers} gateway processes sharing Redis"
         return r
 
-    async def overhead(self) -> dict:
-        """Non-streamed max_tokens=1 on a near-instant GPU sim: direct vs via the gateway, same run."""
-        o = self.o
-        tiny = {"tiny": SimConfig(name="sim-tiny", mode="gpu", base_step=0.0005, per_seq=0.0, prefill_per_token=0.0,
-                                  slots=1024)}
-        sims = await start_sims(self.procs, tiny, "overhead")
-        fleet = {
-            "upstreams": {"tiny": {"provider": "openai", "kind": "gpu", "base_url": sims.url("tiny") + "/v1",
-                                   "model": "sim-tiny", "max_concurrency": 1024,
-                                   "capacity": {"a": 0.0005, "b": 0.0, "ttft": 0.001}}},
-            "models": {"tiny-model": {"upstreams": ["tiny"], "strategy": "throughput"}},
-        }
-        gw = None
-        out: dict[str, Any] = {}
-        try:
-            gw = await start_gateway(self.procs, fleet, "overhead")
-            direct = Target(sims.url("tiny") + "/v1/chat/completions", chat_body("sim-tiny", 8, 1, stream=False), 1)
-            via = Target(gw.url + "/v1/chat/completions", chat_body("tiny-model", 8, 1, stream=False), 1)
-            d = o.overhead_duration
-            w = min(1.0, o.warmup)
-            for label, tgt in (("direct", direct), ("gateway", via)):
-                lat = await run_phase([tgt], w, d, streamed=False, sims=sims, gateway=gw)
-                thr = await run_phase([replace(tgt, workers=o.overhead_concurrency)], w, d, streamed=False,
-                                      sims=sims, gateway=gw)
-                out[label] = {
-                    "serial_p50_ms": lat["latency_p50_ms"], "serial_p99_ms": lat["latency_p99_ms"],
-                    "rps": thr["rps"], "p50_ms": thr["latency_p50_ms"], "p99_ms": thr["latency_p99_ms"],
-                    "errors": lat["error_count"] + thr["error_count"], "cpu_cores": thr["cpu_cores"],
-                    "requests": thr["requests"],
-                }
-        finally:
-            await self._teardown(gw, sims)
-        dg, gg = out["direct"], out["gateway"]
-        gw_cpu = gg["cpu_cores"].get("gateway", 0.0)
-        cpu_per_req = gw_cpu / gg["rps"] if gg["rps"] else None
-        out["added_p50_ms"] = round(gg["serial_p50_ms"] - dg["serial_p50_ms"], 3) if gg["serial_p50_ms"] and dg["serial_p50_ms"] else None
-        out["rps_ratio"] = round(gg["rps"] / dg["rps"], 3) if dg["rps"] else None
-        out["gateway_cpu_ms_per_req"] = round(cpu_per_req * 1000, 3) if cpu_per_req else None
-        out["gateway_rps_per_core"] = round(1 / cpu_per_req) if cpu_per_req else None
-        out["error_count"] = dg["errors"] + gg["errors"]
-        return out
-
     # -- driver
     async def run(self) -> dict:
         o = self.o
@@ -843,8 +804,6 @@ class Bench:
                 plan.append((s, self.adapt))
             elif s == "replicas":
                 plan.append((s, self.replicas))
-            elif s == "overhead":
-                plan.append((s, self.overhead))
             elif s in extra:
                 plan.append((s, lambda s=s: extra[s].run(self)))
             else:
@@ -949,22 +908,8 @@ def render(res: dict) -> str:
             f"{_f(r['latency_p50_ms'] and r['latency_p50_ms'] / 1000, 2, ' s')} | "
             f"{_f(r['latency_p99_ms'] and r['latency_p99_ms'] / 1000, 2, ' s')} | {_f(r['ttft_p50_ms'], 0, ' ms')} | "
             f"{r['error_count']} | {r['sim_429']} | {note} |")
-    ov = sc.get("overhead")
-    if ov:
-        d, g = ov["direct"], ov["gateway"]
-        lines += [
-            "",
-            "| overhead (non-streamed, max_tokens 1) | serial p50 | serial p99 | RPS (C=%d) | p50 | p99 |" % m.get("overhead_concurrency", 0),
-            "|---|---:|---:|---:|---:|---:|",
-            f"| direct to sim | {_f(d['serial_p50_ms'], 2, ' ms')} | {_f(d['serial_p99_ms'], 2, ' ms')} | {_f(d['rps'])} | "
-            f"{_f(d['p50_ms'], 2, ' ms')} | {_f(d['p99_ms'], 2, ' ms')} |",
-            f"| via gateway | {_f(g['serial_p50_ms'], 2, ' ms')} | {_f(g['serial_p99_ms'], 2, ' ms')} | {_f(g['rps'])} | "
-            f"{_f(g['p50_ms'], 2, ' ms')} | {_f(g['p99_ms'], 2, ' ms')} |",
-            "",
-            f"Added p50 {_f(ov['added_p50_ms'], 2, ' ms')}; RPS ratio gateway/direct {_f(ov['rps_ratio'], 2)}; "
-            f"gateway CPU {_f(ov['gateway_cpu_ms_per_req'], 3, ' ms')}/request (~{_f(ov['gateway_rps_per_core'])} RPS per "
-            f"core); errors {ov['error_count']}.",
-        ]
+    if len(lines) == 5:  # no fleet scenario ran: no empty table
+        del lines[2:]
     extra = registry()
     for name, r in sc.items():
         if name in extra and extra[name].render is not None:
@@ -1043,7 +988,6 @@ def main(argv: list[str]) -> int:
     except BaseException:
         bench.procs.kill_all_now()
         raise
-    res["meta"]["overhead_concurrency"] = o.overhead_concurrency
     o.out.write_text(json.dumps(res, indent=1))
     print()
     print(render(res))
