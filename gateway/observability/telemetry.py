@@ -45,7 +45,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.propagators.textmap import Getter
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.export import (
     Histogram as _HistogramData,
 )
@@ -419,8 +419,11 @@ class Telemetry:
             from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
             readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+        # Without tracing there is never a sampled span, so the default trace-based exemplar filter keeps nothing,
+        # yet it is consulted on every record (~20% of a histogram record's CPU): switched off then.
         self.meter_provider = MeterProvider(
-            resource=self.resource, metric_readers=readers, shutdown_on_exit=False
+            resource=self.resource, metric_readers=readers, shutdown_on_exit=False,
+            exemplar_filter=None if self.tracing_enabled else AlwaysOffExemplarFilter(),
         )
         meter = self.meter_provider.get_meter("gateway")
         self._duration = meter.create_histogram(
