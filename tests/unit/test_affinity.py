@@ -278,15 +278,13 @@ def test_engine_cache_state_sizes_the_index_and_gives_its_hit_rate() -> None:
     assert configured.lru.capacity == 100  # config wins over the engine's figure
 
 
-def test_bench_oracle_hit_rate_counts_the_longest_prefix_sent_before() -> None:
-    from gateway.tools.scenarios.affinity import oracle_hit_rate
+def test_sticky_oracle_keeps_a_conversation_on_one_engine_and_balances_by_slots() -> None:
+    from gateway.tools.scenarios.affinity import StickyOracle
 
-    turn1 = [{"role": "system", "content": text(800)}, {"role": "user", "content": "first"}]
-    turn2 = [*turn1, {"role": "assistant", "content": "answer"}, {"role": "user", "content": "second"}]
-    other = [{"role": "system", "content": text(800, salt=3)}, {"role": "user", "content": "x"}]
-    n2 = len(prefix.prompt_token_ids({"messages": turn2}))
-    n_other = len(prefix.prompt_token_ids({"messages": other}))
-    shared = len(prefix.block_hashes(prefix.prompt_token_ids({"messages": turn1}))) * 16
-    # The warm-up request is not counted but fills the cache; the next turn hits its full blocks, `other` nothing.
-    assert oracle_hit_rate([(False, turn1), (True, turn2), (True, other)]) == shared / (n2 + n_other)
-    assert oracle_hit_rate([]) == 0.0
+    o = StickyOracle({"h100": "http://h", "a10g": "http://a"}, {"h100": 64, "a10g": 16})
+    placed = {f"c{i}": o.open(f"c{i}") for i in range(10)}
+    assert sum(u == "http://a" for u in placed.values()) == 2  # open conversations in proportion to slots: 8 to 2
+    o.close("c0")
+    o.close("c1")
+    assert o.open("new") == placed["c0"] == "http://h"  # the freed place
+    assert o.open_convs == {"h100": 7, "a10g": 2}
