@@ -209,6 +209,40 @@ def test_bounded_load_withholds_the_credit_past_the_share_and_slots() -> None:
     assert not ctx.predicted_cached
 
 
+def test_room_freed_on_an_engine_goes_first_to_the_queued_request_it_caches() -> None:
+    """Wake-up order: a waiter whose prefix the freed upstream caches passes an older one whose prefix is elsewhere,
+    by at most the prefill it saves there; a waiter older than that keeps its turn."""
+    import asyncio
+    import time
+
+    from gateway.routing.router import _Waiter
+
+    fleet, router, aff = make(twin=True)
+    pool = fleet.pools["fleet-model"]
+    slow = fleet.upstreams["slow-gpu"]
+    elsewhere, here = chat(conversation(3, salt=1)), chat(conversation(3, salt=2))
+    aff.upstreams["fast-gpu"].lru.add(prompt_prefix(elsewhere).hashes)
+    aff.upstreams["slow-gpu"].lru.add(prompt_prefix(here).hashes)
+    saved = aff.saved_prefill_s(pool, slow, here)
+    assert saved > 0 and aff.saved_prefill_s(pool, slow, elsewhere) == 0
+    loop = asyncio.new_event_loop()
+    cls = pool.cfg.classes["interactive"]
+    for older_by, first in ((0.5 * saved, here), (2 * saved, elsewhere)):
+        for u in pool.upstreams:
+            hold(u, u.cfg.max_concurrency - (u is slow))  # one slot, freed on slow-gpu
+        now = time.monotonic()
+        q = router._queues["fleet-model"]
+        ws = [_Waiter(pool, ctx, cls, frozenset(), loop.create_future(), since, None)  # type: ignore[arg-type]
+              for ctx, since in ((elsewhere, now - 1 - older_by), (here, now - 1))]
+        q.extend(ws)
+        router.wake(slow)
+        served = [w for w in ws if w.future.done()]
+        assert [w.ctx for w in served] == [first] and served[0].future.result().upstream is slow
+        q.clear()
+        router.release(slow, first)
+    loop.close()
+
+
 def test_affinity_never_overrides_service_class_limits() -> None:
     """Class admission filters candidates before affinity scores them: a cached upstream past the interactive
     class's decode floor is not chosen for an interactive request, however much of its prompt it holds."""

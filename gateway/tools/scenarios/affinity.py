@@ -12,11 +12,15 @@ Closed-loop workers each run conversations of 5-10 turns back to back (history g
 - `documents_a10g`: the same on four A10G engines, whose prefill is ~8x slower: what a miss costs there.
 
 Each runs, on fresh simulators, through `throughput+affinity` (the default) and `throughput` without affinity
-(the pool's `affinity: false`); `mixed` also through `round_robin` and `least_busy`. Beside them: a
-perfect-stickiness oracle's hit rate, computed offline over the affinity run's own requests (one unbounded cache
-that every request hits for its longest already-sent block prefix: an upper bound on any placement); the
-documents workload through two gateway replicas (with Redis: per-replica indexes vs one); a `fresh` workload
-(no prefix shared by any two requests) with and without affinity: the cost of hashing.
+(the pool's `affinity: false`); `mixed` also through `round_robin` and `least_busy`. Each also runs the
+perfect-stickiness oracle (`sticky_oracle`, StickyOracle): no gateway; every turn of a conversation is sent
+straight to the one GPU engine the conversation was given when it started (the one with the fewest open
+conversations per slot), on the same simulators with the same finite caches. Its hit rate is the reference of
+"hit rate / oracle": what never moving a conversation gets, not an upper bound on any placement (an engine it
+overfills evicts its own conversations' prefixes; the hosted sim is left out, as its RPM limit would refuse the
+oracle's unmetered traffic). Beside them: the documents workload through two gateway replicas (with Redis:
+per-replica indexes vs one); a `fresh` workload (no prefix shared by any two requests) with and without
+affinity: the cost of hashing.
 
 Reported per variant: output tok/s, TTFT p50/p99, prefix hit rate (cached / prompt tokens, from usage), the
 highest in-flight / max_concurrency seen on any upstream, and the gateway's peak queue depth.
