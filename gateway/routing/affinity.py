@@ -255,6 +255,14 @@ class Affinity:
                 out[u.name] = c
         return out
 
+    def saved_prefill_s(self, pool: Pool, u: UpstreamStats, ctx: RequestContext) -> float:
+        """Seconds of prefill `u` would probably not spend on the request (its predicted cached tokens, without the
+        bounded-load rule: the question is whose prefix `u` holds, not whether more may pile onto it)."""
+        sess = self._session(pool, ctx)
+        pt = ctx.est.prompt_tokens
+        c = self.upstreams[u.name].predict(prompt_prefix(ctx), pt, sess[1] if sess and sess[0] == u.name else 0)
+        return u.curve.ttft_for(pt) - u.curve.ttft_for(pt - c) if c > 0 else 0.0
+
     def _session(self, pool: Pool, ctx: RequestContext) -> tuple[str, int] | None:
         k = session_key(ctx.cache_key)
         return None if k is None else self.sessions.get((pool.model, k))

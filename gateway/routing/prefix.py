@@ -37,38 +37,28 @@ def block_hashes(token_ids: Sequence[int], block_size: int = BLOCK_SIZE, parent:
     """
     if block_size < 1:
         raise ValueError("block_size must be >= 1")
-    out: list[int] = []
-    h = parent
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        data = h.to_bytes(8, "little") + array("I", token_ids[start:start + block_size]).tobytes()
-        h = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
-        out.append(h)
-    return out
+    buf = (token_ids if isinstance(token_ids, array) and token_ids.typecode == "I" else array("I", token_ids)).tobytes()
+    step = 4 * block_size
+    digests: list[bytes] = []
+    h = parent.to_bytes(8, "little")
+    for start in range(0, len(buf) - step + 1, step):
+        h = hashlib.blake2b(h + buf[start:start + step], digest_size=8).digest()
+        digests.append(h)
+    return [int.from_bytes(d, "little") for d in digests]
 
 
-def _content_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return ""
+@functools.lru_cache(maxsize=64)
+def _marker(role: str) -> tuple[int, ...]:
+    return tuple(tokens.encoding().encode_ordinary(f"<|{role}|>\n"))
 
 
-def _encode(text: str) -> list[int]:
-    if len(text) >= _CACHE_MIN_CHARS:
-        return list(_encode_cached(text))
-    return tokens.encoding().encode_ordinary(text) if text else []
+_NEWLINE = tuple(tokens.encoding().encode_ordinary("\n"))
 
 
-#: Messages at least this long are tokenized once and remembered: a conversation resends its system prompt and
-#: history every turn, and tenants share system prompts, so most of a prompt's text was seen before.
-_CACHE_MIN_CHARS = 512
-
-
-@functools.lru_cache(maxsize=1024)
-def _encode_cached(text: str) -> array:
-    """Token ids of a long message, 4 bytes each (1024 entries of a few thousand tokens: a few MB)."""
-    return array("I", tokens.encoding().encode_ordinary(text))
+def _message_ids(role: str, text: str) -> list[int]:
+    """A message as `<|role|>\n`, its content, `\n`, each encoded on its own: the content's ids are the ones
+    tokens.prompt_tokens counted (tokens.encode remembers long contents), so a prompt is tokenized once."""
+    return [*_marker(role), *tokens.encode(text), *_NEWLINE]
 
 
 #: Characters encoded per token wanted when a limit applies (tokens of English text average ~4 characters).
@@ -77,14 +67,13 @@ _CHARS_PER_TOKEN_BOUND = 8
 _CUT_MARGIN = 8
 
 
-def _encode_bounded(text: str, want: int) -> tuple[list[int], bool]:
-    """Encode at most ~`want` tokens of `text`; (ids, cut). A cut drops the last few tokens, which may differ
-    from the full text's tokenization, so the ids returned are always a prefix of the full encoding's."""
+def _encode_bounded(role: str, text: str, want: int) -> tuple[list[int], bool]:
+    """A message's ids (_message_ids), at most ~`want` of them; (ids, cut). A cut drops the last few tokens, which
+    may differ from the full text's tokenization, so the ids returned are always a prefix of the full list's."""
     chars = want * _CHARS_PER_TOKEN_BOUND + 16 * _CUT_MARGIN
-    cut = len(text) > chars
-    if not cut:
-        return _encode(text), False
-    ids = _encode(text[:chars])
+    if len(text) <= chars:
+        return _message_ids(role, text), False
+    ids = [*_marker(role), *tokens.encoding().encode_ordinary(text[:chars])]
     return ids[: max(0, min(want, len(ids) - _CUT_MARGIN))], True
 
 
@@ -103,23 +92,18 @@ def prompt_token_ids(body: dict[str, Any], limit: int | None = None) -> list[int
     if limit is not None:
         return _bounded_ids(body, limit)
     ids: list[int] = []
-    system = body.get("system")
-    if system is not None:
-        ids += _encode(f"<|system|>\n{_content_text(system)}\n")
-    msgs = body.get("messages")
-    if isinstance(msgs, list):
-        for m in msgs:
-            if isinstance(m, dict):
-                ids += _encode(f"<|{m.get('role', 'user')}|>\n{_content_text(m.get('content'))}\n")
+    for role, text in _messages(body):
+        ids += _message_ids(role, text)
+    if isinstance(body.get("messages"), list):
         return ids
     prompt = body.get("prompt", body.get("input", ""))
     if isinstance(prompt, str):
-        return ids + _encode(prompt)
+        return ids + list(tokens.encode(prompt))
     if isinstance(prompt, list) and prompt:
         if all(isinstance(t, int) for t in prompt):
             return ids + [t for t in prompt if 0 <= t < 2**32]
         if isinstance(prompt[0], str):
-            return ids + _encode(prompt[0])  # a batch of prompts: the first one's prefix
+            return ids + list(tokens.encode(prompt[0]))  # a batch of prompts: the first one's prefix
         if isinstance(prompt[0], list):
             return ids + [t for t in prompt[0] if isinstance(t, int) and 0 <= t < 2**32]
     return ids
@@ -128,21 +112,27 @@ def prompt_token_ids(body: dict[str, Any], limit: int | None = None) -> list[int
 def _bounded_ids(body: dict[str, Any], limit: int) -> list[int]:
     """prompt_token_ids(body)[:~limit] for chat bodies without encoding past the limit (other shapes: their
     first `limit` ids, as prompt strings are encoded in one piece anyway and token arrays cost nothing)."""
-    msgs = body.get("messages")
-    if not isinstance(msgs, list):
+    if not isinstance(body.get("messages"), list):
         return prompt_token_ids(body)[:limit]
-    parts: list[str] = []
-    system = body.get("system")
-    if system is not None:
-        parts.append(f"<|system|>\n{_content_text(system)}\n")
-    parts += [f"<|{m.get('role', 'user')}|>\n{_content_text(m.get('content'))}\n" for m in msgs if isinstance(m, dict)]
     ids: list[int] = []
-    for text in parts:
-        more, cut = _encode_bounded(text, limit - len(ids))
+    for role, text in _messages(body):
+        more, cut = _encode_bounded(role, text, limit - len(ids))
         ids += more
         if cut or len(ids) >= limit:
             break
     return ids[:limit]
+
+
+def _messages(body: dict[str, Any]) -> list[tuple[str, str]]:
+    """(role, content text) of a body's messages, a top-level (Anthropic) `system` first."""
+    out = []
+    system = body.get("system")
+    if system is not None:
+        out.append(("system", tokens.content_text(system)))
+    msgs = body.get("messages")
+    if isinstance(msgs, list):
+        out += [(str(m.get("role", "user")), tokens.content_text(m.get("content"))) for m in msgs if isinstance(m, dict)]
+    return out
 
 
 def prompt_block_hashes(body: dict[str, Any], block_size: int = BLOCK_SIZE) -> tuple[int, list[int]]:

@@ -43,6 +43,8 @@ class Decision:
 #: A queued request that does not fit the rate limits (a large one against TPM) lets later requests that do fit
 #: pass for this long; then it holds the line so the budget frees up for it and it cannot starve.
 RATE_PASS_S = 2.0
+#: Queued requests the wake-up ordering looks at for a prefix cached on the freed upstream (Router._cached_first).
+WAKE_LOOKAHEAD = 16
 #: Share of an upstream's RPM (used in the last minute, or at the last 10 s' rate) from which its requests are
 #: treated as scarce (request_budget_factor).
 RPM_PRESSURE = 0.8
@@ -338,6 +340,8 @@ class Router:
             return
         now = time.monotonic()
         waiters = sorted((w for p in pools for w in self._queues[p.model]), key=lambda w: (w.rank(now), w.since))
+        if u is not None and self.affinity is not None and len(waiters) > 1:
+            waiters = self._cached_first(u, waiters, now)
         blocked: set[tuple[str, str]] = set()
         for w in waiters:
             line = (w.pool.model, w.ctx.service_class)
@@ -355,6 +359,23 @@ class Router:
                 w.ctx.extras["best_effort"] = True
             self._queues[w.pool.model].remove(w)
             w.future.set_result(self._dispatch(d, w.ctx))
+
+    def _cached_first(self, u: UpstreamStats, waiters: list[_Waiter], now: float) -> list[_Waiter]:
+        """The queue's order for room freed on `u`: a waiter whose prompt prefix `u` probably caches counts as having
+        waited as much longer as the prefill it would save there. Otherwise the oldest waiter takes the room, as
+        a miss (a multi-turn conversation moves off the engine holding its history while the next waiter, whose
+        history is on `u`, then waits for room elsewhere or misses too); this way each engine's room goes first
+        to its own conversations, and a waiter is passed over only by one saving more prefill than its extra
+        wait. Only the first WAKE_LOOKAHEAD waiters are considered (a queue storm stays cheap to serve)."""
+        aff = self.affinity
+        assert aff is not None
+        head = waiters[:WAKE_LOOKAHEAD]
+
+        def key(w: _Waiter) -> tuple[float, float]:
+            saved = aff.saved_prefill_s(w.pool, u, w.ctx) if aff.enabled(w.pool, w.ctx) else 0.0
+            return w.rank(now) - saved / w.cls.aging_s, w.since
+
+        return sorted(head, key=key) + waiters[WAKE_LOOKAHEAD:]
 
     def tick(self) -> None:
         """Periodic: update each pool's class demand estimate, re-rank the upstreams whose figures changed (large

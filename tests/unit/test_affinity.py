@@ -209,6 +209,40 @@ def test_bounded_load_withholds_the_credit_past_the_share_and_slots() -> None:
     assert not ctx.predicted_cached
 
 
+def test_room_freed_on_an_engine_goes_first_to_the_queued_request_it_caches() -> None:
+    """Wake-up order: a waiter whose prefix the freed upstream caches passes an older one whose prefix is elsewhere,
+    by at most the prefill it saves there; a waiter older than that keeps its turn."""
+    import asyncio
+    import time
+
+    from gateway.routing.router import _Waiter
+
+    fleet, router, aff = make(twin=True)
+    pool = fleet.pools["fleet-model"]
+    slow = fleet.upstreams["slow-gpu"]
+    elsewhere, here = chat(conversation(3, salt=1)), chat(conversation(3, salt=2))
+    aff.upstreams["fast-gpu"].lru.add(prompt_prefix(elsewhere).hashes)
+    aff.upstreams["slow-gpu"].lru.add(prompt_prefix(here).hashes)
+    saved = aff.saved_prefill_s(pool, slow, here)
+    assert saved > 0 and aff.saved_prefill_s(pool, slow, elsewhere) == 0
+    loop = asyncio.new_event_loop()
+    cls = pool.cfg.classes["interactive"]
+    for older_by, first in ((0.5 * saved, here), (2 * saved, elsewhere)):
+        for u in pool.upstreams:
+            hold(u, u.cfg.max_concurrency - (u is slow))  # one slot, freed on slow-gpu
+        now = time.monotonic()
+        q = router._queues["fleet-model"]
+        ws = [_Waiter(pool, ctx, cls, frozenset(), loop.create_future(), since, None)  # type: ignore[arg-type]
+              for ctx, since in ((elsewhere, now - 1 - older_by), (here, now - 1))]
+        q.extend(ws)
+        router.wake(slow)
+        served = [w for w in ws if w.future.done()]
+        assert [w.ctx for w in served] == [first] and served[0].future.result().upstream is slow
+        q.clear()
+        router.release(slow, first)
+    loop.close()
+
+
 def test_affinity_never_overrides_service_class_limits() -> None:
     """Class admission filters candidates before affinity scores them: a cached upstream past the interactive
     class's decode floor is not chosen for an interactive request, however much of its prompt it holds."""
@@ -278,15 +312,13 @@ def test_engine_cache_state_sizes_the_index_and_gives_its_hit_rate() -> None:
     assert configured.lru.capacity == 100  # config wins over the engine's figure
 
 
-def test_bench_oracle_hit_rate_counts_the_longest_prefix_sent_before() -> None:
-    from gateway.tools.scenarios.affinity import oracle_hit_rate
+def test_sticky_oracle_keeps_a_conversation_on_one_engine_and_balances_by_slots() -> None:
+    from gateway.tools.scenarios.affinity import StickyOracle
 
-    turn1 = [{"role": "system", "content": text(800)}, {"role": "user", "content": "first"}]
-    turn2 = [*turn1, {"role": "assistant", "content": "answer"}, {"role": "user", "content": "second"}]
-    other = [{"role": "system", "content": text(800, salt=3)}, {"role": "user", "content": "x"}]
-    n2 = len(prefix.prompt_token_ids({"messages": turn2}))
-    n_other = len(prefix.prompt_token_ids({"messages": other}))
-    shared = len(prefix.block_hashes(prefix.prompt_token_ids({"messages": turn1}))) * 16
-    # The warm-up request is not counted but fills the cache; the next turn hits its full blocks, `other` nothing.
-    assert oracle_hit_rate([(False, turn1), (True, turn2), (True, other)]) == shared / (n2 + n_other)
-    assert oracle_hit_rate([]) == 0.0
+    o = StickyOracle({"h100": "http://h", "a10g": "http://a"}, {"h100": 64, "a10g": 16})
+    placed = {f"c{i}": o.open(f"c{i}") for i in range(10)}
+    assert sum(u == "http://a" for u in placed.values()) == 2  # open conversations in proportion to slots: 8 to 2
+    o.close("c0")
+    o.close("c1")
+    assert o.open("new") == placed["c0"] == "http://h"  # the freed place
+    assert o.open_convs == {"h100": 7, "a10g": 2}

@@ -62,3 +62,28 @@ def test_prompt_token_ids_shapes() -> None:
     # Anthropic: the top-level system prompt comes first and counts towards the prefix.
     ant = prompt_token_ids({"system": "Be brief.", "messages": [{"role": "user", "content": "hi"}]})
     assert ant[-len(prompt_token_ids(parts)):] == prompt_token_ids(parts) and len(ant) > len(prompt_token_ids(parts))
+
+
+def test_block_hashes_follow_the_documented_chain_for_lists_and_arrays() -> None:
+    import hashlib
+    from array import array
+
+    ids = list(range(1000, 1000 + 3 * BLOCK_SIZE + 5))
+    h, want = 0, []
+    for i in range(3):  # hash_i = blake2b-64(hash_{i-1} || the block's tokens as uint32), partial tail ignored
+        data = h.to_bytes(8, "little") + array("I", ids[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE]).tobytes()
+        h = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+        want.append(h)
+    assert block_hashes(ids) == block_hashes(array("I", ids)) == want
+
+
+def test_the_estimate_and_the_prefix_tokenize_each_message_content_the_same_way() -> None:
+    from gateway import tokens
+
+    long = "You are a careful assistant. " * 60  # long enough to be remembered (tokens.encode's cache)
+    msgs = [{"role": "system", "content": long}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    content = [list(tokens.encode(tokens.content_text(m["content"]))) for m in msgs]
+    ids = prompt_token_ids({"messages": msgs})
+    assert all(any(ids[i:i + len(c)] == c for i in range(len(ids))) for c in content)
+    assert tokens.prompt_tokens({"messages": msgs}) == sum(map(len, content)) + 4 * len(msgs)
+    assert tokens.encode(long) is tokens.encode(long)  # tokenized once, shared by both
