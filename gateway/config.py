@@ -56,6 +56,8 @@ class CapacityHint(BaseModel):
     b: float = Field(0.0, ge=0)
     ttft: float = Field(0.2, ge=0, description="seconds to first token at low load")
     prefill: float = Field(0.0, ge=0, description="extra seconds to first token per prompt token to prefill")
+    prompt_tokens: int = Field(0, ge=0, description="prompt size of the requests a and b were measured with (t(n) "
+                               "includes the stalls of their prefills; 0: a and b exclude prefill)")
 
 
 class Prices(BaseModel):

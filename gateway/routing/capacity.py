@@ -8,6 +8,8 @@ produce a nonsense slope. Where the data says the line is wrong (speculative dec
 at low batch than the line through the high-batch points; KV-bound engines slow down faster near their cache
 limit), a per-bucket shape factor multiplies the line: t(n) = (a + b*n) * k(n), k piecewise linear in n.
 TTFT is fitted against prompt size (level + prefill seconds per prompt token), for GPU and hosted upstreams alike.
+Measured t(n) already includes the batch's stalls for the prefills of the prompts it served (their mean size is
+kept), so a request's prefill costs the running batch only its departure from that mean (excess_prefill).
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ class CapacityCurve:
         self.b = hint.b
         self.ttft = hint.ttft  # TTFT level at the mean prompt size seen
         self.prefill = hint.prefill  # extra TTFT seconds per prompt token (prefill), fitted when prompt sizes vary
-        self._mean_prompt = 0.0
+        self._mean_prompt = float(hint.prompt_tokens)  # the prompt size whose prefills t(n) includes
         self.samples = 0
         self._shape_n: list[float] = []  # bucket centres (mean n) with a shape factor, ascending
         self._shape_k: list[float] = []
@@ -88,6 +90,19 @@ class CapacityCurve:
     def ttft_for(self, prompt_tokens: int) -> float:
         """Expected time to first token for a prompt of this size."""
         return max(0.0, self.ttft + self.prefill * (prompt_tokens - self._mean_prompt))
+
+    def excess_prefill(self, prompt_tokens: int) -> float:
+        """Seconds this prompt's prefill stalls the running batch beyond what t(n) already includes.
+
+        Measured t(n) contains the stalls of the prefills that were going on: every sequence there was prefilled
+        once, a prompt of the measured mean size (`_mean_prompt`). So the curve's step from t(n) to t(n+1) already
+        charges one mean-sized prefill; charging the whole prefill again would count it twice and make a busy
+        GPU look worse than it is at the margin (at 48 streams on a speculative H100 that alone sent work to
+        servers adding half as much). Only the departure from the mean is extra: positive for a long prompt,
+        negative for a short one. Before any measurement the mean is the hint's `prompt_tokens` (0: the whole
+        prefill counts).
+        """
+        return self.prefill * (prompt_tokens - self._mean_prompt)
 
     def tpot(self, n: float) -> float:
         """Seconds per output token per sequence at concurrency n."""

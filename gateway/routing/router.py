@@ -104,8 +104,9 @@ def throughput_gain(u: UpstreamStats, est: Estimate, cached: int = 0) -> float:
         return 0.0
     ext = n * (1.0 / t0 - 1.0 / t1) if n > 0 else 0.0
     if n > 0 and u.cfg.kind == "gpu":
-        # Its prefill stalls the running batch: tokens lost, spread over the request's lifetime.
-        ext += (n / t0) * c.prefill * prefill / duration
+        # Its prefill stalls the running batch: tokens lost, spread over the request's lifetime (beyond the
+        # mean-sized prefill the measured curve already charges).
+        ext += (n / t0) * c.excess_prefill(prefill) / duration
     return own * (1.0 - kv_risk(u, est)) - ext
 
 

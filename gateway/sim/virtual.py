@@ -66,6 +66,7 @@ class Driver:
 class LoopResult:
     tok_s: float  # output tokens per second, aggregate
     ttft: float  # mean seconds from submission to first token
+    tpot: float  # mean seconds per output token after the first, per sequence (what the gateway samples)
     preemptions_per_min: float
     hit_rate: float  # prefix-cache hit tokens / prompt tokens looked up
 
@@ -79,7 +80,7 @@ def closed_loop(cfg: SimConfig, workers: int, prompt_tokens: int, max_tokens: in
     worker, at least 16) completed.
     """
     if workers < 1:
-        return LoopResult(0.0, 0.0, 0.0, 0.0)
+        return LoopResult(0.0, 0.0, 0.0, 0.0, 0.0)
     engine = KvEngine(replace(cfg))
     d = Driver(engine)
     total = requests or max(16, 4 * workers)
@@ -87,6 +88,7 @@ def closed_loop(cfg: SimConfig, workers: int, prompt_tokens: int, max_tokens: in
     issued = done = 0
     inflight: dict[int, tuple[KvSeq, float]] = {}
     ttfts: list[float] = []
+    tpots: list[float] = []
     t0, base = 0.0, (0, 0, 0, 0)  # (preemptions, output tokens, prefix queries, prefix hits) at t0
 
     def submit() -> None:
@@ -110,19 +112,24 @@ def closed_loop(cfg: SimConfig, workers: int, prompt_tokens: int, max_tokens: in
             del inflight[sid]
             done += 1
             if done > skip:
-                ttfts.append(d.times[sid][0] - start)
+                times = d.times[sid]
+                ttfts.append(times[0] - start)
+                if len(times) > 1:
+                    tpots.append((times[-1] - times[0]) / (len(times) - 1))
             elif done == skip:
                 t0, base = d.now, counters()
             submit()
     span = max(d.now - t0, 1e-9)
     pre, out, queries, hits = (now - then for now, then in zip(counters(), base))
-    return LoopResult(out / span, sum(ttfts) / max(1, len(ttfts)), pre * 60.0 / span, hits / max(1, queries))
+    return LoopResult(out / span, sum(ttfts) / max(1, len(ttfts)), sum(tpots) / max(1, len(tpots)), pre * 60.0 / span,
+                      hits / max(1, queries))
 
 
 def capacity_hint(cfg: SimConfig, prompt_tokens: int = 256, max_tokens: int = 128) -> dict[str, float]:
-    """Seed {a, b, ttft, prefill} for t(n) = a + b*n seconds per output token of one sequence, fitted through
-    the closed-loop figures at 1 and at `slots`/2 concurrent sequences; `prefill`: TTFT seconds per prompt
-    token, from an idle engine's TTFT at `prompt_tokens` and at 8x that (what prefix-cache hits save)."""
+    """Seed {a, b, ttft, prefill, prompt_tokens} for t(n) = a + b*n seconds per output token of one sequence,
+    fitted through the closed-loop figures at 1 and at `slots`/2 concurrent sequences (so t(n) includes the
+    stalls of `prompt_tokens`-token prefills); `prefill`: TTFT seconds per prompt token, from an idle engine's
+    TTFT at `prompt_tokens` and at 8x that (what prefix-cache hits save)."""
     n2 = max(2, cfg.slots // 2)
     one = closed_loop(cfg, 1, prompt_tokens, max_tokens, requests=3, warmup=1)
     half = closed_loop(cfg, n2, prompt_tokens, max_tokens, requests=2 * n2, warmup=n2)
@@ -130,7 +137,8 @@ def capacity_hint(cfg: SimConfig, prompt_tokens: int = 256, max_tokens: int = 12
     t1, t2 = 1.0 / one.tok_s, n2 / half.tok_s
     b = max(0.0, (t2 - t1) / (n2 - 1))
     prefill = max(0.0, (long.ttft - one.ttft) / (7 * prompt_tokens))
-    return {"a": round(max(1e-4, t1 - b), 6), "b": round(b, 7), "ttft": round(one.ttft, 4), "prefill": round(prefill, 9)}
+    return {"a": round(max(1e-4, t1 - b), 6), "b": round(b, 7), "ttft": round(one.ttft, 4), "prefill": round(prefill, 9),
+            "prompt_tokens": prompt_tokens}
 
 
 def tok_s_curve(cfg: SimConfig, max_workers: int, prompt_tokens: int, max_tokens: int,

@@ -163,3 +163,71 @@ def test_ttft_grows_with_multi_thousand_token_prompts():
     c.fit(rows, now)
     assert abs(c.prefill - 1e-4) / 1e-4 < 0.1
     assert abs(c.ttft_for(6000) - 0.9) < 0.06 and abs(c.ttft_for(2000) - 0.5) < 0.06
+
+
+# ---------------------------------------------------------------- the speculative H100 of the spec_decode fleet (issue 16)
+def _spec_rows(ns, now: float, seed: int = 11):
+    """Samples as the gateway takes them from the speculative H100 sim (virtual time: its exact closed-loop
+    per-sequence decode time at each concurrency), with 5% noise, 200-token prompts."""
+    from gateway.sim.reference import spec_decode_sims
+    from gateway.sim.virtual import closed_loop
+
+    cfg = spec_decode_sims()["fast-gpu"]
+    true = {n: closed_loop(cfg, n, 200, 128) for n in sorted(set(ns))}
+    rnd = random.Random(seed)
+    rows = [Sample(now - i * 0.01, n, true[n].tpot * (1 + rnd.uniform(-0.05, 0.05)), true[n].ttft, 200, 128)
+            for i, n in enumerate(ns)]
+    return rows, {n: r.tpot for n, r in true.items()}
+
+
+def test_fit_follows_the_speculative_servers_bent_curve():
+    """Speculation makes per-token time grow slowly at low batch and faster past ~16 streams (the draft passes
+    cost more as the batch becomes compute-bound): the fit stays within a few % of the sim at every batch size,
+    from samples spread over the range and from samples at a high operating point only."""
+    now = time.time()
+    spread, true = _spec_rows([n for n in (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64) for _ in range(30)], now)
+    assert (true[64] - true[16]) / 48 > 1.2 * (true[16] - true[1]) / 15  # the sim's curve does bend
+    hint = CapacityHint(a=0.004, b=0.0001, ttft=0.05)  # 40% off at n=1, 75% at 64
+    c = CapacityCurve(hint, slots=64)
+    c.fit(spread, now)
+    for n in true:
+        assert abs(c.tpot(n) / true[n] - 1) < 0.05, (n, c.tpot(n), true[n])
+    at_op, true_op = _spec_rows([44, 46, 48] * 100, now)
+    c = CapacityCurve(hint, slots=64)
+    c.fit(at_op, now)
+    for n in true_op:
+        assert abs(c.tpot(n) / true_op[n] - 1) < 0.03, (n, c.tpot(n), true_op[n])
+
+
+def test_prefill_stall_counts_only_beyond_the_mean_prompt_the_curve_measured():
+    """Measured t(n) includes the batch's stalls for prefills of the mean prompt: only the difference is extra."""
+    now = time.time()
+    c = CapacityCurve(CapacityHint(a=0.003, b=0.00005, prefill=2e-5), slots=64)
+    assert c.excess_prefill(200) == c.prefill * 200  # nothing measured, a hint without prefills: the whole prefill
+    seeded = CapacityCurve(CapacityHint(a=0.003, b=0.00005, prefill=2e-5, prompt_tokens=256), slots=64)
+    assert seeded.excess_prefill(256) == 0.0  # the hint was measured with 256-token prompts
+    c.fit(_rows(lambda n: 0.003 + 0.00005 * n, [8.0] * 100, now, prompt=lambda i: 150 + (i % 3) * 50), now)
+    assert abs(c.excess_prefill(200)) < c.prefill * 10  # the weighted mean prompt: ~200
+    assert c.excess_prefill(4000) > 0 > c.excess_prefill(50)
+
+
+def test_marginal_gain_keeps_48_streams_on_the_speculative_h100():
+    """spec_decode at C=48: the optimum puts all 48 on the H100 (its 48th stream adds ~100 tok/s, the hosted API's
+    first ~50, the A10G's ~30). With the curve learned at the operating point the router must rank it first.
+    (Charging every request's whole prefill on top of the measured curve ranked it below the hosted API from ~44.)"""
+    from gateway.routing.router import Estimate, throughput_gain
+    from gateway.sim.reference import DEMO_PORTS, calibrated_fleet, spec_decode_sims
+    from gateway.state.fleet import Fleet
+
+    now = time.time()
+    fleet = Fleet(calibrated_fleet(DEMO_PORTS, spec_decode_sims()), "throughput")
+    fast, slow, hosted = (fleet.upstreams[n] for n in ("fast-gpu", "slow-gpu", "hosted"))
+    rows, _ = _spec_rows([40, 44, 46, 48] * 100, now)
+    fast.curve.fit(rows, now)
+    est = Estimate(200, 128)
+    gains = {}
+    for n in range(1, 48):
+        fast.credit(0)
+        gains[n] = throughput_gain(fast, est)
+    assert all(g1 >= g2 for g1, g2 in zip(list(gains.values()), list(gains.values())[1:]))  # concave: falls with n
+    assert gains[47] > 1.3 * throughput_gain(hosted, est) > 1.3 * throughput_gain(slow, est)

@@ -9,7 +9,10 @@ little gain at high batch), at low load (8 workers) and high load (48).
 
 The optimum is an exact allocation of the workers over per-upstream curves: virtual.tok_s_curve for KV engines
 (tools/bench.py's slot formula does not know KV capacity or speculation), bench.upstream_tok_s for the hosted
-API. throughput, round_robin and least_busy run side by side on fresh simulators and gateways. The gateway
+API. The oracle runs that allocation's workers straight at fresh simulators (no gateway): what real time on this
+machine delivers of the optimum (the simulators, load generator and, for the strategies, the gateway share its
+CPUs), so % of oracle is the routing's own share. throughput, round_robin and least_busy run side by side on
+fresh simulators and gateways. The gateway
 learns each engine's KV capacity from its vllm:cache_config_info (metrics_url). The KV budget is a hard limit in
 every strategy (like max_concurrency), so round_robin and least_busy are spared preemptions too: they differ in
 where the work goes, which the % of optimum shows.
@@ -87,6 +90,22 @@ async def _one(bench: Any, sims_cfg: dict[str, SimConfig], strategy: str, tag: s
     }
 
 
+async def _oracle(bench: Any, sims_cfg: dict[str, SimConfig], tag: str, alloc: dict[str, int], p: int, m: int) -> float:
+    """tok/s of the optimum's allocation with its workers pinned directly to the simulators."""
+    o = bench.o
+    sims = await B.start_sims(bench.procs, sims_cfg, tag)
+    try:
+        loads = [_unique_workers(sims.url(n) + "/v1/chat/completions", k, p, m) for n, k in alloc.items() if k > 0]
+
+        async def load(session: aiohttp.ClientSession, rec: B.Recorder, stop_at: float) -> None:
+            await asyncio.gather(*(f(session, rec, stop_at) for f in loads))
+
+        r = await B.run_phase([], o.warmup, o.compare_duration, sims=sims, load=load)
+    finally:
+        await bench._teardown(sims)
+    return float(r["tok_s"])
+
+
 def _unique_workers(url: str, c: int, p: int, m: int) -> Any:
     """c closed-loop workers whose every request has its own context (a distinct first word breaks the chained
     block hashes, so no prefix-cache sharing): the KV cost of c long conversations, as tok_s_curve assumes."""
@@ -110,21 +129,29 @@ def _unique_workers(url: str, c: int, p: int, m: int) -> Any:
 
 async def _compare(bench: Any, sims_cfg: dict[str, SimConfig], name: str, c: int, p: int, m: int) -> dict:
     opt = kv_optimum(sims_cfg, c, m, p)
+    oracle = await _oracle(bench, sims_cfg, f"{name}-{c}-oracle", opt["allocation"], p, m)
     rows = {}
     for strategy in STRATEGIES:
         row = await _one(bench, sims_cfg, strategy, f"{name}-{c}-{strategy}", c, p, m)
         row["pct_of_optimum"] = round(100 * row["tok_s"] / opt["tok_s"], 1) if opt["tok_s"] else None
+        row["pct_of_oracle"] = round(100 * row["tok_s"] / oracle, 1) if oracle else None
         rows[strategy] = row
+    opt["oracle_tok_s"] = oracle
     return {"workers": c, "prompt_tokens": p, "max_tokens": m, "optimum": opt, "strategies": rows}
 
 
 def _render(r: dict) -> list[str]:
-    lines = ["| load | strategy | tok/s | % of optimum | preemptions/min | errors | 429s |", "|---|---|---|---|---|---|---|"]
+    lines = ["| load | strategy | tok/s | % of optimum | % of oracle | preemptions/min | errors | 429s |",
+             "|---|---|---|---|---|---|---|---|"]
     for run in r["runs"]:
+        opt = run["optimum"]
+        head = f"| C={run['workers']} (opt {opt['tok_s']:g}) |"
+        lines.append(f"{head} oracle (optimum, direct) | {opt['oracle_tok_s']} | "
+                     f"{round(100 * opt['oracle_tok_s'] / opt['tok_s'], 1) if opt['tok_s'] else None} | 100 | | | |")
         for s, v in run["strategies"].items():
             pre = sum(v["preemptions_per_min"].values())
-            lines.append(f"| C={run['workers']} (opt {run['optimum']['tok_s']:g}) | {s} | {v['tok_s']} | "
-                         f"{v['pct_of_optimum']} | {pre:g} | {v['errors']} | {v['upstream_429']} |")
+            lines.append(f"{head} {s} | {v['tok_s']} | {v['pct_of_optimum']} | {v['pct_of_oracle']} | {pre:g} | "
+                         f"{v['errors']} | {v['upstream_429']} |")
     return lines
 
 
