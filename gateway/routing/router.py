@@ -46,7 +46,7 @@ RATE_PASS_S = 2.0
 #: Queued requests the wake-up ordering looks at for a prefix cached on the freed upstream (Router._cached_first).
 WAKE_LOOKAHEAD = 16
 #: Share of an upstream's RPM (used in the last minute, or at the last 10 s' rate) from which its requests are
-#: treated as scarce (request_budget_factor).
+#: treated as scarce (spends_scarce_budget).
 RPM_PRESSURE = 0.8
 #: The output length that stands for "a long request" when a scarce request budget is spent (a quantile).
 LONG_OUTPUT_Q = 0.9
@@ -110,24 +110,25 @@ def throughput_gain(u: UpstreamStats, est: Estimate, cached: int = 0) -> float:
     return own * (1.0 - kv_risk(u, est)) - ext
 
 
-def request_budget_factor(u: UpstreamStats, output_tokens: int, long_output: int) -> float:
-    """Discount for a short request on an upstream whose requests-per-minute budget is nearly spent.
+def spends_scarce_budget(u: UpstreamStats, output_tokens: int, long_output: int) -> bool:
+    """Would a request of `output_tokens` spend a unit of a nearly used-up requests-per-minute budget that a long
+    request would put to better use?
 
     A hosted API limited in RPM spends one unit of its budget per request, however long the answer. While the
     budget has headroom a request there costs nothing else; once it is nearly used up (requests in the last
-    minute, or the last 10 s' rate, at RPM_PRESSURE of the limit), a 64-token answer there takes the place of a
-    long one (`long_output`: the pool's 90th-percentile output) that would have produced far more for the same
-    unit. So the gain is scaled by output_tokens / long_output (never above 1): short requests go to servers
-    whose capacity is measured in tokens, long ones keep the scarce requests. (A mean would not do: short
-    requests are usually the many, and would set the reference to their own length.)
+    minute, or the last 10 s' rate, at RPM_PRESSURE of the limit, or its pacing bucket half empty: requests are
+    being started at the limit's pace), a 64-token answer there takes the place of a long one (`long_output`: the
+    pool's 90th-percentile output) that would have produced far more for the same unit: 64 - 512 tokens net.
+    So such a request goes there only when no upstream without a scarce budget can take it (_throughput): a
+    scaled-down gain was not enough, since a GPU near its knee adds almost nothing per extra sequence and still
+    lost to it. (A mean would not do for the reference: short requests are usually the many, and would set it
+    to their own length.)
     """
     rpm = u.cfg.rpm
     if not rpm or output_tokens >= long_output:
-        return 1.0
+        return False
     r = u.rates  # the recent rate (10 s) sees pressure build before the minute's count does
-    if max(r.used_req_60, r.rps * 60.0) < RPM_PRESSURE * rpm:
-        return 1.0
-    return output_tokens / long_output
+    return max(r.used_req_60, r.rps * 60.0) >= RPM_PRESSURE * rpm or r.pacing_low()
 
 
 def kv_risk(u: UpstreamStats, est: Estimate) -> float:
@@ -443,8 +444,9 @@ def _throughput(pool: Pool, cands: list[UpstreamStats], ctx: RequestContext, odd
         return d
     cached = ctx.predicted_cached or {}
     long_output = pool.lengths.quantile(LONG_OUTPUT_Q, est.output_tokens)
-    scores = {u.name: error_adjusted(throughput_gain(u, est, cached.get(u.name, 0)), odds(u)) * u.weight
-              * request_budget_factor(u, est.output_tokens, long_output) for u in cands}
+    plenty = [u for u in cands if not spends_scarce_budget(u, est.output_tokens, long_output)]
+    cands = plenty or cands  # a short answer spends a scarce request budget only when nothing else can take it
+    scores = {u.name: error_adjusted(throughput_gain(u, est, cached.get(u.name, 0)), odds(u)) * u.weight for u in cands}
     # Work-conserving: every candidate has a free slot, so even a negative best gain is dispatched (the least
     # harmful place); requests wait in the gateway only when no upstream has a slot or rate-limit headroom.
     best = max(cands, key=lambda u: scores[u.name])

@@ -41,6 +41,8 @@ class EndpointLoad:
         self.inflight_local = 0
         #: In flight from this replica by service class (the router's class admission reads these).
         self.by_class: dict[str, int] = {}
+        #: Requests of this replica ended here, by service class (class admission measures the batch turnover).
+        self.done_by_class: dict[str, int] = {}
         self.remote = 0  # in flight here from the other live replicas (fleet_sync)
         self.external = 0.0  # requests the engine reports beyond what the gateways sent (engine_metrics.py)
         #: Concurrency to plan with: local + remote + external, kept current by every writer (a plain attribute
@@ -80,6 +82,7 @@ class EndpointLoad:
         self.load = self.inflight_local + self.remote + self.external
         self.kv_local -= kv_tokens
         self.by_class[service_class] -= 1
+        self.done_by_class[service_class] = self.done_by_class.get(service_class, 0) + 1
 
     def set_remote(self, v: int) -> None:
         self._tick()
@@ -118,6 +121,9 @@ class EndpointLoad:
 
     def class_inflight(self, service_class: str) -> int:
         return self.by_class.get(service_class, 0)
+
+    def class_done(self, service_class: str) -> int:
+        return self.done_by_class.get(service_class, 0)
 
     def static_share(self, limit: int) -> int:
         """This replica's fixed part of `limit` (rate.static_share by this replica's rank)."""

@@ -62,6 +62,7 @@ class UpstreamStats:
         self.kv_allows = self.endpoint.kv_allows
         self.kv_fill = self.endpoint.kv_fill
         self.class_inflight = self.endpoint.class_inflight
+        self.class_done = self.endpoint.class_done
         self.rate_allows = self.rates.rate_allows
         self.fits_tpm = self.rates.fits_tpm
         self.tpm_charge = self.rates.tpm_charge

@@ -123,6 +123,16 @@ class UpstreamRates:
         # A full bucket takes anything.
         return not (lim.tpm and self._pace_tok < tokens and self._pace_tok < self._burst(lim.tpm, 1.0))
 
+    def pacing_low(self) -> bool:
+        """Is a pacing bucket (RPM or TPM) less than half full, as of the last rate_allows? Then requests are being
+        started at about the limit's pace: the budget is the scarce resource now, before the minute's count shows it
+        (a backlog arriving at once empties the buckets in its first second)."""
+        lim = self.cfg
+        return bool(
+            (lim.rpm and self._pace_req < self._burst(lim.rpm, PACE_BURST) / 2)
+            or (lim.tpm and self._pace_tok < self._burst(lim.tpm, 1.0) / 2)
+        )
+
     def _burst(self, limit: int, least: float) -> float:
         """Capacity of a pacing bucket: BURST_S seconds of this replica's share of the limit, at least `least`."""
         share = limit / max(1, self.member.replicas)

@@ -56,6 +56,21 @@ def test_default_workload_needs_all_three_upstreams() -> None:
     assert slowed["allocation"]["slow-gpu"] > res["allocation"]["slow-gpu"]
 
 
+def test_slo_feasible_best_caps_the_cheapest_gpu_at_its_floor() -> None:
+    from gateway.tools.scenarios.classes import FLOOR_TOK_S, best_total, floor_slots, slo_feasible_best
+
+    fast, slow = REFERENCE_SIMS["fast-gpu"], REFERENCE_SIMS["slow-gpu"]
+    n = floor_slots(fast, 512)
+    assert n == 42  # (1/40 - 0.008) / (0.0004 + 0.00001 * 200 / 512)
+    step = lambda k: fast.base_step + k * (fast.per_seq + fast.prefill_per_token * 200 / 512)  # noqa: E731
+    assert 1 / step(n) >= FLOOR_TOK_S > 1 / step(n + 1)
+    assert floor_slots(slow, 512) == 3
+    loss_fast = gpu_tok_s(fast, 64, 512, 200) - gpu_tok_s(fast, 42, 512, 200)
+    loss_slow = gpu_tok_s(slow, 16, 512, 200) - gpu_tok_s(slow, 3, 512, 200)
+    assert loss_fast < loss_slow
+    assert slo_feasible_best(REFERENCE_SIMS) == pytest.approx(best_total(REFERENCE_SIMS) - loss_fast)
+
+
 @pytest.mark.timeout(120)
 def test_quick_bench_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "result.json"

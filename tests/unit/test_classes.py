@@ -17,7 +17,7 @@ from gateway.state.fleet import Fleet
 
 
 def fleet_of(slots: dict[str, int], interactive: ServiceClass | None = None) -> tuple[Fleet, Router]:
-    """GPU upstreams with t(n) = 0.008 + 0.0004 n (floor 40 tok/s -> n_f = 42) and the given slots."""
+    """GPU upstreams with t(n) = 0.008 + 0.0004 n (floor 40 tok/s with the 3% margin -> n_f = 40) and the given slots."""
     ups = {
         n: {"base_url": f"http://127.0.0.1:1/{n}", "max_concurrency": mc, "capacity": {"a": 0.008, "b": 0.0004, "ttft": 0.1}}
         for n, mc in slots.items()
@@ -68,7 +68,7 @@ def test_resolve_order_and_unknown_class() -> None:
 def test_interactive_limit_from_curve() -> None:
     fleet, _ = fleet_of({"A": 64, "B": 16})
     a, b = fleet.upstreams["A"], fleet.upstreams["B"]
-    assert interactive_limit(a, FLOOR40) == 42  # (1/40 - 0.008) / 0.0004 = 42.5
+    assert interactive_limit(a, FLOOR40) == 40  # (1/(40 * 1.03) - 0.008) / 0.0004 = 40.7
     assert interactive_limit(b, FLOOR40) == 16  # capped by the engine's slots
     assert interactive_limit(a, ServiceClass(min_tok_s=200.0)) == 0  # a alone is 1/0.008 = 125 tok/s
     assert interactive_limit(a, ServiceClass()) == 64  # no floor
@@ -79,8 +79,8 @@ def test_interactive_limit_from_curve() -> None:
 def test_interactive_admitted_only_within_its_floor_and_ttft() -> None:
     fleet, router = fleet_of({"A": 64}, FLOOR40)
     pool, a = fleet.pools["m"], fleet.upstreams["A"]
-    fill(router, fleet, "A", 41, "batch")
-    assert router.pick(pool, req()).upstream is a  # 42nd sequence still decodes at >= 40 tok/s
+    fill(router, fleet, "A", 39, "batch")
+    assert router.pick(pool, req()).upstream is a  # 40th sequence still decodes at >= 40 tok/s (with the margin)
     fill(router, fleet, "A", 1, "batch")
     with pytest.raises(Refusal) as r:
         router.pick(pool, req())
@@ -96,7 +96,7 @@ def test_batch_never_pushes_running_interactive_below_floor() -> None:
     fleet, router = fleet_of({"A": 64, "B": 64}, FLOOR40)
     pool = fleet.pools["m"]
     fill(router, fleet, "A", 1, "interactive")
-    fill(router, fleet, "A", 41, "batch")  # A at its interactive limit
+    fill(router, fleet, "A", 39, "batch")  # A at its interactive limit
     d = router.pick(pool, req("batch"))
     assert d.upstream.name == "B", "batch must not go where interactive requests would slow below their floor"
 
@@ -108,13 +108,13 @@ def test_batch_keeps_room_for_interactive_demand_but_gets_its_min_share() -> Non
     fill(router, fleet, "A", 10, "interactive")
     policy.observe(pool)  # demand estimate: ~10 interactive in flight
     assert policy.reserve(pool) >= 1
-    fill(router, fleet, "A", 30, "batch")  # room left for interactive: 42 - 40 = 2 < reserve 3*sqrt(10)+1
+    fill(router, fleet, "A", 26, "batch")  # room left for interactive: 40 - 36 = 4 < reserve 3*sqrt(10)+1
     with pytest.raises(Refusal) as r:
         router.pick(pool, req("batch"))
     assert r.value.kind == "class_limited"
     # ... unless batch is below its guaranteed share of the pool (10% of 64 slots = 6).
     fleet2, router2 = fleet_of({"A": 64}, FLOOR40)
-    fill(router2, fleet2, "A", 40, "interactive")
+    fill(router2, fleet2, "A", 36, "interactive")
     router2.classes.observe(fleet2.pools["m"])
     assert router2.pick(fleet2.pools["m"], req("batch")).upstream.name == "A"
 
@@ -133,7 +133,7 @@ def test_batch_may_spend_a_rate_limited_api_when_gpu_room_is_kept() -> None:
     pool = fleet.pools["m"]
     fill(router, fleet, "A", 10, "interactive")
     router.classes.observe(pool)
-    fill(router, fleet, "A", 30, "batch")  # A's interactive room (2) is below the reserve
+    fill(router, fleet, "A", 28, "batch")  # A's interactive room (2) is below the reserve
     d = router.pick(pool, req("batch", output=512))
     assert d.upstream.name == "H" and set(d.scores) == {"H"}, "only the rate-limited API is open to batch"
 
@@ -166,7 +166,7 @@ async def test_queue_serves_interactive_before_older_batch_and_aging_lifts_batch
 async def test_interactive_goes_best_effort_after_its_wait() -> None:
     fleet, router = fleet_of({"A": 64}, FLOOR40)
     pool = fleet.pools["m"]
-    fill(router, fleet, "A", 42, "batch")  # past the interactive limit, slots remain
+    fill(router, fleet, "A", 40, "batch")  # past the interactive limit, slots remain
     ctx = req()
     task = asyncio.create_task(router.admit(pool, ctx))
     await asyncio.sleep(0)
@@ -179,11 +179,60 @@ async def test_interactive_goes_best_effort_after_its_wait() -> None:
     assert d.upstream.name == "A" and ctx.extras.get("best_effort") is True
 
 
+def test_room_is_kept_where_it_idles_fewest_slots() -> None:
+    """A slow server whose floor allows 3 of its 16 slots is not held as room while the fast GPU (40 of 64) can hold
+    the interactive demand: batch keeps filling it. It becomes room only when the demand needs it too."""
+    fleet, _ = fleet_of({"A": 64, "S": 16})
+    a, slow = fleet.upstreams["A"], fleet.upstreams["S"]
+    slow.curve.a, slow.curve.b = 0.02, 0.0015  # 40 tok/s * 1.03 -> 2 sequences
+    limits = {"A": interactive_limit(a, FLOOR40), "S": interactive_limit(slow, FLOOR40)}
+    assert limits == {"A": 40, "S": 2}
+    assert classes.room_upstreams([slow, a], limits, 25.0) == [a]
+    assert classes.room_upstreams([slow, a], limits, 41.0) == [a, slow]
+    assert classes.room_upstreams([slow, a], {"A": 0, "S": 2}, 5.0) == [slow]  # a GPU too slow for the floor: none
+
+
+def test_batch_fills_a_server_kept_out_of_the_room_when_the_room_is_short() -> None:
+    fleet, router = fleet_of({"A": 64, "S": 16}, FLOOR40)
+    pool, slow = fleet.pools["m"], fleet.upstreams["S"]
+    slow.curve.a, slow.curve.b = 0.02, 0.0015
+    fill(router, fleet, "A", 10, "interactive")
+    router.classes.observe(pool)
+    fill(router, fleet, "A", 28, "batch")  # A's room (2) is below the reserve
+    fill(router, fleet, "S", 15, "batch")
+    d = router.pick(pool, req("batch", output=512))
+    assert d.upstream is slow and set(d.scores) == {"S"}, "the slow server's last slot is batch's, A's room is kept"
+
+
+def test_batch_turnover_counts_as_room_within_the_ttft_wait() -> None:
+    """Short batch answers give their slots back within the wait an interactive request can afford (the queue
+    serves it first): the room kept shrinks by the slots expected back in half the TTFT target. Slots ending on a
+    server loaded past its interactive limit are no such room."""
+    fleet, router = fleet_of({"A": 64, "B": 64}, FLOOR40)
+    pool, policy = fleet.pools["m"], router.classes
+    a, b = fleet.upstreams["A"], fleet.upstreams["B"]
+    fill(router, fleet, "A", 10, "interactive")
+    fill(router, fleet, "A", 20, "batch")
+    fill(router, fleet, "B", 50, "batch")  # past B's interactive limit (40)
+    for t in range(100):  # every second 4 batch requests end on each (and are replaced)
+        policy.observe(pool, now=float(t))
+        for u in (a, b):
+            for _ in range(4):
+                u.release("batch", 0)
+                u.credit(0, "batch")
+    assert policy.turnover["m"] == pytest.approx(4.0, abs=0.01)  # A's only
+    expected = policy.needed(pool) - 10 - classes.TURNOVER_WAIT * FLOOR40.max_ttft_s * policy.turnover["m"]
+    assert policy.reserve(pool) == pytest.approx(expected)
+    for t in range(100, 200):  # no more ends: the turnover decays away
+        policy.observe(pool, now=float(t))
+    assert policy.turnover["m"] < 0.01
+
+
 def test_a_cold_gateway_keeps_room_for_interactive_until_it_learns_there_is_none() -> None:
     fleet, router = fleet_of({"A": 64}, FLOOR40)
     pool, policy = fleet.pools["m"], router.classes
     assert policy.reserve(pool) >= classes.INITIAL_DEMAND  # before any interactive request was seen
-    fill(router, fleet, "A", 32, "batch")  # room left for interactive: 42 - 32 = 10 < the cold reserve
+    fill(router, fleet, "A", 32, "batch")  # room left for interactive: 40 - 32 = 8 < the cold reserve
     with pytest.raises(Refusal):
         router.pick(pool, req("batch"))
     for _ in range(200):  # ~30 s of sync ticks without interactive traffic: the prior decays away

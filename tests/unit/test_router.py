@@ -366,18 +366,35 @@ def test_short_answer_avoids_a_nearly_spent_rpm_budget_long_one_keeps_it():
     assert router.pick(pool, short).upstream.name == "hosted", "with budget headroom the hosted API is free to use"
     _spend_rpm(fleet, "hosted", 20)  # 20 requests in the last 10 s = 120/min: at the limit's pace
     d = router.pick(pool, short)
-    assert d.upstream.name != "hosted" and d.scores["hosted"] < d.scores[d.upstream.name]
+    assert d.upstream.name != "hosted" and "hosted" not in d.scores
     assert router.pick(pool, long).upstream.name == "hosted", "a long answer gets the most from a request unit"
+    for _ in range(34):
+        fleet.upstreams["fast-gpu"].credit(0)
+    for _ in range(16):
+        fleet.upstreams["slow-gpu"].credit(0)
+    assert router.pick(pool, short).upstream.name == "hosted", "the scarce budget is still used when nothing else can"
 
 
-def test_budget_factor_only_for_request_limited_upstreams_and_short_requests():
-    from gateway.routing.router import request_budget_factor
+def test_scarce_budget_only_for_request_limited_upstreams_and_short_requests():
+    from gateway.routing.router import spends_scarce_budget
 
     fleet, _ = make()
     hosted, fast = fleet.upstreams["hosted"], fleet.upstreams["fast-gpu"]
     _spend_rpm(fleet, "hosted", 20)
-    assert request_budget_factor(hosted, 64, 512) == 64 / 512
-    assert request_budget_factor(hosted, 512, 512) == 1.0
-    assert request_budget_factor(fast, 64, 512) == 1.0  # no RPM limit: capacity is measured in tokens
+    assert spends_scarce_budget(hosted, 64, 512)
+    assert not spends_scarce_budget(hosted, 512, 512)
+    assert not spends_scarce_budget(fast, 64, 512)  # no RPM limit: capacity is measured in tokens
     fleet2, _ = make()
-    assert request_budget_factor(fleet2.upstreams["hosted"], 64, 512) == 1.0  # budget not under pressure
+    assert not spends_scarce_budget(fleet2.upstreams["hosted"], 64, 512)  # budget not under pressure
+
+
+def test_a_budget_started_at_its_pace_is_scarce_before_the_minute_shows_it():
+    from gateway.routing.router import spends_scarce_budget
+
+    fleet, _ = make()
+    hosted = fleet.upstreams["hosted"]
+    assert hosted.rate_allows(0) and not hosted.rates.pacing_low()
+    for _ in range(6):  # a backlog takes most of the pacing bucket (8 requests) at once
+        hosted.credit(0)
+    assert hosted.rate_allows(0) and hosted.rates.pacing_low()
+    assert spends_scarce_budget(hosted, 64, 512)
