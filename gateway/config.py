@@ -187,6 +187,21 @@ class ServiceClass(BaseModel):
     prefer: Preference | None = None
 
 
+class NativeBatch(BaseModel):
+    """Forward this pool's Batch API jobs to a hosted provider's own Batch API instead of running them on the fleet.
+
+    Why: a provider's batch price is about half its per-request price, in exchange for a completion window of up
+    to 24 h; the local batch engine instead runs lines on the fleet's spare capacity (free on owned GPUs, but it
+    only moves as fast as interactive traffic leaves room). Hosted OpenAI-protocol upstreams only."""
+
+    model_config = ConfigDict(extra="forbid")
+    #: The upstream (provider openai, kind hosted) whose /files and /batches receive the job.
+    upstream: str
+    #: First status poll this many seconds after submitting; each idle poll waits 1.5x longer, up to poll_max_s.
+    poll_s: float = Field(30.0, gt=0)
+    poll_max_s: float = Field(300.0, gt=0)
+
+
 def default_classes() -> dict[str, ServiceClass]:
     return {
         "interactive": ServiceClass(min_tok_s=20.0, max_ttft_s=2.0, priority=0, wait_s=1.0),
@@ -211,6 +226,8 @@ class ModelConfig(BaseModel):
 
     #: `cost`: among upstreams with a free slot, the cheapest $/token (ties by throughput gain).
     prefer: Preference | None = None
+    #: Batch API jobs of this pool go to a hosted provider's native Batch API (None: run locally on the fleet).
+    native_batch: NativeBatch | None = None
 
     @model_validator(mode="after")
     def _classes(self) -> ModelConfig:
@@ -238,6 +255,11 @@ class FleetConfig(BaseModel):
         for name, up in self.upstreams.items():
             up.name = name
         problems = link_problems(self.upstreams, {k: m.model_dump() for k, m in self.models.items()})
+        for mname, m in self.models.items():
+            nb = m.native_batch
+            nu = self.upstreams.get(nb.upstream) if nb is not None else None
+            if nu is not None and (nu.provider != "openai" or nu.kind != "hosted"):
+                problems.append(f"model {mname!r}: native_batch upstream {nu.name!r} must be a hosted openai upstream")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -264,6 +286,10 @@ def link_problems(upstreams: Iterable[str], models: Mapping[str, Any]) -> list[s
         for u in ups if isinstance(ups, list) else ():
             if isinstance(u, str) and u not in known:
                 out.append(f"model {mname!r} names unknown upstream {u!r}")
+        nb = m.get("native_batch")
+        nu = nb.get("upstream") if isinstance(nb, Mapping) else None
+        if isinstance(nu, str) and nu not in known:
+            out.append(f"model {mname!r}: native_batch names unknown upstream {nu!r}")
         aliases = m.get("aliases")
         for a in aliases if isinstance(aliases, list) else ():
             if not isinstance(a, str):
@@ -332,6 +358,7 @@ def check_warnings(fleet: FleetConfig) -> list[str]:
         if up.kind == "hosted" and not (up.rpm or up.tpm):
             out.append(f"upstream {name!r}: hosted upstream without rpm/tpm limits")
     used = {u for m in fleet.models.values() for u in m.upstreams}
+    used |= {m.native_batch.upstream for m in fleet.models.values() if m.native_batch is not None}
     for name in fleet.upstreams:
         if name not in used:
             out.append(f"upstream {name!r} is not in any model's pool")

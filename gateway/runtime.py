@@ -11,8 +11,10 @@ from collections.abc import Awaitable, Callable
 
 from gateway.auth import KeyStore
 from gateway.batch.executor import InProcessExecutor
+from gateway.batch.native import NativeHooks, NativeTarget
 from gateway.batch.service import BatchService
 from gateway.config import FleetConfig, missing_key_warnings
+from gateway.cost import Tokens
 from gateway.hooks import Hooks
 from gateway.observability import redact
 from gateway.observability.subscribers import Metrics, Tracing
@@ -22,13 +24,14 @@ from gateway.proxy import Proxy
 from gateway.reliability.outlier import HealthChecker, OutlierDetector
 from gateway.reliability.verdicts import Verdicts
 from gateway.routing.affinity import Affinity
+from gateway.routing.classes import BATCH
 from gateway.routing.router import Router
 from gateway.settings import Settings
-from gateway.spend import CostQuote, SpendLedger
+from gateway.spend import CostQuote, SpendLedger, charge_request
 from gateway.state.fleet import Fleet
 from gateway.state.goodput import SloTracker
 from gateway.state.lengths import Lengths
-from gateway.state.measure import Measurement
+from gateway.state.measure import Measurement, Outcome, take_usage
 from gateway.state.response_store import ResponseStore
 from gateway.sync.engine_metrics import EngineMetricsScraper
 from gateway.sync.fleet_sync import FleetSync
@@ -82,9 +85,26 @@ class Runtime:
             else None
         )
         # Batch lines run through the same path in-process, in the batch class (spare capacity only).
-        self.batch = BatchService(s, lambda model: self.fleet.pool(model) is not None, InProcessExecutor(self.proxy), self.telemetry)
+        self.batch = BatchService(s, lambda model: self.fleet.pool(model) is not None, InProcessExecutor(self.proxy), self.telemetry,
+                                  native=NativeHooks(self._native_target, self._charge_native))
         # The sync loop refreshes limits; wake queued requests each cycle so new headroom is used at once.
         self.waker = Periodic("router-wake", s.flush_interval, self._wake)
+
+    def _native_target(self, model: str) -> NativeTarget | None:
+        """The provider batch API a pool's batches are forwarded to (config `native_batch`), if any."""
+        pool = self.fleet.pool(model)
+        nb = pool.cfg.native_batch if pool is not None else None
+        if pool is None or nb is None:
+            return None
+        up = self.fleet.config.upstreams[nb.upstream]
+        return NativeTarget(pool.model, up.name, up.base_url, up.model, nb.poll_s, nb.poll_max_s, up.api_key())
+
+    def _charge_native(self, owner: str | None, pool: str, upstream: str, usage: dict) -> None:
+        """Book one line a provider ran in its batch API, at the upstream's batch prices."""
+        out = Outcome()
+        take_usage(out, usage)
+        tokens = Tokens(out.input_tokens or 0, out.cached_tokens, out.output_tokens)
+        charge_request(self.fleet, self.ledger, owner, 0, pool, upstream, tokens, service_class=BATCH)
 
     def _fleet_rank(self) -> tuple[int, int]:
         """(live replicas, this replica's rank) as the fleet sync last saw them."""

@@ -8,6 +8,7 @@ Batches: {p}:bb:{batch_id}           hash  record (see store.py), counters compl
          {p}:bb:{batch_id}:res       hash  custom_id -> "o"|"e" + output line (exactly one per custom_id)
          {p}:bb:{batch_id}:fin       string finalization lease (SET NX EX), so one replica builds the output files
          {p}:bb:{batch_id}:val       string validation lease, same idea for the validating phase
+         {p}:bb:{batch_id}:nat       string native forwarding lease (native.py): one replica drives the provider batch
          {p}:bb:idx:{owner}          zset  batch ids of one owner, score = created_at (ms)
          {p}:bb:aidx:{owner}         zset  the same for Anthropic Message Batches (listed apart)
          {p}:bb:active               set   batches not yet in a final state (for the sweeper and the summary)
@@ -47,6 +48,9 @@ class BatchKeys:
 
     def val_lease(self, bid: str) -> str:
         return f"{self.p}:bb:{bid}:val"
+
+    def nat_lease(self, bid: str) -> str:
+        return f"{self.p}:bb:{bid}:nat"
 
     def batches_of(self, owner: str | None) -> str:
         return f"{self.p}:bb:idx:{owner or ANON}"

@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -23,8 +23,9 @@ from gateway.batch.content import content_store
 from gateway.batch.files import FileLimits, FileStore
 from gateway.batch.keys import GROUP, BatchKeys
 from gateway.batch.models import ENDPOINTS, WINDOWS, Execute, error_line
+from gateway.batch.native import MODE, POOL, NativeForwarder, NativeHooks, NativeTarget, target_for
 from gateway.batch.store import BatchStore, public_batch
-from gateway.batch.validate import LineError, LineFailure, WorkItem, check_line
+from gateway.batch.validate import Checked, LineError, LineFailure, WorkItem, check_line
 from gateway.batch.worker import REDIS_ERRORS, Worker, WorkerConfig
 from gateway.errors import GatewayError
 from gateway.observability.telemetry import Telemetry
@@ -37,7 +38,8 @@ LEASE_SECONDS = 120
 
 
 class BatchService:
-    def __init__(self, s: Settings, known_model: Callable[[str], bool], execute: Execute, tel: Telemetry | None = None) -> None:
+    def __init__(self, s: Settings, known_model: Callable[[str], bool], execute: Execute, tel: Telemetry | None = None,
+                 native: NativeHooks | None = None) -> None:
         self.s, self.known_model = s, known_model
         # Every worker slot may hold a connection (store a result, ack) while the sweeper and the API use others:
         # redis-py's default pool of 100 would refuse connections to a larger worker pool.
@@ -48,6 +50,8 @@ class BatchService:
         self.execute = execute
         self._stopped = False
         self._tasks: set[asyncio.Task] = set()
+        self.hooks = native
+        self.native: NativeForwarder | None = None
         if self.redis is None:
             return
         content = content_store(s.batch_files_dir, s.redis_prefix, self.redis, self.k, s.batch_retention)
@@ -58,6 +62,7 @@ class BatchService:
         self.worker = Worker(self.redis, self.k, self.store, self.execute, cfg, self.finalize, tel)
         self._sweeper = Periodic("batch-sweeper", s.batch_sweep_interval, self.sweep)
         self._files_sweeper = Periodic("batch-files-sweeper", s.batch_files_sweep_interval, self.sweep_files)
+        self.native = NativeForwarder(self, native) if native is not None else None
 
     @property
     def enabled(self) -> bool:
@@ -92,6 +97,8 @@ class BatchService:
         await self._files_sweeper.stop()
         await self.worker.stop(grace)
         await cancel_and_wait(list(self._tasks))
+        if self.native is not None:
+            await self.native.close()
         await self.redis.aclose()
 
     def _spawn(self, coro) -> None:
@@ -132,6 +139,8 @@ class BatchService:
             pass  # nothing was queued: every line (when already counted) is canceled
         elif await self.store.move(bid, "cancelling", ("in_progress",), cancelling_at=now):
             self._spawn(self.finalize(bid))  # nothing may be left to run
+            if self.native is not None:
+                self.native.wake(bid)  # a native batch: its driver (if here) sends the cancel to the provider now
         elif rec.get("status") != "cancelling":  # cancelling again is a no-op; a final batch cannot be cancelled
             raise GatewayError(409, f"Cannot cancel a batch with status '{rec.get('status')}'.", code="invalid_state")
         return await self.get(bid, owner)
@@ -148,16 +157,20 @@ class BatchService:
             if rec.get("status") != "validating":
                 return
             fid = rec["input_file_id"]
-            lines, errors, n_errors = await self._check_file(bid, fid, rec["endpoint"])
+            lines, errors, n_errors, models = await self._check_file(bid, fid, rec["endpoint"])
             if n_errors or lines == 0 or lines > self.s.batch_max_lines:
                 await self._fail(bid, lines, errors)
                 return
             if (await self.store.record(bid)).get("status") != "validating":
                 return  # cancelled while the file was checked: queue nothing
+            target = target_for(self.hooks.resolve, rec["endpoint"], models) if self.native is not None and self.hooks else None
             await self.redis.hset(self.k.batch(bid), "total", lines)  # type: ignore[union-attr]
-            await self._enqueue(bid, fid, rec)
+            await self._enqueue(bid, fid, rec, target)
             if await self.store.move(bid, "in_progress", ("validating",), in_progress_at=int(time.time())):
-                await self.finalize(bid)  # returns at once unless every line already has its result
+                if target is not None and self.native is not None:
+                    self._spawn(self.native.run(bid))
+                else:
+                    await self.finalize(bid)  # returns at once unless every line already has its result
         except REDIS_ERRORS as e:
             log.warning("batch %s: validation interrupted (%s); the sweeper retries", bid, type(e).__name__)
         finally:
@@ -171,19 +184,30 @@ class BatchService:
         if n % 2000 == 0:
             await self.redis.expire(lease, LEASE_SECONDS)  # type: ignore[union-attr]
 
-    async def _check_file(self, bid: str, fid: str, endpoint: str) -> tuple[int, list[dict], int]:
+    async def checked_lines(self, fid: str, endpoint: str) -> AsyncIterator[Checked]:
+        """Every line of an input file through check_line (the one place lines are judged: validation, queueing
+        and native forwarding all read the file through here)."""
         seen: set[str] = set()
-        errors: list[dict] = []
-        n = n_err = 0
+        n = 0
         async for raw in self.files.lines(fid):
             n += 1
+            yield check_line(raw, n, endpoint, seen, self.known_model, self.s.max_body_bytes)
+
+    async def _check_file(self, bid: str, fid: str, endpoint: str) -> tuple[int, list[dict], int, set[str]]:
+        """(lines, reported errors, errors, models of the runnable lines)."""
+        errors: list[dict] = []
+        models: set[str] = set()
+        n = n_err = 0
+        async for r in self.checked_lines(fid, endpoint):
+            n += 1
             await self._keep_lease(self.k.val_lease(bid), n)
-            r = check_line(raw, n, endpoint, seen, self.known_model, self.s.max_body_bytes)
             if isinstance(r, LineError):
                 n_err += 1
                 if len(errors) < MAX_REPORTED_ERRORS:
                     errors.append(r.public())
-        return n, errors, n_err
+            elif isinstance(r, WorkItem):
+                models.add(str(r.body["model"]))
+        return n, errors, n_err, models
 
     async def _fail(self, bid: str, lines: int, errors: list[dict]) -> None:
         if lines == 0:
@@ -194,23 +218,27 @@ class BatchService:
         await self.store.move(bid, "failed", ("validating",), failed_at=int(time.time()), total=lines,
                               errors={"object": "list", "data": errors})
 
-    async def _enqueue(self, bid: str, fid: str, rec: dict[str, str]) -> None:
-        """Second pass: XADD every runnable line (pipelined); per-line failures go straight to the results."""
-        seen: set[str] = set()
-        n = 0
+    async def _enqueue(self, bid: str, fid: str, rec: dict[str, str], target: NativeTarget | None = None) -> None:
+        """Second pass: XADD every runnable line (pipelined); per-line failures go straight to the results.
+
+        A native batch (`target`) queues nothing: its runnable lines go to the provider (native.py)."""
+        n = failed = 0
         p = self.redis.pipeline(transaction=False)  # type: ignore[union-attr]
-        async for raw in self.files.lines(fid):
+        async for r in self.checked_lines(fid, rec["endpoint"]):
             n += 1
             await self._keep_lease(self.k.val_lease(bid), n)
-            r = check_line(raw, n, rec["endpoint"], seen, self.known_model, self.s.max_body_bytes)
-            if isinstance(r, WorkItem):
+            if isinstance(r, WorkItem) and target is None:
                 p.xadd(self.k.queue, {"b": bid, "c": r.custom_id, "u": rec["endpoint"], "o": _owner(rec),
                                       "body": json.dumps(r.body, separators=(",", ":"))})
             elif isinstance(r, LineFailure):
+                failed += 1
                 await self.store.store_result(bid, r.custom_id, False, error_line(r.custom_id, r.code, r.message))
             if len(p) >= 500:
                 await p.execute()
         await p.execute()
+        if target is not None:
+            await self.redis.hset(self.k.batch(bid), mapping={  # type: ignore[union-attr]
+                MODE: "native", POOL: target.pool, "native_upstream": target.upstream, "native_local_failed": failed})
 
     # ---- finalization ---------------------------------------------------------------------------------------
     async def finalize(self, bid: str) -> None:
@@ -270,6 +298,9 @@ class BatchService:
             elif rec.get("status") == "validating":
                 if not await self.redis.exists(self.k.val_lease(bid)):
                     self._spawn(self.validate(bid))
+            elif rec.get(MODE) == "native" and rec.get("status") in ("in_progress", "cancelling"):
+                if self.native is not None and not await self.redis.exists(self.k.nat_lease(bid)):
+                    self._spawn(self.native.run(bid))  # its driver died (or never started): take it over
             else:
                 await self.finalize(bid)
         try:
@@ -301,7 +332,8 @@ class BatchService:
 
 def _progress(rec: dict[str, str], now: float) -> dict[str, Any]:
     total = max(0, int(rec.get("total") or 0))
-    completed, failed = int(rec.get("completed") or 0), int(rec.get("failed") or 0)
+    counts = public_batch(rec)["request_counts"]  # a native batch: the provider's progress until collected
+    completed, failed = counts["completed"], counts["failed"]
     started = float(rec.get("in_progress_at") or 0)
     elapsed = max(1e-3, now - started) if started else 0.0
     rate = (completed + failed) / elapsed if elapsed else 0.0

@@ -52,6 +52,10 @@ return 0
 _TIMES = ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at")
 
 
+def _int(h: dict[str, str], name: str) -> int:
+    return int(h.get(name) or 0)
+
+
 def public_batch(h: dict[str, str]) -> dict[str, Any]:
     """The OpenAI Batch object from a stored record."""
     def ts(name: str) -> int | None:
@@ -66,7 +70,9 @@ def public_batch(h: dict[str, str]) -> dict[str, Any]:
         "output_file_id": h.get("output_file_id") or None, "error_file_id": h.get("error_file_id") or None,
         "created_at": ts("created_at"), "expires_at": ts("expires_at"),
         **{t: ts(t) for t in _TIMES},
-        "request_counts": {"total": max(total, 0), "completed": int(h.get("completed") or 0), "failed": int(h.get("failed") or 0)},
+        # A native batch (native.py) shows the provider's progress until its results are stored here.
+        "request_counts": {"total": max(total, 0), "completed": max(_int(h, "completed"), _int(h, "up_completed")),
+                           "failed": max(_int(h, "failed"), _int(h, "up_failed"))},
         "metadata": json.loads(h["metadata"]) if h.get("metadata") else None,
     }
 

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from aiohttp import web
 
 from gateway.routing import prefix
+from gateway.sim import batches as native_batches
 from gateway.sim.engine import GpuEngine, PromptTooLong, RateLimited, SimModel, SimStopped, TokenStream
 from gateway.sim.hosted import HostedModel, retry_after_header
 from gateway.sim.kv_engine import KvEngine
@@ -96,16 +97,17 @@ _ANT_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "n
               429: "rate_limit_error", 500: "api_error", 503: "overloaded_error"}
 
 
-def error_response(api: Api | None, status: int, message: str, *, param: str | None = None,
-                   code: str | None = None, headers: dict[str, str] | None = None) -> web.Response:
+def error_body(api: Api | None, status: int, message: str, *, param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
     """OpenAI `{"error": {...}}` or, for /v1/messages, Anthropic `{"type": "error", ...}`."""
     if api == "messages":
-        body: dict[str, Any] = {"type": "error", "error": {"type": _ANT_TYPES.get(status, "api_error"),
-                                                           "message": message}}
-    else:
-        body = {"error": {"message": message, "type": _OAI_TYPES.get(status, "server_error"),
-                          "param": param, "code": code}}
-    return web.json_response(body, status=status, headers=headers)
+        return {"type": "error", "error": {"type": _ANT_TYPES.get(status, "api_error"), "message": message}}
+    return {"error": {"message": message, "type": _OAI_TYPES.get(status, "server_error"), "param": param, "code": code}}
+
+
+def error_response(api: Api | None, status: int, message: str, *, param: str | None = None,
+                   code: str | None = None, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(error_body(api, status, message, param=param, code=code), status=status, headers=headers)
 
 
 # ------------------------------------------------------------------------------- request parsing
@@ -346,35 +348,75 @@ async def _read_json(request: web.Request) -> Any:
         raise BadRequest("Invalid JSON body") from None
 
 
-async def _generate(request: web.Request, api: Api, model_default: str | None = None) -> web.StreamResponse:
-    sim = _sim(request)
+class Refused(Exception):
+    """A request answered with an error before any output: (status, error body, headers)."""
+
+    def __init__(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        super().__init__(status)
+        self.status, self.body, self.headers = status, body, headers or {}
+
+
+def _limit_headers(sim: SimModel) -> dict[str, str]:
+    return sim.limiter.headers() if isinstance(sim, HostedModel) else {}
+
+
+def _admit(sim: SimModel, api: Api, body: Any, model_default: str) -> tuple[Job, TokenStream]:
+    """Parse and admit one generation request, or raise Refused (400, simulated 500, 429)."""
     try:
-        job = parse_job(api, await _read_json(request), sim, model_default or sim.cfg.name)
+        job = parse_job(api, body, sim, model_default)
     except BadRequest as e:
-        return error_response(api, e.status, e.message, param=e.param)
+        raise Refused(e.status, error_body(api, e.status, e.message, param=e.param)) from None
     if sim.roll_error():
-        return error_response(api, 500, "Simulated upstream failure", code="sim_error")
-    limit_headers = sim.limiter.headers if isinstance(sim, HostedModel) else dict
+        raise Refused(500, error_body(api, 500, "Simulated upstream failure", code="sim_error"))
     try:
-        stream = sim.open(job.prompt_tokens, job.n, job.budget, job.hashes)
+        return job, sim.open(job.prompt_tokens, job.n, job.budget, job.hashes)
     except RateLimited as e:
-        headers = {"Retry-After": retry_after_header(e.retry_after), **limit_headers()}
-        return error_response(api, 429, e.message, code="rate_limit_exceeded", headers=headers)
+        headers = {"Retry-After": retry_after_header(e.retry_after), **_limit_headers(sim)}
+        raise Refused(429, error_body(api, 429, e.message, code="rate_limit_exceeded"), headers) from None
     except PromptTooLong as e:
-        return error_response(api, 400, str(e), param="messages", code="context_length_exceeded")
-    wire = Wire(job)
+        raise Refused(400, error_body(api, 400, str(e), param="messages", code="context_length_exceeded")) from None
+
+
+async def _whole(sim: SimModel, job: Job, stream: TokenStream) -> dict[str, Any]:
+    """Run an admitted request to its end: the full (non-streamed) response body."""
     try:
-        if job.stream:
-            return await _stream(request, sim, wire, stream, limit_headers())
         count = 0
         async for _ in stream:
             count += 1
         job.cached_tokens = stream.cached_tokens
-        return web.json_response(wire.full(count), headers=limit_headers())
-    except SimStopped:
-        return error_response(api, 503, "Simulator shutting down")
+        return Wire(job).full(count)
     finally:
         stream.close()
+
+
+async def answer(sim: SimModel, api: Api, body: Any, model_default: str) -> tuple[int, dict[str, Any]]:
+    """One whole answer as (status, body): what a non-streamed request gets (the native batch API's lines)."""
+    try:
+        job, stream = _admit(sim, api, body, model_default)
+        return 200, await _whole(sim, job, stream)
+    except Refused as e:
+        return e.status, e.body
+    except SimStopped:
+        return 503, error_body(api, 503, "Simulator shutting down")
+
+
+async def _generate(request: web.Request, api: Api, model_default: str | None = None) -> web.StreamResponse:
+    sim = _sim(request)
+    try:
+        job, stream = _admit(sim, api, await _read_json(request), model_default or sim.cfg.name)
+    except BadRequest as e:
+        return error_response(api, e.status, e.message, param=e.param)
+    except Refused as e:
+        return web.json_response(e.body, status=e.status, headers=e.headers)
+    try:
+        if job.stream:
+            try:
+                return await _stream(request, sim, Wire(job), stream, _limit_headers(sim))
+            finally:
+                stream.close()
+        return web.json_response(await _whole(sim, job, stream), headers=_limit_headers(sim))
+    except SimStopped:
+        return error_response(api, 503, "Simulator shutting down")
 
 
 async def _stream(request: web.Request, sim: SimModel, wire: Wire, stream: TokenStream,
@@ -442,19 +484,15 @@ def embed_vector(text: str, dim: int = 8) -> list[float]:
     return [x / norm for x in v]
 
 
-async def embeddings(request: web.Request, model_default: str | None = None) -> web.Response:
-    sim = _sim(request)
-    try:
-        body = await _read_json(request)
-        inp = body.get("input") if isinstance(body, dict) else None
-        if isinstance(inp, str) or (isinstance(inp, list) and inp and isinstance(inp[0], int)):
-            inp = [inp]
-        if not isinstance(inp, list) or not inp:
-            raise BadRequest("'input' is required", "input")
-    except BadRequest as e:
-        return error_response(None, 400, e.message, param=e.param)
+def embed_answer(sim: SimModel, body: Any, model_default: str) -> tuple[int, dict[str, Any]]:
+    """An embeddings answer as (status, body): the HTTP handler's and the native batch API's."""
+    inp = body.get("input") if isinstance(body, dict) else None
+    if isinstance(inp, str) or (isinstance(inp, list) and inp and isinstance(inp[0], int)):
+        inp = [inp]
+    if not isinstance(inp, list) or not inp:
+        return 400, error_body(None, 400, "'input' is required", param="input")
     if sim.roll_error():
-        return error_response(None, 500, "Simulated upstream failure", code="sim_error")
+        return 500, error_body(None, 500, "Simulated upstream failure", code="sim_error")
     texts = [x if isinstance(x, str) else json.dumps(x) for x in inp]
     tokens = sum(max(1, len(t) // 4) if isinstance(x, str) else len(x) for t, x in zip(texts, inp))
     sim.prompt_tokens_total += tokens
@@ -464,8 +502,18 @@ async def embeddings(request: web.Request, model_default: str | None = None) -> 
         vec = embed_vector(t)
         emb: Any = base64.b64encode(struct.pack("<8f", *vec)).decode() if b64 else vec
         data.append({"object": "embedding", "index": i, "embedding": emb})
-    return web.json_response({"object": "list", "data": data, "model": body.get("model") or model_default
-                              or sim.cfg.name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+    return 200, {"object": "list", "data": data, "model": body.get("model") or model_default,
+                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+async def embeddings(request: web.Request, model_default: str | None = None) -> web.Response:
+    sim = _sim(request)
+    try:
+        body = await _read_json(request)
+    except BadRequest as e:
+        return error_response(None, 400, e.message, param=e.param)
+    status, out = embed_answer(sim, body, model_default or sim.cfg.name)
+    return web.json_response(out, status=status)
 
 
 async def models(request: web.Request) -> web.Response:
@@ -576,11 +624,26 @@ def create_app(cfg: SimConfig) -> web.Application:
     r.add_post("/v1/embeddings", embeddings)
     r.add_get("/v1/models", models)
     r.add_post(r"/openai/deployments/{deployment}/{op:chat/completions|completions|embeddings}", azure)
+    if cfg.mode == "hosted":
+        native_batches.add_routes(app, _batch_answer(sim))
     r.add_get("/metrics", metrics)
     r.add_get("/health", health)
     r.add_get("/sim/stats", stats)
     r.add_route("*", "/sim/faults", faults)
     return app
+
+
+_BATCH_APIS: dict[str, Api] = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+
+
+def _batch_answer(sim: SimModel) -> native_batches.Answer:
+    """How the native batch API answers one line: the same generation as a non-streamed request."""
+    async def run(endpoint: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        if endpoint == "/v1/embeddings":
+            return embed_answer(sim, body, sim.cfg.name)
+        return await answer(sim, _BATCH_APIS[endpoint], body, sim.cfg.name)
+
+    return run
 
 
 async def start_sim(cfg: SimConfig, host: str = "127.0.0.1", port: int = 0) -> tuple[web.AppRunner, int]:
