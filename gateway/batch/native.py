@@ -11,8 +11,8 @@ One replica drives a native batch at a time, under a Redis lease ({p}:bb:{id}:na
 runs); a replica that dies stops renewing and the sweeper on any replica restarts the driver once the lease
 expired. Every step is resumable from the batch record: `up_file` (the uploaded input) and `up_batch` (the
 provider's batch id) are recorded as soon as they exist, so a successor polls the same provider batch instead of
-submitting again (a crash between the provider accepting the batch and the id being recorded is the one window
-that can submit twice). Results are stored through the same exactly-once results hash as local lines (HSETNX
+submitting again; a successor of a replica that died between creating the provider batch and recording its id
+finds it by its metadata (`gateway_batch_id`) among the provider's latest batches. Results are stored through the same exactly-once results hash as local lines (HSETNX
 by custom_id), then the ordinary finalization builds the gateway's output and error files, so each custom_id
 appears once whoever downloaded it. Each stored line is charged once to the batch's key at the upstream's batch
 prices (cost.py).
@@ -44,6 +44,7 @@ log = logging.getLogger("gateway.batch")
 LEASE_SECONDS = 60
 #: Record fields of a native batch (besides the OpenAI ones, see store.py).
 MODE, POOL, UP_FILE, UP_BATCH, UP_CANCEL = "mode", "native_pool", "up_file", "up_batch", "up_cancel"
+SUBMITTING = "up_submitting"  # set before the provider batch is created: a successor looks for it first
 #: Provider terminal status -> the error code of forwarded lines the provider returned no result for.
 MISSING = {"cancelled": "batch_cancelled", "expired": "batch_expired", "completed": "missing_result"}
 
@@ -123,7 +124,7 @@ class NativeForwarder:
         lease = self.k.nat_lease(bid)
         if not await self.redis.set(lease, self.svc.s.replica_id, nx=True, ex=LEASE_SECONDS):
             return
-        keeper = asyncio.create_task(self._keep(lease))
+        keeper = asyncio.create_task(self._keep(lease, asyncio.current_task()))
         self._wake[bid] = asyncio.Event()
         try:
             await self._drive(bid)
@@ -136,13 +137,19 @@ class NativeForwarder:
             keeper.cancel()
             self._wake.pop(bid, None)
 
-    async def _keep(self, lease: str) -> None:
+    async def _keep(self, lease: str, driver: asyncio.Task | None) -> None:
+        """Renew the lease while the driver runs; a lease found taken over (this replica stalled past its expiry)
+        stops the driver, so two replicas never drive one batch."""
         while True:
             await asyncio.sleep(LEASE_SECONDS / 3)
             try:
-                await self._renew(keys=[lease], args=[self.svc.s.replica_id, LEASE_SECONDS])
+                held = await self._renew(keys=[lease], args=[self.svc.s.replica_id, LEASE_SECONDS])
             except REDIS_ERRORS:
-                pass
+                continue
+            if not held and driver is not None:
+                log.warning("native batch lease %s lost; another replica drives it", lease)
+                driver.cancel()
+                return
 
     async def _drive(self, bid: str) -> None:
         rec = await self.store.record(bid)
@@ -166,14 +173,25 @@ class NativeForwarder:
         if not up_file:
             up_file = await self._upload(bid, rec, t)
             await self.redis.hset(self.k.batch(bid), UP_FILE, up_file)
-        if (await self.store.record(bid)).get("status") != "in_progress":
+        now = await self.store.record(bid)
+        if now.get("status") != "in_progress":
             return None
-        body = {"input_file_id": up_file, "endpoint": rec["endpoint"], "completion_window": rec["completion_window"],
-                "metadata": {"gateway_batch_id": bid}}
-        ub = await self._call(t, "POST", "/batches", json=body)
+        ub = await self._find(t, bid) if now.get(SUBMITTING) else None
+        if ub is None:
+            await self.redis.hset(self.k.batch(bid), SUBMITTING, "1")
+            body = {"input_file_id": up_file, "endpoint": rec["endpoint"], "completion_window": rec["completion_window"],
+                    "metadata": {"gateway_batch_id": bid}}
+            ub = await self._call(t, "POST", "/batches", json=body)
         await self.redis.hset(self.k.batch(bid), UP_BATCH, ub["id"])
         log.info("batch %s forwarded to upstream %s as %s", bid, t.upstream, ub["id"])
         return str(ub["id"])
+
+    async def _find(self, t: NativeTarget, bid: str) -> dict[str, Any] | None:
+        """A provider batch created for `bid` by a replica that died before recording its id (among the provider's
+        latest 100 batches, tagged with metadata.gateway_batch_id), so it is not submitted twice."""
+        page = await self._call(t, "GET", "/batches?limit=100")
+        found = [b for b in page.get("data") or [] if (b.get("metadata") or {}).get("gateway_batch_id") == bid]
+        return found[0] if found else None
 
     async def _upload(self, bid: str, rec: dict[str, str], t: NativeTarget) -> str:
         with tempfile.TemporaryFile() as f:  # bounded memory whatever the file size

@@ -231,6 +231,14 @@ async def get_batch(request: web.Request) -> web.Response:
     return web.json_response(_batch(request).public())
 
 
+async def list_batches(request: web.Request) -> web.Response:
+    """Newest first, `limit` (default 20), as OpenAI lists batches (no cursor here)."""
+    limit = int(request.query.get("limit") or 20)
+    data = [b.public() for b in reversed(list(_store(request).batches.values()))][:limit]
+    return web.json_response({"object": "list", "data": data, "has_more": False,
+                              "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None})
+
+
 async def cancel_batch(request: web.Request) -> web.Response:
     b = _batch(request)
     if b.status in ("validating", "in_progress"):
@@ -254,5 +262,6 @@ def add_routes(app: web.Application, answer: Answer) -> None:
     r.add_get("/v1/files/{file_id}", get_file)
     r.add_get("/v1/files/{file_id}/content", file_content)
     r.add_post("/v1/batches", create_batch)
+    r.add_get("/v1/batches", list_batches)
     r.add_get("/v1/batches/{batch_id}", get_batch)
     r.add_post("/v1/batches/{batch_id}/cancel", cancel_batch)

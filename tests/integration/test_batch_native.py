@@ -109,9 +109,11 @@ async def test_cancel_reaches_the_provider(fleet, start_gateway, redis_client, r
     assert done.request_counts.completed == len(out) and done.request_counts.failed == len(err)
 
 
-async def test_another_replica_takes_over_the_provider_batch(fleet, start_gateway, redis_client, redis_prefix):
+@pytest.mark.parametrize("id_recorded", [True, False])
+async def test_another_replica_takes_over_the_provider_batch(fleet, start_gateway, redis_client, redis_prefix, id_recorded):
     """The replica driving a native batch dies after submitting it: once its lease is gone (expiry, simulated by
-    deleting it), another replica's sweeper polls the same provider batch (nothing is submitted twice)."""
+    deleting it), another replica's sweeper polls the same provider batch (nothing is submitted twice), also when
+    the replica died before recording the provider's batch id (found again by its metadata)."""
     settings = {"redis_url": REDIS_URL, "redis_prefix": redis_prefix, "batch_sweep_interval": 0.3}
     a = await start_gateway(native_fleet(fleet), **settings)
     c = client(a.url)
@@ -123,6 +125,8 @@ async def test_another_replica_takes_over_the_provider_batch(fleet, start_gatewa
         await asyncio.sleep(0.05)
     await a.stop()
     assert await redis_client.delete(f"{redis_prefix}:bb:{b.id}:nat") == 1  # the dead replica's lease
+    if not id_recorded:
+        assert await redis_client.hdel(f"{redis_prefix}:bb:{b.id}", "up_batch") == 1
     other = await start_gateway(native_fleet(fleet), **settings)
     done, _ = await wait_final(client(other.url), b.id, timeout=30)
     assert done.status == "completed" and done.request_counts.completed == len(rows)
