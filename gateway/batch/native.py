@@ -115,7 +115,8 @@ class NativeForwarder:
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300, connect=10))
+            # No total limit (an upload or download of a large file takes what it takes); a stalled read fails.
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_read=120))
         return self._session
 
     # ---- driver ---------------------------------------------------------------------------------------------
@@ -129,7 +130,7 @@ class NativeForwarder:
         try:
             await self._drive(bid)
             await self.redis.delete(lease)
-        except (NativeError, aiohttp.ClientError, *REDIS_ERRORS) as e:
+        except (NativeError, aiohttp.ClientError, ValueError, KeyError, *REDIS_ERRORS) as e:  # Value/Key: a bad answer
             # The lease stays until it expires: the sweeper retries then (a natural backoff).
             log.warning("batch %s: native forwarding interrupted (%s); retried once its lease expires",
                         bid, e if isinstance(e, NativeError) else type(e).__name__)

@@ -24,7 +24,7 @@ from gateway.batch.files import FileLimits, FileStore
 from gateway.batch.keys import GROUP, BatchKeys
 from gateway.batch.models import ENDPOINTS, WINDOWS, Execute, error_line
 from gateway.batch.native import MODE, POOL, NativeForwarder, NativeHooks, NativeTarget, target_for
-from gateway.batch.store import BatchStore, public_batch
+from gateway.batch.store import BatchStore, done_counts, public_batch
 from gateway.batch.validate import Checked, LineError, LineFailure, WorkItem, check_line
 from gateway.batch.worker import REDIS_ERRORS, Worker, WorkerConfig
 from gateway.errors import GatewayError
@@ -332,7 +332,7 @@ class BatchService:
 
 def _progress(rec: dict[str, str], now: float) -> dict[str, Any]:
     total = max(0, int(rec.get("total") or 0))
-    counts = public_batch(rec)["request_counts"]  # a native batch: the provider's progress until collected
+    counts = done_counts(rec)
     completed, failed = counts["completed"], counts["failed"]
     started = float(rec.get("in_progress_at") or 0)
     elapsed = max(1e-3, now - started) if started else 0.0

@@ -56,6 +56,12 @@ def _int(h: dict[str, str], name: str) -> int:
     return int(h.get(name) or 0)
 
 
+def done_counts(h: dict[str, str]) -> dict[str, int]:
+    """Completed and failed lines; a native batch (native.py) shows the provider's progress until its results are
+    stored here."""
+    return {"completed": max(_int(h, "completed"), _int(h, "up_completed")), "failed": max(_int(h, "failed"), _int(h, "up_failed"))}
+
+
 def public_batch(h: dict[str, str]) -> dict[str, Any]:
     """The OpenAI Batch object from a stored record."""
     def ts(name: str) -> int | None:
@@ -70,9 +76,7 @@ def public_batch(h: dict[str, str]) -> dict[str, Any]:
         "output_file_id": h.get("output_file_id") or None, "error_file_id": h.get("error_file_id") or None,
         "created_at": ts("created_at"), "expires_at": ts("expires_at"),
         **{t: ts(t) for t in _TIMES},
-        # A native batch (native.py) shows the provider's progress until its results are stored here.
-        "request_counts": {"total": max(total, 0), "completed": max(_int(h, "completed"), _int(h, "up_completed")),
-                           "failed": max(_int(h, "failed"), _int(h, "up_failed"))},
+        "request_counts": {"total": max(total, 0), **done_counts(h)},
         "metadata": json.loads(h["metadata"]) if h.get("metadata") else None,
     }
 
