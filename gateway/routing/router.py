@@ -46,8 +46,12 @@ RATE_PASS_S = 2.0
 #: Share of an upstream's RPM (used in the last minute, or at the last 10 s' rate) from which its requests are
 #: treated as scarce (request_budget_factor).
 RPM_PRESSURE = 0.8
-#: The output length that stands for "a long request" when a scarce request budget is spent (a quantile).
+#: The output length that stands for "a long request" when a scarce request budget is spent (a quantile), while
+#: the pool's request rate is unknown; and the highest quantile long_output_q gives.
 LONG_OUTPUT_Q = 0.9
+LONG_OUTPUT_Q_MAX = 0.99
+#: long_output_q counts this share of the budget's requests (a margin: see there).
+LONG_SHARE_MARGIN = 0.75
 
 
 class Refusal(Exception):
@@ -113,10 +117,10 @@ def request_budget_factor(u: UpstreamStats, output_tokens: int, long_output: int
     A hosted API limited in RPM spends one unit of its budget per request, however long the answer. While the
     budget has headroom a request there costs nothing else; once it is nearly used up (requests in the last
     minute, or the last 10 s' rate, at RPM_PRESSURE of the limit), a 64-token answer there takes the place of a
-    long one (`long_output`: the pool's 90th-percentile output) that would have produced far more for the same
-    unit. So the gain is scaled by output_tokens / long_output (never above 1): short requests go to servers
-    whose capacity is measured in tokens, long ones keep the scarce requests. (A mean would not do: short
-    requests are usually the many, and would set the reference to their own length.)
+    long one (`long_output`: the length from which the pool's requests count as long, long_output_q) that would
+    have produced far more for the same unit. So the gain is scaled by output_tokens / long_output (never above
+    1): short requests go to servers whose capacity is measured in tokens, long ones keep the scarce requests. (A
+    mean would not do: short requests are usually the many, and would set the reference to their own length.)
     """
     rpm = u.cfg.rpm
     if not rpm or output_tokens >= long_output:
@@ -125,6 +129,27 @@ def request_budget_factor(u: UpstreamStats, output_tokens: int, long_output: int
     if max(r.used_req_60, r.rps * 60.0) < RPM_PRESSURE * rpm:
         return 1.0
     return output_tokens / long_output
+
+
+def long_output_q(rpm_rps: float, request_rps: float) -> float:
+    """Quantile of the expected outputs of the pool's arriving requests (OutputLengths.quantile) from which a
+    request counts as long for request_budget_factor.
+
+    The RPM-limited upstreams can start `rpm_rps` requests a second out of the `request_rps` the pool receives:
+    the budget is best spent on the longest 'rpm_rps / request_rps' share of them, so the threshold is the
+    (1 - that share)-quantile. A fixed quantile would misplace it whenever the share differs: with 16- to
+    1024-token requests mixed the short ones are the many, the 90th percentile is a short length, and the budget
+    went to requests a GPU serves as well. Unknown rate: LONG_OUTPUT_Q.
+
+    Both rates are estimates (10 s), and erring is not symmetric: a threshold too high leaves budget the long
+    requests do not use, and the pressure rule (request_budget_factor) lets any request have it again as soon as
+    usage falls below RPM_PRESSURE; a threshold too low makes the next-shorter class (often many times more
+    numerous) compete for every unit as an equal. So the share is taken with a margin (LONG_SHARE_MARGIN), which
+    keeps the threshold inside the class that fills the budget rather than on its lower edge.
+    """
+    if rpm_rps <= 0 or request_rps <= 0:
+        return LONG_OUTPUT_Q
+    return min(LONG_OUTPUT_Q_MAX, max(0.0, 1.0 - LONG_SHARE_MARGIN * rpm_rps / request_rps))
 
 
 def kv_risk(u: UpstreamStats, est: Estimate) -> float:
@@ -361,6 +386,7 @@ class Router:
         pools' candidate index; nothing when idle), then serve the queues (new headroom, waits over)."""
         for p in self.fleet.pools.values():
             self.classes.observe(p)
+            p.observe_demand()
         self.reindex()
         self.wake()
 
@@ -420,7 +446,7 @@ def _throughput(pool: Pool, cands: list[UpstreamStats], ctx: RequestContext, odd
         d.strategy = "throughput"
         return d
     cached = ctx.predicted_cached or {}
-    long_output = pool.lengths.quantile(LONG_OUTPUT_Q, est.output_tokens)
+    long_output = pool.lengths.quantile(long_output_q(pool.rpm_rps, pool.request_rps), est.output_tokens)
     scores = {u.name: error_adjusted(throughput_gain(u, est, cached.get(u.name, 0)), odds(u)) * u.weight
               * request_budget_factor(u, est.output_tokens, long_output) for u in cands}
     # Work-conserving: every candidate has a free slot, so even a negative best gain is dispatched (the least
