@@ -48,8 +48,12 @@ WAKE_LOOKAHEAD = 16
 #: Share of an upstream's RPM (used in the last minute, or at the last 10 s' rate) from which its requests are
 #: treated as scarce (spends_scarce_budget).
 RPM_PRESSURE = 0.8
-#: The output length that stands for "a long request" when a scarce request budget is spent (a quantile).
+#: The output length that stands for "a long request" when a scarce request budget is spent (a quantile), while
+#: the pool's request rate is unknown; and the highest quantile long_output_q gives.
 LONG_OUTPUT_Q = 0.9
+LONG_OUTPUT_Q_MAX = 0.99
+#: long_output_q counts this share of the budget's requests (a margin: see there).
+LONG_SHARE_MARGIN = 0.75
 
 
 class Refusal(Exception):
@@ -118,17 +122,38 @@ def spends_scarce_budget(u: UpstreamStats, output_tokens: int, long_output: int)
     budget has headroom a request there costs nothing else; once it is nearly used up (requests in the last
     minute, or the last 10 s' rate, at RPM_PRESSURE of the limit, or its pacing bucket half empty: requests are
     being started at the limit's pace), a 64-token answer there takes the place of a long one (`long_output`: the
-    pool's 90th-percentile output) that would have produced far more for the same unit: 64 - 512 tokens net.
-    So such a request goes there only when no upstream without a scarce budget can take it (_throughput): a
-    scaled-down gain was not enough, since a GPU near its knee adds almost nothing per extra sequence and still
-    lost to it. (A mean would not do for the reference: short requests are usually the many, and would set it
-    to their own length.)
+    length from which the pool's requests count as long, long_output_q) that would have produced far more for the
+    same unit. So such a request goes there only when no upstream without a scarce budget can take it
+    (_throughput): a scaled-down gain was not enough, since a GPU near its knee adds almost nothing per extra
+    sequence and still lost to it. (A mean would not do for the reference: short requests are usually the many,
+    and would set it to their own length.)
     """
     rpm = u.cfg.rpm
     if not rpm or output_tokens >= long_output:
         return False
     r = u.rates  # the recent rate (10 s) sees pressure build before the minute's count does
     return max(r.used_req_60, r.rps * 60.0) >= RPM_PRESSURE * rpm or r.pacing_low()
+
+
+def long_output_q(rpm_rps: float, request_rps: float) -> float:
+    """Quantile of the expected outputs of the pool's arriving requests (OutputLengths.quantile) from which a
+    request counts as long for spends_scarce_budget.
+
+    The RPM-limited upstreams can start `rpm_rps` requests a second out of the `request_rps` the pool receives:
+    the budget is best spent on the longest 'rpm_rps / request_rps' share of them, so the threshold is the
+    (1 - that share)-quantile. A fixed quantile would misplace it whenever the share differs: with 16- to
+    1024-token requests mixed the short ones are the many, the 90th percentile is a short length, and the budget
+    went to requests a GPU serves as well. Unknown rate: LONG_OUTPUT_Q.
+
+    Both rates are estimates (10 s), and erring is not symmetric: a threshold too high leaves budget the long
+    requests do not use, and the pressure rule (spends_scarce_budget) lets any request have it again as soon as
+    usage falls below RPM_PRESSURE; a threshold too low makes the next-shorter class (often many times more
+    numerous) compete for every unit as an equal. So the share is taken with a margin (LONG_SHARE_MARGIN), which
+    keeps the threshold inside the class that fills the budget rather than on its lower edge.
+    """
+    if rpm_rps <= 0 or request_rps <= 0:
+        return LONG_OUTPUT_Q
+    return min(LONG_OUTPUT_Q_MAX, max(0.0, 1.0 - LONG_SHARE_MARGIN * rpm_rps / request_rps))
 
 
 def kv_risk(u: UpstreamStats, est: Estimate) -> float:
@@ -384,6 +409,7 @@ class Router:
         pools' candidate index; nothing when idle), then serve the queues (new headroom, waits over)."""
         for p in self.fleet.pools.values():
             self.classes.observe(p)
+            p.observe_demand()
         self.reindex()
         self.wake()
 
@@ -443,7 +469,7 @@ def _throughput(pool: Pool, cands: list[UpstreamStats], ctx: RequestContext, odd
         d.strategy = "throughput"
         return d
     cached = ctx.predicted_cached or {}
-    long_output = pool.lengths.quantile(LONG_OUTPUT_Q, est.output_tokens)
+    long_output = pool.lengths.quantile(long_output_q(pool.rpm_rps, pool.request_rps), est.output_tokens)
     plenty = [u for u in cands if not spends_scarce_budget(u, est.output_tokens, long_output)]
     cands = plenty or cands  # a short answer spends a scarce request budget only when nothing else can take it
     scores = {u.name: error_adjusted(throughput_gain(u, est, cached.get(u.name, 0)), odds(u)) * u.weight for u in cands}

@@ -29,10 +29,18 @@ class Pool:
     #: The pool's engine slots (sum of max_concurrency, fixed by config): per-request rules read it, so a pool of
     #: hundreds of upstreams is not summed per request.
     slots: int = field(init=False)
+    #: Requests per second the pool's RPM limits allow together (config), and the requests per second its
+    #: upstreams were sent in the last 10 s (refreshed each router tick, not per request).
+    rpm_rps: float = field(init=False)
+    request_rps: float = 0.0
 
     def __post_init__(self) -> None:
         self.operations = frozenset().union(*(u.operations for u in self.upstreams))
         self.slots = sum(u.cfg.max_concurrency for u in self.upstreams)
+        self.rpm_rps = sum(u.cfg.rpm / 60.0 for u in self.upstreams if u.cfg.rpm)
+
+    def observe_demand(self) -> None:
+        self.request_rps = sum(u.rates.rps for u in self.upstreams)
 
     def strategy_for(self, service_class: str) -> str:
         """The routing strategy of one class's requests: the class's `prefer` (each preference is the strategy

@@ -4,6 +4,20 @@ Many clients send no max_tokens, or a loose one (4096 for answers of ~300 tokens
 value overstates a request's duration and its TPM/KV cost, so the router under-fills rate-limited and KV-bound
 upstreams and misjudges short vs long requests. The pool's recent output lengths give the distribution of X;
 a request limited to m tokens is expected to produce E[min(X, m)].
+
+X is not independent of m, though: a client asking for at most 16 tokens (a classifier, a title) and one asking
+for 1024 (an essay) share a pool, and the short answers are the many. Pooled, every request with a generous limit
+would be expected at about the pool's mean, the essay taken for a title. So outputs are also kept per band of
+max_tokens (powers of two), and a request is estimated from its own band once that band has BAND_MIN_OBSERVED
+outputs. Until then, from the outputs of the requests at least as free as it (higher bands, or no max_tokens):
+those of requests limited below its own limit were cut by their limits and say nothing about how far it goes. With
+none of those either, its max_tokens is taken at face value (the one thing known about it); a request without
+max_tokens is estimated from the pool's mean.
+
+Quantiles (which requests count as long, router.request_budget_factor) are taken over the expected outputs of
+the requests *arriving*, not over the outputs of those finishing: a long request finishes long after it arrived
+and a short one soon, so right after a change (or a start) the finished ones are almost all short, and the
+question is which of the requests now arriving should get a scarce request unit.
 """
 
 from __future__ import annotations
@@ -18,57 +32,106 @@ if TYPE_CHECKING:
     from gateway.context import RequestContext
     from gateway.state.fleet import Fleet
 
-#: Recent outputs kept per pool, and how many are needed before they are trusted over max_tokens.
+#: Recent outputs kept per pool (and per max_tokens band), and how many are needed before they are trusted.
 KEEP = 512
+BAND_KEEP = 128
 MIN_OBSERVED = 16
+#: A band's own few outputs already say more about its requests than the pool's many (the 1024-token answers
+#: of a pool of 16-token ones): it is trusted from this many on.
+BAND_MIN_OBSERVED = 4
 #: The sorted copy is rebuilt after this many new observations (not per request: the hot path stays lean).
 REBUILD_EVERY = 16
 
 
-class OutputLengths:
-    """Recent output lengths of one pool; `expected(max_tokens)` = E[min(X, max_tokens)] over them."""
+class _Recent:
+    """Recent output lengths, with E[min(X, m)], the mean and quantiles over them."""
 
     __slots__ = ("_recent", "_sorted", "_prefix", "_fresh")
 
-    def __init__(self) -> None:
-        self._recent: deque[int] = deque(maxlen=KEEP)
+    def __init__(self, keep: int) -> None:
+        self._recent: deque[int] = deque(maxlen=keep)
         self._sorted: list[int] = []
         self._prefix: list[int] = [0]  # prefix sums of _sorted
         self._fresh = 0  # observations since the last rebuild
 
+    def __len__(self) -> int:
+        return len(self._recent)
+
+    def recent(self) -> deque[int]:
+        return self._recent
+
     def observe(self, output_tokens: int) -> None:
-        if output_tokens > 0:
-            self._recent.append(output_tokens)
-            self._fresh += 1
+        self._recent.append(output_tokens)
+        self._fresh += 1
 
-    def expected(self, max_tokens: int | None, default: int) -> int:
-        """Expected output tokens of a request with this limit (`default` when the pool has no history yet)."""
-        if len(self._recent) < MIN_OBSERVED:
-            return max_tokens or default
-        if self._fresh >= REBUILD_EVERY or not self._sorted:
-            self._rebuild()
-        xs, n = self._sorted, len(self._sorted)
+    def expected(self, max_tokens: int | None) -> int:
+        xs, pre = self._view()
+        n = len(xs)
         if max_tokens is None:
-            return max(1, round(self._prefix[n] / n))
+            return max(1, round(pre[n] / n))
         k = bisect.bisect_right(xs, max_tokens)  # xs[:k] <= max_tokens, the rest are capped by it
-        return max(1, round((self._prefix[k] + (n - k) * max_tokens) / n))
+        return max(1, round((pre[k] + (n - k) * max_tokens) / n))
 
-    def quantile(self, q: float, default: int) -> int:
-        """The q-quantile of recent output lengths (`default` until MIN_OBSERVED outputs were seen)."""
-        if len(self._recent) < MIN_OBSERVED:
-            return default
-        if self._fresh >= REBUILD_EVERY or not self._sorted:
-            self._rebuild()
-        xs = self._sorted
+    def quantile(self, q: float) -> int:
+        xs, _ = self._view()
         return xs[min(len(xs) - 1, int(q * len(xs)))]
 
-    def _rebuild(self) -> None:
-        self._sorted = sorted(self._recent)
-        pre = [0]
-        for x in self._sorted:
-            pre.append(pre[-1] + x)
-        self._prefix = pre
-        self._fresh = 0
+    def _view(self) -> tuple[list[int], list[int]]:
+        if self._fresh >= REBUILD_EVERY or not self._sorted:
+            self._sorted = sorted(self._recent)
+            pre = [0]
+            for x in self._sorted:
+                pre.append(pre[-1] + x)
+            self._prefix = pre
+            self._fresh = 0
+        return self._sorted, self._prefix
+
+
+def band(max_tokens: int | None) -> int:
+    """The max_tokens band a limit belongs to: (2^(k-1), 2^k] -> k; 0 for no limit."""
+    return 0 if max_tokens is None else max(1, max_tokens - 1).bit_length()
+
+
+class OutputLengths:
+    """Recent output lengths of one pool; `expected(max_tokens)` = E[min(X, max_tokens)], over the outputs of
+    requests with a max_tokens in the same band when there are enough, else over the pool's."""
+
+    __slots__ = ("_all", "_bands", "_arrived")
+
+    def __init__(self) -> None:
+        self._all = _Recent(KEEP)
+        self._bands: dict[int, _Recent] = {}
+        self._arrived = _Recent(KEEP)  # expected outputs of the requests routed lately
+
+    def arrived(self, expected_output: int) -> None:
+        self._arrived.observe(expected_output)
+
+    def observe(self, output_tokens: int, max_tokens: int | None = None) -> None:
+        if output_tokens <= 0:
+            return
+        self._all.observe(output_tokens)
+        b = self._bands.get(band(max_tokens))
+        if b is None:
+            b = self._bands[band(max_tokens)] = _Recent(BAND_KEEP)
+        b.observe(output_tokens)
+
+    def expected(self, max_tokens: int | None, default: int) -> int:
+        """Expected output tokens of a request with this limit (`default`: no max_tokens and no history yet)."""
+        k = band(max_tokens)
+        own = self._bands.get(k)
+        if own is not None and len(own) >= BAND_MIN_OBSERVED:
+            return own.expected(max_tokens)
+        if max_tokens is None:
+            return self._all.expected(None) if len(self._all) >= MIN_OBSERVED else default
+        # Rare (a band's first few requests): a plain pass over the freer bands' recent outputs.
+        free = [x for b, r in self._bands.items() if b == 0 or b >= k for x in r.recent()]
+        if len(free) < BAND_MIN_OBSERVED:
+            return max_tokens
+        return max(1, round(sum(min(x, max_tokens) for x in free) / len(free)))
+
+    def quantile(self, q: float, default: int) -> int:
+        """The q-quantile of the expected outputs of recent arrivals (`default` until MIN_OBSERVED arrived)."""
+        return self._arrived.quantile(q) if len(self._arrived) >= MIN_OBSERVED else default
 
 
 class Lengths:
@@ -82,10 +145,11 @@ class Lengths:
         if pool is None or ctx.est.operation == "embeddings":
             return
         ctx.est.output_tokens = pool.lengths.expected(ctx.est.max_tokens, DEFAULT_OUTPUT_TOKENS)
+        pool.lengths.arrived(ctx.est.output_tokens)
 
     def request_end(self, ctx: RequestContext, error: BaseException | None) -> None:
         if error is not None or ctx.est.operation == "embeddings":
             return
         pool = self.fleet.pool(ctx.model)
         if pool is not None:
-            pool.lengths.observe(ctx.usage.output_tokens)
+            pool.lengths.observe(ctx.usage.output_tokens, ctx.est.max_tokens)

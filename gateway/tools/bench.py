@@ -595,6 +595,7 @@ def _summarise(rec: Recorder, duration: float, workers: int, before: dict, after
         "rps": round(rec.completed / duration, 2),
         "errors": dict(rec.errors),
         "error_count": sum(rec.errors.values()),
+        "latency_mean_ms": _ms(statistics.fmean(rec.latencies) if rec.latencies else None),
         "latency_p50_ms": _ms(_pct(rec.latencies, 50)),
         "latency_p99_ms": _ms(_pct(rec.latencies, 99)),
         "ttft_p50_ms": _ms(_pct(rec.ttfts, 50)),

@@ -150,4 +150,4 @@ def test_new_scenarios_are_registered() -> None:
     from gateway.tools.scenarios import registry
 
     assert {"rpm_closed", "rpm_open", "kv_pressure", "spec_decode", "long_prompts", "wide_lengths",
-            "cold_start", "class_cost"} <= set(registry())
+            "cold_start", "class_cost", "poisson"} <= set(registry())

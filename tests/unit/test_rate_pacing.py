@@ -13,7 +13,7 @@ from gateway.context import Estimate, RequestContext
 from gateway.reliability.outlier import OutlierDetector
 from gateway.routing.router import RATE_PASS_S, Refusal, Router
 from gateway.state.fleet import Fleet
-from gateway.state.lengths import MIN_OBSERVED, Lengths, OutputLengths
+from gateway.state.lengths import BAND_MIN_OBSERVED, MIN_OBSERVED, Lengths, OutputLengths
 from gateway.state.stats import UpstreamStats
 from gateway.state.upstream_rates import ADM, REQ
 
@@ -177,3 +177,41 @@ def test_a_request_leaves_the_window_only_after_the_provider_could_have_dropped_
     h.refresh(s + 61.6)
     assert h.rates.used_req_60 == 0 and h.rate_allows(1)
 
+
+
+def test_expected_output_from_the_requests_own_max_tokens_band():
+    """Short answers are the many: pooled, a request allowed 1024 tokens would be expected at about the pool's
+    mean. Its own band (max_tokens in (512, 1024]) says it produces ~1024, once that band has enough outputs."""
+    lengths = OutputLengths()
+    for _ in range(4 * MIN_OBSERVED):
+        lengths.observe(16, max_tokens=16)
+    for _ in range(BAND_MIN_OBSERVED - 1):
+        lengths.observe(1000, max_tokens=1024)
+    # Too few outputs of requests allowed as much: the 16-token answers (cut at 16) say nothing; its own limit.
+    assert lengths.expected(1024, 256) == 1024
+    lengths.observe(1000, max_tokens=1000)  # same band: (512, 1024]
+    assert lengths.expected(1024, 256) == 1000
+    assert lengths.expected(16, 256) == 16
+    assert lengths.expected(300, 256) == 300  # band (256, 512] empty: the freer requests' E[min(X, 300)]
+    assert lengths.expected(2048, 256) == 2048  # nothing as free as it yet
+
+
+def test_long_requests_are_judged_among_those_arriving_not_those_finishing():
+    """Finished outputs over-represent short requests (a long one is still running): quantiles are taken over the
+    expected outputs of the requests routed lately."""
+    lengths = OutputLengths()
+    for _ in range(4 * MIN_OBSERVED):
+        lengths.observe(16, max_tokens=16)
+    assert lengths.quantile(0.9, 256) == 256  # nothing arrived yet: the default
+    for x in [16] * 80 + [1024] * 20:
+        lengths.arrived(x)
+    assert lengths.quantile(0.9, 256) == 1024 and lengths.quantile(0.5, 256) == 16
+
+
+def test_max_tokens_bands_are_powers_of_two():
+    from gateway.state.lengths import band
+
+    assert band(None) == 0
+    assert band(1) == band(2) == 1
+    assert band(3) == band(4) == 2
+    assert band(513) == band(1024) == 10 != band(1025)

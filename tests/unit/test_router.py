@@ -351,15 +351,15 @@ def _spend_rpm(fleet: Fleet, name: str, requests: int) -> None:
 def _lengths(fleet: Fleet, short: int, long: int) -> None:
     lengths = fleet.pools["fleet-model"].lengths
     for _ in range(short):
-        lengths.observe(64)
+        lengths.arrived(64)
     for _ in range(long):
-        lengths.observe(512)
+        lengths.arrived(512)
 
 
 def test_short_answer_avoids_a_nearly_spent_rpm_budget_long_one_keeps_it():
     fleet, router = make()
     pool = fleet.pools["fleet-model"]
-    _lengths(fleet, 80, 20)  # p90 of recent outputs: 512
+    _lengths(fleet, 80, 20)  # p90 of recent arrivals' expected outputs: 512
     for _ in range(30):
         fleet.upstreams["fast-gpu"].credit(0)  # a busy GPU: its marginal gain is well below the hosted API's
     short, long = req(200, 64), req(200, 512)
@@ -398,3 +398,35 @@ def test_a_budget_started_at_its_pace_is_scarce_before_the_minute_shows_it():
         hosted.credit(0)
     assert hosted.rate_allows(0) and hosted.rates.pacing_low()
     assert spends_scarce_budget(hosted, 64, 512)
+
+
+def test_long_threshold_follows_the_share_of_requests_the_budget_can_take():
+    from gateway.routing.router import LONG_OUTPUT_Q, LONG_OUTPUT_Q_MAX, LONG_SHARE_MARGIN, long_output_q
+
+    assert long_output_q(0.0, 30.0) == LONG_OUTPUT_Q  # no RPM limit in the pool
+    assert long_output_q(2.0, 0.0) == LONG_OUTPUT_Q  # no traffic seen yet
+    assert long_output_q(2.0, 32.0) == pytest.approx(1 - LONG_SHARE_MARGIN * 2 / 32)  # the longest ~5% of 32/s
+    assert long_output_q(3.0, 3.0) == pytest.approx(1 - LONG_SHARE_MARGIN)  # a hosted-only pool: most count as long
+    assert long_output_q(10.0, 5.0) == 0.0  # more budget than requests: nothing is short
+    assert long_output_q(0.01, 1000.0) == LONG_OUTPUT_Q_MAX
+
+
+def test_short_requests_are_the_many_the_budget_still_goes_to_the_long_ones():
+    """16-token requests are 95% of arrivals: a fixed 90th percentile would call them long. With the pool sending
+    ~30 requests/s and the hosted API allowing 2/s, the threshold is the 1024-token requests' length."""
+    fleet, router = make()
+    pool = fleet.pools["fleet-model"]
+    for _ in range(475):
+        pool.lengths.arrived(16)
+    for _ in range(25):
+        pool.lengths.arrived(1024)
+    for u in pool.upstreams:
+        u.rates.rps = 10.0
+    pool.observe_demand()
+    assert pool.rpm_rps == pytest.approx(2.0) and pool.request_rps == pytest.approx(30.0)
+    for name, busy in (("fast-gpu", 30), ("slow-gpu", 14)):  # busy GPUs: a short answer gains little there
+        for _ in range(busy):
+            fleet.upstreams[name].credit(0)
+    _spend_rpm(fleet, "hosted", 20)  # at the limit's pace: the budget is under pressure
+    assert router.pick(pool, req(200, 16)).upstream.name != "hosted"
+    assert router.pick(pool, req(200, 1024)).upstream.name == "hosted"
