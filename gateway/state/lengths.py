@@ -14,7 +14,7 @@ those of requests limited below its own limit were cut by their limits and say n
 none of those either, its max_tokens is taken at face value (the one thing known about it); a request without
 max_tokens is estimated from the pool's mean.
 
-Quantiles (which requests count as long, router.request_budget_factor) are taken over the expected outputs of
+Quantiles (which requests count as long, router.spends_scarce_budget) are taken over the expected outputs of
 the requests *arriving*, not over the outputs of those finishing: a long request finishes long after it arrived
 and a short one soon, so right after a change (or a start) the finished ones are almost all short, and the
 question is which of the requests now arriving should get a scarce request unit.
