@@ -76,6 +76,18 @@ def test_interactive_limit_from_curve() -> None:
     assert interactive_limit(a, FLOOR40) == 64  # flat curve (hosted-like)
 
 
+def test_interactive_limit_follows_the_curves_shape_not_the_line_alone() -> None:
+    """A KV-bound engine measured only around 8 streams: the line's intercept is off (0.03 s here, past the 40
+    tok/s floor on its own), the shape factor brings t(n) back to what the data shows there (0.7x: ~0.023 s at 8).
+    The limit is where t(n) crosses the floor, not where the line does (0, which refused the engine outright)."""
+    fleet, _ = fleet_of({"A": 16})
+    c = fleet.upstreams["A"].curve
+    c.a, c.b = 0.03, 0.0004
+    c._shape_n, c._shape_k = [8.0], [0.7]
+    assert c.tpot(14) < 0.025 < c.tpot(15)  # (0.025 / 0.7 - 0.03) / 0.0004 = 14.3
+    assert interactive_limit(fleet.upstreams["A"], FLOOR40) == 14
+
+
 def test_interactive_admitted_only_within_its_floor_and_ttft() -> None:
     fleet, router = fleet_of({"A": 64}, FLOOR40)
     pool, a = fleet.pools["m"], fleet.upstreams["A"]
