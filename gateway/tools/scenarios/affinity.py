@@ -22,6 +22,10 @@ oracle's unmetered traffic). Beside them: the documents workload through two gat
 per-replica indexes vs one); a `fresh` workload (no prefix shared by any two requests) with and without
 affinity: the cost of hashing.
 
+GATEWAY_BENCH_AFFINITY_SETTINGS (comma list of mixed, similar, documents, documents_a10g, extras: the two-replica
+and no-shared-prefix runs) and GATEWAY_BENCH_AFFINITY_VARIANTS (comma list of variant names) run only those, to
+iterate on one setting; the default is everything.
+
 Reported per variant: output tok/s, TTFT p50/p99, prefix hit rate (cached / prompt tokens, from usage), the
 highest in-flight / max_concurrency seen on any upstream, and the gateway's peak queue depth.
 """
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -288,14 +293,34 @@ async def run(bench: Any) -> dict:
     plans = {"mixed": ("mixed", "tenants", base + [("round_robin", "round_robin", False), ("least_busy", "least_busy", False)]),
              "similar": ("similar", "tenants", base), "documents": ("similar", "documents", base),
              "documents_a10g": ("a10g", "documents", base)}
+    settings, only = _only("GATEWAY_BENCH_AFFINITY_SETTINGS"), _only("GATEWAY_BENCH_AFFINITY_VARIANTS")
     for key, (shape, workload, variants) in plans.items():
+        if settings and key not in settings:
+            continue
         rows: dict[str, Any] = {}
         for name, strategy, aff in variants:
+            if only and name not in only:
+                continue
             print(f"  affinity: {key} {name} ...", flush=True)
             rows[name] = await _variant(bench, f"aff-{key}-{name.replace('+', '-')}", strategy, aff, workload=workload,
                                         shape=shape)
         out[key] = rows
-    docs = out["documents"]
+    if not settings or "extras" in settings:
+        await _extras(bench, out.setdefault("documents", {}))
+    for rows in out.values():
+        rows.update(_verdict(rows))
+    out["error_count"] = sum(r.get("error_count", 0) for rows in list(out.values()) for r in rows.values()
+                             if isinstance(r, dict))
+    return out
+
+
+def _only(var: str) -> set[str]:
+    """The names a comma-list environment variable selects (empty: all)."""
+    return {v.strip() for v in os.environ.get(var, "").split(",") if v.strip()}
+
+
+async def _extras(bench: Any, docs: dict) -> None:
+    """The documents workload through two replicas (with Redis), and the no-shared-prefix cost of hashing."""
     if bench.o.redis_url:
         print("  affinity: documents, two replicas ...", flush=True)
         docs["two_replicas"] = await _variant(bench, "aff-2rep", "throughput", True, workers=2, shape="similar",
@@ -304,15 +329,10 @@ async def run(bench: Any) -> dict:
         print(f"  affinity: similar {name} ...", flush=True)
         docs[name] = await _variant(bench, f"aff-{name.replace('+', '-')}", "throughput", aff, workload="fresh",
                                     shape="similar")
-    for rows in out.values():
-        rows.update(_verdict(rows))
-    out["error_count"] = sum(r.get("error_count", 0) for rows in list(out.values()) for r in rows.values()
-                             if isinstance(r, dict))
-    return out
 
 
 def _verdict(out: dict) -> dict:
-    a, b = out["throughput+affinity"], out["throughput"]
+    a, b = out.get("throughput+affinity") or {}, out.get("throughput") or {}
     v: dict[str, Any] = {}
     if a.get("ttft_p50_ms") and b.get("ttft_p50_ms"):
         v["ttft_p50_ratio"] = round(b["ttft_p50_ms"] / a["ttft_p50_ms"], 2)  # target >= 2
