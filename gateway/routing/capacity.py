@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from gateway.config import CapacityHint
 
@@ -72,6 +73,10 @@ class CapacityCurve:
     #: A bucket's shape factor is shrunk towards 1 by this many samples' weight.
     SHAPE_PRIOR = 1.0
     ROBUST_ITERATIONS = 3
+    #: TTFT samples needed before the prefill slope is fitted at all.
+    MIN_TTFT_SAMPLES = 8
+    #: Without a hinted prefill, the prior's scale: a prompt of this many tokens costs about the hinted TTFT.
+    PRIOR_PROMPT_TOKENS = 1000.0
 
     __slots__ = ("a", "b", "ttft", "prefill", "samples", "_hint", "_slots", "_mean_prompt", "_shape_n", "_shape_k")
 
@@ -188,7 +193,8 @@ class CapacityCurve:
             sy += w * s.tpot
             sxy += w * s.n * s.tpot
         den = sw * sxx - sx * sx
-        b = max(0.0, (sw * sxy - sx * sy) / den if den > 1e-12 else k * h.b)
+        b = (sw * sxy - sx * sy) / den if den > 1e-12 else k * h.b
+        b = max(0.0, self._shrunk_slope(rows, b, (sy - b * sx) / sw, den / sw, k))
         a = (sy - b * sx) / sw
         if a <= 1e-5:
             # The line would pass below zero at n=0: keep the slope's share bounded by the mean time.
@@ -196,6 +202,24 @@ class CapacityCurve:
             a = max(1e-5, mean_t * 0.1)
             b = max(0.0, (mean_t - a) / max(sx / sw, 1e-9))
         return a, b
+
+    def _shrunk_slope(self, rows: list[tuple[float, Sample]], b: float, a: float, sxx: float, k: float) -> float:
+        """The fitted slope shrunk towards the hint's (scaled to the data's level) by its own sampling variance.
+
+        Samples bunched at the operating point (a KV-bound engine runs at one concurrency) with noisy t (the
+        stalls of long prefills land on whoever is decoding) identify the level but not the slope: fitted slopes
+        came out 5-15x the hint's on identical engines, so the curve extrapolated to n+1 broke the interactive
+        class's per-request speed at loads the engine sustained, and turns left the engine holding their
+        conversation. A precision-weighted mean keeps a slope the data shows (spread over n, low noise) and
+        falls back to the hinted shape where it does not. A hint without a slope (b = 0) is no prior on it.
+        """
+        h = self._hint
+        tau2 = (k * h.b) ** 2
+        if tau2 <= 0 or sxx <= 1e-12 or not rows:
+            return b
+        ws = sum(w for w, _ in rows)
+        var = sum(w * (s.tpot - a - b * s.n) ** 2 for w, s in rows) / max(1.0, ws - 2.0) / sxx
+        return (b * tau2 + k * h.b * var) / (tau2 + var)
 
     def _fit_shape(self, rows: list[tuple[float, Sample]]) -> None:
         """Per bucket: the weighted median of the data's ratio to the line (robust to outliers, unlike the line's
@@ -218,27 +242,37 @@ class CapacityCurve:
         """TTFT against prompt size: the level (at the mean prompt) and a slope (prefill seconds per token)."""
         h = self._hint
         w0 = self.PRIOR_WEIGHT / 2
-        tw, tt = w0, w0 * h.ttft
-        tp = tpp = tpt = 0.0
-        for w, s in rows:
-            if s.ttft >= 0:  # progress samples of running streams carry no TTFT
-                tw += w
-                tt += w * s.ttft
-                tp += w * s.prompt_tokens
-                tpp += w * s.prompt_tokens * s.prompt_tokens
-                tpt += w * s.prompt_tokens * s.ttft
-        self.ttft = tt / tw
-        wd = tw - w0  # data weight only: the prior says nothing about prompt sizes
-        if wd > 0:
-            mp = tp / wd
-            var = tpp / wd - mp * mp
-            mean_t = (tt - w0 * h.ttft) / wd
-            cov = tpt / wd - mp * mean_t
-            # Only with a real spread of prompt sizes; shrunk towards the hint (often 0) when the spread is small.
-            # Prompt sizes are the tokens the engine had to prefill (cached ones excluded: measure.py).
-            k = 100.0**2
-            self.prefill = max(0.0, (cov + k * h.prefill) / (var + k)) if var > 1.0 else h.prefill
-            self._mean_prompt = mp
+        pts = [(w, s) for w, s in rows if s.ttft >= 0]  # progress samples of running streams carry no TTFT
+        wd = sum(w for w, _ in pts)  # data weight only: the prior says nothing about prompt sizes
+        if wd <= 0:
+            self.ttft = h.ttft
+            return
+        self._mean_prompt = sum(w * s.prompt_tokens for w, s in pts) / wd
+        enough = len(pts) >= self.MIN_TTFT_SAMPLES
+        self.prefill = self._prefill_slope(pts, _ttft_regression(pts) if enough else None)
+        level = _robust_level(pts, self.prefill, self._mean_prompt) if enough else sum(w * s.ttft for w, s in pts) / wd
+        self.ttft = (w0 * h.ttft + wd * level) / (w0 + wd)
+
+    def _prefill_slope(self, pts: list[tuple[float, Sample]], fit: _TtftFit | None) -> float:
+        """Prefill seconds per prompt token: the data's slope where it identifies one, else the hint's.
+
+        A measured TTFT is queue wait (behind the engine's running prefills and full batch) plus the prefill of
+        the tokens the engine had to compute (prompt sizes exclude cached tokens: measure.py). Under load the
+        wait dominates and varies far more than the prefill, so a plain covariance of TTFT and prompt size is
+        mostly noise: identical engines fitted slopes 50x apart. Here the slope is (1) fitted robustly beside
+        the concurrency the request saw (the wait grows with it, and placement correlates load with prompt size:
+        cache hits are short and go where the conversation is), (2) shrunk towards the hint by its own sampling
+        variance against the hint's scale (a precision-weighted mean: well-identified data wins, noise does not
+        move it far), (3) capped by what the fastest long-prompt TTFTs allow (a TTFT contains its prefill, so
+        prefill * tokens cannot exceed it).
+        """
+        h = self._hint
+        if fit is None or not math.isfinite(fit.var):
+            p = h.prefill
+        else:
+            tau2 = max(h.prefill, h.ttft / self.PRIOR_PROMPT_TOKENS) ** 2
+            p = (fit.slope * tau2 + h.prefill * fit.var) / (tau2 + fit.var) if tau2 + fit.var > 0 else h.prefill
+        return max(0.0, min(p, _prefill_cap(pts, self._mean_prompt)))
 
     def snapshot(self) -> dict:
         return {
@@ -266,3 +300,82 @@ def _weighted_median(cell: list[tuple[float, float, float]], total: float) -> fl
         if acc >= total / 2:
             return v
     return cell[-1][0]
+
+
+class _TtftFit(NamedTuple):
+    slope: float  # seconds per prefilled token
+    var: float  # the slope's sampling variance (inf: prompt sizes do not vary)
+
+
+def _ttft_regression(pts: list[tuple[float, Sample]]) -> _TtftFit:
+    """Robust weighted least squares of TTFT on prompt tokens and concurrency. Huber reweighting as the t(n)
+    line (on absolute residuals): the few requests that waited long behind others do not set the slope."""
+    hub = [1.0] * len(pts)
+    sw = sum(w for w, _ in pts)
+    for _ in range(1 + CapacityCurve.ROBUST_ITERATIONS):
+        _, p, _, var, res = _wls2([(w * k, s) for (w, s), k in zip(pts, hub)])
+        scale = max(1e-3, 3.0 * sorted(abs(e) for e in res)[len(res) // 2])
+        hub = [_huber(e, scale) for e in res]
+        if sum(w * k for (w, _), k in zip(pts, hub)) < 0.5 * sw:
+            break  # no consensus to reweight towards: keep the last fit
+    return _TtftFit(p, var)
+
+
+def _robust_level(pts: list[tuple[float, Sample]], prefill: float, mean_prompt: float) -> float:
+    """TTFT at the mean prompt: a Huber location of every TTFT moved to the mean prompt along the prefill slope.
+    A burst of long prefills queued behind each other (the first turns of many conversations at once) is a run of
+    large waits the typical request does not see again; a mean would keep it in every prediction for minutes
+    (and a cache hit on its own engine above a TTFT target), a robust location does not."""
+    vals = [(s.ttft - prefill * (s.prompt_tokens - mean_prompt), w, 0.0) for w, s in pts]
+    level = _weighted_median(vals, sum(w for _, w, _ in vals))  # the start: a median, then Huber steps
+    scale = max(1e-3, 3.0 * sorted(abs(v - level) for v, _, _ in vals)[len(vals) // 2])
+    for _ in range(CapacityCurve.ROBUST_ITERATIONS):
+        ws = [w * _huber(v - level, scale) for v, w, _ in vals]
+        if sum(ws) <= 0:
+            break
+        level = sum(k * v for (v, _, _), k in zip(vals, ws)) / sum(ws)
+    return level
+
+
+def _wls2(pts: list[tuple[float, Sample]]) -> tuple[float, float, float, float, list[float]]:
+    """y = c + p*x + q*n by weighted least squares, centred (p: 0 with infinite variance when x does not vary,
+    q: 0 when n does not): c, p, q, p's sampling variance (residual variance times the inverse normal matrix),
+    and every point's residual."""
+    sw = sum(w for w, _ in pts)
+    mx = sum(w * s.prompt_tokens for w, s in pts) / sw
+    mn = sum(w * s.n for w, s in pts) / sw
+    my = sum(w * s.ttft for w, s in pts) / sw
+    sxx = sum(w * (s.prompt_tokens - mx) ** 2 for w, s in pts)
+    snn = sum(w * (s.n - mn) ** 2 for w, s in pts)
+    sxn = sum(w * (s.prompt_tokens - mx) * (s.n - mn) for w, s in pts)
+    sxy = sum(w * (s.prompt_tokens - mx) * (s.ttft - my) for w, s in pts)
+    sny = sum(w * (s.n - mn) * (s.ttft - my) for w, s in pts)
+    det = sxx * snn - sxn * sxn
+    p = q = 0.0
+    inv = math.inf
+    if sxx / sw > 1.0 and snn / sw > 1e-3 and det > 1e-9 * sxx * snn:
+        p, q, inv = (snn * sxy - sxn * sny) / det, (sxx * sny - sxn * sxy) / det, snn / det
+    elif sxx / sw > 1.0:  # one concurrency: prompt size alone
+        p, inv = sxy / sxx, 1.0 / sxx
+    elif snn / sw > 1e-3:  # one prompt size: no slope to find
+        q = sny / snn
+    res = [s.ttft - my - p * (s.prompt_tokens - mx) - q * (s.n - mn) for _, s in pts]
+    sigma2 = sum(w * e * e for (w, _), e in zip(pts, res)) / max(1.0, sw - 3.0)
+    return my - p * mx - q * mn, p, q, sigma2 * inv if math.isfinite(inv) else math.inf, res
+
+
+def _prefill_cap(pts: list[tuple[float, Sample]], mean_prompt: float) -> float:
+    """Highest prefill per token the data allows: a TTFT contains its own prefill, so TTFT / prefilled tokens
+    bounds it; the weighted 10th percentile over prompts of at least the mean size (and 64 tokens), robust to
+    the odd mis-sized sample. No bound without such prompts."""
+    lo = max(64.0, mean_prompt)
+    ratios = [(s.ttft / s.prompt_tokens, w) for w, s in pts if s.prompt_tokens >= lo]
+    if not ratios:
+        return math.inf
+    ratios.sort()
+    total, acc = sum(w for _, w in ratios), 0.0
+    for r, w in ratios:
+        acc += w
+        if acc >= 0.1 * total:
+            return r
+    return ratios[-1][0]

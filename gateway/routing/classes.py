@@ -98,17 +98,26 @@ def resolve(pool: Pool, requested: str | None, source: str | None, key_default: 
 
 def interactive_limit(u: UpstreamStats, cls: ServiceClass) -> int:
     """Largest total load at which every sequence on `u` still decodes at >= the class's floor, with FLOOR_MARGIN
-    (0: never)."""
+    (0: never).
+
+    Judged on the whole curve t(n), the line times its per-bucket shape (what the data shows where the line does
+    not fit), not on the line alone: an engine held at one concurrency (KV-bound) identifies its level there but
+    not the line's intercept, and the line alone refused loads the curve (and the engine) sustained. t(n) grows
+    with n, so a bisection finds the limit in O(log max_concurrency)."""
     mc = u.cfg.max_concurrency
     if cls.min_tok_s <= 0:
         return mc
     f = cls.min_tok_s * (1.0 + FLOOR_MARGIN)
-    c = u.curve
-    if c.a >= 1.0 / f:
+    c, t = u.curve, 1.0 / f
+    if c.tpot(1) > t:
         return 0
-    if c.b <= 1e-12:
+    if c.tpot(mc) <= t:
         return mc
-    return max(0, min(mc, math.floor((1.0 / f - c.a) / c.b)))
+    lo, hi = 1, mc  # t(lo) within the floor, t(hi) not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if c.tpot(mid) <= t else (lo, mid)
+    return lo
 
 
 def meets_ttft(u: UpstreamStats, cls: ServiceClass, prompt_tokens: int) -> bool:

@@ -11,7 +11,7 @@ from gateway.context import Estimate, RequestContext
 from gateway.errors import GatewayError
 from gateway.reliability.outlier import OutlierDetector
 from gateway.routing import classes
-from gateway.routing.classes import ClassPolicy, interactive_limit
+from gateway.routing.classes import FLOOR_MARGIN, ClassPolicy, interactive_limit
 from gateway.routing.router import Refusal, Router
 from gateway.state.fleet import Fleet
 
@@ -74,6 +74,19 @@ def test_interactive_limit_from_curve() -> None:
     assert interactive_limit(a, ServiceClass()) == 64  # no floor
     a.curve.b = 0.0
     assert interactive_limit(a, FLOOR40) == 64  # flat curve (hosted-like)
+
+
+def test_interactive_limit_follows_the_curves_shape_not_the_line_alone() -> None:
+    """A KV-bound engine measured only around 8 streams: the line's intercept is off (0.03 s here, past the 40
+    tok/s floor on its own), the shape factor brings t(n) back to what the data shows there (0.7x: ~0.023 s at 8).
+    The limit is where t(n) crosses the floor, not where the line does (0, which refused the engine outright)."""
+    fleet, _ = fleet_of({"A": 16})
+    c = fleet.upstreams["A"].curve
+    c.a, c.b = 0.03, 0.0004
+    c._shape_n, c._shape_k = [8.0], [0.7]
+    t = 1.0 / (40.0 * (1.0 + FLOOR_MARGIN))  # the floor with its margin: 0.02427 s
+    assert c.tpot(11) < t < c.tpot(12)  # (0.02427 / 0.7 - 0.03) / 0.0004 = 11.7
+    assert interactive_limit(fleet.upstreams["A"], FLOOR40) == 11
 
 
 def test_interactive_admitted_only_within_its_floor_and_ttft() -> None:
