@@ -15,10 +15,13 @@ per-request speed and TTFT meet the targets. Among qualifying upstreams the clas
 Batch admission. Batch requests fill the remaining capacity up to the throughput-optimal point (max_concurrency, the
 knee; rate limits), with two guards: (1) never onto a server where interactive requests are running if that pushes
 the load past their n_f; (2) keep enough interactive room free for the interactive demand expected in the next
-moments (mean in-flight interactive requests plus a Poisson margin, MARGIN_SIGMAS standard deviations), because a
-batch request holds its slot for a long time. The room counts the slots other classes are expected to give back
-within half the interactive TTFT target (the queue serves interactive requests first): a backlog of short answers
-turns over several slots a second, one of long answers hardly any. Guard (2) only holds batch back from the
+moments, because a batch request holds its slot for a long time. The room is sized by a queueing model
+(slots_for_wait): an interactive request may wait in the queue (which serves it first) for part of its TTFT target,
+and within that wait the interactive requests themselves give slots back, so the room needed grows with the
+arrivals' burstiness, not with a margin on the whole in-flight count. Slots given back by other classes are not
+counted: long answers admitted together end together, so their mean rate says nothing about the next second (read
+as steady turnover it let cohorts of batch requests take the room and an interactive burst wait past its target
+for the cohort's end). Guard (2) only holds batch back from the
 upstreams kept as that room (room_upstreams): the cheapest ones in idle slots per interactive slot that hold the
 demand. A slow server whose floor allows 2 of its 16 slots is not held idle for them while a fast GPU has room;
 a rate-limited hosted API never is (its budget goes to whoever comes first), so batch work may always spend it,
@@ -58,15 +61,13 @@ INITIAL_DEMAND = 8.0
 #: tokens. Filled to the exact n_f (now that short answers no longer spill onto a rate-limited API), 2% of
 #: interactive requests decoded at 39.3-40.0 tok/s against a 40 floor (mixed bench).
 FLOOR_MARGIN = 0.03
-#: Share of the interactive TTFT target a request may wait in the queue for a slot that another class gives back
-#: (the queue serves interactive requests first): the room kept counts the slots expected back within it.
+#: Share of the interactive TTFT target a request may wait in the queue for a slot (the queue serves interactive
+#: requests first); the rest is for its prefill and the gateway's own latency under load.
 TURNOVER_WAIT = 0.5
-#: Time constant of the turnover rate, seconds. Long, like a long batch answer: batch requests admitted together
-#: end together, and a burst of ends is no steady turnover (read as one, at ~1.5 s, it let a second wave of long
-#: answers take the room and hold it for 12 s: 2% of interactive requests then waited past their TTFT target).
-TURNOVER_TAU_S = 10.0
-#: Room kept above the expected interactive demand d, in Poisson standard deviations (sqrt d).
-MARGIN_SIGMAS = 3.0
+#: Share of interactive arrivals allowed to wait in the queue longer than that (slots_for_wait sizes the room).
+WAIT_TAIL = 0.005
+#: Time constant of the interactive completion rate, seconds (with the demand it gives the mean holding time).
+DONE_TAU_S = 5.0
 
 
 def requested_class(headers: Mapping[str, str], body: dict) -> tuple[str | None, str | None]:
@@ -130,36 +131,30 @@ class ClassPolicy:
     def __init__(self) -> None:
         #: pool model -> smoothed number of interactive requests in flight (the demand to keep room for).
         self.demand: dict[str, float] = {}
-        #: pool model -> smoothed other-class requests ending per second where their slot becomes interactive room.
-        self.turnover: dict[str, float] = {}
-        #: pool model -> (monotonic time, requests of the other classes ended so far per upstream) at the last tick.
-        self._ended: dict[str, tuple[float, dict[str, int]]] = {}
+        #: pool model -> smoothed interactive requests ending per second (demand / this: their mean holding time).
+        self.done_rate: dict[str, float] = {}
+        #: pool model -> (monotonic time, interactive requests ended so far) at the last tick.
+        self._ended: dict[str, tuple[float, int]] = {}
 
     def observe(self, pool: Pool, now: float | None = None) -> None:
-        """Fold the current interactive in-flight count into the demand estimate, and the other classes' ended
-        requests into the turnover rate (called every sync tick)."""
+        """Fold the current interactive in-flight count into the demand estimate, and the interactive requests
+        ended since the last tick into their completion rate (called every sync tick)."""
         n = sum(u.class_inflight(INTERACTIVE) for u in pool.upstreams)
         prev = self.demand.get(pool.model, INITIAL_DEMAND)
         # Rise fast (a surge must be seen at once), decay slowly (room must outlast a lull between bursts).
         alpha = 0.5 if n > prev else DEMAND_ALPHA
         self.demand[pool.model] = prev + alpha * (n - prev)
-        self._observe_turnover(pool, time.monotonic() if now is None else now)
+        self._observe_done(pool, time.monotonic() if now is None else now)
 
-    def _observe_turnover(self, pool: Pool, now: float) -> None:
-        inter = pool.cfg.classes.get(INTERACTIVE)
-        others = [c for c in pool.cfg.classes if c != INTERACTIVE]
-        ended = {u.name: sum(u.class_done(c) for c in others) for u in pool.upstreams}
+    def _observe_done(self, pool: Pool, now: float) -> None:
+        done = sum(u.class_done(INTERACTIVE) for u in pool.upstreams)
         last = self._ended.get(pool.model)
-        self._ended[pool.model] = (now, ended)
-        if inter is None or last is None or now <= last[0]:
+        self._ended[pool.model] = (now, done)
+        if last is None or now <= last[0]:
             return
-        # A slot that ends where the load is within the interactive limit is room for a waiting interactive request
-        # (the queue serves it first); one on a rate-limited API or a server loaded past its limit is not.
-        freed = sum(ended[u.name] - last[1].get(u.name, ended[u.name]) for u in pool.upstreams
-                    if not (u.cfg.rpm or u.cfg.tpm) and u.load <= interactive_limit(u, inter))
         dt = now - last[0]
-        prev = self.turnover.get(pool.model, 0.0)
-        self.turnover[pool.model] = prev + (1.0 - math.exp(-dt / TURNOVER_TAU_S)) * (freed / dt - prev)
+        prev = self.done_rate.get(pool.model, 0.0)
+        self.done_rate[pool.model] = prev + (1.0 - math.exp(-dt / DONE_TAU_S)) * ((done - last[1]) / dt - prev)
 
     def admit(self, pool: Pool, cands: Iterable[UpstreamStats], ctx: RequestContext) -> list[UpstreamStats]:
         cls = pool.cfg.classes[ctx.service_class]
@@ -199,19 +194,45 @@ class ClassPolicy:
         return u.weight > 0 and not (u.cfg.rpm or u.cfg.tpm) and meets_ttft(u, inter, ctx.est.prompt_tokens)
 
     def needed(self, pool: Pool) -> float:
-        """Interactive slots to have in the pool: the expected demand d with a Poisson margin."""
+        """Interactive slots to have in the pool: enough that an arrival rarely waits longer than it can afford
+        (slots_for_wait), for the expected demand d and the holding time d / completion rate (Little's law)."""
         d = self.demand.get(pool.model, INITIAL_DEMAND)
-        return d + MARGIN_SIGMAS * math.sqrt(d) + 1.0
+        wait = affordable_wait(pool.cfg.classes.get(INTERACTIVE))
+        return float(slots_for_wait(d, wait * self.done_rate.get(pool.model, 0.0) / d if d > 0 else 0.0, WAIT_TAIL))
 
     def reserve(self, pool: Pool) -> float:
-        """Free interactive slots to keep: what is needed beyond the interactive requests in flight, less the slots
-        other classes are expected to give back within the wait an interactive request can afford (turnover:
-        short batch answers return their slots within the TTFT target, long ones hardly)."""
+        """Free interactive slots to keep: what is needed beyond the interactive requests in flight."""
         inflight = sum(u.class_inflight(INTERACTIVE) for u in pool.upstreams)
-        inter = pool.cfg.classes.get(INTERACTIVE)
-        slack = TURNOVER_WAIT * inter.max_ttft_s if inter is not None and inter.max_ttft_s is not None else 0.0
-        back = self.turnover.get(pool.model, 0.0) * slack
-        return max(1.0, self.needed(pool) - inflight - back)
+        return max(1.0, self.needed(pool) - inflight)
+
+
+def affordable_wait(inter: ServiceClass | None) -> float:
+    """Seconds an interactive request may wait in the queue for a slot: TURNOVER_WAIT of its TTFT target."""
+    return TURNOVER_WAIT * inter.max_ttft_s if inter is not None and inter.max_ttft_s is not None else 0.0
+
+
+def slots_for_wait(a: float, wait_over_hold: float, tail: float) -> int:
+    """Fewest slots c such that an interactive arrival waits longer than W with probability <= `tail`, for an
+    offered load of `a` requests in flight on average, each holding its slot S seconds (wait_over_hold = W/S).
+
+    Why a queueing model and not a margin on the in-flight count: a request may wait W for a slot, and within W
+    slots come back from the interactive requests themselves (a share W/S of them), so the room needed grows
+    with the arrivals' burstiness during W, not with the whole in-flight count's. Model M/M/c (Erlang C):
+    P(wait > W) = C(c, a) * exp(-(c - a) W / S). With deterministic holding times (fixed-length answers) waits
+    are shorter still, so this errs on the side of the interactive class. W = 0 asks that nobody waits. The
+    demand `a` given is the rise-fast/decay-slow estimate (an envelope of the in-flight count, ~1 sigma above its
+    mean): that surplus is what covers a surge until batch slots come back (recovery measured at 0 s)."""
+    if a <= 0:
+        return 1
+    b = 1.0  # Erlang B with 0 slots
+    c = 0
+    while True:
+        c += 1
+        b = a * b / (c + a * b)
+        if c > a:
+            waits = c * b / (c - a * (1.0 - b))  # Erlang C
+            if waits * math.exp(-(c - a) * wait_over_hold) <= tail:
+                return c
 
 
 def room_upstreams(ups: list[UpstreamStats], limits: Mapping[str, int], needed: float) -> list[UpstreamStats]:

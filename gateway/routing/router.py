@@ -25,7 +25,7 @@ from gateway.errors import GatewayError
 from gateway.reliability.outlier import OutlierDetector
 from gateway.routing import candidates
 from gateway.routing.affinity import Affinity
-from gateway.routing.classes import BATCH, ClassPolicy
+from gateway.routing.classes import BATCH, TURNOVER_WAIT, ClassPolicy, interactive_limit
 from gateway.state.fleet import Fleet, Pool
 from gateway.state.load import KV_FILL, KV_RISK_FROM
 from gateway.state.stats import UpstreamStats
@@ -215,7 +215,33 @@ class Router:
             return cands
         if self.affinity is not None and self.affinity.enabled(pool, ctx):
             ctx.predicted_cached = self.affinity.predict(pool, cands, ctx)
-        return cands if best_effort else self.classes.admit(pool, cands, ctx)
+        if best_effort:
+            return cands
+        cands = self.classes.admit(pool, cands, ctx)
+        return [u for u in cands if not self._holds_out(pool, u, ctx)]
+
+    def _holds_out(self, pool: Pool, u: UpstreamStats, ctx: RequestContext) -> bool:
+        """Should a request with a TTFT target rather wait a moment in the queue than spend `u`'s scarce request
+        budget (spends_scarce_budget)? While it has waited less than TURNOVER_WAIT of the TTFT slack `u` leaves it
+        (target - `u`'s TTFT), or so long that `u` can no longer meet the target either (a miss anyway, at a long
+        answer's price), and an upstream without a request budget could serve it: slots there turn over several
+        times a second (short answers end too), and the queue serves it first. Taken at once, a 64-token answer
+        on a rate-limited API costs the unit a 512-token answer would have used.
+
+        The long answer it would displace is the pool's usual long output, or a longer one waiting in the queue:
+        until long answers have finished (one answer's duration after a cold start) only the short ones that
+        finished first are known, and the backlog waiting for the budget is what the unit is taken from."""
+        cls = pool.cfg.classes[ctx.service_class]
+        if cls.max_ttft_s is None or not u.cfg.rpm:
+            return False
+        waited, slack = time.monotonic() - ctx.started, cls.max_ttft_s - u.curve.ttft_for(ctx.est.prompt_tokens)
+        if TURNOVER_WAIT * slack <= waited <= slack:
+            return False
+        if not any(not (v.cfg.rpm or v.cfg.tpm) and v.weight > 0 and interactive_limit(v, cls) > 0 for v in pool.upstreams):
+            return False
+        waiting = max((w.ctx.est.output_tokens for w in self._queues[pool.model]), default=0)
+        long_output = max(pool.lengths.quantile(LONG_OUTPUT_Q, ctx.est.output_tokens), waiting)
+        return spends_scarce_budget(u, ctx.est.output_tokens, long_output)
 
     def _choose(self, pool: Pool, cands: list[UpstreamStats], ctx: RequestContext) -> Decision:
         """The class's strategy (its `prefer`, else the pool's) among the upstreams its admission left."""

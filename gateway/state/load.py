@@ -41,7 +41,7 @@ class EndpointLoad:
         self.inflight_local = 0
         #: In flight from this replica by service class (the router's class admission reads these).
         self.by_class: dict[str, int] = {}
-        #: Requests of this replica ended here, by service class (class admission measures the batch turnover).
+        #: Requests of this replica ended here, by service class (class admission measures the interactive completion rate).
         self.done_by_class: dict[str, int] = {}
         self.remote = 0  # in flight here from the other live replicas (fleet_sync)
         self.external = 0.0  # requests the engine reports beyond what the gateways sent (engine_metrics.py)

@@ -121,7 +121,7 @@ def test_batch_keeps_room_for_interactive_demand_but_gets_its_min_share() -> Non
     fill(router, fleet, "A", 10, "interactive")
     policy.observe(pool)  # demand estimate: ~10 interactive in flight
     assert policy.reserve(pool) >= 1
-    fill(router, fleet, "A", 26, "batch")  # room left for interactive: 40 - 36 = 4 < reserve 3*sqrt(10)+1
+    fill(router, fleet, "A", 26, "batch")  # room left for interactive: 40 - 36 = 4 < reserve (20 - 10)
     with pytest.raises(Refusal) as r:
         router.pick(pool, req("batch"))
     assert r.value.kind == "class_limited"
@@ -217,28 +217,39 @@ def test_batch_fills_a_server_kept_out_of_the_room_when_the_room_is_short() -> N
     assert d.upstream is slow and set(d.scores) == {"S"}, "the slow server's last slot is batch's, A's room is kept"
 
 
-def test_batch_turnover_counts_as_room_within_the_ttft_wait() -> None:
-    """Short batch answers give their slots back within the wait an interactive request can afford (the queue
-    serves it first): the room kept shrinks by the slots expected back in half the TTFT target. Slots ending on a
-    server loaded past its interactive limit are no such room."""
-    fleet, router = fleet_of({"A": 64, "B": 64}, FLOOR40)
+def test_slots_for_wait_is_erlang_c_with_the_wait_an_arrival_can_afford() -> None:
+    """M/M/c: P(wait > W) = C(c, a) e^{-(c-a) W/S}. 10 Erlangs need 20 slots for < 0.5% waiting at all; allowed
+    to wait W = 0.5 s for 1.7-s holds (interactive answers end within it too) 17; 20 Erlangs 34 and 29."""
+    assert classes.slots_for_wait(10.0, 0.0, 0.005) == 20
+    assert classes.slots_for_wait(10.0, 0.5 / 1.7, 0.005) == 17
+    assert classes.slots_for_wait(20.0, 0.0, 0.005) == 34
+    assert classes.slots_for_wait(20.0, 0.5 / 1.7, 0.005) == 29
+    assert classes.slots_for_wait(0.0, 0.3, 0.005) == 1
+    # Erlang C itself at c = 12, a = 10: the textbook 0.449 (so 12 slots leave 45% of arrivals waiting).
+    assert classes.slots_for_wait(10.0, 0.0, 0.45) == 12 and classes.slots_for_wait(10.0, 0.0, 0.449) == 13
+
+
+def test_reserve_follows_the_interactive_completion_rate() -> None:
+    """The holding time is demand / completion rate (Little's law): short answers ending often shrink the room
+    kept (they give slots back within the wait); batch ends are not counted (they come in cohorts)."""
+    fleet, router = fleet_of({"A": 64}, FLOOR40)
     pool, policy = fleet.pools["m"], router.classes
-    a, b = fleet.upstreams["A"], fleet.upstreams["B"]
+    a = fleet.upstreams["A"]
     fill(router, fleet, "A", 10, "interactive")
     fill(router, fleet, "A", 20, "batch")
-    fill(router, fleet, "B", 50, "batch")  # past B's interactive limit (40)
-    for t in range(100):  # every second 4 batch requests end on each (and are replaced)
+    for t in range(200):  # ~10 in flight, none ending: every arrival must find a free slot
         policy.observe(pool, now=float(t))
-        for u in (a, b):
-            for _ in range(4):
-                u.release("batch", 0)
-                u.credit(0, "batch")
-    assert policy.turnover["m"] == pytest.approx(4.0, abs=0.01)  # A's only
-    expected = policy.needed(pool) - 10 - classes.TURNOVER_WAIT * FLOOR40.max_ttft_s * policy.turnover["m"]
-    assert policy.reserve(pool) == pytest.approx(expected)
-    for t in range(100, 200):  # no more ends: the turnover decays away
-        policy.observe(pool, now=float(t))
-    assert policy.turnover["m"] < 0.01
+    idle = policy.reserve(pool)
+    assert idle == pytest.approx(classes.slots_for_wait(policy.demand["m"], 0.0, classes.WAIT_TAIL) - 10)
+    for t in range(200, 400):  # every second 6 interactive requests end and 6 start (1.7 s each) ...
+        policy.observe(pool, now=float(t) / 4 + 150)
+        for _ in range(6 if t % 4 == 0 else 0):
+            a.release("interactive", 0)
+            a.credit(0, "interactive")
+            a.release("batch", 0)  # ... and 6 batch requests: no room counted for them
+            a.credit(0, "batch")
+    assert policy.done_rate["m"] == pytest.approx(6.0, rel=0.05)
+    assert policy.reserve(pool) < idle - 1
 
 
 def test_a_cold_gateway_keeps_room_for_interactive_until_it_learns_there_is_none() -> None:
@@ -250,5 +261,5 @@ def test_a_cold_gateway_keeps_room_for_interactive_until_it_learns_there_is_none
         router.pick(pool, req("batch"))
     for _ in range(200):  # ~30 s of sync ticks without interactive traffic: the prior decays away
         policy.observe(pool)
-    assert policy.reserve(pool) < 1.1  # the Poisson margin of a vanishing estimate
+    assert policy.reserve(pool) < 1.1  # a vanishing estimate needs one slot
     assert router.pick(pool, req("batch")).upstream.name == "A"

@@ -11,7 +11,8 @@ from gateway.config import FleetConfig
 from gateway.context import Estimate, RequestContext
 from gateway.errors import GatewayError
 from gateway.reliability.outlier import OutlierDetector
-from gateway.routing.router import Refusal, Router, throughput_gain
+from gateway.routing.classes import TURNOVER_WAIT
+from gateway.routing.router import Refusal, Router, _Waiter, throughput_gain
 from gateway.sim.reference import DEMO_PORTS, reference_fleet
 from gateway.state.fleet import Fleet
 
@@ -372,7 +373,73 @@ def test_short_answer_avoids_a_nearly_spent_rpm_budget_long_one_keeps_it():
         fleet.upstreams["fast-gpu"].credit(0)
     for _ in range(16):
         fleet.upstreams["slow-gpu"].credit(0)
+    with pytest.raises(Refusal):  # a fresh short answer with a TTFT target first waits for a GPU slot
+        router.pick(pool, short)
+    short.started -= _hold_s(fleet, short)
     assert router.pick(pool, short).upstream.name == "hosted", "the scarce budget is still used when nothing else can"
+
+
+def _hold_s(fleet: Fleet, ctx: RequestContext) -> float:
+    """How long `ctx` holds out for a GPU slot before it may spend the hosted API's budget."""
+    cls = fleet.pools["fleet-model"].cfg.classes[ctx.service_class]
+    assert cls.max_ttft_s is not None
+    return TURNOVER_WAIT * (cls.max_ttft_s - fleet.upstreams["hosted"].curve.ttft_for(ctx.est.prompt_tokens)) + 0.01
+
+
+def _gpus_full(fleet: Fleet) -> None:
+    for name, n in (("fast-gpu", 64), ("slow-gpu", 16)):
+        for _ in range(n):
+            fleet.upstreams[name].credit(0)
+
+
+def test_short_answer_with_ttft_target_waits_briefly_rather_than_spend_a_scarce_budget():
+    """Held out of a scarce budget while it can wait for a GPU slot (TURNOVER_WAIT of the TTFT slack the hosted
+    API leaves), allowed then, held again once the hosted API could no longer meet the target either."""
+    fleet, router = make()
+    pool = fleet.pools["fleet-model"]
+    _lengths(fleet, 80, 20)
+    _gpus_full(fleet)
+    _spend_rpm(fleet, "hosted", 20)
+    short = req(200, 64)
+    with pytest.raises(Refusal) as r:
+        router.pick(pool, short)
+    assert r.value.kind == "class_limited"
+    short.started -= _hold_s(fleet, short)
+    assert router.pick(pool, short).upstream.name == "hosted"
+    short.started -= 2.0  # past the TTFT target on the hosted API too: a miss anyway, so keep the budget
+    with pytest.raises(Refusal):
+        router.pick(pool, short)
+    assert router.pick(pool, req(200, 64), best_effort=True).upstream.name == "hosted"  # its wait_s is over
+    assert router.pick(pool, req(200, 512)).upstream.name == "hosted", "a long answer is not held"
+    assert router.pick(pool, req(200, 64, service_class="batch")).upstream.name == "hosted", "no TTFT target"
+
+
+def test_no_hold_out_without_an_upstream_free_of_a_request_budget():
+    fleet, router = make(**{"fast-gpu": {"weight": 0}, "slow-gpu": {"weight": 0}})
+    _lengths(fleet, 80, 20)
+    _spend_rpm(fleet, "hosted", 20)
+    assert router.pick(fleet.pools["fleet-model"], req(200, 64)).upstream.name == "hosted"
+
+
+def test_cold_start_a_long_answer_waiting_makes_the_budget_scarce_for_a_short_one():
+    """Before any long answer has finished, the pool's p90 output is a short one's (they finish first); the
+    backlog waiting in the queue shows what a budget unit would otherwise be spent on."""
+    fleet, router = make()
+    pool = fleet.pools["fleet-model"]
+    _gpus_full(fleet)
+    _spend_rpm(fleet, "hosted", 20)
+    assert router.pick(pool, req(200, 64)).upstream.name == "hosted", "no long answer known: nothing displaced"
+    loop = asyncio.new_event_loop()
+    try:
+        long = req(200, 512, service_class="batch")
+        router._queues[pool.model].append(
+            _Waiter(pool, long, pool.cfg.classes["batch"], frozenset(), loop.create_future(), time.monotonic(),
+                    Refusal("saturated", "queued"))
+        )
+        with pytest.raises(Refusal):
+            router.pick(pool, req(200, 64))
+    finally:
+        loop.close()
 
 
 def test_scarce_budget_only_for_request_limited_upstreams_and_short_requests():
