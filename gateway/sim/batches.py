@@ -186,11 +186,15 @@ async def create_file(request: web.Request) -> web.Response:
     return web.json_response(f.public())
 
 
+def _not_found(what: str) -> web.HTTPNotFound:
+    body = json.dumps({"error": {"message": f"No such {what}", "type": "invalid_request_error"}})
+    return web.HTTPNotFound(text=body, content_type="application/json")
+
+
 def _file(request: web.Request) -> SimFile:
     f = _store(request).files.get(request.match_info["file_id"])
     if f is None:
-        raise web.HTTPNotFound(text=json.dumps({"error": {"message": "No such file", "type": "invalid_request_error"}}),
-                               content_type="application/json")
+        raise _not_found("file")
     return f
 
 
@@ -222,8 +226,7 @@ async def create_batch(request: web.Request) -> web.Response:
 def _batch(request: web.Request) -> SimBatch:
     b = _store(request).batches.get(request.match_info["batch_id"])
     if b is None:
-        raise web.HTTPNotFound(text=json.dumps({"error": {"message": "No such batch", "type": "invalid_request_error"}}),
-                               content_type="application/json")
+        raise _not_found("batch")
     return b
 
 
