@@ -182,8 +182,9 @@ class ClassPolicy:
         ok = [u for u in cands if u.class_inflight(INTERACTIVE) == 0 or u.has_slot(limits[u.name])]
         if guaranteed or not ok:
             return ok
-        room = room_upstreams([v for v in pool.upstreams if self._is_room(v, inter, ctx)], limits, self.needed(pool))
-        reserve = self.reserve(pool)
+        needed = self.needed(pool)  # an Erlang C search: once per admission
+        room = room_upstreams([v for v in pool.upstreams if self._is_room(v, inter, ctx)], limits, needed)
+        reserve = self.reserve(pool, needed)
         # Only where it takes none of the room kept for interactive requests, or leaves enough of it.
         return [u for u in ok if u not in room or _room_after(room, u, limits) >= reserve]
 
@@ -200,10 +201,10 @@ class ClassPolicy:
         wait = affordable_wait(pool.cfg.classes.get(INTERACTIVE))
         return float(slots_for_wait(d, wait * self.done_rate.get(pool.model, 0.0) / d if d > 0 else 0.0, WAIT_TAIL))
 
-    def reserve(self, pool: Pool) -> float:
-        """Free interactive slots to keep: what is needed beyond the interactive requests in flight."""
+    def reserve(self, pool: Pool, needed: float | None = None) -> float:
+        """Free interactive slots to keep: what is `needed` (self.needed) beyond the interactive requests in flight."""
         inflight = sum(u.class_inflight(INTERACTIVE) for u in pool.upstreams)
-        return max(1.0, self.needed(pool) - inflight)
+        return max(1.0, (self.needed(pool) if needed is None else needed) - inflight)
 
 
 def affordable_wait(inter: ServiceClass | None) -> float:

@@ -237,11 +237,12 @@ class Router:
         waited, slack = time.monotonic() - ctx.started, cls.max_ttft_s - u.curve.ttft_for(ctx.est.prompt_tokens)
         if TURNOVER_WAIT * slack <= waited <= slack:
             return False
-        if not any(not (v.cfg.rpm or v.cfg.tpm) and v.weight > 0 and interactive_limit(v, cls) > 0 for v in pool.upstreams):
-            return False
         waiting = max((w.ctx.est.output_tokens for w in self._queues[pool.model]), default=0)
         long_output = max(pool.lengths.quantile(LONG_OUTPUT_Q, ctx.est.output_tokens), waiting)
-        return spends_scarce_budget(u, ctx.est.output_tokens, long_output)
+        if not spends_scarce_budget(u, ctx.est.output_tokens, long_output):
+            return False
+        # Last, as the dearest test (every upstream of the pool): could anything without a request budget serve it?
+        return any(not (v.cfg.rpm or v.cfg.tpm) and v.weight > 0 and interactive_limit(v, cls) > 0 for v in pool.upstreams)
 
     def _choose(self, pool: Pool, cands: list[UpstreamStats], ctx: RequestContext) -> Decision:
         """The class's strategy (its `prefer`, else the pool's) among the upstreams its admission left."""
