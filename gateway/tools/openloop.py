@@ -18,9 +18,19 @@ Poisson burstiness, which a router that looks at the live load can absorb better
 
 from __future__ import annotations
 
+import asyncio
 import math
+import random
+import time
+from collections.abc import Awaitable, Callable
+
+import aiohttp
 
 from gateway.sim import SimConfig
+from gateway.tools import bench as B
+
+#: A run_phase `load`: drives requests into the recorder until the phase's stop time.
+Load = Callable[[aiohttp.ClientSession, B.Recorder, float], Awaitable[None]]
 
 
 def latency(c: SimConfig, lam: float, m: int, p: int) -> float:
@@ -78,3 +88,43 @@ def best_split(sims: dict[str, SimConfig], lam: float, m: int, p: int, steps: in
 def mean_latency(sims: dict[str, SimConfig], rates: dict[str, float], m: int, p: int) -> float:
     total = sum(rates.values())
     return sum(r * latency(sims[k], r, m, p) for k, r in rates.items() if r > 0) / total
+
+
+def poisson_load(choices: list[tuple[str, bytes]], weights: list[float], rate: float, sent: list[float] | None = None,
+                 seed: int = 14) -> Load:
+    """A run_phase `load`: Poisson arrivals at `rate`/s, each sent to a (url, body) drawn with `weights`; the
+    arrival times (seconds since the phase's origin) are appended to `sent`. Same seed, same arrivals.
+
+    Arrivals are scheduled on absolute times (each one `expovariate` after the previous *schedule*, not after the
+    previous wake-up), so the event loop's lateness does not thin the process below its rate."""
+    rnd = random.Random(seed)
+
+    async def load(session: aiohttp.ClientSession, rec: B.Recorder, stop_at: float) -> None:
+        pending: set[asyncio.Task] = set()
+        next_at = time.monotonic()
+        try:
+            while True:
+                next_at += rnd.expovariate(rate)
+                if next_at >= stop_at:
+                    break
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                if sent is not None:
+                    sent.append(time.monotonic() - rec.origin)
+                url, body = rnd.choices(choices, weights)[0]
+                t = asyncio.create_task(send_logged(session, url, body, rec))
+                pending.add(t)
+                t.add_done_callback(pending.discard)
+        finally:
+            for t in list(pending):
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    return load
+
+
+async def send_logged(session: aiohttp.ClientSession, url: str, body: bytes, rec: B.Recorder) -> None:
+    """One streamed request; a transport failure is recorded as an error, not raised (an open loop goes on)."""
+    try:
+        await B._stream_once(session, url, body, rec)
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as e:
+        rec.error(type(e).__name__, time.monotonic() - rec.origin)

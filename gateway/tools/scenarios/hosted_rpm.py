@@ -14,17 +14,13 @@ warm-up of 60 s; --quick runs prove the scenario works.
 
 from __future__ import annotations
 
-import asyncio
-import random
 import statistics
-import time
 from typing import Any
-
-import aiohttp
 
 from gateway.config import FleetConfig
 from gateway.sim import SimConfig
 from gateway.tools import bench as B
+from gateway.tools import openloop
 from gateway.tools.scenarios import scenario
 
 STRATEGIES = ("throughput", "round_robin", "least_busy")
@@ -74,7 +70,9 @@ async def _run(bench: Any, open_loop: bool) -> dict:
             url = gw.url + "/v1/chat/completions"
             bodies = [B.chat_body(MODEL, 100, m) for m in LENGTHS]
             if open_loop:
-                r = await _open_phase(url, bodies, 0.95 * sum(LIMITS.values()) / 60, o.warmup, o.compare_duration, sims, gw)
+                rate = 0.95 * sum(LIMITS.values()) / 60
+                load = openloop.poisson_load([(url, b) for b in bodies], [1.0] * len(bodies), rate)
+                r = await B.run_phase([], o.warmup, o.compare_duration, sims=sims, gateway=gw, load=load)
             else:
                 targets = [B.Target(url, b, 16) for b in bodies]
                 r = await B.run_phase(targets, o.warmup, o.compare_duration, sims=sims, gateway=gw)
@@ -85,34 +83,6 @@ async def _run(bench: Any, open_loop: bool) -> dict:
     out["notes"] = (f"hosted-only pool h1={LIMITS['h1']} + h2={LIMITS['h2']} RPM, max_tokens {LENGTHS}, "
                     + ("Poisson arrivals at 95% of the budget" if open_loop else "closed loop, 32 workers"))
     return out
-
-
-async def _open_phase(url: str, bodies: list[bytes], rate: float, warmup: float, duration: float,
-                      sims: B.SimFleetProc, gw: B.GatewayProc) -> dict:
-    """Poisson arrivals at `rate` req/s (bodies drawn uniformly); run_phase records, monitors and summarises."""
-    rnd = random.Random(14)
-
-    async def arrivals(session: aiohttp.ClientSession, rec: B.Recorder, stop_at: float) -> None:
-        pending: set[asyncio.Task] = set()
-        try:
-            while time.monotonic() < stop_at:
-                await asyncio.sleep(rnd.expovariate(rate))
-                t = asyncio.create_task(_safe(session, url, rnd.choice(bodies), rec))
-                pending.add(t)
-                t.add_done_callback(pending.discard)
-        finally:
-            for t in list(pending):
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-
-    return await B.run_phase([], warmup, duration, sims=sims, gateway=gw, load=arrivals)
-
-
-async def _safe(session: aiohttp.ClientSession, url: str, body: bytes, rec: B.Recorder) -> None:
-    try:
-        await B._stream_once(session, url, body, rec)
-    except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as e:
-        rec.error(type(e).__name__, time.monotonic() - rec.origin)
 
 
 def _render(r: dict) -> list[str]:

@@ -14,48 +14,14 @@ Runs shorter than the hosted API's 60-s window (the oracle's random split can ex
 
 from __future__ import annotations
 
-import asyncio
-import random
-import time
 from typing import Any
-
-import aiohttp
 
 from gateway.tools import bench as B
 from gateway.tools import openloop
 from gateway.tools.scenarios import scenario
-from gateway.tools.scenarios.hosted_rpm import _safe
 
 STRATEGIES = ("throughput", "round_robin", "least_busy")
 LOAD = 0.8
-
-
-def _arrivals(choices: list[tuple[str, bytes]], weights: list[float], rate: float, sent: list[float],
-              seed: int = 14) -> Any:
-    """A run_phase `load`: Poisson arrivals at `rate`/s, each sent to a (url, body) drawn with `weights`; the
-    arrival times (seconds since the phase's origin) are appended to `sent`. Same seed, same arrivals."""
-    rnd = random.Random(seed)
-
-    async def load(session: aiohttp.ClientSession, rec: B.Recorder, stop_at: float) -> None:
-        pending: set[asyncio.Task] = set()
-        next_at = time.monotonic()
-        try:
-            while True:
-                next_at += rnd.expovariate(rate)
-                if next_at >= stop_at:
-                    break
-                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-                sent.append(time.monotonic() - rec.origin)
-                url, body = rnd.choices(choices, weights)[0]
-                t = asyncio.create_task(_safe(session, url, body, rec))
-                pending.add(t)
-                t.add_done_callback(pending.discard)
-        finally:
-            for t in list(pending):
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-
-    return load
 
 
 def _row(r: dict, sent: list[float], m: int, oracle_mean: float | None) -> dict:
@@ -99,7 +65,7 @@ async def poisson(bench: Any) -> dict:
         choices = [(sims.url(n) + "/v1/chat/completions", B.chat_body(bench.sims[n].name, p, m)) for n in names]
         sent: list[float] = []
         oracle = await B.run_phase([], o.warmup, o.compare_duration, sims=sims,
-                                   load=_arrivals(choices, [split[n] for n in names], rate, sent))
+                                   load=openloop.poisson_load(choices, [split[n] for n in names], rate, sent))
     finally:
         await bench._teardown(sims)
     rows = {"oracle": _row(oracle, sent, m, oracle["latency_mean_ms"])}
@@ -109,7 +75,7 @@ async def poisson(bench: Any) -> dict:
             body = B.chat_body(B.MODEL, p, m)
             sent = []
             r = await B.run_phase([], o.warmup, o.compare_duration, sims=sims, gateway=gw,
-                                  load=_arrivals([(gw.url + "/v1/chat/completions", body)], [1.0], rate, sent))
+                                  load=openloop.poisson_load([(gw.url + "/v1/chat/completions", body)], [1.0], rate, sent))
         finally:
             await bench._teardown(gw, sims)
         rows[strategy] = _row(r, sent, m, oracle["latency_mean_ms"])
