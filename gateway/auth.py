@@ -29,6 +29,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -131,7 +132,7 @@ class ApiKey:
         now = time.time() if now is None else now
         req, tok = self._window(now)
         oldest = self.usage.oldest()
-        reset = f"{max(1, int(oldest + WINDOW - now + 0.999))}s" if oldest is not None else "0s"
+        reset = f"{max(1, math.ceil(oldest + WINDOW - now))}s" if oldest is not None else "0s"
         h = {}
         for kind, limit, used in (("requests", self.rpm, req), ("tokens", self.tpm, tok)):
             if limit is not None:

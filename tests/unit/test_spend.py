@@ -98,7 +98,7 @@ def test_key_access_checks_and_rate_headers():
     with pytest.raises(GatewayError) as e:
         k.check_access("m", "m", time.time() + 120)
     assert e.value.status == 401 and e.value.code == "key_expired"
-    now = time.time()
+    now = float(int(time.time())) + 0.9995  # the window's oldest second frees in 59.0005 s: "60s", never "59s"
     k.admit(100, 2, now)
     h = k.rate_headers(2, now)
     assert h["x-ratelimit-limit-requests"] == "60" and h["x-ratelimit-remaining-requests"] == "29"
