@@ -158,7 +158,7 @@ class ApiKey:
             left = 0 if kind == hit else max(0, int(even_share(limit, replicas) - used))
             out[f"x-ratelimit-remaining-{kind}"] = str(left)
             if kind == hit:
-                out[f"x-ratelimit-reset-{kind}"] = f"{max(1, int(reset + 0.999))}s"
+                out[f"x-ratelimit-reset-{kind}"] = f"{max(1, math.ceil(reset))}s"
         return out
 
     def admit(self, tokens: int, replicas: int, now: float | None = None) -> int:

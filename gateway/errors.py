@@ -20,6 +20,7 @@ OpenAI- or Anthropic-shaped JSON body (gateway/http/errors.py); this module does
 from __future__ import annotations
 
 import json
+import math
 
 _TYPES = {
     400: "invalid_request_error",
@@ -103,7 +104,7 @@ class GatewayError(Exception):
     def headers(self) -> dict[str, str]:
         out = dict(self.extra_headers) if self.extra_headers else {}
         if self.retry_after is not None:
-            out["Retry-After"] = str(max(1, int(self.retry_after + 0.999)))
+            out["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
         return out
 
 
