@@ -322,3 +322,45 @@ def test_sticky_oracle_keeps_a_conversation_on_one_engine_and_balances_by_slots(
     o.close("c1")
     assert o.open("new") == placed["c0"] == "http://h"  # the freed place
     assert o.open_convs == {"h100": 7, "a10g": 2}
+
+
+def test_many_tenants_prompts_span_one_to_four_k_tokens_and_share_no_block() -> None:
+    from gateway import tokens
+    from gateway.routing import prefix
+    from gateway.tools.scenarios.affinity import Users
+
+    prompts = Users(tenants=24).prompts()
+    sizes = [len(tokens.encode(p)) for p in prompts]
+    assert len(prompts) == 24 and 1000 <= min(sizes) < 1100 and 4000 <= max(sizes) < 4100
+    assert 55_000 < sum(sizes) < 65_000  # 1.4x one A10G's ~42k KV tokens: more than one engine holds
+    firsts = {prefix.block_hashes(tokens.encode(p))[0] for p in prompts}
+    assert len(firsts) == 24  # no two tenants share even a first block: a hit is the tenant's own prompt
+    assert Users().prompts() == Users(tenants=4).prompts()  # the other settings' four tenants are unchanged
+
+
+def test_many_tenants_fleet_is_four_identical_a10gs_and_the_hosted_api() -> None:
+    from gateway.sim.profile import PRESETS
+    from gateway.tools.scenarios.affinity import MODEL, _fleet, _sims
+
+    sims = _sims("a10g_hosted")
+    assert [s.kv_cache_tokens for n, s in sims.items() if n != "hosted"] == [PRESETS["a10g-llama8b"].kv_cache_tokens] * 4
+    cfg = _fleet("a10g_hosted", {n: 9000 + i for i, n in enumerate(sims)}, sims)
+    assert cfg.models[MODEL].upstreams == ["up-0", "up-1", "up-2", "up-3", "hosted"]
+    hosted = cfg.upstreams["hosted"]
+    assert hosted.kind == "hosted" and hosted.base_url == "http://127.0.0.1:9004/v1"
+    assert (hosted.rpm, hosted.tpm) == (sims["hosted"].rpm, sims["hosted"].tpm)
+    assert {cfg.upstreams[f"up-{i}"].max_concurrency for i in range(4)} == {sims["gpu-0"].slots}
+
+
+def test_gpu_hit_rate_leaves_the_hosted_upstreams_requests_out() -> None:
+    import time
+
+    from gateway.tools.scenarios.affinity import Rec, _verdict
+
+    rec = Rec(t0=0.0, t1=time.monotonic() + 60)
+    rec.add(1.0, 0.1, {"prompt_tokens": 1000, "prompt_tokens_details": {"cached_tokens": 900}}, "up-0")
+    rec.add(1.0, 0.1, {"prompt_tokens": 1000, "prompt_tokens_details": {"cached_tokens": 100}}, "hosted")
+    assert (rec.cached_tokens, rec.prompt_tokens, rec.hosted_cached, rec.hosted_prompt) == (1000, 2000, 100, 1000)
+    rows = {"throughput+affinity": {"hit_rate": 0.5, "gpu_hit_rate": 0.9, "tok_s": 1.0}, "sticky_oracle": {"hit_rate": 0.9}}
+    v = _verdict(rows)
+    assert (v["hit_rate_vs_oracle"], v["gpu_hit_rate_vs_oracle"]) == (0.556, 1.0)
