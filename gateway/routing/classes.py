@@ -19,18 +19,18 @@ moments, because a batch request holds its slot for a long time. The room is siz
 (slots_for_wait): an interactive request may wait in the queue (which serves it first) for part of its TTFT target,
 and within that wait the interactive requests themselves give slots back, so the room needed grows with the
 arrivals' burstiness, not with a margin on the whole in-flight count. Slots given back by other classes are not
-counted: long answers admitted together end together, so their mean rate says nothing about the next second (read
-as steady turnover it let cohorts of batch requests take the room and an interactive burst wait past its target
-for the cohort's end). Nor are they credited as forecast departures (each stream shows how far it is): the room
-beyond the Poisson fluctuation is what absorbs a surge while batch slots, held ~12 s each, come back, and every
-slot given to batch earlier is one fewer then (an event model of the mixed bench's fast GPU: +0.4 busy slots
-for twice the interactive waits past 0.9 s after the surge; each slot less room costs about as much again).
-Guard (2) only holds batch back from the upstreams kept as that room (room_upstreams): the cheapest ones in idle
-slots per interactive slot that hold the demand. A slow server whose floor allows 2 of its 16 slots is not held idle for them while a fast GPU has room;
-a rate-limited hosted API never is (its budget goes to whoever comes first), so batch work may always spend it,
-and a short interactive answer keeps off a nearly spent request budget while anything else can take it
-(router.spends_scarce_budget): one request unit yields far more tokens as a long batch answer. A class's
-`min_share` of the pool's capacity is always allowed, so batch never starves when interactive load is high.
+counted: long answers admitted together end together, so their mean rate says nothing about the next second (read as
+steady turnover it let cohorts of batch requests take the room and an interactive burst wait past its target for the
+cohort's end). Nor are they credited as forecast departures (each stream shows how far it is): the room beyond the
+Poisson fluctuation is what absorbs a surge while batch slots, held ~12 s each, come back, and every slot given to
+batch earlier is one fewer then (an event model of the mixed bench's fast GPU: +0.4 busy slots for twice the
+interactive waits past 0.9 s after the surge; each slot less room costs about as much again). Guard (2) only holds
+batch back from the upstreams kept as that room (room_upstreams): the cheapest ones in idle slots per interactive
+slot that hold the demand. A slow server whose floor allows 2 of its 16 slots is not held idle for them while a fast
+GPU has room; a rate-limited hosted API never is (its budget goes to whoever comes first), so batch work may always
+spend it, and a short interactive answer keeps off a nearly spent request budget while anything else can take it
+(router.spends_scarce_budget): one request unit yields far more tokens as a long batch answer. A class's `min_share`
+of the pool's capacity is always allowed, so batch never starves when interactive load is high.
 """
 
 from __future__ import annotations
