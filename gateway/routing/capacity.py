@@ -78,7 +78,7 @@ class CapacityCurve:
     #: Without a hinted prefill, the prior's scale: a prompt of this many tokens costs about the hinted TTFT.
     PRIOR_PROMPT_TOKENS = 1000.0
 
-    __slots__ = ("a", "b", "ttft", "prefill", "samples", "_hint", "_slots", "_mean_prompt", "_shape_n", "_shape_k")
+    __slots__ = ("a", "b", "ttft", "prefill", "samples", "fits", "_hint", "_slots", "_mean_prompt", "_shape_n", "_shape_k")
 
     def __init__(self, hint: CapacityHint, slots: int) -> None:
         self._hint = hint
@@ -89,6 +89,8 @@ class CapacityCurve:
         self.prefill = hint.prefill  # extra TTFT seconds per prompt token (prefill), fitted when prompt sizes vary
         self._mean_prompt = float(hint.prompt_tokens)  # the prompt size whose prefills t(n) includes
         self.samples = 0
+        #: Fits so far: figures derived from the curve (a class's load limit) are valid while this is unchanged.
+        self.fits = 0
         self._shape_n: list[float] = []  # bucket centres (mean n) with a shape factor, ascending
         self._shape_k: list[float] = []
 
@@ -149,6 +151,7 @@ class CapacityCurve:
                 self._fit_shape(rows)
         self.samples = len(rows)
         self._fit_ttft(rows)
+        self.fits += 1
 
     def _weigh(self, usable: list[Sample], now: float, recent: float, per_bucket: bool) -> list[tuple[float, Sample]]:
         """(weight, sample), newest first: recency rank within the sample's bucket (or overall) and age."""

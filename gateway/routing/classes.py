@@ -19,15 +19,18 @@ moments, because a batch request holds its slot for a long time. The room is siz
 (slots_for_wait): an interactive request may wait in the queue (which serves it first) for part of its TTFT target,
 and within that wait the interactive requests themselves give slots back, so the room needed grows with the
 arrivals' burstiness, not with a margin on the whole in-flight count. Slots given back by other classes are not
-counted: long answers admitted together end together, so their mean rate says nothing about the next second (read
-as steady turnover it let cohorts of batch requests take the room and an interactive burst wait past its target
-for the cohort's end). Guard (2) only holds batch back from the
-upstreams kept as that room (room_upstreams): the cheapest ones in idle slots per interactive slot that hold the
-demand. A slow server whose floor allows 2 of its 16 slots is not held idle for them while a fast GPU has room;
-a rate-limited hosted API never is (its budget goes to whoever comes first), so batch work may always spend it,
-and a short interactive answer keeps off a nearly spent request budget while anything else can take it
-(router.spends_scarce_budget): one request unit yields far more tokens as a long batch answer. A class's
-`min_share` of the pool's capacity is always allowed, so batch never starves when interactive load is high.
+counted: long answers admitted together end together, so their mean rate says nothing about the next second (read as
+steady turnover it let cohorts of batch requests take the room and an interactive burst wait past its target for the
+cohort's end). Nor are they credited as forecast departures (each stream shows how far it is): the room beyond the
+Poisson fluctuation is what absorbs a surge while batch slots, held ~12 s each, come back, and every slot given to
+batch earlier is one fewer then (an event model of the mixed bench's fast GPU: +0.4 busy slots for twice the
+interactive waits past 0.9 s after the surge; each slot less room costs about as much again). Guard (2) only holds
+batch back from the upstreams kept as that room (room_upstreams): the cheapest ones in idle slots per interactive
+slot that hold the demand. A slow server whose floor allows 2 of its 16 slots is not held idle for them while a fast
+GPU has room; a rate-limited hosted API never is (its budget goes to whoever comes first), so batch work may always
+spend it, and a short interactive answer keeps off a nearly spent request budget while anything else can take it
+(router.spends_scarce_budget): one request unit yields far more tokens as a long batch answer. A class's `min_share`
+of the pool's capacity is always allowed, so batch never starves when interactive load is high.
 """
 
 from __future__ import annotations
@@ -135,6 +138,8 @@ class ClassPolicy:
         self.done_rate: dict[str, float] = {}
         #: pool model -> (monotonic time, interactive requests ended so far) at the last tick.
         self._ended: dict[str, tuple[float, int]] = {}
+        #: (upstream, floor) -> (curve, its fits, max_concurrency, interactive_limit) when last computed.
+        self._limits: dict[tuple[str, float], tuple[object, int, int, int]] = {}
 
     def observe(self, pool: Pool, now: float | None = None) -> None:
         """Fold the current interactive in-flight count into the demand estimate, and the interactive requests
@@ -156,6 +161,18 @@ class ClassPolicy:
         prev = self.done_rate.get(pool.model, 0.0)
         self.done_rate[pool.model] = prev + (1.0 - math.exp(-dt / DONE_TAU_S)) * ((done - last[1]) / dt - prev)
 
+    def limit(self, u: UpstreamStats, cls: ServiceClass) -> int:
+        """interactive_limit, kept per upstream and floor until its curve is refitted or its slots change: the
+        bisection walks the whole curve, and each batch admission asks it for every upstream of the pool."""
+        c, mc = u.curve, u.cfg.max_concurrency
+        key = (u.name, cls.min_tok_s)
+        hit = self._limits.get(key)
+        if hit is not None and hit[0] is c and hit[1] == c.fits and hit[2] == mc:
+            return hit[3]
+        n = interactive_limit(u, cls)
+        self._limits[key] = (c, c.fits, mc, n)
+        return n
+
     def admit(self, pool: Pool, cands: Iterable[UpstreamStats], ctx: RequestContext) -> list[UpstreamStats]:
         cls = pool.cfg.classes[ctx.service_class]
         if cls.min_tok_s > 0 or cls.max_ttft_s is not None:
@@ -167,7 +184,7 @@ class ClassPolicy:
         cached = ctx.predicted_cached.get(u.name, 0) if ctx.predicted_cached else 0
         if not meets_ttft(u, cls, ctx.est.prompt_tokens - cached):
             return False
-        limit = interactive_limit(u, cls)
+        limit = self.limit(u, cls)
         return limit > 0 and u.has_slot(limit)
 
     def _batch(self, pool: Pool, cands: list[UpstreamStats], ctx: RequestContext) -> list[UpstreamStats]:
@@ -177,7 +194,7 @@ class ClassPolicy:
         mine = sum(u.class_inflight(ctx.service_class) for u in pool.upstreams)
         capacity = pool.slots
         guaranteed = mine + 1 <= pool.cfg.classes[ctx.service_class].min_share * capacity
-        limits = {u.name: interactive_limit(u, inter) for u in pool.upstreams}
+        limits = {u.name: self.limit(u, inter) for u in pool.upstreams}
         # Never where running interactive requests would be pushed below their floor.
         ok = [u for u in cands if u.class_inflight(INTERACTIVE) == 0 or u.has_slot(limits[u.name])]
         if guaranteed or not ok:

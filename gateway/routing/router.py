@@ -25,7 +25,7 @@ from gateway.errors import GatewayError
 from gateway.reliability.outlier import OutlierDetector
 from gateway.routing import candidates
 from gateway.routing.affinity import Affinity
-from gateway.routing.classes import BATCH, TURNOVER_WAIT, ClassPolicy, interactive_limit
+from gateway.routing.classes import BATCH, TURNOVER_WAIT, ClassPolicy
 from gateway.state.fleet import Fleet, Pool
 from gateway.state.load import KV_FILL, KV_RISK_FROM
 from gateway.state.stats import UpstreamStats
@@ -242,7 +242,7 @@ class Router:
         if not spends_scarce_budget(u, ctx.est.output_tokens, long_output):
             return False
         # Last, as the dearest test (every upstream of the pool): could anything without a request budget serve it?
-        return any(not (v.cfg.rpm or v.cfg.tpm) and v.weight > 0 and interactive_limit(v, cls) > 0 for v in pool.upstreams)
+        return any(not (v.cfg.rpm or v.cfg.tpm) and v.weight > 0 and self.classes.limit(v, cls) > 0 for v in pool.upstreams)
 
     def _choose(self, pool: Pool, cands: list[UpstreamStats], ctx: RequestContext) -> Decision:
         """The class's strategy (its `prefer`, else the pool's) among the upstreams its admission left."""

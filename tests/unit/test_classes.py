@@ -11,6 +11,7 @@ from gateway.context import Estimate, RequestContext
 from gateway.errors import GatewayError
 from gateway.reliability.outlier import OutlierDetector
 from gateway.routing import classes
+from gateway.routing.capacity import Sample
 from gateway.routing.classes import FLOOR_MARGIN, ClassPolicy, interactive_limit
 from gateway.routing.router import Refusal, Router
 from gateway.state.fleet import Fleet
@@ -87,6 +88,22 @@ def test_interactive_limit_follows_the_curves_shape_not_the_line_alone() -> None
     t = 1.0 / (40.0 * (1.0 + FLOOR_MARGIN))  # the floor with its margin: 0.02427 s
     assert c.tpot(11) < t < c.tpot(12)  # (0.02427 / 0.7 - 0.03) / 0.0004 = 11.7
     assert interactive_limit(fleet.upstreams["A"], FLOOR40) == 11
+
+
+def test_policy_keeps_the_limit_until_the_curve_is_refitted_or_the_slots_change() -> None:
+    """ClassPolicy.limit caches interactive_limit per upstream and floor: a change of the curve's figures between
+    fits is not seen (nothing but a fit changes them in service), a fit or new max_concurrency is."""
+    fleet, router = fleet_of({"A": 64})
+    a, policy = fleet.upstreams["A"], router.classes
+    assert policy.limit(a, FLOOR40) == 40
+    a.curve.b = 0.0008  # not a fit: the cached limit stands
+    assert policy.limit(a, FLOOR40) == 40
+    assert policy.limit(a, ServiceClass(min_tok_s=20.0)) == 50  # another floor: its own entry, from the curve now
+    now = 1000.0  # a fit to samples of t(n) = 0.008 + 0.0008 n: n_f = (0.02427 - 0.008) / 0.0008 = 20.3
+    a.curve.fit([Sample(now - i * 0.01, n, 0.008 + 0.0008 * n, 0.1, 100, 128) for i in range(40) for n in (4, 16, 32)], now)
+    assert policy.limit(a, FLOOR40) == interactive_limit(a, FLOOR40) == 20
+    a.cfg.max_concurrency = 16
+    assert policy.limit(a, FLOOR40) == 16
 
 
 def test_interactive_admitted_only_within_its_floor_and_ttft() -> None:

@@ -63,6 +63,9 @@ class Load:
         self.buckets: dict[str, dict[int, int]] = {"interactive": {}, "batch": {}}
         #: (class, upstream) -> output tokens per second, as they streamed.
         self.by_upstream: dict[tuple[str, str], dict[int, int]] = {}
+        self.origin = 0.0  # monotonic time of the start (seconds in the figures count from it)
+        #: (seconds since the start, {upstream: requests running or waiting at its simulator}), when sampled.
+        self.occupancy: list[tuple[float, dict[str, int]]] = []
 
     def tok_s(self, cls: str, t0: float, t1: float) -> float:
         b = self.buckets[cls]
@@ -100,14 +103,15 @@ async def _one(session: aiohttp.ClientSession, url: str, body: bytes, cls: str, 
     load.recs.append(Rec(cls, t0 - origin, None if first is None else first - origin, time.monotonic() - origin, n, ok, upstream))
 
 
-async def _drive(url: str, rate: float, batch_workers: int, phase: float, seed: int, surge: bool = True) -> Load:
+async def _drive(url: str, rate: float, batch_workers: int, phase: float, seed: int, surge: bool = True,
+                 load: Load | None = None) -> Load:
     """Phase 1 at `rate` interactive req/s, phase 2 at twice that (or the same without `surge`); the batch backlog
-    (`batch_workers` closed-loop clients) runs throughout."""
+    (`batch_workers` closed-loop clients) runs throughout. Recorded into `load` (a fresh one if not given)."""
     rng = random.Random(seed)
-    recs = Load()
+    recs = Load() if load is None else load
     ibody = B.chat_body(B.MODEL, PROMPT_TOKENS, INTERACTIVE_TOKENS)
     bbody = B.chat_body(B.MODEL, PROMPT_TOKENS, BATCH_TOKENS)
-    origin = time.monotonic()
+    origin = recs.origin = time.monotonic()
     stop = origin + 2 * phase
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as s:
@@ -137,6 +141,25 @@ async def _drive(url: str, rate: float, batch_workers: int, phase: float, seed: 
             w.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
     return recs
+
+
+async def _sample_occupancy(sims: B.SimFleetProc, load: Load, every: float = 0.5) -> None:
+    """Requests running or waiting at each simulator every `every` s (until cancelled): the mean load per upstream
+    shows where a class policy leaves slots idle (the fast GPU's room for interactive requests)."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
+        while True:
+            row = {}
+            for n in sims.ports:
+                async with s.get(sims.url(n) + "/sim/stats") as r:
+                    st = await r.json()
+                    row[n] = st["running"] + st["waiting"]
+            load.occupancy.append((time.monotonic() - load.origin, row))
+            await asyncio.sleep(every)
+
+
+def _mean_occupancy(load: Load, t0: float, t1: float) -> dict[str, float]:
+    rows = [row for t, row in load.occupancy if t0 <= t < t1]
+    return {n: round(sum(r[n] for r in rows) / len(rows), 1) for n in (rows[0] if rows else {})}
 
 
 def _class_figures(load: Load, cls: str, t0: float, t1: float) -> dict:
@@ -169,6 +192,9 @@ def summarise(load: Load, warmup: float, phase: float, best_total: float, feasib
     out["tok_s_by_upstream"] = _by_upstream(load, warmup, end)
     out["phase1"]["tok_s_by_upstream"] = _by_upstream(load, warmup, phase)
     out["surge"]["tok_s_by_upstream"] = _by_upstream(load, phase, end)
+    if load.occupancy:
+        out["phase1"]["mean_inflight_by_upstream"] = _mean_occupancy(load, warmup, phase)
+        out["surge"]["mean_inflight_by_upstream"] = _mean_occupancy(load, phase, end)
     total = out["interactive"]["tok_s"] + out["batch"]["tok_s"]
     out["total_tok_s"] = round(total, 1)
     out["pct_of_best_total"] = round(100 * total / best_total, 1)
@@ -256,7 +282,13 @@ async def mixed(bench: Any) -> dict:
         try:
             gw = await B.start_gateway(bench.procs, _fleet(sims.ports, bench.sims, strategy, classes_on), f"mixed-{name}",
                                        strategy=strategy)
-            recs = await _drive(gw.url, rate, batch_workers, phase, seed=7)
+            recs = Load()
+            sampler = asyncio.create_task(_sample_occupancy(sims, recs))
+            try:
+                recs = await _drive(gw.url, rate, batch_workers, phase, seed=7, load=recs)
+            finally:
+                sampler.cancel()
+                await asyncio.gather(sampler, return_exceptions=True)
         finally:
             await bench._teardown(gw, sims)
         res["variants"][name] = summarise(recs, o.warmup, phase, best, feasible)
@@ -287,6 +319,11 @@ def render(r: dict) -> list[str]:
             f"{B._f(v['total_tok_s'], 0)} | {B._f(v['pct_of_best_total'], 1, '%')} | "
             f"{B._f(v.get('pct_of_slo_feasible_best'), 1, '%')} |"
         )
+    for name, v in r["variants"].items():
+        p1, p2 = v["phase1"].get("mean_inflight_by_upstream"), v["surge"].get("mean_inflight_by_upstream")
+        if p1 and p2:
+            lines.append(f"{name}: mean requests at each simulator (phase 1 / surge): "
+                         + ", ".join(f"{n} {p1[n]:g} / {p2.get(n, 0):g}" for n in p1))
     return lines
 
 
