@@ -43,6 +43,10 @@ def prom_labels(attributes: Mapping[str, Any] | None) -> dict[str, str]:
     return out
 
 
+#: A series' attributes as (name, value) pairs, in a fixed order: hashable, so it is the series' key as it is.
+Attributes = tuple[tuple[str, Any], ...]
+
+
 @dataclass(frozen=True)
 class Spec:
     """One instrument: its OTel name, unit and description (the Prometheus name and HELP derive from them), and
@@ -64,19 +68,18 @@ class Histogram:
 
     def __init__(self, spec: Spec, sdk: SdkHistogram | None = None) -> None:
         self.spec = spec
-        self.series: dict[tuple[tuple[str, Any], ...], list[Any]] = {}
+        self.series: dict[Attributes, list[Any]] = {}
         self._bounds = spec.buckets
         self._sdk = sdk
 
-    def record(self, value: float, attrs: dict[str, Any]) -> None:
-        key = tuple(attrs.items())
-        row = self.series.get(key)
+    def record(self, value: float, attrs: Attributes) -> None:
+        row = self.series.get(attrs)
         if row is None:
-            row = self.series[key] = [0] * (len(self._bounds) + 2)
+            row = self.series[attrs] = [0] * (len(self._bounds) + 2)
         row[bisect_left(self._bounds, value)] += 1
         row[-1] += value
         if self._sdk is not None:
-            self._sdk.record(value, attrs)
+            self._sdk.record(value, dict(attrs))
 
     def family(self) -> Metric | None:
         """The Prometheus histogram family; None before the first record (the SDK reports no metric then)."""

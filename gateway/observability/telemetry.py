@@ -55,7 +55,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from gateway.observability.instruments import Counter, Histogram, Spec, prom_labels
+from gateway.observability.instruments import Attributes, Counter, Histogram, Spec, prom_labels
 
 __all__ = [
     "Telemetry",
@@ -115,6 +115,8 @@ ATTR_REQUEST_COST_USD = "gateway.request.cost_usd"  # what the request cost (gat
 
 TOKEN_TYPE_INPUT = "input"
 TOKEN_TYPE_OUTPUT = "output"
+_INPUT_TOKENS: Attributes = ((ATTR_GEN_AI_TOKEN_TYPE, TOKEN_TYPE_INPUT),)
+_OUTPUT_TOKENS: Attributes = ((ATTR_GEN_AI_TOKEN_TYPE, TOKEN_TYPE_OUTPUT),)
 
 # Bucket boundaries advised by the GenAI semconv.
 DURATION_BUCKETS: tuple[float, ...] = (
@@ -476,28 +478,23 @@ class Telemetry:
           ``gateway_upstream_attempts_total``. Default: :func:`status_code` of ``error_type``.
         * ``duration_s``: from the attempt's start (not the client request's).
         """
-        attrs: dict[str, Any] = {
-            ATTR_GEN_AI_OPERATION_NAME: operation,
-            ATTR_GEN_AI_PROVIDER_NAME: provider_name(provider),
-        }
+        attrs: Attributes = ((ATTR_GEN_AI_OPERATION_NAME, operation), (ATTR_GEN_AI_PROVIDER_NAME, provider_name(provider)))
         if request_model:
-            attrs[ATTR_GEN_AI_REQUEST_MODEL] = request_model
+            attrs += ((ATTR_GEN_AI_REQUEST_MODEL, request_model),)
         if response_model:
-            attrs[ATTR_GEN_AI_RESPONSE_MODEL] = response_model
+            attrs += ((ATTR_GEN_AI_RESPONSE_MODEL, response_model),)
         if server_address:
-            attrs[ATTR_SERVER_ADDRESS] = server_address
+            attrs += ((ATTR_SERVER_ADDRESS, server_address),)
             if server_port is not None:
-                attrs[ATTR_SERVER_PORT] = int(server_port)
-        duration_attrs = attrs
-        if error_type:
-            duration_attrs = {**attrs, ATTR_ERROR_TYPE: str(error_type)}
+                attrs += ((ATTR_SERVER_PORT, int(server_port)),)
+        duration_attrs = attrs + ((ATTR_ERROR_TYPE, str(error_type)),) if error_type else attrs
         self._duration.record(max(0.0, float(duration_s)), duration_attrs)
         if ttft_s is not None:
             self._ttfc.record(max(0.0, float(ttft_s)), attrs)
         if input_tokens is not None:
-            self._tokens.record(int(input_tokens), {**attrs, ATTR_GEN_AI_TOKEN_TYPE: TOKEN_TYPE_INPUT})
+            self._tokens.record(int(input_tokens), attrs + _INPUT_TOKENS)
         if output_tokens is not None:
-            self._tokens.record(int(output_tokens), {**attrs, ATTR_GEN_AI_TOKEN_TYPE: TOKEN_TYPE_OUTPUT})
+            self._tokens.record(int(output_tokens), attrs + _OUTPUT_TOKENS)
         status = code if code is not None else status_code(error_type)
         self._attempts.add((request_model or "", upstream or "", str(status)))
 
