@@ -195,7 +195,8 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
     app[TELEMETRY] = rt.telemetry
     app[KEYS] = rt.keys
     app[LEDGER] = rt.ledger
-    app.on_response_prepare.append(_rate_limit_headers)
+    if settings.require_api_key:  # only keyed requests get rate headers: no per-response signal without keys
+        app.on_response_prepare.append(_rate_limit_headers)
     app[DRAINING] = []
     app[batch_api.BATCH] = rt.batch
     handlers.add_routes(app)
