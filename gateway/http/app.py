@@ -116,8 +116,8 @@ async def error_middleware(request: web.Request, handler):
         h = lookup(ERROR_HANDLERS, e)
         assert h is not None  # Exception is registered
         resp = h(request, e, dialect_of(request.path))
-    if not resp.prepared:  # streams carry it from their first byte
-        resp.headers.setdefault("x-request-id", request.get(REQUEST_ID) or request_id(request.headers))
+    if not resp.prepared and "x-request-id" not in resp.headers:  # streams carry it from their first byte
+        resp.headers["x-request-id"] = request.get(REQUEST_ID) or request_id(request.headers)
     return resp
 
 
