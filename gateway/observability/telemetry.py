@@ -18,9 +18,9 @@ Metrics
     is rendered by prometheus_client (:meth:`Telemetry.prometheus_text`) from a custom
     collector that reads those instruments and the live fleet snapshot at scrape time:
     nothing is copied per request. Metrics are also pushed over OTLP/HTTP, through SDK
-    twins of the instruments, when an OTLP endpoint is configured (``OTEL_METRICS_EXPORTER=none`` turns that off, as deploy/
-    does: Jaeger takes traces only, Prometheus scrapes /metrics; the period is
-    ``OTEL_METRIC_EXPORT_INTERVAL``, default 60 s).
+    twins of the instruments, when an OTLP endpoint is configured (``OTEL_METRICS_EXPORTER=
+    none`` turns that off, as deploy/ does: Jaeger takes traces only, Prometheus scrapes
+    /metrics; the period is ``OTEL_METRIC_EXPORT_INTERVAL``, default 60 s).
 
     Two request counters: ``gateway_requests_total{model,route,code}`` counts client
     requests with the status the client got (also those refused before routing: 400,
