@@ -60,8 +60,7 @@ class Worker:
         self.redis, self.k, self.store, self.execute, self.cfg = redis, keys, store, execute, cfg
         self.on_done = on_done
         self.tracer: trace.Tracer = tel.tracer if tel is not None else trace.NoOpTracer()
-        self.lines_counter = None if tel is None else tel.meter_provider.get_meter("gateway.batch").create_counter(
-            "gateway.batch.lines", unit="{line}", description="Batch lines given their final result, by outcome.")
+        self.tel = tel
         self.inflight: dict[str, asyncio.Task] = {}
         self.stopping = False
         self.running_lines = 0
@@ -209,8 +208,8 @@ class Worker:
             stored = await _retry_redis(lambda: self.store.store_result(bid, cid, ok, line, tokens, extra), self)
             if stored is None:
                 return  # stopping: the line stays pending and is reclaimed elsewhere
-            if stored[0] and self.lines_counter is not None:
-                self.lines_counter.add(1, {"outcome": "completed" if ok else "failed"})
+            if stored[0] and self.tel is not None:
+                self.tel.record_batch_line(ok)
             if stored[0] and stored[2] >= 0 and stored[1] >= stored[2]:
                 await self.on_done(bid)
         await _retry_redis(lambda: self._ack(eid), self)

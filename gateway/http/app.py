@@ -116,8 +116,8 @@ async def error_middleware(request: web.Request, handler):
         h = lookup(ERROR_HANDLERS, e)
         assert h is not None  # Exception is registered
         resp = h(request, e, dialect_of(request.path))
-    if not resp.prepared:  # streams carry it from their first byte
-        resp.headers.setdefault("x-request-id", request.get(REQUEST_ID) or request_id(request.headers))
+    if not resp.prepared and "x-request-id" not in resp.headers:  # streams carry it from their first byte
+        resp.headers["x-request-id"] = request.get(REQUEST_ID) or request_id(request.headers)
     return resp
 
 
@@ -195,7 +195,8 @@ def create_app(settings: Settings, fleet_config: FleetConfig | None = None, tele
     app[TELEMETRY] = rt.telemetry
     app[KEYS] = rt.keys
     app[LEDGER] = rt.ledger
-    app.on_response_prepare.append(_rate_limit_headers)
+    if settings.require_api_key:  # only keyed requests get rate headers: no per-response signal without keys
+        app.on_response_prepare.append(_rate_limit_headers)
     app[DRAINING] = []
     app[batch_api.BATCH] = rt.batch
     handlers.add_routes(app)

@@ -21,9 +21,10 @@ _MAX_MODEL_NAME = 256
 _MAX_KEY = 512  # prompt_cache_key, user, X-Session-Id
 
 
-def _require(cond: bool, message: str, param: str) -> None:
-    if not cond:
-        raise GatewayError(400, message, param=param, code="invalid_value")
+def _invalid(message: str, param: str) -> GatewayError:
+    """The 400 naming a bad field. Raised as ``if not ok: raise _invalid(...)``: a message is formatted only for
+    a field that is bad, not for every field of every valid request."""
+    return GatewayError(400, message, param=param, code="invalid_value")
 
 
 def _is_int(v) -> bool:
@@ -32,59 +33,61 @@ def _is_int(v) -> bool:
 
 def _validate_common(body: dict) -> None:
     m = body.get("model")
-    _require(isinstance(m, str) and m != "", "'model' is required and must be a string", "model")
-    assert isinstance(m, str)  # for mypy: _require raised otherwise
-    _require(len(m) <= _MAX_MODEL_NAME, f"'model' is longer than {_MAX_MODEL_NAME} characters", "model")
+    if not (isinstance(m, str) and m != ""):
+        raise _invalid("'model' is required and must be a string", "model")
+    if len(m) > _MAX_MODEL_NAME:
+        raise _invalid(f"'model' is longer than {_MAX_MODEL_NAME} characters", "model")
     stream = body.get("stream", False)
-    _require(isinstance(stream, bool) or stream is None, "'stream' must be a boolean", "stream")
+    if not (isinstance(stream, bool) or stream is None):
+        raise _invalid("'stream' must be a boolean", "stream")
     for k in ("max_tokens", "max_completion_tokens"):
         v = body.get(k)
-        _require(v is None or (_is_int(v) and 1 <= v <= _MAX_INT), f"'{k}' must be an integer between 1 and {_MAX_INT}", k)
+        if not (v is None or (_is_int(v) and 1 <= v <= _MAX_INT)):
+            raise _invalid(f"'{k}' must be an integer between 1 and {_MAX_INT}", k)
     for k in ("temperature", "top_p"):
         v = body.get(k)
-        _require(
-            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)), f"'{k}' must be a number", k
-        )
+        if not (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))):
+            raise _invalid(f"'{k}' must be a number", k)
     for k in ("prompt_cache_key", "user"):
         v = body.get(k)
-        _require(v is None or (isinstance(v, str) and len(v) <= _MAX_KEY), f"'{k}' must be a string of at most {_MAX_KEY} characters", k)
+        if not (v is None or (isinstance(v, str) and len(v) <= _MAX_KEY)):
+            raise _invalid(f"'{k}' must be a string of at most {_MAX_KEY} characters", k)
     so = body.get("stream_options")
-    _require(so is None or isinstance(so, dict), "'stream_options' must be an object", "stream_options")
+    if not (so is None or isinstance(so, dict)):
+        raise _invalid("'stream_options' must be an object", "stream_options")
     stop = body.get("stop")
-    _require(
-        stop is None or isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(x, str) for x in stop)),
-        "'stop' must be a string or an array of strings", "stop",
-    )
+    if not (stop is None or isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(x, str) for x in stop))):
+        raise _invalid("'stop' must be a string or an array of strings", "stop")
     tools = body.get("tools")
     if tools is not None:
-        _require(isinstance(tools, list), "'tools' must be an array", "tools")
-        for i, t in enumerate(tools):
-            _require(
-                isinstance(t, dict) and isinstance(t.get("type", "function"), str) and isinstance(t.get("function", {}), dict),
-                f"tools[{i}] must be an object with a 'type' and a 'function' object",
-                f"tools[{i}]",
-            )
+        _validate_tools(tools)
+
+
+def _validate_tools(tools) -> None:
+    if not isinstance(tools, list):
+        raise _invalid("'tools' must be an array", "tools")
+    for i, t in enumerate(tools):
+        if not (isinstance(t, dict) and isinstance(t.get("type", "function"), str) and isinstance(t.get("function", {}), dict)):
+            raise _invalid(f"tools[{i}] must be an object with a 'type' and a 'function' object", f"tools[{i}]")
 
 
 def _validate_messages(msgs) -> None:
-    _require(isinstance(msgs, list) and len(msgs) > 0, "'messages' must be a non-empty array", "messages")
+    if not (isinstance(msgs, list) and len(msgs) > 0):
+        raise _invalid("'messages' must be a non-empty array", "messages")
     for i, m in enumerate(msgs):
-        _require(isinstance(m, dict) and isinstance(m.get("role"), str), f"messages[{i}] must be an object with a 'role'", f"messages[{i}]")
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str)):
+            raise _invalid(f"messages[{i}] must be an object with a 'role'", f"messages[{i}]")
         c = m.get("content")
-        _require(
-            c is None or isinstance(c, (str, list)),
-            f"messages[{i}].content must be a string or an array of content parts",
-            f"messages[{i}].content",
-        )
+        if not (c is None or isinstance(c, (str, list))):
+            raise _invalid(f"messages[{i}].content must be a string or an array of content parts", f"messages[{i}].content")
         if isinstance(c, list):
             for j, part in enumerate(c):
-                _require(
-                    isinstance(part, dict)
-                    and isinstance(part.get("type"), str)
-                    and (part["type"] != "text" or isinstance(part.get("text"), str)),
-                    f"messages[{i}].content[{j}] must be a content part object with a 'type' (text parts need a string 'text')",
-                    f"messages[{i}].content[{j}]",
-                )
+                if not (isinstance(part, dict) and isinstance(part.get("type"), str)
+                        and (part["type"] != "text" or isinstance(part.get("text"), str))):
+                    raise _invalid(
+                        f"messages[{i}].content[{j}] must be a content part object with a 'type' (text parts need a string 'text')",
+                        f"messages[{i}].content[{j}]",
+                    )
 
 
 def _validate_tokens_input(v, param: str) -> None:
@@ -98,8 +101,10 @@ def _validate_tokens_input(v, param: str) -> None:
             or all(isinstance(x, list) and x and all(_is_int(t) and 0 <= t <= _MAX_INT for t in x) for x in v)
         )
     )
-    _require(ok, f"'{param}' must be a string, an array of strings or an array of token arrays", param)
-    _require(not (isinstance(v, str) and v == "" and param == "input"), f"'{param}' must not be empty", param)
+    if not ok:
+        raise _invalid(f"'{param}' must be a string, an array of strings or an array of token arrays", param)
+    if isinstance(v, str) and v == "" and param == "input":
+        raise _invalid(f"'{param}' must not be empty", param)
 
 
 def build_context(
@@ -170,7 +175,8 @@ def validate(operation: str, body: dict) -> None:
         return
     field = "prompt" if operation == "text_completion" else "input"
     v = body.get(field)
-    _require(isinstance(v, (str, list)) and len(v) > 0, f"'{field}' is required (string or array)", field)
+    if not (isinstance(v, (str, list)) and len(v) > 0):
+        raise _invalid(f"'{field}' is required (string or array)", field)
     _validate_tokens_input(v, field)
 
 

@@ -13,13 +13,14 @@ Traces
 
 Metrics
     GenAI client metrics (semantic conventions v1.41.0, with their advised bucket
-    boundaries) plus gateway counters, kept in an in-memory reader. ``GET /metrics``
+    boundaries) plus gateway counters, kept by the lean instruments of instruments.py
+    (plain Python: the OTel SDK's record path costs several times more). ``GET /metrics``
     is rendered by prometheus_client (:meth:`Telemetry.prometheus_text`) from a custom
     collector that reads those instruments and the live fleet snapshot at scrape time:
-    nothing is copied per request. Metrics are also pushed over OTLP/HTTP when an OTLP
-    endpoint is configured (``OTEL_METRICS_EXPORTER=none`` turns that off, as deploy/
-    does: Jaeger takes traces only, Prometheus scrapes /metrics; the period is
-    ``OTEL_METRIC_EXPORT_INTERVAL``, default 60 s).
+    nothing is copied per request. Metrics are also pushed over OTLP/HTTP, through SDK
+    twins of the instruments, when an OTLP endpoint is configured (``OTEL_METRICS_EXPORTER=
+    none`` turns that off, as deploy/ does: Jaeger takes traces only, Prometheus scrapes
+    /metrics; the period is ``OTEL_METRIC_EXPORT_INTERVAL``, default 60 s).
 
     Two request counters: ``gateway_requests_total{model,route,code}`` counts client
     requests with the status the client got (also those refused before routing: 400,
@@ -36,35 +37,25 @@ import functools
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 from multidict import CIMultiDict, CIMultiDictProxy
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.metrics import Meter
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
-from opentelemetry.sdk.metrics.export import (
-    Histogram as _HistogramData,
-)
-from opentelemetry.sdk.metrics.export import (
-    InMemoryMetricReader,
-    MetricReader,
-    MetricsData,
-    PeriodicExportingMetricReader,
-)
-from opentelemetry.sdk.metrics.export import (
-    Sum as _SumData,
-)
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.utils import floatToGoString
+
+from gateway.observability.instruments import Attributes, Counter, Histogram, Spec, prom_labels
 
 __all__ = [
     "Telemetry",
@@ -124,14 +115,8 @@ ATTR_REQUEST_COST_USD = "gateway.request.cost_usd"  # what the request cost (gat
 
 TOKEN_TYPE_INPUT = "input"
 TOKEN_TYPE_OUTPUT = "output"
-
-# Metric names (instrument names; the Prometheus names are derived from them).
-METRIC_OPERATION_DURATION = "gen_ai.client.operation.duration"
-METRIC_TOKEN_USAGE = "gen_ai.client.token.usage"
-METRIC_TIME_TO_FIRST_CHUNK = "gen_ai.client.operation.time_to_first_chunk"
-METRIC_GATEWAY_REQUESTS = "gateway.requests"
-METRIC_GATEWAY_ATTEMPTS = "gateway.upstream.attempts"
-METRIC_GATEWAY_EJECTIONS = "gateway.ejections"
+_INPUT_TOKENS: Attributes = ((ATTR_GEN_AI_TOKEN_TYPE, TOKEN_TYPE_INPUT),)
+_OUTPUT_TOKENS: Attributes = ((ATTR_GEN_AI_TOKEN_TYPE, TOKEN_TYPE_OUTPUT),)
 
 # Bucket boundaries advised by the GenAI semconv.
 DURATION_BUCKETS: tuple[float, ...] = (
@@ -141,6 +126,22 @@ TTFC_BUCKETS: tuple[float, ...] = DURATION_BUCKETS
 TOKEN_BUCKETS: tuple[float, ...] = (
     1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864,
 )
+
+# The instruments (OTel names; the Prometheus names derive from name and unit: instruments.prom_name).
+DURATION = Spec("gen_ai.client.operation.duration", "s", "GenAI operation duration.", DURATION_BUCKETS)
+TOKEN_USAGE = Spec("gen_ai.client.token.usage", "{token}", "Number of input and output tokens used.", TOKEN_BUCKETS)
+TIME_TO_FIRST_CHUNK = Spec(
+    "gen_ai.client.operation.time_to_first_chunk", "s",
+    "Time to receive the first chunk, measured from when the client issues the "
+    "generation request to when the first chunk is received in the response stream.",
+    TTFC_BUCKETS,
+)
+REQUESTS = Spec("gateway.requests", "{request}",
+                "Client requests answered by the gateway, by model, route and the HTTP status the client got.")
+ATTEMPTS = Spec("gateway.upstream.attempts", "{attempt}",
+                "Attempts on upstreams, by model, upstream and HTTP status (a retried request has several).")
+EJECTIONS = Spec("gateway.ejections", "{ejection}", "Upstream ejections decided by this replica.")
+BATCH_LINES = Spec("gateway.batch.lines", "{line}", "Batch lines given their final result, by outcome.")
 
 
 def input_messages_json(messages: Any) -> str:
@@ -174,7 +175,6 @@ def output_messages_json(text: str, finish_reason: str | None) -> str:
     return json.dumps([msg])
 
 
-@functools.lru_cache(maxsize=256)  # per attempt on the request path: a dict lookup after the first call
 @functools.lru_cache(maxsize=256)  # a handful of kinds, looked up on every attempt
 def provider_name(kind: str) -> str:
     """Map a fleet provider kind ("openai", "azure", "anthropic") to ``gen_ai.provider.name``, from the
@@ -190,7 +190,6 @@ def provider_name(kind: str) -> str:
     return k or PROVIDERS["openai"].telemetry_name
 
 
-@functools.lru_cache(maxsize=256)  # per attempt on the request path; base URLs are few
 @functools.lru_cache(maxsize=1024)  # per upstream URL: parsed once, not on every attempt
 def server_address_port(base_url: str) -> tuple[str, int]:
     """``server.address`` and ``server.port`` of an upstream URL (the port defaults by scheme, as the
@@ -331,6 +330,8 @@ class _CaseInsensitiveGetter(Getter[Mapping[str, str]]):
 
 _GETTER = _CaseInsensitiveGetter()
 _PROPAGATOR = TraceContextTextMapPropagator()
+_TRACEPARENT = "traceparent"  # W3C Trace Context: without it there is no parent to continue
+_NO_CONTEXT = Context()
 
 
 def _env(name: str) -> str:
@@ -341,16 +342,6 @@ def _env_flag(name: str) -> bool:
     return _env(name).lower() in ("1", "true", "yes", "on")
 
 
-def _observe(counts: dict[tuple[str, str, str], int], labels: tuple[str, str, str]) -> Callable[[CallbackOptions], Iterable[Observation]]:
-    """Observable-counter callback over a dict of cumulative counts keyed by label values. Readers may call it
-    from their own thread: ``dict(counts)`` is one C-level copy under the GIL, safe against concurrent increments."""
-
-    def callback(options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(n, dict(zip(labels, key))) for key, n in dict(counts).items()]
-
-    return callback
-
-
 def _otlp_metrics_wanted() -> bool:
     """OTLP metric push follows the standard variables (``OTEL_METRICS_EXPORTER`` defaults to otlp). A trace-only
     backend such as Jaeger rejects metrics: deployments that point ``OTEL_EXPORTER_OTLP_ENDPOINT`` at one set
@@ -358,6 +349,14 @@ def _otlp_metrics_wanted() -> bool:
     if _env("OTEL_METRICS_EXPORTER").lower() == "none":
         return False
     return bool(_env("OTEL_EXPORTER_OTLP_ENDPOINT") or _env("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"))
+
+
+def _histogram(spec: Spec, meter: Meter | None) -> Histogram:
+    """A lean histogram, with its SDK twin when metrics are pushed over OTLP (``meter`` given)."""
+    if meter is None:
+        return Histogram(spec)
+    return Histogram(spec, meter.create_histogram(spec.name, unit=spec.unit, description=spec.description,
+                                                  explicit_bucket_boundaries_advisory=list(spec.buckets)))
 
 
 # --------------------------------------------------------------------------------------
@@ -411,67 +410,42 @@ class Telemetry:
         self.tracing_enabled = self.tracer_provider is not None
 
     def _init_metrics(self) -> None:
-        self._reader = InMemoryMetricReader()
-        readers: list[MetricReader] = [self._reader]
+        """The lean instruments (instruments.py) always; the SDK's MeterProvider, with SDK twins of the
+        instruments, only when metrics are pushed over OTLP: /metrics is rendered from the lean ones."""
         #: True when metrics are also pushed over OTLP (besides the /metrics scrape).
         self.otlp_metrics = _otlp_metrics_wanted()
-        if self.otlp_metrics:
-            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+        self.meter_provider: MeterProvider | None = None
+        meter = self._otlp_meter() if self.otlp_metrics else None
+        self._duration, self._tokens, self._ttfc = (_histogram(s, meter) for s in (DURATION, TOKEN_USAGE, TIME_TO_FIRST_CHUNK))
+        self._requests = Counter(REQUESTS, ("model", "route", "code"))
+        self._attempts = Counter(ATTEMPTS, ("model", "upstream", "code"))
+        self._ejections = Counter(EJECTIONS, ("upstream",))
+        self._batch_lines = Counter(BATCH_LINES, ("outcome",))
+        counters = (self._requests, self._attempts, self._ejections, self._batch_lines)
+        #: In /metrics order.
+        self._instruments: tuple[Histogram | Counter, ...] = (self._duration, self._tokens, self._ttfc, *counters)
+        if meter is not None:
+            for c in counters:
+                meter.create_observable_counter(c.spec.name, callbacks=[c.observe], unit=c.spec.unit,
+                                                description=c.spec.description)
 
-            readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+    def _otlp_meter(self) -> Meter:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
         # Without tracing there is never a sampled span, so the default trace-based exemplar filter keeps nothing,
         # yet it is consulted on every record (~20% of a histogram record's CPU): switched off then.
         self.meter_provider = MeterProvider(
-            resource=self.resource, metric_readers=readers, shutdown_on_exit=False,
-            exemplar_filter=None if self.tracing_enabled else AlwaysOffExemplarFilter(),
+            resource=self.resource, metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())],
+            shutdown_on_exit=False, exemplar_filter=None if self.tracing_enabled else AlwaysOffExemplarFilter(),
         )
-        meter = self.meter_provider.get_meter("gateway")
-        self._duration = meter.create_histogram(
-            METRIC_OPERATION_DURATION,
-            unit="s",
-            description="GenAI operation duration.",
-            explicit_bucket_boundaries_advisory=list(DURATION_BUCKETS),
-        )
-        self._tokens = meter.create_histogram(
-            METRIC_TOKEN_USAGE,
-            unit="{token}",
-            description="Number of input and output tokens used.",
-            explicit_bucket_boundaries_advisory=list(TOKEN_BUCKETS),
-        )
-        self._ttfc = meter.create_histogram(
-            METRIC_TIME_TO_FIRST_CHUNK,
-            unit="s",
-            description=(
-                "Time to receive the first chunk, measured from when the client issues the "
-                "generation request to when the first chunk is received in the response stream."
-            ),
-            explicit_bucket_boundaries_advisory=list(TTFC_BUCKETS),
-        )
-        # The two per-request counters are plain dict increments (~0.2 us, vs ~20 us for an SDK counter add),
-        # read by observable counters when a reader collects (a /metrics scrape or an OTLP export).
-        self._request_counts: dict[tuple[str, str, str], int] = {}
-        self._attempt_counts: dict[tuple[str, str, str], int] = {}
-        meter.create_observable_counter(
-            METRIC_GATEWAY_REQUESTS,
-            callbacks=[_observe(self._request_counts, ("model", "route", "code"))],
-            unit="{request}",
-            description="Client requests answered by the gateway, by model, route and the HTTP status the client got.",
-        )
-        meter.create_observable_counter(
-            METRIC_GATEWAY_ATTEMPTS,
-            callbacks=[_observe(self._attempt_counts, ("model", "upstream", "code"))],
-            unit="{attempt}",
-            description="Attempts on upstreams, by model, upstream and HTTP status (a retried request has several).",
-        )
-        self._ejections = meter.create_counter(
-            METRIC_GATEWAY_EJECTIONS,
-            unit="{ejection}",
-            description="Upstream ejections decided by this replica.",
-        )
+        return self.meter_provider.get_meter("gateway")
 
     # ---- propagation ------------------------------------------------------------------
     def extract(self, headers: Mapping[str, str]) -> Context:
-        """Context from the client's W3C ``traceparent``/``tracestate`` headers."""
+        """Context from the client's W3C ``traceparent``/``tracestate`` headers (most requests have none: then the
+        empty context at once, as the propagator would return it)."""
+        if _GETTER.get(headers, _TRACEPARENT) is None:
+            return _NO_CONTEXT
         return _PROPAGATOR.extract(headers, getter=_GETTER)
 
     def inject(self, headers: dict[str, str], context: Context | None = None) -> None:
@@ -509,31 +483,25 @@ class Telemetry:
           ``gateway_upstream_attempts_total``. Default: :func:`status_code` of ``error_type``.
         * ``duration_s``: from the attempt's start (not the client request's).
         """
-        attrs: dict[str, Any] = {
-            ATTR_GEN_AI_OPERATION_NAME: operation,
-            ATTR_GEN_AI_PROVIDER_NAME: provider_name(provider),
-        }
+        attrs: Attributes = ((ATTR_GEN_AI_OPERATION_NAME, operation), (ATTR_GEN_AI_PROVIDER_NAME, provider_name(provider)))
         if request_model:
-            attrs[ATTR_GEN_AI_REQUEST_MODEL] = request_model
+            attrs += ((ATTR_GEN_AI_REQUEST_MODEL, request_model),)
         if response_model:
-            attrs[ATTR_GEN_AI_RESPONSE_MODEL] = response_model
+            attrs += ((ATTR_GEN_AI_RESPONSE_MODEL, response_model),)
         if server_address:
-            attrs[ATTR_SERVER_ADDRESS] = server_address
+            attrs += ((ATTR_SERVER_ADDRESS, server_address),)
             if server_port is not None:
-                attrs[ATTR_SERVER_PORT] = int(server_port)
-        duration_attrs = attrs
-        if error_type:
-            duration_attrs = {**attrs, ATTR_ERROR_TYPE: str(error_type)}
+                attrs += ((ATTR_SERVER_PORT, int(server_port)),)
+        duration_attrs = attrs + ((ATTR_ERROR_TYPE, str(error_type)),) if error_type else attrs
         self._duration.record(max(0.0, float(duration_s)), duration_attrs)
         if ttft_s is not None:
             self._ttfc.record(max(0.0, float(ttft_s)), attrs)
         if input_tokens is not None:
-            self._tokens.record(int(input_tokens), {**attrs, ATTR_GEN_AI_TOKEN_TYPE: TOKEN_TYPE_INPUT})
+            self._tokens.record(int(input_tokens), attrs + _INPUT_TOKENS)
         if output_tokens is not None:
-            self._tokens.record(int(output_tokens), {**attrs, ATTR_GEN_AI_TOKEN_TYPE: TOKEN_TYPE_OUTPUT})
+            self._tokens.record(int(output_tokens), attrs + _OUTPUT_TOKENS)
         status = code if code is not None else status_code(error_type)
-        key = (request_model or "", upstream or "", str(status))
-        self._attempt_counts[key] = self._attempt_counts.get(key, 0) + 1
+        self._attempts.add((request_model or "", upstream or "", str(status)))
 
     def record_request(self, *, route: str, model: str, code: int) -> None:
         """Count one client request with the status it got (``gateway_requests_total{model,route,code}``).
@@ -541,23 +509,23 @@ class Telemetry:
         Called once per request by the HTTP layer, also for requests refused before routing. ``route`` is the
         matched route pattern (bounded), ``model`` a configured model name or "" (never the client's raw
         string: an unknown model must not create a new series)."""
-        key = (model, route, str(code))
-        self._request_counts[key] = self._request_counts.get(key, 0) + 1
+        self._requests.add((model, route, str(code)))
 
     def record_ejection(self, upstream: str) -> None:
         """Count one ejection of ``upstream`` (``gateway_ejections_total{upstream}``)."""
-        self._ejections.add(1, {"upstream": upstream})
+        self._ejections.add((upstream,))
+
+    def record_batch_line(self, ok: bool) -> None:
+        """Count one batch line given its final result (``gateway_batch_lines_total{outcome}``)."""
+        self._batch_lines.add(("completed" if ok else "failed",))
 
     # ---- Prometheus ---------------------------------------------------------------------
     def prometheus_text(self, snapshot: Mapping[str, Any] | None = None) -> str:
-        """Prometheus text exposition of the SDK metrics and the live fleet snapshot, rendered by
+        """Prometheus text exposition of the instruments and the live fleet snapshot, rendered by
         prometheus_client; serve it with ``prometheus_client.CONTENT_TYPE_LATEST``."""
-        try:
-            data: MetricsData | None = self._reader.get_metrics_data()
-        except Exception:  # reader shut down
-            data = None
+        families = [f for f in (i.family() for i in self._instruments) if f is not None]
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Collector(data, self.resource, snapshot or {}))
+        registry.register(_Collector(families, self.resource, snapshot or {}))
         return generate_latest(registry).decode()
 
     def cost_text(self, snapshot: Mapping[str, Any], key_spend: Iterable[tuple[str, str, float, float]]) -> str:
@@ -577,7 +545,8 @@ class Telemetry:
         ms = int(timeout_s * 1000)
         if self.tracer_provider is not None:
             self.tracer_provider.force_flush(ms)
-        self.meter_provider.force_flush(ms)
+        if self.meter_provider is not None:
+            self.meter_provider.force_flush(ms)
 
     async def shutdown(self, timeout_s: float = 5.0) -> None:
         """Flush and shut down the providers in a worker thread (idempotent)."""
@@ -598,7 +567,8 @@ class Telemetry:
                 self.tracer_provider.force_flush(ms)
             finally:
                 self.tracer_provider.shutdown()
-        self.meter_provider.shutdown(timeout_millis=ms)
+        if self.meter_provider is not None:
+            self.meter_provider.shutdown(timeout_millis=ms)
 
 
 
@@ -607,54 +577,6 @@ class Telemetry:
 # Prometheus exposition: a prometheus_client collector over the SDK instruments and the
 # live fleet snapshot (formatting, escaping and the content type are prometheus_client's).
 # --------------------------------------------------------------------------------------
-_NAME_BAD = re.compile(r"[^a-zA-Z0-9_:]")
-#: OTel unit -> Prometheus name suffix; curly-brace units ("{token}") add none.
-_UNIT_SUFFIX = {"s": "seconds"}
-
-
-def _prom_name(name: str, unit: str | None) -> str:
-    """OTel instrument name -> Prometheus family name (dots to underscores, unit suffix, as the OTel mapping)."""
-    base = _NAME_BAD.sub("_", name)
-    suffix = _UNIT_SUFFIX.get(unit or "", "")
-    return f"{base}_{suffix}" if suffix and not base.endswith("_" + suffix) else base
-
-
-def _labels(attributes: Mapping[str, Any] | None) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for k, v in (attributes or {}).items():
-        out[_NAME_BAD.sub("_", str(k)).replace(":", "_")] = json.dumps(list(v)) if isinstance(v, (list, tuple)) else str(v)
-    return out
-
-
-def _histogram(name: str, desc: str, d: _HistogramData) -> Metric:
-    fam = Metric(name, desc or name, "histogram")
-    for dp in d.data_points:
-        base = _labels(dp.attributes)
-        cum = 0
-        for bound, count in zip(dp.explicit_bounds, dp.bucket_counts):
-            cum += count
-            fam.add_sample(f"{name}_bucket", {**base, "le": floatToGoString(bound)}, cum)
-        fam.add_sample(f"{name}_bucket", {**base, "le": "+Inf"}, dp.count)
-        fam.add_sample(f"{name}_count", base, dp.count)
-        fam.add_sample(f"{name}_sum", base, dp.sum)
-    return fam
-
-
-def _sdk_families(data: MetricsData | None) -> Iterator[Metric]:
-    for rm in data.resource_metrics if data is not None else ():
-        for sm in rm.scope_metrics:
-            for metric in sm.metrics:
-                d = metric.data
-                name = _prom_name(metric.name, metric.unit)
-                if isinstance(d, _HistogramData):
-                    yield _histogram(name, metric.description or "", d)
-                elif isinstance(d, _SumData) and d.is_monotonic:  # the gateway's only other instrument kind
-                    fam = Metric(name, metric.description or name, "counter")  # "_total" is added to the samples
-                    for dp in d.data_points:
-                        fam.add_sample(f"{fam.name}_total", _labels(dp.attributes), dp.value)
-                    yield fam
-
-
 def _num(v: Any) -> float | None:
     if v is None or isinstance(v, str):
         return None
@@ -838,19 +760,19 @@ class _CostCollector:
 
 
 class _Collector:
-    """One scrape's view: SDK instruments (cumulative), then the fleet snapshot's gauges."""
+    """One scrape's view: the instruments' families (cumulative), then the fleet snapshot's gauges."""
 
-    def __init__(self, data: MetricsData | None, resource: Resource, snapshot: Mapping[str, Any]) -> None:
-        self._data = data
+    def __init__(self, families: list[Metric], resource: Resource, snapshot: Mapping[str, Any]) -> None:
+        self._families = families
         self._resource = resource
         self._snap = snapshot
 
     def collect(self) -> Iterator[Metric]:
         # target_info carries the resource, as the OTel -> Prometheus mapping does.
-        info = GaugeMetricFamily("target_info", "Target metadata", labels=sorted(_labels(self._resource.attributes)))
-        info.add_metric([v for _, v in sorted(_labels(self._resource.attributes).items())], 1.0)
+        info = GaugeMetricFamily("target_info", "Target metadata", labels=sorted(prom_labels(self._resource.attributes)))
+        info.add_metric([v for _, v in sorted(prom_labels(self._resource.attributes).items())], 1.0)
         yield info
-        yield from _sdk_families(self._data)
+        yield from self._families
         ups = [u for u in (self._snap.get("upstreams") or []) if isinstance(u, Mapping) and u.get("name")]
         if self._snap:
             yield from _upstream_families(ups)

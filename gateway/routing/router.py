@@ -496,9 +496,10 @@ def _throughput(pool: Pool, cands: list[UpstreamStats], ctx: RequestContext, odd
         d.strategy = "throughput"
         return d
     cached = ctx.predicted_cached or {}
-    long_output = pool.lengths.quantile(long_output_q(pool.rpm_rps, pool.request_rps), est.output_tokens)
-    plenty = [u for u in cands if not spends_scarce_budget(u, est.output_tokens, long_output)]
-    cands = plenty or cands  # a short answer spends a scarce request budget only when nothing else can take it
+    if any(u.cfg.rpm for u in cands):  # only a request budget can be scarce; the quantile costs a sort now and then
+        long_output = pool.lengths.quantile(long_output_q(pool.rpm_rps, pool.request_rps), est.output_tokens)
+        plenty = [u for u in cands if not spends_scarce_budget(u, est.output_tokens, long_output)]
+        cands = plenty or cands  # a short answer spends a scarce request budget only when nothing else can take it
     scores = {u.name: error_adjusted(throughput_gain(u, est, cached.get(u.name, 0)), odds(u)) * u.weight for u in cands}
     # Work-conserving: every candidate has a free slot, so even a negative best gain is dispatched (the least
     # harmful place); requests wait in the gateway only when no upstream has a slot or rate-limit headroom.

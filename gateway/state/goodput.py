@@ -61,19 +61,22 @@ def judge(ctx: RequestContext, cls: ServiceClass, out: Outcome | None, ok: bool,
 @dataclass(slots=True)
 class _Row:
     at: float
-    model: str
-    service_class: str
-    upstream: str
+    key: tuple[str, str, str]  # (model, class, upstream)
     met: bool
     tokens: int
 
 
 class SloTracker:
-    """Hook subscriber: judges every finished request and keeps the last WINDOW_S seconds of verdicts."""
+    """Hook subscriber: judges every finished request and keeps the last WINDOW_S seconds of verdicts.
+
+    Besides the rows (to expire them in order), the window's sums per (model, class, upstream) are kept up to
+    date as rows come and go: a snapshot (every /metrics scrape, dashboard or `gateway top` poll) then reads a
+    few sums instead of walking thousands of rows."""
 
     def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
         self._rows: deque[_Row] = deque()
+        self._window: dict[tuple[str, str, str], list[int]] = {}  # key -> [requests, met, tokens, good tokens]
         self.totals: dict[tuple[str, str, str, bool], list[int]] = {}  # (model, class, upstream, met) -> [n, tokens]
 
     def request_end(self, ctx: RequestContext, error: BaseException | None) -> None:
@@ -83,39 +86,50 @@ class SloTracker:
         now = time.monotonic()
         out = ctx.outcome
         ctx.slo = judge(ctx, pool.cfg.classes[ctx.service_class], out, error is None, now)
-        tokens = out.output_tokens if out is not None else 0
-        row = _Row(now, pool.model, ctx.service_class, ctx.upstream or "", ctx.slo.met, tokens)
-        rows = self._rows
-        rows.append(row)
-        while rows[0].at < now - WINDOW_S:  # bounded by the window even when no snapshot is ever taken
-            rows.popleft()
-        tot = self.totals.setdefault((row.model, row.service_class, row.upstream, row.met), [0, 0])
+        row = _Row(now, (pool.model, ctx.service_class, ctx.upstream or ""), ctx.slo.met, out.output_tokens if out is not None else 0)
+        self._rows.append(row)
+        self._count(row, 1)
+        self._expire(now)  # bounded by the window even when no snapshot is ever taken
+        tot = self.totals.setdefault((*row.key, row.met), [0, 0])
         tot[0] += 1
-        tot[1] += tokens
+        tot[1] += row.tokens
+
+    def _count(self, r: _Row, sign: int) -> None:
+        w = self._window.get(r.key)
+        if w is None:
+            w = self._window[r.key] = [0, 0, 0, 0]
+        w[0] += sign
+        w[2] += sign * r.tokens
+        if r.met:
+            w[1] += sign
+            w[3] += sign * r.tokens
+        if not w[0]:
+            del self._window[r.key]
+
+    def _expire(self, now: float) -> None:
+        rows = self._rows
+        while rows and rows[0].at < now - WINDOW_S:
+            self._count(rows.popleft(), -1)
 
     def snapshot(self) -> dict:
         """{"classes": {model: {class: figures}}, "upstreams": {upstream: {class: figures}}} over the window."""
-        now = time.monotonic()
-        while self._rows and self._rows[0].at < now - WINDOW_S:
-            self._rows.popleft()
-        by_class: dict[str, dict[str, list]] = {}
-        by_upstream: dict[str, dict[str, list]] = {}
-        for r in self._rows:
-            for key, bucket in ((r.model, by_class), (r.upstream, by_upstream)):
-                if key:
-                    bucket.setdefault(key, {}).setdefault(r.service_class, []).append(r)
+        self._expire(time.monotonic())
+        by_class: dict[str, dict[str, list[int]]] = {}
+        by_upstream: dict[str, dict[str, list[int]]] = {}
+        for (model, cls, upstream), w in self._window.items():
+            for name, bucket in ((model, by_class), (upstream, by_upstream)):
+                if name:
+                    sums = bucket.setdefault(name, {}).setdefault(cls, [0, 0, 0, 0])
+                    for i, v in enumerate(w):
+                        sums[i] += v
         return {
             "window_s": WINDOW_S,
-            "classes": {k: {c: _figures(rows) for c, rows in v.items()} for k, v in by_class.items()},
-            "upstreams": {k: {c: _figures(rows) for c, rows in v.items()} for k, v in by_upstream.items()},
+            "classes": {k: {c: _figures(*w) for c, w in v.items()} for k, v in by_class.items()},
+            "upstreams": {k: {c: _figures(*w) for c, w in v.items()} for k, v in by_upstream.items()},
         }
 
 
-def _figures(rows: list[_Row]) -> dict:
-    n = len(rows)
-    met = sum(1 for r in rows if r.met)
-    tokens = sum(r.tokens for r in rows)
-    good = sum(r.tokens for r in rows if r.met)
+def _figures(n: int, met: int, tokens: int, good: int) -> dict:
     return {
         "requests": n,
         "attainment": round(met / n, 4) if n else None,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
+from itertools import accumulate
 from typing import TYPE_CHECKING
 
 from gateway.context import DEFAULT_OUTPUT_TOKENS
@@ -79,10 +80,7 @@ class _Recent:
     def _view(self) -> tuple[list[int], list[int]]:
         if self._fresh >= REBUILD_EVERY or not self._sorted:
             self._sorted = sorted(self._recent)
-            pre = [0]
-            for x in self._sorted:
-                pre.append(pre[-1] + x)
-            self._prefix = pre
+            self._prefix = list(accumulate(self._sorted, initial=0))  # C-level: the rebuild's cost was this loop
             self._fresh = 0
         return self._sorted, self._prefix
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from gateway.dialects.anthropic_wire import MessagesStreamToChat, chat_request_to_messages, messages_response_to_chat
 from gateway.dialects.sse import Event
-from gateway.upstream.base import Provider
+from gateway.upstream.base import Provider, compact_json
 
 if TYPE_CHECKING:
     from gateway.config import UpstreamConfig
@@ -51,7 +51,7 @@ class AnthropicProvider(Provider):
         return [k for k, v in body.items() if k not in TRANSLATED and v is not None and v not in _DEFAULTS.get(k, ())]
 
     def encode_request(self, operation: str, body: dict, upstream_model: str) -> bytes:
-        return json.dumps(chat_request_to_messages(body, upstream_model), separators=(",", ":")).encode()
+        return compact_json(chat_request_to_messages(body, upstream_model))
 
     def decode_response(self, data: dict, model: str) -> dict:
         return messages_response_to_chat(data, model)

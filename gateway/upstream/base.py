@@ -12,6 +12,14 @@ if TYPE_CHECKING:  # config derives its provider kinds from this package: no imp
 
 OPERATION_PATHS = {"chat": "/chat/completions", "text_completion": "/completions", "embeddings": "/embeddings"}
 
+#: Made once: json.dumps with any keyword argument builds a new JSONEncoder for every call (one per attempt).
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
+def compact_json(obj: object) -> bytes:
+    """``json.dumps(obj, separators=(",", ":")).encode()``: the request bodies sent upstream."""
+    return _COMPACT.encode(obj).encode()
+
 
 class StreamDecoder(Protocol):
     def feed(self, ev: Event) -> list[dict]:
@@ -63,13 +71,13 @@ class Provider:
             opts = dict(out.get("stream_options") or {})
             opts["include_usage"] = True
             out["stream_options"] = opts
-        return json.dumps(out, separators=(",", ":")).encode()
+        return compact_json(out)
 
     def encode_native(self, body: dict, upstream_model: str) -> bytes:
         """The client's own body (same dialect as this provider), with only the model swapped."""
         out = dict(body)
         out["model"] = upstream_model
-        return json.dumps(out, separators=(",", ":")).encode()
+        return compact_json(out)
 
     def decode_response(self, data: dict, model: str) -> dict:
         """The canonical response. `model`: the name the upstream was asked for, used only when the upstream's

@@ -107,6 +107,9 @@ class UpstreamClient:
             timeout=aiohttp.ClientTimeout(total=None, connect=self.connect_timeout),
             auto_decompress=True,
             skip_auto_headers=("User-Agent",),
+            # One session serves every client: a cookie an upstream set must not ride along on other clients'
+            # requests (cookies are never forwarded, headers.py); and no jar to filter on every attempt.
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     async def stop(self) -> None:

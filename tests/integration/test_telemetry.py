@@ -230,7 +230,7 @@ async def test_gzip_export_and_otlp_metrics(otlp_receiver: OTLPReceiver, monkeyp
     assert root["kind"] == "SERVER"
     assert root["resource"]["service.name"] == "svc-from-arg"
 
-    metrics = await otlp_receiver.wait_for_metric(lambda m: m["name"] == tm.METRIC_OPERATION_DURATION)
+    metrics = await otlp_receiver.wait_for_metric(lambda m: m["name"] == tm.DURATION.name)
     dur = metrics[0]
     assert dur["type"] == "histogram" and dur["unit"] == "s"
     [dp] = dur["data_points"]
@@ -241,19 +241,19 @@ async def test_gzip_export_and_otlp_metrics(otlp_receiver: OTLPReceiver, monkeyp
         "gen_ai.request.model": "fleet-model", "gen_ai.response.model": "fleet-model-v2",
         "server.address": "gpu1.internal", "server.port": 8000,
     }
-    [tok] = [m for m in otlp_receiver.metrics if m["name"] == tm.METRIC_TOKEN_USAGE]
+    [tok] = [m for m in otlp_receiver.metrics if m["name"] == tm.TOKEN_USAGE.name]
     assert tok["unit"] == "{token}"
     by_type = {p["attributes"]["gen_ai.token.type"]: p for p in tok["data_points"]}
     assert by_type["input"]["sum"] == 100 and by_type["output"]["sum"] == 300
     assert by_type["output"]["explicit_bounds"] == list(tm.TOKEN_BUCKETS)
-    [ttfc] = [m for m in otlp_receiver.metrics if m["name"] == tm.METRIC_TIME_TO_FIRST_CHUNK]
+    [ttfc] = [m for m in otlp_receiver.metrics if m["name"] == tm.TIME_TO_FIRST_CHUNK.name]
     assert ttfc["data_points"][0]["explicit_bounds"] == list(tm.TTFC_BUCKETS)
     # the per-request counters are exported too (observable counters over the in-memory counts)
-    [req] = [m for m in otlp_receiver.metrics if m["name"] == tm.METRIC_GATEWAY_REQUESTS]
+    [req] = [m for m in otlp_receiver.metrics if m["name"] == tm.REQUESTS.name]
     assert req["type"] == "sum" and req["data_points"] == [
         {"attributes": {"model": "fleet-model", "route": "/v1/chat/completions", "code": "404"}, "value": 1}
     ]
-    [att] = [m for m in otlp_receiver.metrics if m["name"] == tm.METRIC_GATEWAY_ATTEMPTS]
+    [att] = [m for m in otlp_receiver.metrics if m["name"] == tm.ATTEMPTS.name]
     assert att["data_points"] == [{"attributes": {"model": "fleet-model", "upstream": "fast-gpu", "code": "200"}, "value": 1}]
     encodings = {(path, enc) for path, _, enc in otlp_receiver.requests}
     assert ("/v1/traces", "gzip") in encodings and ("/v1/metrics", "gzip") in encodings

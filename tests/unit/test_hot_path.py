@@ -17,7 +17,7 @@ from gateway.observability.telemetry import Telemetry
 from gateway.sim.reference import DEMO_PORTS, reference_fleet
 from gateway.spend import day_id, month_id
 from gateway.state.fleet import Fleet
-from gateway.state.goodput import WINDOW_S, SloTracker, _Row
+from gateway.state.goodput import WINDOW_S, SloTracker
 from gateway.state.measure import Outcome
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -64,15 +64,47 @@ def test_without_an_exporter_only_the_clients_trace_context_reaches_the_upstream
         assert a.headers.get("traceparent") == expected, headers
 
 
+def _slo_request(tracker: SloTracker, fleet: Fleet, upstream: str, tokens: int | None) -> None:
+    """One finished request through the hook: with an outcome of `tokens` output tokens (None: it failed)."""
+    ctx = build_context("chat", _body())
+    ctx.service_class = fleet.pool("fleet-model").cfg.default_class  # type: ignore[union-attr]
+    ctx.status, ctx.upstream = 200, upstream
+    if tokens is not None:
+        ctx.outcome = Outcome(output_tokens=tokens)
+    tracker.request_end(ctx, None if tokens is not None else RuntimeError("failed"))
+
+
 def test_slo_rows_stay_within_the_window_without_snapshots() -> None:
     fleet = Fleet(reference_fleet(DEMO_PORTS), "throughput")
     tracker = SloTracker(fleet)
-    tracker._rows.append(_Row(-1e9, "fleet-model", "interactive", "u", True, 1))  # long out of the window
-    ctx = build_context("chat", _body())
-    ctx.service_class = fleet.pool("fleet-model").cfg.default_class  # type: ignore[union-attr]
-    ctx.status = 200
-    tracker.request_end(ctx, None)
+    _slo_request(tracker, fleet, "u", 1)
+    tracker._rows[0].at = -1e9  # long out of the window
+    _slo_request(tracker, fleet, "u", 1)
     assert len(tracker._rows) == 1 and tracker._rows[0].at > -1e9 + WINDOW_S
+
+
+def test_slo_snapshot_sums_are_those_of_the_rows_in_the_window() -> None:
+    fleet = Fleet(reference_fleet(DEMO_PORTS), "throughput")
+    tracker = SloTracker(fleet)
+    for i, (upstream, tokens) in enumerate([("a", 10), ("b", None), ("a", 30), ("", None), ("b", 5), ("a", 7)]):
+        _slo_request(tracker, fleet, upstream, tokens)
+        if i < 2:
+            tracker._rows[-1].at -= 2 * WINDOW_S  # the first two have left the window by the snapshot
+    snap = tracker.snapshot()
+    assert len(tracker._rows) == 4
+    cls = fleet.pool("fleet-model").cfg.default_class  # type: ignore[union-attr]
+    by_up = {u: f[cls] for u, f in snap["upstreams"].items()}
+    assert set(by_up) == {"a", "b"}  # a request no upstream answered counts for its pool only
+    assert by_up["a"]["requests"] == 2 and by_up["a"]["tok_s"] == round(37 / WINDOW_S, 1)
+    assert by_up["b"] == {"requests": 1, "attainment": by_up["b"]["attainment"], "tok_s": round(5 / WINDOW_S, 1),
+                          "goodput_tok_s": by_up["b"]["goodput_tok_s"]}
+    pool = snap["classes"]["fleet-model"][cls]
+    met = [r for r in tracker._rows if r.met]
+    assert pool["requests"] == 4 and pool["attainment"] == round(len(met) / 4, 4)
+    assert pool["tok_s"] == round(42 / WINDOW_S, 1) and pool["goodput_tok_s"] == round(sum(r.tokens for r in met) / WINDOW_S, 1)
+    for r in list(tracker._rows):
+        r.at -= 2 * WINDOW_S
+    assert tracker.snapshot()["classes"] == {} and tracker._window == {}  # all expired: nothing left over
 
 
 def test_serving_processes_freeze_start_up_objects_and_collect_young_objects_less_often() -> None:
