@@ -54,13 +54,18 @@ LONG_OUTPUT_Q = 0.9
 LONG_OUTPUT_Q_MAX = 0.99
 #: long_output_q counts this share of the budget's requests (a margin: see there).
 LONG_SHARE_MARGIN = 0.75
+#: A request held for a rate-limited upstream's next request unit (Router._held) is examined again at the next
+#: wake-up (a release, or the sync cycle's tick): it is held only while it can still be dispatched this long before
+#: its hold_limit.
+HOLD_SLACK_S = 0.25
 
 
 class Refusal(Exception):
     """No upstream can take the request right now.
 
     `kind`: saturated | rate_limited (may clear any moment), cooldown | ejected (not before `wait` seconds),
-    unavailable (no upstream in the pool can ever serve it), too_large (larger than any upstream's TPM allows).
+    unavailable (no upstream in the pool can ever serve it), too_large (larger than any upstream's TPM allows),
+    held (an upstream could take it now, but it gains more by waiting `wait` seconds for a rate-limited one).
     """
 
     def __init__(self, kind: str, detail: str, wait: float = 0.0) -> None:
@@ -91,11 +96,12 @@ def error_adjusted(gain: float, p_success: float) -> float:
     return gain - 2.0 * (1.0 - p_success) * abs(gain)
 
 
-def throughput_gain(u: UpstreamStats, est: Estimate, cached: int = 0) -> float:
+def throughput_gain(u: UpstreamStats, est: Estimate, cached: int = 0, wait: float = 0.0) -> float:
     """Aggregate output tok/s the request adds on `u`: its own rate minus what it costs the running batch.
 
     `cached`: prompt tokens `u` probably holds in its prefix cache (routing/affinity.py). They are not prefilled,
     which shortens the request's TTFT (a higher own rate) and the stall its prefill causes the running batch.
+    `wait`: seconds it would first wait in the gateway for `u` (Router._held), which lower its own rate.
     """
     c = u.curve
     n = u.load
@@ -103,7 +109,7 @@ def throughput_gain(u: UpstreamStats, est: Estimate, cached: int = 0) -> float:
     m = max(1, est.output_tokens)
     prefill = max(0, est.prompt_tokens - cached)
     duration = c.ttft_for(prefill) + m * t1
-    own = m / duration
+    own = m / (duration + wait)
     if n >= u.cfg.max_concurrency:  # past the engine's slots the request would only queue there
         return 0.0
     ext = n * (1.0 / t0 - 1.0 / t1) if n > 0 else 0.0
@@ -156,6 +162,36 @@ def long_output_q(rpm_rps: float, request_rps: float) -> float:
     return min(LONG_OUTPUT_Q_MAX, max(0.0, 1.0 - LONG_SHARE_MARGIN * rpm_rps / request_rps))
 
 
+def long_output(pool: Pool, est: Estimate) -> int:
+    """The output length from which the pool's requests count as long for its scarce request budgets: the one
+    definition the strategy (_throughput), Router._holds_out and Router._held all read.
+
+    The arriving requests' threshold (arriving_long), or a longer answer waiting in the gateway's queue: until
+    long answers have finished (one answer's duration after a cold start) only the short ones that finished
+    first are known, and the backlog waiting for the budget is what a unit is taken from. So while a long answer
+    waits for the next unit, a shorter one does not take it (first come would)."""
+    return max(arriving_long(pool, est), pool.waiting_output)
+
+
+def arriving_long(pool: Pool, est: Estimate) -> int:
+    """The long_output_q-quantile of the arriving requests' expected outputs (`est`'s own until enough arrived):
+    the shortest answers the pool's request budgets are spent on, once they are used at their limit."""
+    return pool.lengths.quantile(long_output_q(pool.rpm_rps, pool.request_rps), est.output_tokens)
+
+
+def hold_limit(cls: ServiceClass, u: UpstreamStats, est: Estimate, timeout: float) -> float:
+    """How long after its arrival a request may still be held for `u` (Router._held): while `u` can meet its
+    class's TTFT target, within its queue `timeout`, and never longer than its answer takes there (by then its
+    own rate there has halved, whatever the gain says), HOLD_SLACK_S before any. A held request is not waiting
+    for its class's targets (an upstream meeting them was free): holding it never makes it a best-effort miss
+    (Router.wake) nor a timeout."""
+    ttft = u.curve.ttft_for(est.prompt_tokens)
+    limit = min(timeout, ttft + max(1, est.output_tokens) * u.curve.tpot(u.load + 1))
+    if cls.max_ttft_s is not None:
+        limit = min(limit, cls.max_ttft_s - ttft)
+    return limit - HOLD_SLACK_S
+
+
 def kv_risk(u: UpstreamStats, est: Estimate) -> float:
     """Chance-like discount for preemption: 0 while the KV cache (with this request) is below KV_RISK_FROM full,
     rising linearly to 1 at KV_FILL (past which the request is not sent there at all)."""
@@ -195,9 +231,10 @@ class Router:
         # Large pool: a constant number of candidates, ranked by throughput; a class that prefers another
         # objective (cost) scores the whole pool, or the cheapest upstream could be outside the sample.
         if candidates.sampled(pool, self.sample_above) and pool.strategy_for(ctx.service_class) == "throughput":
-            few = self._admitted(pool, self._scan(self._index(pool).candidates(), ctx.est, exclude, now).cands, ctx, best_effort)
+            sampled = self._scan(self._index(pool).candidates(), ctx.est, exclude, now)
+            few = self._admitted(pool, sampled.cands, ctx, best_effort)
             if few:
-                return self._choose(pool, few, ctx)
+                return self._unless_held(pool, sampled.paced, self._choose(pool, few, ctx), ctx, best_effort)
         scan = self._scan(pool.upstreams, ctx.est, exclude, now)
         if not scan.cands:
             raise scan.refusal(pool, ctx.est)
@@ -206,7 +243,52 @@ class Router:
             raise Refusal(
                 "class_limited", f"no upstream for model {pool.model!r} can serve the {ctx.service_class} class within its targets now"
             )
-        return self._choose(pool, cands, ctx)
+        return self._unless_held(pool, scan.paced, self._choose(pool, cands, ctx), ctx, best_effort)
+
+    def _unless_held(self, pool: Pool, paced: list[UpstreamStats], d: Decision, ctx: RequestContext, best_effort: bool) -> Decision:
+        """The decision, unless the request gains more by waiting for a rate-limited upstream's next unit (_held)."""
+        if paced and not best_effort and d.strategy == "throughput" and ctx.est.operation != "embeddings":
+            held = self._held(pool, paced, d, ctx)
+            if held is not None:
+                raise held
+        return d
+
+    def _held(self, pool: Pool, paced: list[UpstreamStats], d: Decision, ctx: RequestContext) -> Refusal | None:
+        """Should a long answer wait a moment for an upstream whose request budget is being spent at its pace
+        (`paced`: its pacing bucket is what refuses the request now) rather than go to the best upstream free now?
+
+        An RPM-limited API used at its limit hands out its units one at a time (every 60/rpm s). Work-conserving,
+        the answer that happens to arrive when a unit is free gets it; a 1024-token answer arriving a moment too
+        late runs on a busy GPU at a fraction of the rate (tens of seconds there), and the unit goes to a shorter
+        answer. The loss is the difference of the two gains for the whole answer, while waiting costs only the
+        wait: so it waits when its gain there, counting the wait (throughput_gain's `wait`: until the bucket
+        holds a unit for it and for the answers held before it that are at least as long), beats the best
+        upstream free now.
+
+        Only an answer longer than those the budget is spent on anyway (arriving_long) is held: when the unit would
+        go to an answer as long, holding only delays it (the budget is used either way); a longer one takes the
+        unit from a shorter one, which yields it while it waits (long_output). And only until hold_limit."""
+        est = ctx.est
+        if est.output_tokens <= arriving_long(pool, est):
+            return None
+        cls, best = pool.cfg.classes[ctx.service_class], d.scores.get(d.upstream.name, -math.inf)
+        long, waited = long_output(pool, est), time.monotonic() - ctx.started
+        for u in paced:
+            if spends_scarce_budget(u, est.output_tokens, long) or not self.classes.admit(pool, [u], ctx):
+                continue
+            wait = u.rates.paced_in(u.tpm_charge(est), self._held_ahead(pool, ctx))
+            if waited + wait > hold_limit(cls, u, est, self._timeout(cls)):
+                continue
+            gain = error_adjusted(throughput_gain(u, est, wait=wait), self.health.success_probability(u)) * u.weight
+            if gain > best:
+                return Refusal("held", f"held {wait:.2f}s for the next request unit of {u.name}", wait)
+        return None
+
+    def _held_ahead(self, pool: Pool, ctx: RequestContext) -> int:
+        """Requests held in the pool's queue that take a unit before this one: at least as long (a shorter one
+        yields it, long_output)."""
+        m = ctx.est.output_tokens
+        return sum(1 for w in self._queues[pool.model] if w.last.kind == "held" and w.ctx is not ctx and w.ctx.est.output_tokens >= m)
 
     def _admitted(self, pool: Pool, cands: list[UpstreamStats], ctx: RequestContext, best_effort: bool) -> list[UpstreamStats]:
         """Affinity ranks the upstreams within their hard limits (with its own bounded-load rule); class admission
@@ -226,20 +308,14 @@ class Router:
         (target - `u`'s TTFT), or so long that `u` can no longer meet the target either (a miss anyway, at a long
         answer's price), and an upstream without a request budget could serve it: slots there turn over several
         times a second (short answers end too), and the queue serves it first. Taken at once, a 64-token answer
-        on a rate-limited API costs the unit a 512-token answer would have used.
-
-        The long answer it would displace is the pool's usual long output, or a longer one waiting in the queue:
-        until long answers have finished (one answer's duration after a cold start) only the short ones that
-        finished first are known, and the backlog waiting for the budget is what the unit is taken from."""
+        on a rate-limited API costs the unit a 512-token answer would have used (long_output)."""
         cls = pool.cfg.classes[ctx.service_class]
         if cls.max_ttft_s is None or not u.cfg.rpm:
             return False
         waited, slack = time.monotonic() - ctx.started, cls.max_ttft_s - u.curve.ttft_for(ctx.est.prompt_tokens)
         if TURNOVER_WAIT * slack <= waited <= slack:
             return False
-        waiting = max((w.ctx.est.output_tokens for w in self._queues[pool.model]), default=0)
-        long_output = max(pool.lengths.quantile(LONG_OUTPUT_Q, ctx.est.output_tokens), waiting)
-        if not spends_scarce_budget(u, ctx.est.output_tokens, long_output):
+        if not spends_scarce_budget(u, ctx.est.output_tokens, long_output(pool, ctx.est)):
             return False
         # Last, as the dearest test (every upstream of the pool): could anything without a request budget serve it?
         return any(not (v.cfg.rpm or v.cfg.tpm) and v.weight > 0 and self.classes.limit(v, cls) > 0 for v in pool.upstreams)
@@ -267,6 +343,7 @@ class Router:
                 continue
             if not u.rate_allows(u.tpm_charge(est)):
                 sc.why = "rate_limited"
+                sc.paced.append(u)
                 continue
             if not u.kv_allows(est.kv_tokens):
                 sc.why = "saturated"
@@ -303,7 +380,7 @@ class Router:
         """Dispatch now, or wait in the pool's priority queue; raise GatewayError when waiting cannot help."""
         q = self._queues[pool.model]
         cls = pool.cfg.classes[ctx.service_class]
-        timeout = cls.max_wait_s if cls.max_wait_s is not None else self.queue_timeout
+        timeout = self._timeout(cls)
         if not any(w.cls.priority <= cls.priority and self._holds_line(pool, w) for w in q):  # nobody waits ahead
             try:
                 return self._dispatch(self.pick(pool, ctx, exclude), ctx)
@@ -321,6 +398,7 @@ class Router:
             raise GatewayError(503, f"gateway queue for model {pool.model!r} is full", code="queue_full", retry_after=1)
         w = _Waiter(pool, ctx, cls, exclude, asyncio.get_running_loop().create_future(), time.monotonic(), last)
         q.append(w)
+        self._queue_changed(pool)
         try:
             d = await asyncio.wait_for(asyncio.shield(w.future), timeout)
         except asyncio.TimeoutError:
@@ -336,14 +414,22 @@ class Router:
         finally:
             if w in q:
                 q.remove(w)
+                self._queue_changed(pool)
         d.queue_wait = time.monotonic() - w.since
         return d
+
+    def _timeout(self, cls: ServiceClass) -> float:
+        """How long a request of this class waits in the queue at most."""
+        return cls.max_wait_s if cls.max_wait_s is not None else self.queue_timeout
+
+    def _queue_changed(self, pool: Pool) -> None:
+        pool.waiting_output = max((w.ctx.est.output_tokens for w in self._queues[pool.model]), default=0)
 
     def _holds_line(self, pool: Pool, w: _Waiter) -> bool:
         """Does this waiter wait for capacity in general (the queue's order applies), or only for the upstreams
         it may still use (a retry that excluded the one that failed it)? The latter must not block the others;
         nor, for RATE_PASS_S, does one the rate limits refused (a later, smaller request may fit)."""
-        if w.future.done():
+        if w.future.done() or w.last.kind == "held":  # held by choice, for one upstream: others pass
             return False
         if w.last.kind == "rate_limited" and time.monotonic() - w.since < RATE_PASS_S:
             return False  # no head-of-line blocking by a request the limits cannot take yet
@@ -401,7 +487,7 @@ class Router:
             line = (w.pool.model, w.ctx.service_class)
             if line in blocked or w.future.done():
                 continue
-            best_effort = w.cls.wait_s > 0 and now - w.since >= w.cls.wait_s
+            best_effort = w.cls.wait_s > 0 and now - w.since >= w.cls.wait_s and w.last.kind != "held"  # hold_limit
             try:
                 d = self.pick(w.pool, w.ctx, w.exclude, best_effort)
             except Refusal as r:
@@ -412,6 +498,7 @@ class Router:
             if best_effort:
                 w.ctx.extras["best_effort"] = True
             self._queues[w.pool.model].remove(w)
+            self._queue_changed(w.pool)
             w.future.set_result(self._dispatch(d, w.ctx))
 
     def _cached_first(self, u: UpstreamStats, waiters: list[_Waiter], now: float) -> list[_Waiter]:
@@ -451,6 +538,7 @@ class _Scan:
     blocked: str = ""  # every servable upstream is cooling down (Retry-After) or ejected, until `soonest`
     soonest: float = math.inf
     too_large: bool = False
+    paced: list[UpstreamStats] = field(default_factory=list)  # refused by their rate limits only (Router._held)
 
     def refusal(self, pool: Pool, est: Estimate) -> Refusal:
         why = self.why
@@ -497,8 +585,8 @@ def _throughput(pool: Pool, cands: list[UpstreamStats], ctx: RequestContext, odd
         return d
     cached = ctx.predicted_cached or {}
     if any(u.cfg.rpm for u in cands):  # only a request budget can be scarce; the quantile costs a sort now and then
-        long_output = pool.lengths.quantile(long_output_q(pool.rpm_rps, pool.request_rps), est.output_tokens)
-        plenty = [u for u in cands if not spends_scarce_budget(u, est.output_tokens, long_output)]
+        long = long_output(pool, est)
+        plenty = [u for u in cands if not spends_scarce_budget(u, est.output_tokens, long)]
         cands = plenty or cands  # a short answer spends a scarce request budget only when nothing else can take it
     scores = {u.name: error_adjusted(throughput_gain(u, est, cached.get(u.name, 0)), odds(u)) * u.weight for u in cands}
     # Work-conserving: every candidate has a free slot, so even a negative best gain is dispatched (the least

@@ -33,6 +33,9 @@ class Pool:
     #: upstreams were sent in the last 10 s (refreshed each router tick, not per request).
     rpm_rps: float = field(init=False)
     request_rps: float = 0.0
+    #: The longest expected output among the requests waiting in the pool's gateway queue (kept by the router as
+    #: its queue changes): what a scarce request unit is taken from (router.long_output).
+    waiting_output: int = 0
 
     def __post_init__(self) -> None:
         self.operations = frozenset().union(*(u.operations for u in self.upstreams))

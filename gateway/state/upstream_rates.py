@@ -123,6 +123,23 @@ class UpstreamRates:
         # A full bucket takes anything.
         return not (lim.tpm and self._pace_tok < tokens and self._pace_tok < self._burst(lim.tpm, 1.0))
 
+    def paced_in(self, tokens: int, ahead: int = 0) -> float:
+        """Seconds until the pacing buckets let a request of `tokens` start after `ahead` others, when they are
+        what refuses it (as of the last rate_allows); inf when the sliding window's share is used up (that frees
+        only as old requests leave the window, which may take up to a minute)."""
+        lim, m = self.cfg, self.member
+        req_share = headroom_share(lim.rpm, self.used_req_60, m.replicas, m.rank) if lim.rpm else 0
+        tok_share = headroom_share(lim.tpm, self.used_tok_60, m.replicas, m.rank) if lim.tpm else 0
+        if exceeded(lim, self.req_since_refresh + ahead, req_share, self.tok_since_refresh, tok_share, tokens):
+            return math.inf
+        n, wait = max(1, m.replicas), 0.0
+        if lim.rpm:
+            wait = (1.0 + ahead - self._pace_req) * WINDOW_S * n / lim.rpm
+        if lim.tpm:
+            need = (1 + ahead) * min(tokens, self._burst(lim.tpm, 1.0))
+            wait = max(wait, (need - self._pace_tok) * WINDOW_S * n / lim.tpm)
+        return max(0.0, wait)
+
     def pacing_low(self) -> bool:
         """Is a pacing bucket (RPM or TPM) less than half full, as of the last rate_allows? Then requests are being
         started at about the limit's pace: the budget is the scarce resource now, before the minute's count shows it

@@ -21,7 +21,7 @@ from gateway.routing.affinity import (
     prompt_prefix,
     sticky_bound,
 )
-from gateway.routing.router import Router, throughput_gain
+from gateway.routing.router import Refusal, Router, throughput_gain
 from gateway.sim.reference import DEMO_PORTS, reference_fleet
 from gateway.sim.server import WORDS
 from gateway.state.fleet import Fleet
@@ -232,7 +232,7 @@ def test_room_freed_on_an_engine_goes_first_to_the_queued_request_it_caches() ->
             hold(u, u.cfg.max_concurrency - (u is slow))  # one slot, freed on slow-gpu
         now = time.monotonic()
         q = router._queues["fleet-model"]
-        ws = [_Waiter(pool, ctx, cls, frozenset(), loop.create_future(), since, None)  # type: ignore[arg-type]
+        ws = [_Waiter(pool, ctx, cls, frozenset(), loop.create_future(), since, Refusal("saturated", "queued"))
               for ctx, since in ((elsewhere, now - 1 - older_by), (here, now - 1))]
         q.extend(ws)
         router.wake(slow)

@@ -53,6 +53,25 @@ def test_sliding_window_counts_requests_started_in_the_last_minute():
     assert fill(router, fleet, req(100, 50)) == 10
 
 
+def test_paced_in_is_the_time_until_the_buckets_hold_the_request_or_never_within_the_window():
+    """600 RPM refills a request unit every 0.1 s; 6000 TPM (bucket: 2 s = 200 tokens) 100 tokens a second. Once the
+    minute's share is spent, only requests leaving the window free it: no short wait to promise (inf)."""
+    fleet, router, h = hosted_fleet(rpm=600)
+    h.refresh(time.time())
+    fill(router, fleet, req(100, 50))  # the bucket's 20 requests
+    assert h.rates.paced_in(150) == pytest.approx(0.1, abs=0.01)
+    assert h.rates.paced_in(150, ahead=2) == pytest.approx(0.3, abs=0.01)  # after two others
+    fleet, router, h = hosted_fleet(tpm=6000)
+    h.refresh(time.time())
+    fill(router, fleet, req(100, 50))
+    assert h.rates.paced_in(150) == pytest.approx((150 - h.rates._pace_tok) * 60 / 6000, abs=0.02)
+    assert h.rates.paced_in(400) == pytest.approx((200 - h.rates._pace_tok) * 60 / 6000, abs=0.02)  # a full bucket
+    fleet, router, h = hosted_fleet(rpm=6)
+    h.refresh(time.time())
+    assert fill(router, fleet, req(100, 50)) == 6
+    assert h.rates.paced_in(150) == float("inf")
+
+
 def test_pacing_refills_at_the_limits_rate_and_ignores_request_length():
     """A burst takes the bucket (2 s of the limit), then requests start at the limit's own rate (10/s for 600
     RPM), whatever their length: no cap from the admitted request's duration."""

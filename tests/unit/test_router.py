@@ -15,6 +15,7 @@ from gateway.routing.classes import TURNOVER_WAIT
 from gateway.routing.router import Refusal, Router, _Waiter, throughput_gain
 from gateway.sim.reference import DEMO_PORTS, reference_fleet
 from gateway.state.fleet import Fleet
+from gateway.state.stats import UpstreamStats
 
 
 def make(strategy: str = "throughput", **limits) -> tuple[Fleet, Router]:
@@ -436,6 +437,7 @@ def test_cold_start_a_long_answer_waiting_makes_the_budget_scarce_for_a_short_on
             _Waiter(pool, long, pool.cfg.classes["batch"], frozenset(), loop.create_future(), time.monotonic(),
                     Refusal("saturated", "queued"))
         )
+        router._queue_changed(pool)
         with pytest.raises(Refusal):
             router.pick(pool, req(200, 64))
     finally:
@@ -497,3 +499,101 @@ def test_short_requests_are_the_many_the_budget_still_goes_to_the_long_ones():
     _spend_rpm(fleet, "hosted", 20)  # at the limit's pace: the budget is under pressure
     assert router.pick(pool, req(200, 16)).upstream.name != "hosted"
     assert router.pick(pool, req(200, 1024)).upstream.name == "hosted"
+
+
+# ---- a long answer waits a moment for the next unit of a budget spent at its pace ------------------------------
+def _pacing_bucket_empty(fleet: Fleet) -> UpstreamStats:
+    """The hosted API's requests are being started at its limit's pace: its pacing bucket has no unit left."""
+    hosted = fleet.upstreams["hosted"]
+    hosted.refresh(time.time())
+    while hosted.rate_allows(0):
+        hosted.credit(0)
+        hosted.release()
+    return hosted
+
+
+def _make_patient(**limits) -> tuple[Fleet, Router]:
+    """make() with the production queue timeout (30 s): a hold never outlasts the queue's timeout."""
+    fleet, router = make(**limits)
+    router.queue_timeout = 30.0
+    return fleet, router
+
+
+def _busy_fast_gpu(fleet: Fleet, n: int = 30) -> None:
+    for _ in range(n):
+        fleet.upstreams["fast-gpu"].credit(0)
+
+
+def test_long_answer_waits_for_the_next_unit_rather_than_run_on_a_worse_upstream():
+    fleet, router = _make_patient()
+    pool = fleet.pools["fleet-model"]
+    _lengths(fleet, 95, 5)  # the budget goes to answers of 64 tokens and more: the arriving p90 is 64
+    _busy_fast_gpu(fleet)
+    hosted = _pacing_bucket_empty(fleet)
+    long = req(200, 1024)
+    with pytest.raises(Refusal) as r:
+        router.pick(pool, long)
+    assert r.value.kind == "held" and 0 < r.value.wait <= 60 / 120, "one unit of a 120 RPM budget: within 0.5 s"
+    assert router.pick(pool, req(200, 64)).upstream.name != "hosted", "as long as the budget's usual answer: no hold"
+    late = req(200, 1024)
+    late.started -= 1.5  # its TTFT target (2 s) on the hosted API (0.4 s) would be missed by waiting more
+    assert router.pick(pool, late).upstream.name != "hosted"
+    router.queue_timeout = 0.3
+    assert router.pick(pool, req(200, 1024)).upstream.name != "hosted", "nor would it be held past its queue timeout"
+    router.queue_timeout = 30.0
+    hosted.rates._pace_at -= 60 / 120  # the next unit is in the bucket
+    assert router.pick(pool, long).upstream.name == "hosted"
+
+
+def test_no_hold_when_a_free_upstream_gains_as_much_or_the_window_is_spent():
+    fleet, router = _make_patient()
+    pool = fleet.pools["fleet-model"]
+    _lengths(fleet, 95, 5)
+    _pacing_bucket_empty(fleet)
+    assert router.pick(pool, req(200, 1024)).upstream.name == "fast-gpu", "an idle fast GPU beats waiting"
+    fleet2, router2 = _make_patient(**{"hosted": {"rpm": 8}})
+    _lengths(fleet2, 95, 5)
+    _busy_fast_gpu(fleet2)
+    _pacing_bucket_empty(fleet2)  # 8 requests: the minute's whole budget, not only the bucket
+    assert router2.pick(fleet2.pools["fleet-model"], req(200, 1024)).upstream.name != "hosted"
+
+
+async def test_a_held_long_answer_takes_the_next_unit_before_shorter_ones_and_blocks_nobody():
+    fleet, router = _make_patient()
+    pool = fleet.pools["fleet-model"]
+    _lengths(fleet, 95, 5)
+    _busy_fast_gpu(fleet)
+    hosted = _pacing_bucket_empty(fleet)
+    waiting = asyncio.create_task(router.admit(pool, req(200, 1024)))
+    await asyncio.sleep(0.01)
+    assert router.queue_depth()["fleet-model"] == 1 and pool.waiting_output == 1024
+    hosted.rates._pace_at -= 60 / 120
+    mid = await asyncio.wait_for(router.admit(pool, req(200, 256)), 0.1)  # not queued behind the held one ...
+    assert mid.upstream.name != "hosted" and mid.queue_wait == 0.0  # ... and it leaves it the unit
+    router.wake()
+    d = await asyncio.wait_for(waiting, 0.1)
+    assert d.upstream.name == "hosted" and pool.waiting_output == 0
+
+
+def test_one_definition_of_a_long_answer_for_the_strategy_and_the_hold_out():
+    """With 2 requests/s of budget out of 40/s, the longest ~4% count as long (long_output_q), not the longest 10%:
+    a 256-token answer is short both for the strategy (a GPU with a free slot takes it) and for the hold-out of a
+    request with a TTFT target (it waits for a GPU slot rather than spend the unit)."""
+    from gateway.routing.router import long_output
+
+    fleet, router = make()
+    pool = fleet.pools["fleet-model"]
+    lengths = pool.lengths
+    for m, n in ((64, 90), (256, 6), (1024, 4)):
+        for _ in range(n):
+            lengths.arrived(m)
+    pool.request_rps = 40.0
+    mid = req(200, 256)
+    assert long_output(pool, mid.est) == 1024
+    _busy_fast_gpu(fleet)
+    _spend_rpm(fleet, "hosted", 20)
+    assert router.pick(pool, mid).upstream.name != "hosted"
+    _gpus_full(fleet)
+    with pytest.raises(Refusal) as r:
+        router.pick(pool, mid)
+    assert r.value.kind == "class_limited"
