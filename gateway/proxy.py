@@ -25,6 +25,7 @@ from gateway.dialects.client_stream import ClientStream
 from gateway.errors import ClientDisconnected, GatewayError, UpstreamError, UpstreamProtocolError
 from gateway.hooks import Attempt, Hooks
 from gateway.observability.redact import scrub
+from gateway.reliability import deadlines
 from gateway.reliability.retry_budget import RetryBudget
 from gateway.routing import classes
 from gateway.routing.router import Router
@@ -241,7 +242,7 @@ class Proxy:
         if not data and writer.started:
             return
         try:
-            async with asyncio.timeout(max(0.05, min(self.s.idle_timeout, deadline - time.monotonic()))):
+            async with deadlines.timeout(max(0.05, min(self.s.idle_timeout, deadline - time.monotonic()))):
                 if not writer.started:
                     ctx.upstream = a.upstream.name
                     await writer.open_stream(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 
@@ -25,6 +24,7 @@ from gateway.http.validation import build_context, messages_context, validate
 from gateway.http.writer import HttpWriter
 from gateway.observability.telemetry import Telemetry
 from gateway.proxy import Proxy
+from gateway.reliability import deadlines
 from gateway.runtime import Runtime
 from gateway.spend import SpendLedger, charge_request
 from gateway.state.fleet import Pool
@@ -68,7 +68,7 @@ async def read_json(request: web.Request) -> dict:
         if request.content.is_eof():  # a small body arrives with the headers: nothing to wait for, no timer to arm
             raw = await request.read()
         else:
-            async with asyncio.timeout(s.body_read_timeout):
+            async with deadlines.timeout(s.body_read_timeout):
                 raw = await request.read()
     except TimeoutError:
         raise GatewayError(408, "the request body did not arrive in time", code="body_timeout") from None

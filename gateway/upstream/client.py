@@ -36,6 +36,7 @@ from gateway.errors import (
     UpstreamTimeout,
 )
 from gateway.observability.redact import scrub
+from gateway.reliability import deadlines
 from gateway.upstream.base import StreamDecoder
 
 _RETRYABLE_STATUS = frozenset({401, 403, 404, 408, 409, 429, 500, 502, 503, 504, 529})
@@ -120,7 +121,7 @@ class UpstreamClient:
         """POST and wait (at most `limit` s) for a 2xx; any other status raises the matching UpstreamError."""
         assert self.session is not None, "UpstreamClient.start() was not awaited"
         try:
-            async with asyncio.timeout(limit):
+            async with deadlines.timeout(limit):
                 resp = await self.session.post(url, data=data, headers=headers, allow_redirects=False)
         except TimeoutError:  # first: TimeoutError is an OSError (and aiohttp's timeouts are both)
             raise UpstreamTimeout(f"upstream {name} did not answer in time", code="upstream_timeout") from None
@@ -168,7 +169,7 @@ class UpstreamResponse:
             if content.is_eof():  # a small body arrives with the headers: nothing to wait for, no timer to arm
                 raw = await _read_bounded(content, self._client.max_body)
             else:
-                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                async with deadlines.timeout(max(0.0, deadline - time.monotonic())):
                     raw = await _read_bounded(content, self._client.max_body)
         except TimeoutError:
             raise UpstreamTimeout(f"upstream {self.name} timed out", code="upstream_timeout") from None
@@ -213,7 +214,7 @@ class UpstreamResponse:
         if now >= limit:
             raise UpstreamTimeout(f"upstream {self.name} timed out", code="upstream_timeout")
         try:
-            async with asyncio.timeout(min(limit - now, idle)):
+            async with deadlines.timeout(min(limit - now, idle)):
                 return await content.readany()
         except TimeoutError:
             raise UpstreamTimeout(f"upstream {self.name} timed out", code="upstream_timeout") from None
