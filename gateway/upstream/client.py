@@ -17,7 +17,7 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Protocol
@@ -92,6 +92,16 @@ class Transport(Protocol):
     async def send(self, name: str, url: str, data: bytes, headers: Mapping[str, str], limit: float) -> Reply: ...
 
 
+class _Request(aiohttp.ClientRequest):
+    """aiohttp's request without its User-Agent ("Python/3.x aiohttp/3.y": an upstream need not learn the gateway's
+    stack). `skip_auto_headers=("User-Agent",)` does the same, but copies every request's headers to do it."""
+
+    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
+        for name, value in self.DEFAULT_HEADERS.items():
+            if name not in self.headers:
+                self.headers[name] = value
+
+
 class UpstreamClient:
     """The aiohttp Transport. Owns the pooled ClientSession (one per process, reused by every attempt)."""
 
@@ -107,7 +117,7 @@ class UpstreamClient:
             connector=conn,
             timeout=aiohttp.ClientTimeout(total=None, connect=self.connect_timeout),
             auto_decompress=True,
-            skip_auto_headers=("User-Agent",),
+            request_class=_Request,  # no User-Agent
             # One session serves every client: a cookie an upstream set must not ride along on other clients'
             # requests (cookies are never forwarded, headers.py); and no jar to filter on every attempt.
             cookie_jar=aiohttp.DummyCookieJar(),

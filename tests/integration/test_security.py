@@ -160,6 +160,7 @@ async def test_no_secret_leaks_in_logs_spans_or_responses(start_sims, start_gate
             flat = json.dumps(h)
             assert key not in flat and "client-private-value-42" not in flat
             assert h.get("Authorization") == f"Bearer {UPSTREAM_KEY}"
+            assert "User-Agent" not in h  # nor the gateway's stack (aiohttp's default User-Agent)
         await tel.shutdown()
     finally:
         await leaky_runner.cleanup()
