@@ -21,6 +21,8 @@ from types import TracebackType
 
 #: Seconds: deadlines are rounded up to a multiple of this, so one timer serves all deadlines of the same slot.
 GRANULARITY = 0.01
+#: Seconds: a longer delay (an infinite one included) is this long: never, in practice, and a slot number exists.
+NEVER = 1e9
 
 
 class _Wheel:
@@ -89,7 +91,7 @@ class Timeout:
         self._task = task
         self._cancelling = task.cancelling()
         w = self._wheel = _wheel()
-        self._slot = w.add(self, w.loop.time() + self._delay)
+        self._slot = w.add(self, w.loop.time() + min(self._delay, NEVER))
         return self
 
     async def __aexit__(

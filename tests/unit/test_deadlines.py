@@ -5,6 +5,7 @@ timer. No sleeps: a deadline already past expires at the next loop iteration."""
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 
@@ -55,3 +56,9 @@ async def test_deadlines_of_one_slot_share_one_timer() -> None:
         assert a._slot == b._slot
         assert wheel.slots[a._slot] == {a, b} and len(wheel.timers) == 1
     assert not wheel.slots and not wheel.timers
+
+
+async def test_an_infinite_delay_never_expires_and_leaves_no_timer() -> None:
+    async with deadlines.timeout(math.inf) as t:
+        await asyncio.sleep(0)
+    assert not t.expired and not deadlines._wheel().timers
