@@ -173,12 +173,12 @@ class Procs:
         self.procs: list[asyncio.subprocess.Process] = []
 
     async def start(self, args: list[str], log_name: str, env: dict[str, str] | None = None,
-                    stdout_pipe: bool = False) -> asyncio.subprocess.Process:
+                    stdout_pipe: bool = False, cwd: str | None = None) -> asyncio.subprocess.Process:
         log = open(self.logdir / log_name, "ab")  # noqa: ASYNC230 (before the process starts)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *args, stdout=asyncio.subprocess.PIPE if stdout_pipe else log, stderr=log,
-                stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})}, start_new_session=True,
+                stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})}, start_new_session=True, cwd=cwd,
             )
         finally:
             log.close()
@@ -248,7 +248,9 @@ class GatewayProc:
 
 
 async def start_gateway(procs: Procs, fleet: dict, tag: str, *, workers: int = 1, redis_url: str = "",
-                        strategy: str = "throughput", env: dict[str, str] | None = None) -> GatewayProc:
+                        strategy: str = "throughput", env: dict[str, str] | None = None,
+                        cwd: str | None = None) -> GatewayProc:
+    """`gateway serve` in its own process group; `cwd` (with PYTHONPATH in `env`) picks the source tree it runs."""
     import yaml
 
     cfg_path = procs.logdir / f"fleet-{tag}.yaml"
@@ -268,7 +270,7 @@ async def start_gateway(procs: Procs, fleet: dict, tag: str, *, workers: int = 1
     }
     args = [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port", str(port),
             "--config", str(cfg_path), "--workers", str(workers)]
-    proc = await procs.start(args, f"gateway-{tag}.log", env)
+    proc = await procs.start(args, f"gateway-{tag}.log", env, cwd=cwd)
     gw = GatewayProc(proc, f"http://127.0.0.1:{port}", workers, prefix)
     await _wait_gateway(gw, procs.logdir / f"gateway-{tag}.log")
     return gw

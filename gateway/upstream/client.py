@@ -23,6 +23,7 @@ from email.utils import parsedate_to_datetime
 from typing import Protocol
 
 import aiohttp
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.dialects.anthropic_wire import UpstreamStreamError
 from gateway.dialects.sse import Event, SSEDecoder
@@ -38,6 +39,7 @@ from gateway.errors import (
 from gateway.observability.redact import scrub
 from gateway.reliability import deadlines
 from gateway.upstream.base import StreamDecoder
+from gateway.upstream.h1 import H1Pool, H1Response
 
 _RETRYABLE_STATUS = frozenset({401, 403, 404, 408, 409, 429, 500, 502, 503, 504, 529})
 _MAX_ERROR_BODY = 64 * 1024
@@ -103,13 +105,15 @@ class _Request(aiohttp.ClientRequest):
 
 
 class UpstreamClient:
-    """The aiohttp Transport. Owns the pooled ClientSession (one per process, reused by every attempt)."""
+    """The Transport. Plain-http upstreams go through the lean keep-alive pool (gateway/upstream/h1.py), https
+    ones through the pooled aiohttp ClientSession; one of each per process, reused by every attempt."""
 
     def __init__(self, connect_timeout: float, max_body: int, max_event: int) -> None:
         self.connect_timeout = connect_timeout
         self.max_body = max_body
         self.max_event = max_event
         self.session: aiohttp.ClientSession | None = None
+        self.h1 = H1Pool(connect_timeout)
 
     async def start(self) -> None:
         conn = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30, enable_cleanup_closed=True)
@@ -124,6 +128,7 @@ class UpstreamClient:
         )
 
     async def stop(self) -> None:
+        self.h1.close()
         if self.session:
             await self.session.close()
 
@@ -132,10 +137,14 @@ class UpstreamClient:
         assert self.session is not None, "UpstreamClient.start() was not awaited"
         try:
             async with deadlines.timeout(limit):
-                resp = await self.session.post(url, data=data, headers=headers, allow_redirects=False)
+                resp: aiohttp.ClientResponse | H1Response
+                if url.startswith("http://"):
+                    resp = await self.h1.post(url, data, headers)
+                else:
+                    resp = await self.session.post(url, data=data, headers=headers, allow_redirects=False)
         except TimeoutError:  # first: TimeoutError is an OSError (and aiohttp's timeouts are both)
             raise UpstreamTimeout(f"upstream {name} did not answer in time", code="upstream_timeout") from None
-        except (aiohttp.ClientError, OSError) as e:
+        except (aiohttp.ClientError, HttpProcessingError, OSError) as e:
             raise UpstreamConnectError(f"upstream {name} unreachable ({type(e).__name__})", code="upstream_connect_error") from None
         if not 200 <= resp.status < 300:
             try:
@@ -150,7 +159,7 @@ class UpstreamResponse:
 
     __slots__ = ("_client", "_resp", "name", "terminated")
 
-    def __init__(self, name: str, resp: aiohttp.ClientResponse, client: UpstreamClient) -> None:
+    def __init__(self, name: str, resp: aiohttp.ClientResponse | H1Response, client: UpstreamClient) -> None:
         self.name = name
         self._resp = resp
         self._client = client
@@ -258,7 +267,7 @@ async def _read_bounded(content: aiohttp.StreamReader, limit: int) -> bytes | No
     return b"".join(parts)
 
 
-async def _status_error(name: str, resp: aiohttp.ClientResponse) -> UpstreamError:
+async def _status_error(name: str, resp: aiohttp.ClientResponse | H1Response) -> UpstreamError:
     """Turn an upstream HTTP error into the matching exception (the body's message scrubbed of secrets)."""
     try:
         async with asyncio.timeout(10.0):
