@@ -75,7 +75,7 @@ async def run(a: Path, b: Path, rounds: int, seconds: float, concurrency: int, w
         urls = (gws[0].url + "/v1/chat/completions", gws[1].url + "/v1/chat/completions")
         body = B.chat_body("tiny-model", 8, 1, stream=False)
         await _load(urls, body, warmup, concurrency, False)
-        out = []
+        out: list[dict] = []
         for r in range(rounds):
             cpu0 = [B.group_cpu_seconds(g.proc.pid) for g in gws]
             errors, na, nb = await _load(urls, body, seconds, concurrency, bool(r % 2))
@@ -86,7 +86,7 @@ async def run(a: Path, b: Path, rounds: int, seconds: float, concurrency: int, w
                    "ratio_b_a": round(ms[1] / ms[0], 3) if ms[0] and ms[1] else None}
             print(json.dumps(row), flush=True)
             out.append(row)
-        ratios = [r["ratio_b_a"] for r in out if r["ratio_b_a"]]
+        ratios: list[float] = [r["ratio_b_a"] for r in out if r["ratio_b_a"]]
         return {"a": str(a), "b": str(b), "rounds": out, "errors": sum(r["errors"] for r in out),
                 "median_ratio_b_a": round(statistics.median(ratios), 3) if ratios else None,
                 "mean_ratio_b_a": round(statistics.fmean(ratios), 3) if ratios else None}
