@@ -1,4 +1,4 @@
-"""Paired A/B of the gateway's CPU per non-streamed request: two source trees, one simulator, the same load.
+"""Paired A/B of the gateway's CPU per request: two source trees, one simulator, the same load.
 
 On a shared, noisy machine two separate runs of `gateway bench --scenarios overhead` can differ by 2x; a change
 worth 20% is invisible in them. Here gateway A (one source tree) and gateway B (another) run at the same time
@@ -6,8 +6,9 @@ behind one near-instant simulator (the overhead scenario's), and every closed-lo
 between them, so both see the same load, the same neighbours and the same moment. CPU per request is each
 gateway process group's utime+stime (/proc) over the window divided by the requests it answered. Each round
 swaps which gateway a worker calls first; the result is B's CPU per request over A's, per round and as a median.
+Requests are non-streamed with max_tokens 1 (the overhead scenario's), or with `--stream` 20-chunk streams.
 
-    python -m gateway.tools.cpu_ab --a /work/main --b . --rounds 6 --seconds 8
+    python -m gateway.tools.cpu_ab --a /work/main --b . --rounds 6 --seconds 8 [--stream]
 
 Both trees must be importable as `gateway` from their directory (each gateway runs with that directory as its
 working directory and PYTHONPATH). Errors (non-200 answers) are counted and reported; a run with errors is not
@@ -29,7 +30,7 @@ import aiohttp
 
 from gateway.sim import SimConfig
 from gateway.tools import bench as B
-from gateway.tools.scenarios.overhead import _tiny_fleet
+from gateway.tools.scenarios.overhead import STREAM_CHUNKS, _tiny_fleet
 
 
 async def _load(urls: tuple[str, str], body: bytes, seconds: float, concurrency: int, flip: bool) -> list[int]:
@@ -62,7 +63,8 @@ async def _load(urls: tuple[str, str], body: bytes, seconds: float, concurrency:
     return [errors, *ok]
 
 
-async def run(a: Path, b: Path, rounds: int, seconds: float, concurrency: int, warmup: float) -> dict:
+async def run(a: Path, b: Path, rounds: int, seconds: float, concurrency: int, warmup: float,
+              stream: bool = False) -> dict:
     logdir = Path(tempfile.mkdtemp(prefix="cpu_ab-"))
     procs = B.Procs(logdir)
     tiny = {"tiny": SimConfig(name="sim-tiny", mode="gpu", base_step=0.0005, per_seq=0.0, prefill_per_token=0.0,
@@ -73,7 +75,7 @@ async def run(a: Path, b: Path, rounds: int, seconds: float, concurrency: int, w
         gws = [await B.start_gateway(procs, fleet, tag, env={"PYTHONPATH": str(tree)}, cwd=str(tree))
                for tag, tree in (("A", a), ("B", b))]
         urls = (gws[0].url + "/v1/chat/completions", gws[1].url + "/v1/chat/completions")
-        body = B.chat_body("tiny-model", 8, 1, stream=False)
+        body = B.chat_body("tiny-model", 8, STREAM_CHUNKS if stream else 1, stream=stream)
         await _load(urls, body, warmup, concurrency, False)
         out: list[dict] = []
         for r in range(rounds):
@@ -87,7 +89,7 @@ async def run(a: Path, b: Path, rounds: int, seconds: float, concurrency: int, w
             print(json.dumps(row), flush=True)
             out.append(row)
         ratios: list[float] = [r["ratio_b_a"] for r in out if r["ratio_b_a"]]
-        return {"a": str(a), "b": str(b), "rounds": out, "errors": sum(r["errors"] for r in out),
+        return {"a": str(a), "b": str(b), "stream": stream, "rounds": out, "errors": sum(r["errors"] for r in out),
                 "median_ratio_b_a": round(statistics.median(ratios), 3) if ratios else None,
                 "mean_ratio_b_a": round(statistics.fmean(ratios), 3) if ratios else None}
     finally:
@@ -102,9 +104,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seconds", type=float, default=8.0, help="seconds per round (default 8)")
     p.add_argument("--concurrency", type=int, default=16, help="closed-loop workers (default 16)")
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first (default 2)")
+    p.add_argument("--stream", action="store_true", help="20-chunk streams instead of non-streamed requests")
     p.add_argument("--out", type=Path, default=None, help="write the result JSON here")
     ns = p.parse_args(argv)
-    res = asyncio.run(run(ns.a.resolve(), ns.b.resolve(), ns.rounds, ns.seconds, ns.concurrency, ns.warmup))
+    res = asyncio.run(run(ns.a.resolve(), ns.b.resolve(), ns.rounds, ns.seconds, ns.concurrency, ns.warmup,
+                        ns.stream))
     if ns.out:
         ns.out.write_text(json.dumps(res, indent=1))
     print(f"CPU per request B/A: median {res['median_ratio_b_a']}, mean {res['mean_ratio_b_a']}, errors {res['errors']}")
