@@ -151,3 +151,23 @@ def test_new_scenarios_are_registered() -> None:
 
     assert {"rpm_closed", "rpm_open", "kv_pressure", "spec_decode", "long_prompts", "wide_lengths",
             "cold_start", "class_cost", "poisson"} <= set(registry())
+
+
+def test_cpu_ab_pairs_two_trees(tmp_path: Path) -> None:
+    """The paired A/B tool (gateway/tools/cpu_ab.py), this tree against itself: both gateways answer the same
+    alternating load, each round measures both, and the ratio of a tree to itself is near 1."""
+    tree = str(Path(__file__).resolve().parents[2])
+    out = tmp_path / "ab.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway.tools.cpu_ab", "--a", tree, "--b", tree, "--rounds", "2", "--seconds", "1.5",
+         "--warmup", "0.5", "--concurrency", "8", "--out", str(out)],
+        capture_output=True, text=True, timeout=100,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    assert res["errors"] == 0 and [r["a_first"] for r in res["rounds"]] == [True, False]
+    for r in res["rounds"]:
+        na, nb = r["requests"]
+        assert na > 50 and abs(na - nb) <= 8  # every worker alternates: the two sides get the same load
+        assert r["a_ms"] > 0 and r["b_ms"] > 0
+    assert 0.5 < res["median_ratio_b_a"] < 2.0
