@@ -114,7 +114,7 @@ class H1Pool:
         if proto is None:  # (not `or`: a ResponseHandler is a queue, falsy when empty)
             proto = await self._connect(host, port)
         try:
-            proto.set_response_params()
+            proto.set_response_params(read_until_eof=True)  # a body without length or chunks ends at EOF (as aiohttp's)
             assert proto.transport is not None
             proto.transport.writelines((head, data))
             message, payload = await proto.read()

@@ -158,6 +158,19 @@ async def _raw_server(reply: bytes | None) -> tuple[asyncio.Server, str]:
     return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/chat/completions"
 
 
+async def test_a_body_without_length_ends_at_eof_and_its_connection_is_not_reused():
+    server, url = await _raw_server(b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{"ok": true}')
+    pool = H1Pool(connect_timeout=5)
+    try:
+        r = await pool.post(url, BODY, JSON)
+        assert r.status == 200 and await r.content.read() == b'{"ok": true}'
+        r.release()
+        assert not pool._live
+    finally:
+        pool.close()
+        server.close()
+
+
 async def test_failures_map_to_the_upstream_exception_tree():
     client = UpstreamClient(connect_timeout=5, max_body=1 << 20, max_event=1 << 20)
     await client.start()
