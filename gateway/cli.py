@@ -184,11 +184,15 @@ def cmd_spend(ns: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # bench and top own their flags; argparse.REMAINDER mishandles a leading option, so hand them over first.
+    # bench, cpu-ab and top own their flags; argparse.REMAINDER mishandles a leading option, so hand them over first.
     if argv[:1] == ["bench"]:
         from gateway.tools.bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["cpu-ab"]:
+        from gateway.tools.cpu_ab import main as cpu_ab_main
+
+        return cpu_ab_main(argv[1:])
     if argv[:1] == ["top"]:
         from gateway.tools.top import main as top_main
 
@@ -238,5 +242,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_spend)
 
     sub.add_parser("bench", help="throughput benchmark on a simulated heterogeneous fleet (gateway bench --help)")
+    sub.add_parser("cpu-ab", help="paired CPU-per-request A/B of two source trees (gateway cpu-ab --help)")
     sub.add_parser("top", help="live terminal view of a running gateway (gateway top --help)")
     return parser

@@ -8,7 +8,7 @@ gateway process group's utime+stime (/proc) over the window divided by the reque
 swaps which gateway a worker calls first; the result is B's CPU per request over A's, per round and as a median.
 Requests are non-streamed with max_tokens 1 (the overhead scenario's), or with `--stream` 20-chunk streams.
 
-    python -m gateway.tools.cpu_ab --a /work/main --b . --rounds 6 --seconds 8 [--stream]
+    gateway cpu-ab --a /work/main --b . --rounds 6 --seconds 8 [--stream]   (or python -m gateway.tools.cpu_ab)
 
 Both trees must be importable as `gateway` from their directory (each gateway runs with that directory as its
 working directory and PYTHONPATH). Errors (non-200 answers) are counted and reported; a run with errors is not
@@ -97,7 +97,7 @@ async def run(a: Path, b: Path, rounds: int, seconds: float, concurrency: int, w
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m gateway.tools.cpu_ab", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="gateway cpu-ab", description=__doc__.split("\n\n")[0])
     p.add_argument("--a", type=Path, required=True, help="source tree of gateway A (the baseline)")
     p.add_argument("--b", type=Path, required=True, help="source tree of gateway B (the candidate)")
     p.add_argument("--rounds", type=int, default=6, help="measured rounds; odd ones call A first (default 6)")
