@@ -1,4 +1,4 @@
-"""`gateway` command line: serve, demo, sim, check-config, bench, top."""
+"""`gateway` command line: serve, demo, sim, check-config, spend, bench, cpu-ab, top."""
 
 from __future__ import annotations
 
