@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING
 
 from gateway.config import ServiceClass
 from gateway.errors import GatewayError
+from gateway.routing.preempt import preemptible
 
 if TYPE_CHECKING:
     from gateway.context import RequestContext
@@ -69,6 +70,9 @@ FLOOR_MARGIN = 0.03
 TURNOVER_WAIT = 0.5
 #: Share of interactive arrivals allowed to wait in the queue longer than that (slots_for_wait sizes the room).
 WAIT_TAIL = 0.005
+#: Slots kept free on an upstream where batch requests lend the interactive room (they may be preempted there:
+#: routing/preempt.py): an interactive arrival then takes a free slot at once, without ending a batch stream.
+PREEMPT_ROOM = 0
 #: Time constant of the interactive completion rate, seconds (with the demand it gives the mean holding time).
 DONE_TAU_S = 5.0
 
@@ -187,6 +191,13 @@ class ClassPolicy:
         limit = self.limit(u, cls)
         return limit > 0 and u.has_slot(limit)
 
+    def fits_once_freed(self, u: UpstreamStats, cls: ServiceClass, ctx: RequestContext, freed: int) -> bool:
+        """Would a request of `cls` meet its targets on `u` once `freed` of its slots come back (preemption)?"""
+        if u.weight <= 0 or not meets_ttft(u, cls, ctx.est.prompt_tokens):
+            return False
+        limit = self.limit(u, cls)
+        return limit > 0 and u.load - freed < limit
+
     def _batch(self, pool: Pool, cands: list[UpstreamStats], ctx: RequestContext) -> list[UpstreamStats]:
         inter = pool.cfg.classes.get(INTERACTIVE)
         if inter is None or (inter.min_tok_s <= 0 and inter.max_ttft_s is None):
@@ -202,8 +213,11 @@ class ClassPolicy:
         needed = self.needed(pool)  # an Erlang C search: once per admission
         room = room_upstreams([v for v in pool.upstreams if self._is_room(v, inter, ctx)], limits, needed)
         reserve = self.reserve(pool, needed)
-        # Only where it takes none of the room kept for interactive requests, or leaves enough of it.
-        return [u for u in ok if u not in room or _room_after(room, u, limits) >= reserve]
+        # Only where it takes none of the room kept for interactive requests, or leaves enough of it, or where
+        # the request lends the room: it may be preempted there when an interactive request needs the slot.
+        own = pool.cfg.classes[ctx.service_class]
+        return [u for u in ok if u not in room or _room_after(room, u, limits) >= reserve
+                or (preemptible(ctx, own, u) and u.load + 1 + PREEMPT_ROOM <= limits[u.name])]
 
     @staticmethod
     def _is_room(u: UpstreamStats, inter: ServiceClass, ctx: RequestContext) -> bool:
