@@ -107,7 +107,8 @@ class Tracing:
             if a.status:
                 span.set_attribute("http.response.status_code", a.status)
             if isinstance(a.error, Preempted):  # not a failure: the request goes on as a continuation
-                event = {"gateway.upstream": a.upstream.name, "gateway.preempted.output_chars": sum(map(len, a.outcome.text))}
+                event: dict[str, str | int] = {"gateway.upstream": a.upstream.name,
+                                               "gateway.preempted.output_chars": sum(map(len, a.outcome.text))}
                 span.add_event("gateway.preempted", event)
                 server.add_event("gateway.preempted", event)
             elif a.error is not None:

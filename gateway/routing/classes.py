@@ -191,12 +191,13 @@ class ClassPolicy:
         limit = self.limit(u, cls)
         return limit > 0 and u.has_slot(limit)
 
-    def fits_once_freed(self, u: UpstreamStats, cls: ServiceClass, ctx: RequestContext, freed: int) -> bool:
-        """Would a request of `cls` meet its targets on `u` once `freed` of its slots come back (preemption)?"""
+    def slots_short(self, u: UpstreamStats, cls: ServiceClass, ctx: RequestContext, freeing: int) -> int | None:
+        """How many more of `u`'s slots must be freed for a request of `cls` to meet its targets there, when
+        `freeing` slots are already on their way back (0: it fits now or once they are); None: never (too slow)."""
         if u.weight <= 0 or not meets_ttft(u, cls, ctx.est.prompt_tokens):
-            return False
+            return None
         limit = self.limit(u, cls)
-        return limit > 0 and u.load - freed < limit
+        return None if limit <= 0 else max(0, math.ceil(u.load - freeing - limit + 1))
 
     def _batch(self, pool: Pool, cands: list[UpstreamStats], ctx: RequestContext) -> list[UpstreamStats]:
         inter = pool.cfg.classes.get(INTERACTIVE)

@@ -22,6 +22,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+#: Most streams preempted for one request (more than one only when the interactive limit fell below the load).
+MAX_VICTIMS = 4
+
 if TYPE_CHECKING:
     from gateway.config import ServiceClass
     from gateway.context import RequestContext
@@ -43,6 +46,8 @@ class Running:
     preempted_before: int
     limit: int  # max_preemptions of its class
     preempted: bool = False
+    #: The request it was preempted for (several victims may be stopped for one request).
+    claimant: RequestContext | None = None
 
     @property
     def written(self) -> int:
@@ -64,11 +69,11 @@ def preemptible(ctx: RequestContext, cls: ServiceClass, u: UpstreamStats) -> boo
     )
 
 
-def choose_victim(running: Iterable[Running]) -> Running | None:
-    """The request whose preemption costs least: the fewest tokens to prefill again (prompt + written), then the
-    fewest preemptions so far. Not one preempted `limit` times already, nor one already being stopped."""
+def choose_victims(running: Iterable[Running], k: int) -> list[Running]:
+    """The `k` requests whose preemption costs least: the fewest tokens to prefill again (prompt + written), then
+    the fewest preemptions so far. Not one preempted `limit` times already, nor one already being stopped."""
     cands = [r for r in running if not r.preempted and r.preempted_before < r.limit]
-    return min(cands, key=lambda r: (r.loss, r.preempted_before), default=None)
+    return sorted(cands, key=lambda r: (r.loss, r.preempted_before))[:k] if k > 0 else []
 
 
 @dataclass(slots=True)
@@ -88,29 +93,44 @@ class Preemptions:
             s.discard(r)
 
     def make_room(self, pool: Pool, ctx: RequestContext, policy: ClassPolicy, exclude: frozenset[str]) -> UpstreamStats | None:
-        """Preempt one batch stream on an upstream where `ctx` would then fit its class's targets; the upstream
-        (whose slot comes back when the victim's attempt ends, waking the queue), or None when none would do."""
+        """Preempt lower-class streams on the upstream where `ctx` would then fit its class's targets at the least
+        cost: the upstream (whose slots come back as the victims' attempts end, waking the queue), or None when
+        nothing was preempted (none would do, or it fits somewhere once the slots on their way back are).
+
+        Usually one stream: batch fills an upstream only up to its interactive limit. But the limit follows the
+        fitted curve, and a refit may lower it below the load batch already holds: then the request needs that many
+        more slots, and waiting for batch answers to end (~12 s) would miss its TTFT target (at most MAX_VICTIMS)."""
         cls = pool.cfg.classes[ctx.service_class]
-        best: tuple[int, UpstreamStats, Running] | None = None
+        best: tuple[int, UpstreamStats, list[Running]] | None = None
         for u in pool.upstreams:
-            if u.name in exclude or not self._fits_after_one(u, cls, ctx, policy, pool):
+            if u.name in exclude:
                 continue
-            v = choose_victim(r for r in self.running.get(u.name, ()) if _lower(pool, r, cls))
-            if v is not None and (best is None or v.loss < best[0]):
-                best = (v.loss, u, v)
+            mine = self.running.get(u.name, ())
+            need = policy.slots_short(u, cls, ctx, _pending(mine))
+            if need == 0:
+                return None  # it fits there once the slots on their way back are: nobody to preempt
+            if need is None or need > MAX_VICTIMS:
+                continue
+            victims = choose_victims((r for r in mine if _lower(pool, r, cls)), need)
+            cost = sum(v.loss for v in victims)
+            if len(victims) == need and (best is None or cost < best[0]):
+                best = (cost, u, victims)
         if best is None:
             return None
-        _, u, v = best
-        v.preempted = True
-        self.count[u.name] = self.count.get(u.name, 0) + 1
-        v.stop()
+        _, u, victims = best
+        for v in victims:
+            v.preempted, v.claimant = True, ctx
+            v.stop()
+        self.count[u.name] = self.count.get(u.name, 0) + len(victims)
         return u
 
-    def _fits_after_one(self, u: UpstreamStats, cls: ServiceClass, ctx: RequestContext, policy: ClassPolicy, pool: Pool) -> bool:
-        """Would `ctx` meet its targets on `u` with one more slot freed? Slots already being freed by preemptions
-        there are counted as taken: each waiting request needs its own victim."""
-        stopping = sum(1 for r in self.running.get(u.name, ()) if r.preempted)
-        return policy.fits_once_freed(u, cls, ctx, stopping + 1)
+
+def _pending(mine: Iterable[Running]) -> int:
+    """Slots on an upstream that are already spoken for: each request that preempted there takes one of the slots
+    being freed, the others (when it needed several) only bring the load down; so the load as it will be once the
+    victims are gone and those requests placed is load - stopping + claimants, and this is stopping - claimants."""
+    stopping = [r for r in mine if r.preempted]
+    return len(stopping) - len({id(r.claimant) for r in stopping})
 
 
 def _lower(pool: Pool, r: Running, cls: ServiceClass) -> bool:

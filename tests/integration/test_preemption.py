@@ -28,6 +28,18 @@ def fleet(url: str) -> FleetConfig:
     })
 
 
+async def both_running(sim_url: str) -> None:
+    """Wait until the simulator runs two sequences (the interactive limit), a little after the last one started."""
+    async with aiohttp.ClientSession() as s:
+        for _ in range(100):
+            async with s.get(sim_url + "/sim/stats") as r:
+                if (await r.json())["running"] == 2:
+                    await asyncio.sleep(0.3)
+                    return
+            await asyncio.sleep(0.05)
+    raise AssertionError("the two batch answers never ran together")
+
+
 async def test_preempted_batch_answers_resume_seamlessly(start_sims, start_gateway):
     sims = await start_sims({"gpu": SimConfig(name="sim-gpu", mode="gpu", base_step=0.01, per_seq=0.005, slots=16)})
     gw = await start_gateway(fleet(sims.url("gpu")))
@@ -53,9 +65,9 @@ async def test_preempted_batch_answers_resume_seamlessly(start_sims, start_gatew
     b = asyncio.create_task(client.chat.completions.create(model="m", messages=MSGS, max_tokens=BATCH_TOKENS, extra_headers=batch))
     await asyncio.sleep(0.5)
     a = asyncio.create_task(streamed())
-    await asyncio.sleep(0.5)
+    await both_running(sims.url("gpu"))
     assert await interactive()
-    await asyncio.sleep(0.8)
+    await both_running(sims.url("gpu"))  # A resumed
     assert await interactive()
     chunks, text = await a
     whole = await b
