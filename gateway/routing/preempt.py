@@ -95,7 +95,7 @@ class Preemptions:
     def make_room(self, pool: Pool, ctx: RequestContext, policy: ClassPolicy, exclude: frozenset[str]) -> UpstreamStats | None:
         """Preempt lower-class streams on the upstream where `ctx` would then fit its class's targets at the least
         cost: the upstream (whose slots come back as the victims' attempts end, waking the queue), or None when
-        nothing was preempted (none would do, or it fits somewhere once the slots on their way back are).
+        none would do.
 
         Usually one stream: batch fills an upstream only up to its interactive limit. But the limit follows the
         fitted curve, and a refit may lower it below the load batch already holds: then the request needs that many
@@ -107,9 +107,7 @@ class Preemptions:
                 continue
             mine = self.running.get(u.name, ())
             need = policy.slots_short(u, cls, ctx, _pending(mine))
-            if need == 0:
-                return None  # it fits there once the slots on their way back are: nobody to preempt
-            if need is None or need > MAX_VICTIMS:
+            if not need or need > MAX_VICTIMS:  # 0: its load is not what keeps the request off it
                 continue
             victims = choose_victims((r for r in mine if _lower(pool, r, cls)), need)
             cost = sum(v.loss for v in victims)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.context import Estimate, RequestContext
+from gateway.routing.classes import PREEMPT_ROOM
 from gateway.routing.preempt import MAX_VICTIMS, Running, choose_victims
 from gateway.routing.router import Refusal
 from gateway.sim import SimConfig
@@ -85,9 +86,9 @@ def test_preemptible_batch_lends_the_room_up_to_the_interactive_limit() -> None:
     pool = fleet.pools["m"]
     fill(router, fleet, "A", 10, "interactive")
     router.classes.observe(pool)
-    fill(router, fleet, "A", 29, "batch")  # the Erlang C room would hold batch far below this
+    fill(router, fleet, "A", 29 - PREEMPT_ROOM, "batch")  # the Erlang C room would hold batch far below this
     assert router.pick(pool, req("batch")).upstream.name == "A"
-    fill(router, fleet, "A", 1, "batch")  # at the limit: never past it
+    fill(router, fleet, "A", 1, "batch")  # at the limit less the slots kept free: no further
     with pytest.raises(Refusal):
         router.pick(pool, req("batch"))
     tools = RequestContext("chat", "m", {"tools": [{"type": "function"}]}, True, False, "openai", Estimate(100, 64),
