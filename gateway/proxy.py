@@ -114,7 +114,7 @@ class Proxy:
             except Preempted:
                 ctx.body, ctx.est = ctx.resume.continuation()
                 # Only vLLM-style engines take a continuation (resume.py): never a hosted API.
-                exclude = frozenset(u.name for u in pool.upstreams if u.cfg.kind != "gpu")
+                exclude = frozenset(u.name for u in pool.upstreams if not preempt.continues(u))
         if ctx.resume is not None and ctx.resume.tokens:
             _whole_usage(ctx, ctx.resume)
 
@@ -158,7 +158,7 @@ class Proxy:
         byok = client_key(ctx.headers, self.s.require_api_key) if cfg.byok else None
         a.headers = {**prov.headers(cfg, byok), **forwarded(ctx.headers, self.s.forward_headers)}
         cls = pool.cfg.classes[ctx.service_class]
-        lends = prov.dialect == "openai" and preempt.preemptible(ctx, cls, u)
+        lends = preempt.preemptible(ctx, cls, u)
         if lends and ctx.resume is None:
             ctx.resume = Resume(ctx.body, ctx.est)
         # A preemptible answer is streamed from the upstream even for a non-streamed client: what was written
@@ -175,7 +175,7 @@ class Proxy:
             _relay_headers(ctx, resp)
             clean = False
             if lends:
-                a.preempt = preempt.Running(ctx, a.outcome, lambda: resp.close(False), ctx.resume.preemptions, cls.max_preemptions)
+                a.preempt = preempt.Running(ctx, a.outcome, lambda: resp.close(False), ctx.resume.preemptions)
                 self.router.preemptions.add(u.name, a.preempt)
             try:
                 if ctx.stream:
@@ -241,7 +241,7 @@ class Proxy:
     ) -> None:
         r = ctx.resume
         enc = _client_stream(ctx)
-        cont = r is not None and r.preemptions > 0  # a continuation: its chunks join the first response
+        cont = r is not None and bool(r.ident)  # the client has the first response's start: the chunks join it
         native = prov.dialect == ctx.dialect and not cont  # relay the upstream's frames untouched
         decoder = prov.stream_decoder(a.upstream_model, ctx.include_usage)
         out = a.outcome

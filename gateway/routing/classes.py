@@ -31,6 +31,11 @@ GPU has room; a rate-limited hosted API never is (its budget goes to whoever com
 spend it, and a short interactive answer keeps off a nearly spent request budget while anything else can take it
 (router.spends_scarce_budget): one request unit yields far more tokens as a long batch answer. A class's `min_share`
 of the pool's capacity is always allowed, so batch never starves when interactive load is high.
+
+Preemption (routing/preempt.py). Guard (2) keeps slots idle because a batch slot comes back only after ~12 s. A
+batch request that may be preempted on an upstream (a GPU, its class's max_preemptions > 0) gives it back at once
+when an interactive request needs it, so there it may take the room up to the interactive limit less PREEMPT_ROOM
+free slots; the room is then lent rather than kept idle, and only a burst beyond those slots ends batch streams.
 """
 
 from __future__ import annotations

@@ -44,7 +44,6 @@ class Running:
     stop: Callable[[], None]
     #: Times this request was preempted before (its continuation's count).
     preempted_before: int
-    limit: int  # max_preemptions of its class
     preempted: bool = False
     #: The request it was preempted for (several victims may be stopped for one request).
     claimant: RequestContext | None = None
@@ -60,19 +59,25 @@ class Running:
         return self.ctx.est.prompt_tokens + self.written
 
 
+def continues(u: UpstreamStats) -> bool:
+    """Does `u` take a continuation (vLLM's continue_final_message)? GPU engines behind the OpenAI protocol."""
+    return u.cfg.kind == "gpu" and u.cfg.provider == "openai"
+
+
 def preemptible(ctx: RequestContext, cls: ServiceClass, u: UpstreamStats) -> bool:
-    """Could this request be preempted on `u` and resumed seamlessly (see the module docstring)?"""
-    b = ctx.body
+    """Could this request be preempted on `u` and resumed seamlessly (see the module docstring), and not yet
+    `max_preemptions` times? The one test: for registering the attempt, and for letting it use the room."""
+    b, r = ctx.body, ctx.resume
     return (
-        cls.max_preemptions > 0 and u.cfg.kind == "gpu" and ctx.operation == "chat" and ctx.native is None
+        (r.preemptions if r is not None else 0) < cls.max_preemptions and continues(u) and ctx.operation == "chat" and ctx.native is None
         and not b.get("tools") and not b.get("functions") and (b.get("n") or 1) == 1 and not b.get("logprobs")
     )
 
 
 def choose_victims(running: Iterable[Running], k: int) -> list[Running]:
     """The `k` requests whose preemption costs least: the fewest tokens to prefill again (prompt + written), then
-    the fewest preemptions so far. Not one preempted `limit` times already, nor one already being stopped."""
-    cands = [r for r in running if not r.preempted and r.preempted_before < r.limit]
+    the fewest preemptions so far. Not one already being stopped."""
+    cands = [r for r in running if not r.preempted]
     return sorted(cands, key=lambda r: (r.loss, r.preempted_before))[:k] if k > 0 else []
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from gateway.context import Estimate, RequestContext
 from gateway.routing.classes import PREEMPT_ROOM
-from gateway.routing.preempt import MAX_VICTIMS, Running, choose_victims
+from gateway.routing.preempt import MAX_VICTIMS, Running, choose_victims, preemptible
 from gateway.routing.router import Refusal
 from gateway.sim import SimConfig
 from gateway.sim.engine import GpuEngine
@@ -21,24 +21,38 @@ from .test_classes import FLOOR40, fill, fleet_of, req
 MSGS = [{"role": "user", "content": "hi"}]
 
 
-def running(written: int, before: int = 0, limit: int = 2, prompt: int = 100, stopped: list | None = None) -> Running:
+def running(written: int, before: int = 0, prompt: int = 100, stopped: list | None = None) -> Running:
     """A registered-looking batch attempt; stopping it appends it to `stopped`."""
-    r = Running(req("batch", prompt=prompt), Outcome(text=[" x"] * written), lambda: None, before, limit)
+    r = Running(req("batch", prompt=prompt), Outcome(text=[" x"] * written), lambda: None, before)
     if stopped is not None:
         r.stop = lambda: stopped.append(r)
     return r
 
 
 # ---- the victim --------------------------------------------------------------------------------------------
-def test_victims_are_the_cheapest_to_resume_and_never_one_out_of_preemptions() -> None:
+def test_victims_are_the_cheapest_to_resume() -> None:
     few, many, long_prompt = running(10), running(300), running(5, prompt=1000)
     assert choose_victims([many, long_prompt, few], 1) == [few], "fewest tokens to prefill again (prompt + written)"
     assert choose_victims([many, long_prompt, few], 2) == [few, many]
-    spent = running(1, before=2, limit=2)
-    assert choose_victims([spent, many], 1) == [many], "a request preempted max_preemptions times is not preempted again"
+    again = running(10, before=1)
+    assert choose_victims([again, few], 1) == [few], "on a tie, the one preempted fewer times"
     few.preempted = True
     assert choose_victims([few, many], 1) == [many], "one already being stopped is not chosen twice"
-    assert choose_victims([spent], 1) == [] and choose_victims([many], 0) == []
+    assert choose_victims([few], 1) == [] and choose_victims([many], 0) == []
+
+
+def test_preemptible_only_plain_chat_on_gpu_engines_and_within_max_preemptions() -> None:
+    fleet, _ = fleet_of({"A": 64}, FLOOR40, preempt=2)
+    cls, gpu = fleet.pools["m"].cfg.classes["batch"], fleet.upstreams["A"]
+    ctx = req("batch")
+    assert preemptible(ctx, cls, gpu)
+    ctx.resume = Resume({}, ctx.est, preemptions=2)
+    assert not preemptible(ctx, cls, gpu), "preempted max_preemptions times: it runs to its end"
+    assert not preemptible(req("batch"), cls.model_copy(update={"max_preemptions": 0}), gpu)
+    for body in ({"tools": [{}]}, {"n": 2}, {"logprobs": True}):
+        assert not preemptible(RequestContext("chat", "m", body, True, False, "openai", Estimate(1, 1)), cls, gpu)
+    gpu.cfg.kind = "hosted"
+    assert not preemptible(req("batch"), cls, gpu), "a hosted API takes no continuation"
 
 
 def register(router, name: str, n: int, stopped: list | None = None) -> list[Running]:
