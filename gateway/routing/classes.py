@@ -77,10 +77,10 @@ TURNOVER_WAIT = 0.5
 WAIT_TAIL = 0.005
 #: Slots kept free on an upstream where batch requests lend the interactive room (they may be preempted there:
 #: routing/preempt.py): an interactive arrival then takes a free slot at once, and only a burst beyond them ends
-#: batch streams. With none (batch at the limit), every interactive arrival preempted one (the slot an interactive
-#: request gives back is refilled by batch at once): ~4/s in the mixed bench, more than the fresh batch requests
-#: could absorb at 2 preemptions each, so arrivals found no victim and waited past their TTFT target (62% attainment);
-#: with 2 free slots ~3/s, 100% attainment, and the fast GPU at ~38 of its 40 instead of ~34 under the Erlang C room.
+#: batch streams. With none (batch at the limit) every interactive arrival preempts one (the slot an interactive
+#: request gives back is refilled by batch at once): ~200 preemptions in the mixed bench's 50 s, each a prefill
+#: again and a wait in the queue, 89.3% of the best total; with 1, 99.3% attainment (decode at the floor); with 2,
+#: ~140-175 preemptions, 100% attainment and 90.4-90.9% (the fast GPU at ~38 of its 40, ~34 under Erlang C).
 PREEMPT_ROOM = 2
 #: Time constant of the interactive completion rate, seconds (with the demand it gives the mean holding time).
 DONE_TAU_S = 5.0
