@@ -168,6 +168,7 @@ def parse_job(api: Api, body: Any, sim: SimModel, model_default: str) -> Job:
         raise BadRequest("Request body must be a JSON object")
     cfg = sim.cfg
     tools = body.get("tools")
+    done: int | None = None  # tokens of the answer a continuation request already has
     if api == "completions":
         prompt = body.get("prompt")
         if isinstance(prompt, str):

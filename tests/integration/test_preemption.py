@@ -9,6 +9,7 @@ import aiohttp
 import openai
 
 from gateway.config import FleetConfig
+from gateway.routing import classes
 from gateway.sim import SimConfig
 from gateway.tokens import count_text
 
@@ -23,7 +24,7 @@ def fleet(url: str) -> FleetConfig:
                               "capacity": {"a": 0.01, "b": 0.005, "ttft": 0.05}}},
         "models": {"m": {"upstreams": ["gpu"], "classes": {
             "interactive": {"min_tok_s": 44.0, "wait_s": 30.0},
-            "batch": {"priority": 10, "min_share": 0.1, "max_preemptions": 1},
+            "batch": {"priority": 10, "min_share": 0.1, "max_preemptions": 2},
         }}},
     })
 
@@ -40,7 +41,8 @@ async def both_running(sim_url: str) -> None:
     raise AssertionError("the two batch answers never ran together")
 
 
-async def test_preempted_batch_answers_resume_seamlessly(start_sims, start_gateway):
+async def test_preempted_batch_answers_resume_seamlessly(start_sims, start_gateway, monkeypatch):
+    monkeypatch.setattr(classes, "PREEMPT_ROOM", 0)  # batch at the interactive limit: every arrival preempts
     sims = await start_sims({"gpu": SimConfig(name="sim-gpu", mode="gpu", base_step=0.01, per_seq=0.005, slots=16)})
     gw = await start_gateway(fleet(sims.url("gpu")))
     client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0)
@@ -56,32 +58,33 @@ async def test_preempted_batch_answers_resume_seamlessly(start_sims, start_gatew
         chunks = [c async for c in stream]
         return chunks, "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
-    async def interactive() -> str:
+    async def whole():
+        return await client.chat.completions.create(model="m", messages=MSGS, max_tokens=BATCH_TOKENS, extra_headers=batch)
+
+    async def preempting(victim):
+        """A filler batch answer, then `victim` (it has written less: the cheaper to preempt), then an interactive
+        request: it takes the victim's slot."""
+        filler = asyncio.create_task(whole())
+        await asyncio.sleep(0.5)
+        task = asyncio.create_task(victim())
+        await both_running(sims.url("gpu"))
         r = await client.chat.completions.create(model="m", messages=MSGS, max_tokens=8)
-        return r.choices[0].message.content or ""
+        assert r.choices[0].message.content
+        assert count_text((await filler).choices[0].message.content) == BATCH_TOKENS
+        return await task
 
-    # B (non-streamed) first, then A (streamed): the first interactive request preempts A (it wrote less), the
-    # second B (A, preempted once, may not be preempted again).
-    b = asyncio.create_task(client.chat.completions.create(model="m", messages=MSGS, max_tokens=BATCH_TOKENS, extra_headers=batch))
-    await asyncio.sleep(0.5)
-    a = asyncio.create_task(streamed())
-    await both_running(sims.url("gpu"))
-    assert await interactive()
-    await both_running(sims.url("gpu"))  # A resumed
-    assert await interactive()
-    chunks, text = await a
-    whole = await b
-
-    # The stream: one role chunk, one id/created/model throughout, every token once, usage of the whole answer.
+    # A stream: one role chunk, one id/created/model throughout, every token once, usage of the whole answer.
+    chunks, text = await preempting(streamed)
     assert sum(1 for c in chunks if c.choices and c.choices[0].delta.role) == 1
     assert len({(c.id, c.created, c.model) for c in chunks}) == 1
     assert count_text(text) == BATCH_TOKENS
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
     usage = chunks[-1].usage
     assert (usage.completion_tokens, usage.prompt_tokens) == (BATCH_TOKENS, prompt_tokens)
-    # The body: the whole answer's content and usage.
-    assert count_text(whole.choices[0].message.content) == BATCH_TOKENS and whole.choices[0].finish_reason == "length"
-    assert (whole.usage.completion_tokens, whole.usage.prompt_tokens) == (BATCH_TOKENS, prompt_tokens)
+    # A body: the whole answer's content and usage.
+    body = await preempting(whole)
+    assert count_text(body.choices[0].message.content) == BATCH_TOKENS and body.choices[0].finish_reason == "length"
+    assert (body.usage.completion_tokens, body.usage.prompt_tokens) == (BATCH_TOKENS, prompt_tokens)
     async with aiohttp.ClientSession() as s, s.get(gw.url + "/metrics") as r:
         metrics = await r.text()
     assert 'gateway_preemptions_total{upstream="gpu"} 2.0' in metrics
