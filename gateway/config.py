@@ -185,6 +185,9 @@ class ServiceClass(BaseModel):
     #: (batch work flows to the cheapest tokens), `throughput` = the largest marginal tok/s gain; None = the
     #: pool's strategy. Admission (the class's targets, the guards that protect interactive room) is unchanged.
     prefer: Preference | None = None
+    #: How many times a request of this class may be preempted on a GPU upstream for a class with targets and a
+    #: better priority, and resumed as a continuation (gateway/routing/preempt.py); 0: never preempted.
+    max_preemptions: int = Field(0, ge=0)
 
 
 class NativeBatch(BaseModel):
@@ -205,7 +208,7 @@ class NativeBatch(BaseModel):
 def default_classes() -> dict[str, ServiceClass]:
     return {
         "interactive": ServiceClass(min_tok_s=20.0, max_ttft_s=2.0, priority=0, wait_s=1.0),
-        "batch": ServiceClass(priority=10, min_share=0.1, wait_s=0.0, aging_s=10.0, max_wait_s=300.0),
+        "batch": ServiceClass(priority=10, min_share=0.1, wait_s=0.0, aging_s=10.0, max_wait_s=300.0, max_preemptions=2),
     }
 
 

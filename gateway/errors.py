@@ -10,6 +10,7 @@ GatewayError            what the client sees: status, message, OpenAI `code`/`pa
 │   └── UpstreamRejected       the upstream refused the request itself (400, 413, 422...): the client's fault,
 │                              the upstream is healthy, never retried
 ├── ClientDisconnected (499)   the client left; recorded on spans and metrics, never answered
+├── Preempted (503)            the gateway ended a batch attempt for an interactive request; resumed, never answered
 └── (plain GatewayError)       refused by the gateway: validation, auth, limits, queue
 
 Whether to retry is a property of the exception (`retryable`), and whether the upstream is to blame (`blames_upstream`)
@@ -163,3 +164,11 @@ class ClientDisconnected(GatewayError):
 def sse_error_event(err: GatewayError) -> bytes:
     """The SSE frame sent when a stream fails after the first byte reached the client."""
     return b"data: " + json.dumps(err.body()).encode() + b"\n\n"
+
+
+class Preempted(GatewayError):
+    """The gateway ended this attempt to give its slot to a request of a class with targets
+    (gateway/routing/preempt.py); the proxy resumes the request as a continuation, the client never sees this."""
+
+    def __init__(self, upstream: str) -> None:
+        super().__init__(503, f"preempted on upstream {upstream}", code="preempted")

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from gateway.errors import GatewayError
+    from gateway.routing.preempt import Running
     from gateway.routing.router import Decision
     from gateway.state.measure import Outcome
     from gateway.state.stats import UpstreamStats
@@ -46,6 +47,8 @@ class Attempt:
     contacted: bool = False  # the request was sent (a failure before that says nothing about the upstream)
     streamed: bool = False  # bytes of this attempt reached the client
     error: GatewayError | None = None
+    #: While the attempt may be preempted: its entry in the router's registry (routing/preempt.py Running).
+    preempt: Running | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -22,12 +22,12 @@ import time
 from gateway.context import RequestContext
 from gateway.dialects import DIALECTS
 from gateway.dialects.client_stream import ClientStream
-from gateway.errors import ClientDisconnected, GatewayError, UpstreamError, UpstreamProtocolError
+from gateway.errors import ClientDisconnected, GatewayError, Preempted, UpstreamError, UpstreamProtocolError
 from gateway.hooks import Attempt, Hooks
 from gateway.observability.redact import scrub
 from gateway.reliability import deadlines
 from gateway.reliability.retry_budget import RetryBudget
-from gateway.routing import classes
+from gateway.routing import classes, preempt
 from gateway.routing.router import Router
 from gateway.settings import Settings
 from gateway.state.fleet import Fleet, Pool
@@ -37,6 +37,7 @@ from gateway.upstream import Provider, provider_of
 from gateway.upstream.client import Reply, Timeouts, Transport
 from gateway.upstream.headers import client_key, forwarded, relayed
 from gateway.upstream.policy import fit
+from gateway.upstream.resume import Resume, stitch, whole_body
 from gateway.writers import ClientGone, ResponseWriter
 
 log = logging.getLogger("gateway.proxy")
@@ -103,8 +104,22 @@ class Proxy:
         return pool
 
     async def _attempts(self, ctx: RequestContext, pool: Pool, writer: ResponseWriter) -> None:
+        """Serve the request, resuming it as a continuation each time it is preempted (upstream/resume.py)."""
         self.budget.request()
-        tried: set[str] = set()
+        exclude: frozenset[str] = frozenset()
+        while True:
+            try:
+                await self._tries(ctx, pool, writer, exclude)
+                break
+            except Preempted:
+                ctx.body, ctx.est = ctx.resume.continuation()
+                # Only vLLM-style engines take a continuation (resume.py): never a hosted API.
+                exclude = frozenset(u.name for u in pool.upstreams if not preempt.continues(u))
+        if ctx.resume is not None and ctx.resume.tokens:
+            _whole_usage(ctx, ctx.resume)
+
+    async def _tries(self, ctx: RequestContext, pool: Pool, writer: ResponseWriter, exclude: frozenset[str]) -> None:
+        tried: set[str] = set(exclude)
         last: UpstreamError | None = None
         for number in range(1, self.s.max_attempts + 1):
             if number > 1 and not self.budget.try_spend():
@@ -118,10 +133,11 @@ class Proxy:
                     last.retry_after = max(last.retry_after or 0.0, e.retry_after)
                 break  # nowhere left to retry: report the upstream failure
             tried.add(d.upstream.name)
-            attempt = Attempt(number, d, Outcome())
+            # A continuation's stream is already open: its failures go in-band like any streamed attempt's.
+            attempt = Attempt(number, d, Outcome(), streamed=ctx.stream and writer.started)
             self.hooks.emit("decision", ctx, attempt)
             try:
-                await self._attempt(ctx, attempt, writer, pool.cfg.drop_unsupported_params)
+                await self._attempt(ctx, attempt, writer, pool)
                 return
             except UpstreamError as f:
                 if not f.retryable:
@@ -134,15 +150,22 @@ class Proxy:
         raise last
 
     # ---- one attempt ----------------------------------------------------------------------------------------------
-    async def _attempt(self, ctx: RequestContext, a: Attempt, writer: ResponseWriter, drop: bool) -> None:
+    async def _attempt(self, ctx: RequestContext, a: Attempt, writer: ResponseWriter, pool: Pool) -> None:
         u = a.upstream
         cfg = u.cfg
         prov = provider_of(cfg, ctx.dialect if ctx.native is not None else None)
         a.upstream_model = cfg.model or ctx.model
         byok = client_key(ctx.headers, self.s.require_api_key) if cfg.byok else None
         a.headers = {**prov.headers(cfg, byok), **forwarded(ctx.headers, self.s.forward_headers)}
+        cls = pool.cfg.classes[ctx.service_class]
+        lends = preempt.preemptible(ctx, cls, u)
+        if lends and ctx.resume is None:
+            ctx.resume = Resume(ctx.body, ctx.est)
+        # A preemptible answer is streamed from the upstream even for a non-streamed client: what was written
+        # must survive a preemption (resume.py assembles the body).
+        collect = not ctx.stream and ctx.resume is not None
         try:
-            data = _encode(ctx, prov, a.upstream_model, drop)
+            data = _encode(ctx, prov, a.upstream_model, pool.cfg.drop_unsupported_params, stream=collect)
             self.hooks.emit("attempt_start", ctx, a)
             a.contacted = True
             deadline = a.t0 + (cfg.timeout or (self.s.stream_total_timeout if ctx.stream else self.s.total_timeout))
@@ -151,13 +174,20 @@ class Proxy:
             a.status = resp.status
             _relay_headers(ctx, resp)
             clean = False
+            if lends:
+                a.preempt = preempt.Running(ctx, a.outcome, lambda: resp.close(False), ctx.resume.preemptions)
+                self.router.preemptions.add(u.name, a.preempt)
             try:
                 if ctx.stream:
                     await self._relay_stream(ctx, a, prov, resp, writer, Timeouts(first, self.s.idle_timeout, deadline))
+                elif collect:
+                    await self._relay_collected(ctx, a, prov, resp, writer, Timeouts(first, first, deadline))
                 else:
                     await self._relay_body(ctx, a, prov, resp, writer, deadline)
                 clean = a.error is None
             finally:
+                if a.preempt is not None:
+                    self.router.preemptions.discard(u.name, a.preempt)
                 resp.close(clean)
         except GatewayError as e:
             a.error = e
@@ -185,11 +215,34 @@ class Proxy:
         ctx.upstream = a.upstream.name
         await writer.send(200, body, {**_JSON, **ctx.response_headers, **perf_headers(ctx, out, out.last_at)})
 
+    async def _relay_collected(
+        self, ctx: RequestContext, a: Attempt, prov: Provider, resp: Reply, writer: ResponseWriter, t: Timeouts
+    ) -> None:
+        """A non-streamed answer asked of the upstream as a stream (a preemptible one), sent as one body."""
+        decoder = prov.stream_decoder(a.upstream_model, True)
+        out = a.outcome
+        try:
+            async for f in resp.frames(decoder, t):
+                _observe(a, f.chunks)
+            if not resp.terminated and not out.finish_reasons:
+                raise UpstreamProtocolError(f"upstream {a.upstream.name} closed the stream early", code="upstream_disconnected")
+            _observe(a, decoder.finish())
+        except UpstreamError:
+            _if_preempted(ctx, a)
+            raise
+        r = ctx.resume
+        data = whole_body(out, r if r is not None and r.preemptions else None)
+        ctx.upstream = a.upstream.name
+        now = out.last_at or time.monotonic()
+        await writer.send(200, DIALECTS[ctx.dialect].body(ctx, data), {**_JSON, **ctx.response_headers, **perf_headers(ctx, out, now)})
+
     async def _relay_stream(
         self, ctx: RequestContext, a: Attempt, prov: Provider, resp: Reply, writer: ResponseWriter, t: Timeouts
     ) -> None:
-        enc = DIALECTS[ctx.dialect].stream(ctx)
-        native = prov.dialect == ctx.dialect  # relay the upstream's frames untouched
+        r = ctx.resume
+        enc = _client_stream(ctx)
+        cont = r is not None and bool(r.ident)  # the client has the first response's start: the chunks join it
+        native = prov.dialect == ctx.dialect and not cont  # relay the upstream's frames untouched
         decoder = prov.stream_decoder(a.upstream_model, ctx.include_usage)
         out = a.outcome
         next_progress = 0.0
@@ -207,16 +260,17 @@ class Proxy:
                 if native:
                     buf = f.event.raw if enc.keeps(f.chunks) else b""
                 else:
-                    buf = b"".join(enc.chunk(c) for c in f.chunks)
+                    buf = b"".join(enc.chunk(c) for c in _joined(f.chunks, r if cont else None))
                 if buf:
                     await self._write(ctx, a, writer, buf, t.deadline)
             if not resp.terminated and not out.finish_reasons:
                 raise UpstreamProtocolError(f"upstream {a.upstream.name} closed the stream early", code="upstream_disconnected")
             tail = decoder.finish()
             _observe(a, tail)
-            await self._write(ctx, a, writer, self._stream_end(ctx, out, tail, enc, native), t.deadline)
+            await self._write(ctx, a, writer, self._stream_end(ctx, out, _joined(tail, r if cont else None), enc, native), t.deadline)
             await writer.end()
         except UpstreamError as e:
+            _if_preempted(ctx, a)
             if not a.streamed:
                 raise
             a.error = e  # after the first byte: no retry; the client learns in-band
@@ -256,6 +310,38 @@ class Proxy:
             raise ClientGone("the client stopped reading the stream") from None
 
 
+def _client_stream(ctx: RequestContext) -> ClientStream:
+    """The encoder of the client's stream: one per request, kept across a preempted request's attempts."""
+    r = ctx.resume
+    if r is None:
+        return DIALECTS[ctx.dialect].stream(ctx)
+    if r.enc is None:
+        r.enc = DIALECTS[ctx.dialect].stream(ctx)
+    return r.enc
+
+
+def _joined(chunks: list[dict], r: Resume | None) -> list[dict]:
+    """A continuation's chunks as part of the first response (resume.stitch); others unchanged."""
+    if r is None:
+        return chunks
+    return [s for c in chunks if (s := stitch(c, r)) is not None]
+
+
+def _if_preempted(ctx: RequestContext, a: Attempt) -> None:
+    """The attempt failed because the gateway preempted it: keep what it wrote and say so (Preempted)."""
+    if a.preempt is not None and a.preempt.preempted:
+        ctx.resume.absorb(a.outcome)
+        raise Preempted(a.upstream.name) from None
+
+
+def _whole_usage(ctx: RequestContext, r: Resume) -> None:
+    """The request's usage counts every attempt's output, and the original prompt (not the continuations')."""
+    u = ctx.usage
+    u.output_tokens += r.tokens
+    if u.input_tokens is not None:
+        u.input_tokens = max(0, u.input_tokens - r.tokens)
+
+
 def _relay_headers(ctx: RequestContext, resp: Reply) -> None:
     """The upstream's rate-limit/processing headers go to the client (only the serving attempt's)."""
     old = ctx.extras.pop("relayed", ())
@@ -275,8 +361,11 @@ def _observe(a: Attempt, chunks: list[dict]) -> None:
         raise UpstreamProtocolError(f"upstream {a.upstream.name} sent an invalid event", code="upstream_bad_response") from None
 
 
-def _encode(ctx: RequestContext, prov: Provider, upstream_model: str, drop: bool) -> bytes:
+def _encode(ctx: RequestContext, prov: Provider, upstream_model: str, drop: bool, stream: bool = False) -> bytes:
+    """The upstream request body; `stream`: asked as a stream whatever the client asked (_relay_collected)."""
     body = fit(ctx, prov, drop)  # a parameter the upstream cannot honour: 400, or dropped and listed (policy.py)
+    if stream:
+        body = {**body, "stream": True}
     try:
         if ctx.native is not None and prov.dialect == ctx.dialect:
             return prov.encode_native(ctx.native, upstream_model)

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, Preempted
 from gateway.observability import telemetry as T
 from gateway.upstream import telemetry_provider_name
 
@@ -106,7 +106,12 @@ class Tracing:
             server.set_attributes(attrs)
             if a.status:
                 span.set_attribute("http.response.status_code", a.status)
-            if a.error is not None:
+            if isinstance(a.error, Preempted):  # not a failure: the request goes on as a continuation
+                event: dict[str, str | int] = {"gateway.upstream": a.upstream.name,
+                                               "gateway.preempted.output_chars": sum(map(len, a.outcome.text))}
+                span.add_event("gateway.preempted", event)
+                server.add_event("gateway.preempted", event)
+            elif a.error is not None:
                 span.set_attribute(T.ATTR_ERROR_TYPE, a.error.error_type)
                 if a.error.status != 499:
                     span.set_status(Status(StatusCode.ERROR, a.error.message))
@@ -179,6 +184,8 @@ class Metrics:
 
     def attempt_end(self, ctx: RequestContext, a: Attempt) -> None:
         out, u = a.outcome, a.upstream
+        if isinstance(a.error, Preempted):
+            self.tel.record_preemption(u.name)
         self.tel.record_operation(
             operation=ctx.operation,
             request_model=ctx.model,

@@ -141,6 +141,7 @@ REQUESTS = Spec("gateway.requests", "{request}",
 ATTEMPTS = Spec("gateway.upstream.attempts", "{attempt}",
                 "Attempts on upstreams, by model, upstream and HTTP status (a retried request has several).")
 EJECTIONS = Spec("gateway.ejections", "{ejection}", "Upstream ejections decided by this replica.")
+PREEMPTIONS = Spec("gateway.preemptions", "{preemption}", "Attempts preempted for a request of a class with targets (resumed), by upstream.")
 BATCH_LINES = Spec("gateway.batch.lines", "{line}", "Batch lines given their final result, by outcome.")
 
 
@@ -199,7 +200,7 @@ def server_address_port(base_url: str) -> tuple[str, int]:
     return parts.hostname or "", port
 
 
-_STATUS_WORDS = {"rate_limited": 429, "client_disconnected": 499}
+_STATUS_WORDS = {"rate_limited": 429, "client_disconnected": 499, "preempted": 503}
 
 
 def status_code(error_type: str | None) -> int:
@@ -421,7 +422,8 @@ class Telemetry:
         self._attempts = Counter(ATTEMPTS, ("model", "upstream", "code"))
         self._ejections = Counter(EJECTIONS, ("upstream",))
         self._batch_lines = Counter(BATCH_LINES, ("outcome",))
-        counters = (self._requests, self._attempts, self._ejections, self._batch_lines)
+        self._preemptions = Counter(PREEMPTIONS, ("upstream",))
+        counters = (self._requests, self._attempts, self._ejections, self._batch_lines, self._preemptions)
         #: In /metrics order.
         self._instruments: tuple[Histogram | Counter, ...] = (self._duration, self._tokens, self._ttfc, *counters)
         if meter is not None:
@@ -514,6 +516,10 @@ class Telemetry:
     def record_ejection(self, upstream: str) -> None:
         """Count one ejection of ``upstream`` (``gateway_ejections_total{upstream}``)."""
         self._ejections.add((upstream,))
+
+    def record_preemption(self, upstream: str) -> None:
+        """Count one attempt preempted on ``upstream`` (``gateway_preemptions_total{upstream}``)."""
+        self._preemptions.add((upstream,))
 
     def record_batch_line(self, ok: bool) -> None:
         """Count one batch line given its final result (``gateway_batch_lines_total{outcome}``)."""

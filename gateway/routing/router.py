@@ -26,6 +26,7 @@ from gateway.reliability.outlier import OutlierDetector
 from gateway.routing import candidates
 from gateway.routing.affinity import Affinity
 from gateway.routing.classes import BATCH, TURNOVER_WAIT, ClassPolicy
+from gateway.routing.preempt import Preemptions
 from gateway.state.fleet import Fleet, Pool
 from gateway.state.load import KV_FILL, KV_RISK_FROM
 from gateway.state.stats import UpstreamStats
@@ -217,6 +218,8 @@ class Router:
         self.queue_timeout = queue_timeout
         self._queues: dict[str, deque[_Waiter]] = {m: deque() for m in fleet.pools}
         self.classes = ClassPolicy()
+        #: The preemptible attempts running on each upstream (the proxy registers them).
+        self.preemptions = Preemptions()
         #: The replica's prefix index (KV-cache affinity); None: routing never looks at the prompt.
         self.affinity: Affinity | None = None
 
@@ -396,6 +399,7 @@ class Router:
             last = Refusal("saturated", "queued behind earlier requests")
         if len(q) >= self.queue_max:
             raise GatewayError(503, f"gateway queue for model {pool.model!r} is full", code="queue_full", retry_after=1)
+        self._preempt_for(pool, ctx, cls, last, exclude)
         w = _Waiter(pool, ctx, cls, exclude, asyncio.get_running_loop().create_future(), time.monotonic(), last)
         q.append(w)
         self._queue_changed(pool)
@@ -417,6 +421,13 @@ class Router:
                 self._queue_changed(pool)
         d.queue_wait = time.monotonic() - w.since
         return d
+
+    def _preempt_for(self, pool: Pool, ctx: RequestContext, cls: ServiceClass, why: Refusal, exclude: frozenset[str]) -> None:
+        """A request with targets about to wait for want of a slot: end one lower-class stream where it would then
+        fit (routing/preempt.py). The slot comes back when that attempt ends, and the queue serves this request
+        first (its class's priority is better)."""
+        if (cls.min_tok_s > 0 or cls.max_ttft_s is not None) and why.kind in ("class_limited", "saturated"):
+            self.preemptions.make_room(pool, ctx, self.classes, exclude)
 
     def _timeout(self, cls: ServiceClass) -> float:
         """How long a request of this class waits in the queue at most."""

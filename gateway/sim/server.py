@@ -24,6 +24,7 @@ from gateway.sim.engine import GpuEngine, PromptTooLong, RateLimited, SimModel, 
 from gateway.sim.hosted import HostedModel, retry_after_header
 from gateway.sim.kv_engine import KvEngine
 from gateway.sim.profile import PRESETS
+from gateway.tokens import count_text
 
 
 @dataclass
@@ -167,6 +168,7 @@ def parse_job(api: Api, body: Any, sim: SimModel, model_default: str) -> Job:
         raise BadRequest("Request body must be a JSON object")
     cfg = sim.cfg
     tools = body.get("tools")
+    done: int | None = None  # tokens of the answer a continuation request already has
     if api == "completions":
         prompt = body.get("prompt")
         if isinstance(prompt, str):
@@ -183,7 +185,9 @@ def parse_job(api: Api, body: Any, sim: SimModel, model_default: str) -> Job:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise BadRequest("'messages' must be a non-empty array of message objects", "messages")
-        chars = sum(len(_text(m.get("content"))) for m in messages) + len(_text(body.get("system")))
+        done = _continued(api, body, messages)
+        head = messages[:-1] if done is not None else messages
+        chars = sum(len(_text(m.get("content"))) for m in head) + len(_text(body.get("system")))
         users = [m for m in messages if m.get("role") == "user"]
         last = _text(users[-1].get("content")) if users else ""
         if api == "messages":
@@ -198,13 +202,14 @@ def parse_job(api: Api, body: Any, sim: SimModel, model_default: str) -> Job:
         t0 = tools[0] if isinstance(tools[0], dict) else {}
         tool = str(t0.get("name") or (t0.get("function") or {}).get("name") or "tool")
     m = _STOP_RE.search(last)
+    written = done or 0  # a continuation: the answer's tokens already written count toward STOP_AFTER_n
     if tool is not None:
         n, finish = len(TOOL_ARGS) + 1, "tool_calls"
-    elif m is not None and int(m.group(1)) <= limit:
-        n, finish = int(m.group(1)), "stop"
+    elif m is not None and int(m.group(1)) - written <= limit:
+        n, finish = max(0, int(m.group(1)) - written), "stop"
     else:
         n, finish = limit, "length" if max_tokens else "stop"
-    prompt_tokens, hashes = max(1, chars // 4), list[int]()
+    prompt_tokens, hashes = max(1, chars // 4 + written), list[int]()
     block = sim.prefix_block_size
     if block is not None:  # real token ids only where a cache or a KV budget needs them
         count, hashes = prefix.prompt_block_hashes(body, block)
@@ -216,6 +221,22 @@ def parse_job(api: Api, body: Any, sim: SimModel, model_default: str) -> Job:
                n=n, finish=finish, stream=bool(body.get("stream")),
                include_usage=isinstance(so, dict) and bool(so.get("include_usage")), tool=tool,
                budget=prompt_tokens + limit, rid=sim.next_id(), created=int(time.time()), hashes=hashes)
+
+
+def _continued(api: Api, body: dict[str, Any], messages: list[dict[str, Any]]) -> int | None:
+    """Tokens of the final assistant message a request continues (vLLM's `continue_final_message`), else None.
+
+    As vLLM's OpenAI server: the final message must be the assistant's, and `add_generation_prompt` (default true)
+    must be turned off, or the request is refused. The continued text is prompt (counted in tokens, as the engine
+    tokenizes it) and the answer picks up from it: output up to the request's max_tokens, STOP_AFTER_n counting
+    the tokens already written."""
+    if api != "chat" or not body.get("continue_final_message"):
+        return None
+    if body.get("add_generation_prompt", True):
+        raise BadRequest("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
+    if messages[-1].get("role") != "assistant":
+        raise BadRequest("continue_final_message requires the final message to be from the assistant", "messages")
+    return count_text(_text(messages[-1].get("content")))
 
 
 # ------------------------------------------------------------------------------- wire formats

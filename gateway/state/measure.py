@@ -30,6 +30,7 @@ class Outcome:
     finish_reasons: list[str] = field(default_factory=list)
     response_model: str | None = None
     response_id: str | None = None
+    response_created: int | None = None
     text: list[str] = field(default_factory=list)
     # Progress samples while a stream runs: the time, text index and load integral of the last one.
     mark_at: float | None = None
@@ -69,6 +70,7 @@ def observe_chunk(out: Outcome, c: dict) -> None:
     if out.response_model is None:
         out.response_model = c.get("model")
         out.response_id = c.get("id")
+        out.response_created = c.get("created")
     for ch in choices:
         delta = ch.get("delta") or ch
         text = delta.get("content") or delta.get("text")

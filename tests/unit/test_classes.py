@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from gateway.config import FleetConfig, ServiceClass
+from gateway.config import FleetConfig, ServiceClass, default_classes
 from gateway.context import Estimate, RequestContext
 from gateway.errors import GatewayError
 from gateway.reliability.outlier import OutlierDetector
@@ -17,15 +17,17 @@ from gateway.routing.router import Refusal, Router
 from gateway.state.fleet import Fleet
 
 
-def fleet_of(slots: dict[str, int], interactive: ServiceClass | None = None) -> tuple[Fleet, Router]:
-    """GPU upstreams with t(n) = 0.008 + 0.0004 n (floor 40 tok/s with the 3% margin -> n_f = 40) and the given slots."""
+def fleet_of(slots: dict[str, int], interactive: ServiceClass | None = None, preempt: int = 0) -> tuple[Fleet, Router]:
+    """GPU upstreams with t(n) = 0.008 + 0.0004 n (floor 40 tok/s with the 3% margin -> n_f = 40) and the given slots;
+    batch requests may be preempted `preempt` times (0: the room for interactive requests is kept idle)."""
     ups = {
         n: {"base_url": f"http://127.0.0.1:1/{n}", "max_concurrency": mc, "capacity": {"a": 0.008, "b": 0.0004, "ttft": 0.1}}
         for n, mc in slots.items()
     }
-    model: dict = {"upstreams": list(slots)}
+    batch = default_classes()["batch"].model_copy(update={"max_preemptions": preempt})
+    model: dict = {"upstreams": list(slots), "classes": {"batch": batch.model_dump()}}
     if interactive is not None:
-        model["classes"] = {"interactive": interactive.model_dump()}
+        model["classes"]["interactive"] = interactive.model_dump()
     fleet = Fleet(FleetConfig.model_validate({"upstreams": ups, "models": {"m": model}}), "throughput")
     return fleet, Router(fleet, OutlierDetector(3, 1.0, 10.0), queue_max=16, queue_timeout=5.0)
 
@@ -157,7 +159,8 @@ def test_batch_may_spend_a_rate_limited_api_when_gpu_room_is_kept() -> None:
         "H": {"base_url": "http://127.0.0.1:1/h", "kind": "hosted", "max_concurrency": 32, "rpm": 120,
               "capacity": {"a": 0.0167, "b": 0.0, "ttft": 0.4}},
     }
-    model = {"upstreams": ["A", "H"], "classes": {"interactive": FLOOR40.model_dump()}}
+    batch = default_classes()["batch"].model_copy(update={"max_preemptions": 0})
+    model = {"upstreams": ["A", "H"], "classes": {"interactive": FLOOR40.model_dump(), "batch": batch.model_dump()}}
     fleet = Fleet(FleetConfig.model_validate({"upstreams": ups, "models": {"m": model}}), "throughput")
     router = Router(fleet, OutlierDetector(3, 1.0, 10.0), queue_max=16, queue_timeout=5.0)
     pool = fleet.pools["m"]

@@ -48,11 +48,16 @@ class Rec:
     upstream: str = ""  # x-gateway-upstream: who served it (the `class_cost` scenario prices it there)
 
     def met(self) -> bool:
+        return self.miss() is None
+
+    def miss(self) -> str | None:
+        """Why the request missed the interactive targets (error, ttft, speed), or None."""
         if not self.ok or self.first is None:
-            return False
+            return "error"
         if self.first - self.start > MAX_TTFT_S:
-            return False
-        return self.tokens < 2 or (self.tokens - 1) / max(1e-9, self.end - self.first) >= FLOOR_TOK_S
+            return "ttft"
+        slow = self.tokens >= 2 and (self.tokens - 1) / max(1e-9, self.end - self.first) < FLOOR_TOK_S
+        return "speed" if slow else None
 
 
 class Load:
@@ -189,6 +194,7 @@ def summarise(load: Load, warmup: float, phase: float, best_total: float, feasib
         "surge": {c: _class_figures(load, c, phase, end) for c in ("interactive", "batch")},
         "after_surge_10s": _class_figures(load, "interactive", phase + 10.0, end) if end - phase > 12 else None,
     }
+    out["interactive_misses"] = _misses(inter, warmup, end)
     out["tok_s_by_upstream"] = _by_upstream(load, warmup, end)
     out["phase1"]["tok_s_by_upstream"] = _by_upstream(load, warmup, phase)
     out["surge"]["tok_s_by_upstream"] = _by_upstream(load, phase, end)
@@ -201,6 +207,17 @@ def summarise(load: Load, warmup: float, phase: float, best_total: float, feasib
     if feasible:
         out["pct_of_slo_feasible_best"] = round(100 * total / feasible, 1)
     out["recovery_s"] = _recovery(inter, phase, end)
+    return out
+
+
+def _misses(recs: list[Rec], t0: float, t1: float) -> dict[str, dict[str, int]]:
+    """Interactive requests that missed their targets, by the upstream that served them and why."""
+    out: dict[str, dict[str, int]] = {}
+    for r in recs:
+        why = r.miss() if t0 <= r.start < t1 else None
+        if why is not None:
+            row = out.setdefault(r.upstream or "-", {})
+            row[why] = row.get(why, 0) + 1
     return out
 
 
@@ -289,9 +306,11 @@ async def mixed(bench: Any) -> dict:
             finally:
                 sampler.cancel()
                 await asyncio.gather(sampler, return_exceptions=True)
+            preempted = await _preemptions(gw.url)
         finally:
             await bench._teardown(gw, sims)
         res["variants"][name] = summarise(recs, o.warmup, phase, best, feasible)
+        res["variants"][name]["preemptions"] = preempted
         print(f"  mixed/{name}: " + json.dumps({k: res["variants"][name][k] for k in ("total_tok_s", "pct_of_best_total", "pct_of_slo_feasible_best")}
                                               | {"attainment": res["variants"][name]["interactive"]["attainment_pct"]}), flush=True)
     res["error_count"] = sum(v["interactive"]["errors"] for v in res["variants"].values())
@@ -324,7 +343,23 @@ def render(r: dict) -> list[str]:
         if p1 and p2:
             lines.append(f"{name}: mean requests at each simulator (phase 1 / surge): "
                          + ", ".join(f"{n} {p1[n]:g} / {p2.get(n, 0):g}" for n in p1))
+        if v.get("preemptions"):
+            lines.append(f"{name}: preemptions by upstream: " + ", ".join(f"{n} {c:g}" for n, c in v["preemptions"].items()))
+        if v.get("interactive_misses"):
+            lines.append(f"{name}: interactive misses by upstream and reason: " + json.dumps(v["interactive_misses"]))
     return lines
+
+
+async def _preemptions(url: str) -> dict[str, float]:
+    """gateway_preemptions_total per upstream, from the gateway's /metrics."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s, s.get(url + "/metrics") as r:
+        text = await r.text()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("gateway_preemptions_total{"):
+            labels, value = line.rsplit(" ", 1)
+            out[labels.split('upstream="', 1)[1].split('"', 1)[0]] = float(value)
+    return out
 
 
 async def _sim_tokens(sims: B.SimFleetProc) -> int:
