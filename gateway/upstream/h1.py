@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Mapping
 from functools import lru_cache
 
+from aiohttp import ClientConnectionError
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDictProxy
@@ -86,8 +87,14 @@ class H1Response:
             self._pool.put(self._key, proto)
 
     def close(self) -> None:
-        """Close the connection (a half-read response: the upstream sees the disconnect and stops generating)."""
+        """Close the connection (a half-read response: the upstream sees the disconnect and stops generating).
+
+        A read still waiting on the body fails at once, as after `aiohttp.ClientResponse.close`: the protocol's
+        close drops its payload before the connection is lost, so nothing else would wake that reader (a
+        preempted stream's relay would sit until its idle timeout)."""
         proto, self._proto = self._proto, None
+        if not self.content.is_eof() and self.content.exception() is None:
+            self.content.set_exception(ClientConnectionError("Connection closed"))
         if proto is not None:
             self._pool.drop(proto)
 

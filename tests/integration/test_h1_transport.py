@@ -9,7 +9,7 @@ import gzip
 import json
 
 import pytest
-from aiohttp import web
+from aiohttp import ClientConnectionError, web
 
 from gateway.errors import UpstreamConnectError, UpstreamTimeout
 from gateway.sim import SimConfig
@@ -116,6 +116,30 @@ async def test_half_read_or_connection_close_responses_are_not_reused(start_upst
         await r.content.read()
         r.close()
         assert len(set(peers)) == 3 and not pool._live
+    finally:
+        pool.close()
+
+
+async def test_close_wakes_a_reader_waiting_on_the_body(start_upstream):
+    """Preemption ends a stream by closing its response while the relay waits on the body: the wait must end at
+    once with a connection error (as after aiohttp's ClientResponse.close), not at the idle timeout."""
+    async def chat(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        await resp.write(b"x")
+        await asyncio.sleep(5)
+        return resp
+
+    pool = H1Pool(connect_timeout=5)
+    try:
+        r = await pool.post(await start_upstream(chat) + "/chat/completions", BODY, JSON)
+        assert await r.content.readany() == b"x"
+        waiting = asyncio.create_task(r.content.readany())
+        await asyncio.sleep(0.05)
+        r.close()
+        with pytest.raises(ClientConnectionError):
+            await asyncio.wait_for(waiting, 1.0)
+        assert not pool._live
     finally:
         pool.close()
 

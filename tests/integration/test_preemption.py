@@ -87,4 +87,4 @@ async def test_preempted_batch_answers_resume_seamlessly(start_sims, start_gatew
     assert (body.usage.completion_tokens, body.usage.prompt_tokens) == (BATCH_TOKENS, prompt_tokens)
     async with aiohttp.ClientSession() as s, s.get(gw.url + "/metrics") as r:
         metrics = await r.text()
-    assert 'gateway_preemptions_total{upstream="gpu"} 2.0' in metrics
+    assert 'gateway_preemptions_total{upstream="gpu"} 2.0' in metrics, [ln for ln in metrics.splitlines() if "gateway_preempt" in ln]
