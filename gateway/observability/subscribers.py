@@ -44,7 +44,10 @@ class Propagation:
         self.tel = tel
 
     def attempt_start(self, ctx: RequestContext, a: Attempt) -> None:
-        client = trace.get_current_span(self.tel.extract(ctx.headers))  # the invalid span when none was sent
+        parent = self.tel.extract(ctx.headers)
+        if parent is T.NO_CONTEXT:  # most requests: no traceparent
+            return
+        client = trace.get_current_span(parent)  # the invalid span when the traceparent was not valid
         if client.get_span_context().is_valid:
             self.tel.inject(a.headers, trace.set_span_in_context(client))
 

@@ -348,7 +348,8 @@ class _CaseInsensitiveGetter(Getter[Mapping[str, str]]):
 _GETTER = _CaseInsensitiveGetter()
 _PROPAGATOR = TraceContextTextMapPropagator()
 _TRACEPARENT = "traceparent"  # W3C Trace Context: without it there is no parent to continue
-_NO_CONTEXT = Context()
+#: What `Telemetry.extract` returns for headers without a traceparent (compare by identity: nothing to continue).
+NO_CONTEXT = Context()
 
 
 def _env(name: str) -> str:
@@ -465,7 +466,7 @@ class Telemetry:
         """Context from the client's W3C ``traceparent``/``tracestate`` headers (most requests have none: then the
         empty context at once, as the propagator would return it)."""
         if _GETTER.get(headers, _TRACEPARENT) is None:
-            return _NO_CONTEXT
+            return NO_CONTEXT
         return _PROPAGATOR.extract(headers, getter=_GETTER)
 
     def inject(self, headers: dict[str, str], context: Context | None = None) -> None:
