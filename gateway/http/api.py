@@ -59,14 +59,21 @@ def _loads(raw: bytes) -> object:
     return _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
 
 
+def body_too_large(limit: int) -> GatewayError:
+    """The 413 of a body over the limit (also when aiohttp itself refuses one: app._too_large)."""
+    return GatewayError(413, f"request body too large (limit {limit} bytes)", code="body_too_large")
+
+
 async def read_json(request: web.Request) -> dict:
     s = request.app[PROXY_KEY].s
     declared = request.content_length
     if declared is not None and declared > s.max_body_bytes:  # refuse before waiting for the bytes
-        raise GatewayError(413, f"request body too large (limit {s.max_body_bytes} bytes)", code="body_too_large")
+        raise body_too_large(s.max_body_bytes)
     try:
-        if request.content.is_eof():  # a small body arrives with the headers: nothing to wait for, no timer to arm
-            raw = await request.read()
+        if request.content.is_eof():  # a small body arrives with the headers: all buffered, one read, no timer to arm
+            raw = request.content.read_nowait()
+            if len(raw) > s.max_body_bytes:  # no declared length (chunked): the limit aiohttp's read() applies
+                raise body_too_large(s.max_body_bytes)
         else:
             async with deadlines.timeout(s.body_read_timeout):
                 raw = await request.read()

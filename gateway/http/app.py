@@ -37,7 +37,7 @@ def _gateway_error(request: web.Request, e: BaseException, dialect: str) -> web.
 
 def _too_large(request: web.Request, e: BaseException, dialect: str) -> web.StreamResponse:
     limit = request.app[PROXY_KEY].s.max_body_bytes
-    return error_response(GatewayError(413, f"request body too large (limit {limit} bytes)", code="body_too_large"), dialect)
+    return error_response(handlers.body_too_large(limit), dialect)
 
 
 def _http_exception(request: web.Request, e: BaseException, dialect: str) -> web.StreamResponse:
