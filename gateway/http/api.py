@@ -36,12 +36,12 @@ PROXY_KEY = web.AppKey("proxy", Proxy)
 SYNC = web.AppKey("sync", FleetSync)
 TELEMETRY = web.AppKey("telemetry", Telemetry)
 KEYS = web.AppKey("keys", KeyStore)
-#: The caller's key record, set on the request by the auth middleware.
+#: The caller's key record, set on the request by the gate (app._gate).
 API_KEY = web.RequestKey("api_key", ApiKey)
 BODY_BYTES = web.RequestKey("gw_body_bytes", int)
 #: The request's id (the client's x-request-id, or one made up): every response carries it back.
 REQUEST_ID = web.RequestKey("gw_request_id", str)
-#: The model the client asked for, once the body is parsed (the request-metrics middleware labels with it).
+#: The model the client asked for, once the body is parsed (api_middleware labels the request count with it).
 REQUEST_MODEL = web.RequestKey("gw_request_model", str)
 LEDGER = web.AppKey("spend_ledger", SpendLedger)
 
