@@ -17,7 +17,7 @@ from gateway.config import FleetConfig, missing_key_warnings
 from gateway.cost import Tokens
 from gateway.hooks import Hooks
 from gateway.observability import redact
-from gateway.observability.subscribers import Metrics, Tracing
+from gateway.observability.subscribers import Metrics, tracing
 from gateway.observability.telemetry import Telemetry
 from gateway.periodic import Periodic
 from gateway.proxy import Proxy
@@ -68,7 +68,7 @@ class Runtime:
         # Order matters where one reads what another wrote: measurement first, SLO verdicts before tracing.
         subscribers = (
             Lengths(self.fleet), Measurement(), Verdicts(self.health, self.sync), self.slo, self.affinity, CostQuote(self.fleet),
-            Tracing(self.telemetry), Metrics(self.telemetry),
+            tracing(self.telemetry), Metrics(self.telemetry),
         )
         for sub in subscribers:
             self.hooks.subscribe(sub)

@@ -36,12 +36,12 @@ PROXY_KEY = web.AppKey("proxy", Proxy)
 SYNC = web.AppKey("sync", FleetSync)
 TELEMETRY = web.AppKey("telemetry", Telemetry)
 KEYS = web.AppKey("keys", KeyStore)
-#: The caller's key record, set on the request by the auth middleware.
+#: The caller's key record, set on the request by the gate (app._gate).
 API_KEY = web.RequestKey("api_key", ApiKey)
 BODY_BYTES = web.RequestKey("gw_body_bytes", int)
 #: The request's id (the client's x-request-id, or one made up): every response carries it back.
 REQUEST_ID = web.RequestKey("gw_request_id", str)
-#: The model the client asked for, once the body is parsed (the request-metrics middleware labels with it).
+#: The model the client asked for, once the body is parsed (api_middleware labels the request count with it).
 REQUEST_MODEL = web.RequestKey("gw_request_model", str)
 LEDGER = web.AppKey("spend_ledger", SpendLedger)
 
@@ -59,14 +59,21 @@ def _loads(raw: bytes) -> object:
     return _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
 
 
+def body_too_large(limit: int) -> GatewayError:
+    """The 413 of a body over the limit (also when aiohttp itself refuses one: app._too_large)."""
+    return GatewayError(413, f"request body too large (limit {limit} bytes)", code="body_too_large")
+
+
 async def read_json(request: web.Request) -> dict:
     s = request.app[PROXY_KEY].s
     declared = request.content_length
     if declared is not None and declared > s.max_body_bytes:  # refuse before waiting for the bytes
-        raise GatewayError(413, f"request body too large (limit {s.max_body_bytes} bytes)", code="body_too_large")
+        raise body_too_large(s.max_body_bytes)
     try:
-        if request.content.is_eof():  # a small body arrives with the headers: nothing to wait for, no timer to arm
-            raw = await request.read()
+        if request.content.is_eof():  # a small body arrives with the headers: all buffered, one read, no timer to arm
+            raw = request.content.read_nowait()
+            if len(raw) > s.max_body_bytes:  # no declared length (chunked): the limit aiohttp's read() applies
+                raise body_too_large(s.max_body_bytes)
         else:
             async with deadlines.timeout(s.body_read_timeout):
                 raw = await request.read()

@@ -37,7 +37,7 @@ def _gateway_error(request: web.Request, e: BaseException, dialect: str) -> web.
 
 def _too_large(request: web.Request, e: BaseException, dialect: str) -> web.StreamResponse:
     limit = request.app[PROXY_KEY].s.max_body_bytes
-    return error_response(GatewayError(413, f"request body too large (limit {limit} bytes)", code="body_too_large"), dialect)
+    return error_response(handlers.body_too_large(limit), dialect)
 
 
 def _http_exception(request: web.Request, e: BaseException, dialect: str) -> web.StreamResponse:
@@ -77,14 +77,29 @@ ERROR_HANDLERS: dict[type[BaseException], Handler] = {
 
 
 @web.middleware
-async def request_metrics_middleware(request: web.Request, handler):
-    """Outermost: one ``gateway_requests_total`` count per API request with the status the client got, also
-    for requests refused before routing (400, 401, 404, 413, 429 ...). Sees the error middleware's response."""
-    if not request.path.startswith("/v1/"):
-        return await handler(request)
+async def api_middleware(request: web.Request, handler):
+    """The one middleware, in three steps (one coroutine layer per request, not three):
+
+    1. gate (API paths only, before the body is read): refuse new work while draining; check the API key;
+    2. errors: any exception becomes an error response in the client's dialect, with its x-request-id;
+    3. count (API paths only): one ``gateway_requests_total`` per request with the status the client got, also
+       for requests refused before routing (400, 401, 404, 413, 429 ...), or 499 when the client went away.
+    """
+    api = request.path.startswith("/v1/")
     code = 500
     try:
-        resp = await handler(request)
+        try:
+            if api:
+                _gate(request)
+            resp = await handler(request)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            h = lookup(ERROR_HANDLERS, e)
+            assert h is not None  # Exception is registered
+            resp = h(request, e, dialect_of(request.path))
+        if not resp.prepared and "x-request-id" not in resp.headers:  # streams carry it from their first byte
+            resp.headers["x-request-id"] = request.get(REQUEST_ID) or request_id(request.headers)
         code = resp.status
         return resp
     except web.HTTPException as e:
@@ -94,7 +109,8 @@ async def request_metrics_middleware(request: web.Request, handler):
         code = 499  # the client went away before the answer
         raise
     finally:
-        _count_request(request, code)
+        if api:
+            _count_request(request, code)
 
 
 def _count_request(request: web.Request, code: int) -> None:
@@ -106,36 +122,19 @@ def _count_request(request: web.Request, code: int) -> None:
     rt.telemetry.record_request(route=route, model=resolved[0] if resolved else "", code=code)
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler):
-    try:
-        resp = await handler(request)
-    except asyncio.CancelledError:
-        raise
-    except Exception as e:
-        h = lookup(ERROR_HANDLERS, e)
-        assert h is not None  # Exception is registered
-        resp = h(request, e, dialect_of(request.path))
-    if not resp.prepared and "x-request-id" not in resp.headers:  # streams carry it from their first byte
-        resp.headers["x-request-id"] = request.get(REQUEST_ID) or request_id(request.headers)
-    return resp
-
-
-@web.middleware
-async def gate_middleware(request: web.Request, handler):
+def _gate(request: web.Request) -> None:
     """Before the body is read: refuse new API work while draining; check the gateway API key."""
-    path = request.path
-    if path.startswith("/v1/") and not path.startswith("/v1/gateway/"):
-        if request.app[DRAINING] and request.method == "POST":
-            raise GatewayError(503, "the gateway is shutting down; retry the request", code="shutting_down", retry_after=1)
-        if request.app[PROXY_KEY].s.require_api_key:
-            given = presented_key(request.headers)
-            rec = request.app[KEYS].lookup(given)
-            if rec is None:
-                msg = "Incorrect API key provided." if given else "Missing API key: send 'Authorization: Bearer <key>'."
-                raise GatewayError(401, msg, code="invalid_api_key")
-            request[API_KEY] = rec
-    return await handler(request)
+    if request.path.startswith("/v1/gateway/"):
+        return
+    if request.app[DRAINING] and request.method == "POST":
+        raise GatewayError(503, "the gateway is shutting down; retry the request", code="shutting_down", retry_after=1)
+    if request.app[PROXY_KEY].s.require_api_key:
+        given = presented_key(request.headers)
+        rec = request.app[KEYS].lookup(given)
+        if rec is None:
+            msg = "Incorrect API key provided." if given else "Missing API key: send 'Authorization: Bearer <key>'."
+            raise GatewayError(401, msg, code="invalid_api_key")
+        request[API_KEY] = rec
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -184,7 +183,7 @@ async def _rate_limit_headers(request: web.BaseRequest, response: web.StreamResp
 def create_app(settings: Settings, fleet_config: FleetConfig | None = None, telemetry: Telemetry | None = None) -> web.Application:
     rt = Runtime(settings, fleet_config or load_fleet(settings.config), telemetry)
     app = web.Application(
-        middlewares=[request_metrics_middleware, error_middleware, gate_middleware],
+        middlewares=[api_middleware],
         client_max_size=settings.max_body_bytes,
         # Request line and each header line are capped; aiohttp answers 400/431 itself when they are exceeded.
         handler_args={"max_line_size": settings.max_header_bytes, "max_field_size": settings.max_header_bytes},

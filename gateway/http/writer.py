@@ -8,7 +8,7 @@ from aiohttp import web
 
 from gateway.writers import ClientGone
 
-#: Set on the request once stream headers went out: from then on errors must go in-band (the error middleware
+#: Set on the request once stream headers went out: from then on errors must go in-band (the middleware
 #: must not try to write a second response).
 STREAMING = web.RequestKey("gw_streaming", bool)
 

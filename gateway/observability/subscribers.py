@@ -13,7 +13,6 @@ import functools
 import json
 import time
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
@@ -31,17 +30,37 @@ _SERVER = "tracing.server"
 _CLIENT = "tracing.client"
 
 
-class Tracing:
+def tracing(tel: T.Telemetry) -> Tracing | Propagation:
+    """The tracing subscriber for this telemetry: spans when an exporter records them, else only the client's
+    trace context passed on (one callback per attempt instead of five per request doing nothing)."""
+    return Tracing(tel) if tel.tracing_enabled else Propagation(tel)
+
+
+class Propagation:
+    """Without an exporter no span is named or started: the upstream gets the client's traceparent (and
+    tracestate), if it sent one, as the no-op tracer would pass it on."""
+
     def __init__(self, tel: T.Telemetry) -> None:
+        self.tel = tel
+
+    def attempt_start(self, ctx: RequestContext, a: Attempt) -> None:
+        parent = self.tel.extract(ctx.headers)
+        if parent is T.NO_CONTEXT:  # most requests: no traceparent
+            return
+        client = trace.get_current_span(parent)  # the invalid span when the traceparent was not valid
+        if client.get_span_context().is_valid:
+            self.tel.inject(a.headers, trace.set_span_in_context(client))
+
+
+class Tracing:
+    """Spans of a telemetry with an exporter (`tracing` picks Propagation otherwise)."""
+
+    def __init__(self, tel: T.Telemetry) -> None:
+        assert tel.tracing_enabled, "without an exporter use Propagation (tracing() picks it)"
         self.tel = tel
 
     def request_start(self, ctx: RequestContext) -> None:
         parent = self.tel.extract(ctx.headers)
-        if not self.tel.tracing_enabled:
-            # No exporter: what the no-op tracer would return (the client's span, or the invalid one), without
-            # naming or starting anything; attempt_start passes the client's trace context on.
-            ctx.extras[_SERVER] = trace.get_current_span(parent)
-            return
         span = self.tel.tracer.start_span(f"{ctx.operation} {ctx.model}", context=parent, kind=SpanKind.SERVER)
         ctx.extras[_SERVER] = span
         if not span.is_recording():
@@ -76,10 +95,6 @@ class Tracing:
 
     def attempt_start(self, ctx: RequestContext, a: Attempt) -> None:
         server: Span = ctx.extras[_SERVER]
-        if not self.tel.tracing_enabled:  # no CLIENT span: the upstream gets the client's traceparent, if any
-            if server.get_span_context().is_valid:
-                self.tel.inject(a.headers, trace.set_span_in_context(server))
-            return
         parent = trace.set_span_in_context(server)
         cfg = a.upstream.cfg
         span = self.tel.tracer.start_span(f"{ctx.operation} {a.upstream_model}", context=parent, kind=SpanKind.CLIENT)
@@ -186,14 +201,15 @@ class Metrics:
         out, u = a.outcome, a.upstream
         if isinstance(a.error, Preempted):
             self.tel.record_preemption(u.name)
+        address = _server_address_port(u.cfg.base_url)
         self.tel.record_operation(
             operation=ctx.operation,
             request_model=ctx.model,
             response_model=out.response_model,
             provider=telemetry_provider_name(u.cfg),
             upstream=u.name,
-            server_address=host(u.cfg.base_url),
-            server_port=T.server_address_port(u.cfg.base_url)[1],
+            server_address=address[0],
+            server_port=address[1],
             duration_s=time.monotonic() - a.t0,  # the attempt's own duration
             ttft_s=out.ttft if ctx.stream else None,  # time to first chunk exists for streams only
             input_tokens=out.input_tokens,
@@ -202,6 +218,5 @@ class Metrics:
         )
 
 
-@functools.lru_cache(maxsize=1024)
-def host(url: str) -> str:
-    return urlsplit(url).hostname or ""
+#: An upstream's server.address and server.port, parsed once per base URL (few: they come from the config).
+_server_address_port = functools.lru_cache(maxsize=1024)(T.server_address_port)

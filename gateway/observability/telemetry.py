@@ -200,6 +200,23 @@ def server_address_port(base_url: str) -> tuple[str, int]:
     return parts.hostname or "", port
 
 
+def _operation_attrs(
+    operation: str, provider: str, request_model: str, response_model: str | None, server_address: str | None,
+    server_port: int | None,
+) -> Attributes:
+    """The attribute set of one upstream operation's series (made once per distinct set: Telemetry._operation_attrs)."""
+    attrs: Attributes = ((ATTR_GEN_AI_OPERATION_NAME, operation), (ATTR_GEN_AI_PROVIDER_NAME, provider_name(provider)))
+    if request_model:
+        attrs += ((ATTR_GEN_AI_REQUEST_MODEL, request_model),)
+    if response_model:
+        attrs += ((ATTR_GEN_AI_RESPONSE_MODEL, response_model),)
+    if server_address:
+        attrs += ((ATTR_SERVER_ADDRESS, server_address),)
+        if server_port is not None:
+            attrs += ((ATTR_SERVER_PORT, int(server_port)),)
+    return attrs
+
+
 _STATUS_WORDS = {"rate_limited": 429, "client_disconnected": 499, "preempted": 503}
 
 
@@ -332,7 +349,8 @@ class _CaseInsensitiveGetter(Getter[Mapping[str, str]]):
 _GETTER = _CaseInsensitiveGetter()
 _PROPAGATOR = TraceContextTextMapPropagator()
 _TRACEPARENT = "traceparent"  # W3C Trace Context: without it there is no parent to continue
-_NO_CONTEXT = Context()
+#: What `Telemetry.extract` returns for headers without a traceparent (compare by identity: nothing to continue).
+NO_CONTEXT = Context()
 
 
 def _env(name: str) -> str:
@@ -418,6 +436,9 @@ class Telemetry:
         self.meter_provider: MeterProvider | None = None
         meter = self._otlp_meter() if self.otlp_metrics else None
         self._duration, self._tokens, self._ttfc = (_histogram(s, meter) for s in (DURATION, TOKEN_USAGE, TIME_TO_FIRST_CHUNK))
+        #: Attribute sets of record_operation by its label values, made once each: (attrs, with token type input,
+        #: with token type output). As many entries as the histograms have series.
+        self._operation_attrs: dict[tuple, tuple[Attributes, Attributes, Attributes]] = {}
         self._requests = Counter(REQUESTS, ("model", "route", "code"))
         self._attempts = Counter(ATTEMPTS, ("model", "upstream", "code"))
         self._ejections = Counter(EJECTIONS, ("upstream",))
@@ -447,7 +468,7 @@ class Telemetry:
         """Context from the client's W3C ``traceparent``/``tracestate`` headers (most requests have none: then the
         empty context at once, as the propagator would return it)."""
         if _GETTER.get(headers, _TRACEPARENT) is None:
-            return _NO_CONTEXT
+            return NO_CONTEXT
         return _PROPAGATOR.extract(headers, getter=_GETTER)
 
     def inject(self, headers: dict[str, str], context: Context | None = None) -> None:
@@ -485,23 +506,20 @@ class Telemetry:
           ``gateway_upstream_attempts_total``. Default: :func:`status_code` of ``error_type``.
         * ``duration_s``: from the attempt's start (not the client request's).
         """
-        attrs: Attributes = ((ATTR_GEN_AI_OPERATION_NAME, operation), (ATTR_GEN_AI_PROVIDER_NAME, provider_name(provider)))
-        if request_model:
-            attrs += ((ATTR_GEN_AI_REQUEST_MODEL, request_model),)
-        if response_model:
-            attrs += ((ATTR_GEN_AI_RESPONSE_MODEL, response_model),)
-        if server_address:
-            attrs += ((ATTR_SERVER_ADDRESS, server_address),)
-            if server_port is not None:
-                attrs += ((ATTR_SERVER_PORT, int(server_port)),)
+        key = (operation, provider, request_model, response_model, server_address, server_port)
+        sets = self._operation_attrs.get(key)
+        if sets is None:
+            attrs = _operation_attrs(*key)
+            sets = self._operation_attrs[key] = (attrs, attrs + _INPUT_TOKENS, attrs + _OUTPUT_TOKENS)
+        attrs = sets[0]
         duration_attrs = attrs + ((ATTR_ERROR_TYPE, str(error_type)),) if error_type else attrs
         self._duration.record(max(0.0, float(duration_s)), duration_attrs)
         if ttft_s is not None:
             self._ttfc.record(max(0.0, float(ttft_s)), attrs)
         if input_tokens is not None:
-            self._tokens.record(int(input_tokens), attrs + _INPUT_TOKENS)
+            self._tokens.record(int(input_tokens), sets[1])
         if output_tokens is not None:
-            self._tokens.record(int(output_tokens), attrs + _OUTPUT_TOKENS)
+            self._tokens.record(int(output_tokens), sets[2])
         status = code if code is not None else status_code(error_type)
         self._attempts.add((request_model or "", upstream or "", str(status)))
 

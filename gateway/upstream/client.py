@@ -184,9 +184,11 @@ class UpstreamResponse:
     async def body(self, deadline: float) -> tuple[bytes, dict]:
         """The whole body (bounded in size and time) and its JSON object."""
         content = self._resp.content
+        raw: bytes | None
         try:
-            if content.is_eof():  # a small body arrives with the headers: nothing to wait for, no timer to arm
-                raw = await _read_bounded(content, self._client.max_body)
+            if content.is_eof():  # a small body arrives with the headers: all buffered, one read, no timer to arm
+                raw = content.read_nowait()
+                raw = raw if len(raw) <= self._client.max_body else None
             else:
                 async with deadlines.timeout(max(0.0, deadline - time.monotonic())):
                     raw = await _read_bounded(content, self._client.max_body)

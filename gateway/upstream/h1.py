@@ -121,7 +121,6 @@ class H1Pool:
         if proto is None:  # (not `or`: a ResponseHandler is a queue, falsy when empty)
             proto = await self._connect(host, port)
         try:
-            proto.set_response_params(read_until_eof=True)  # a body without length or chunks ends at EOF (as aiohttp's)
             assert proto.transport is not None
             proto.transport.writelines((head, data))
             message, payload = await proto.read()
@@ -146,6 +145,10 @@ class H1Pool:
         loop = asyncio.get_running_loop()
         async with deadlines.timeout(self.connect_timeout):
             _, proto = await loop.create_connection(lambda: ResponseHandler(loop), host, port)
+        # One parser per connection, not per request (as aiohttp's server parses requests): the parameters never
+        # change, and the C parser reads keep-alive responses one after another. A body without length or chunked
+        # framing ends at EOF (as aiohttp's client reads it); such a connection is never pooled (should_close).
+        proto.set_response_params(read_until_eof=True)
         self._live.add(proto)
         return proto
 

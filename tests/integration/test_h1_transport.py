@@ -89,6 +89,40 @@ async def test_chunked_gzip_body_is_decoded(start_upstream):
         pool.close()
 
 
+async def test_one_parser_reads_differently_framed_responses_on_one_connection(start_upstream):
+    """The pool makes a connection's response parser once: chunked+gzip, content-length and empty answers must
+    follow one another on the same kept-alive connection, each decoded whole."""
+    raw = json.dumps({"a": "b" * 5000}).encode()
+    peers = []
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        peers.append(request.transport.get_extra_info("peername"))
+        kind = len(peers) % 3
+        if kind == 1:
+            resp = web.StreamResponse(headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            z = gzip.compress(raw)
+            for i in range(0, len(z), 100):
+                await resp.write(z[i:i + 100])
+            await resp.write_eof()
+            return resp
+        return web.json_response({"n": len(peers)}) if kind == 2 else web.Response(status=204)
+
+    url = await start_upstream(chat) + "/chat/completions"
+    pool = H1Pool(connect_timeout=5)
+    try:
+        for i in range(1, 7):
+            r = await pool.post(url, BODY, JSON)
+            body = await r.content.read()
+            expected = {1: raw, 2: json.dumps({"n": i}).encode(), 0: b""}[i % 3]
+            assert (r.status, body) == ((204, b"") if i % 3 == 0 else (200, expected))
+            r.release()
+        assert len(set(peers)) == 1, "one connection (and one parser) served every response"
+    finally:
+        pool.close()
+
+
 async def test_half_read_or_connection_close_responses_are_not_reused(start_upstream):
     peers = []
 

@@ -18,7 +18,7 @@ from aiohttp.test_utils import make_mocked_request
 from gateway.config import CapacityHint, FleetConfig, ModelConfig, UpstreamConfig
 from gateway.errors import GatewayError
 from gateway.http.api import KEYS
-from gateway.http.app import DRAINING, create_app, gate_middleware, readyz
+from gateway.http.app import DRAINING, _gate, create_app, readyz
 from gateway.http.protocol import GatewayRunner
 from gateway.reliability.outlier import OutlierDetector
 from gateway.settings import Settings
@@ -471,7 +471,7 @@ async def test_graceful_shutdown_drains_streams(start_sims):
             # Draining: not ready, and new API requests (e.g. on a kept-alive connection) get a 503 to retry elsewhere.
             assert (await readyz(make_mocked_request("GET", "/readyz", app=app))).status == 503
             with pytest.raises(GatewayError) as ei:
-                await gate_middleware(make_mocked_request("POST", "/v1/chat/completions", app=app), None)
+                _gate(make_mocked_request("POST", "/v1/chat/completions", app=app))
             assert ei.value.status == 503 and ei.value.retry_after
             # The listener is closed: new connections are refused.
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s2:

@@ -10,9 +10,9 @@ from datetime import UTC, datetime
 
 from multidict import CIMultiDict
 
-from gateway.hooks import Attempt
+from gateway.hooks import SIGNALS, Attempt, Hooks
 from gateway.http.validation import build_context, request_id, validate
-from gateway.observability.subscribers import Tracing
+from gateway.observability.subscribers import Propagation, tracing
 from gateway.observability.telemetry import Telemetry
 from gateway.sim.reference import DEMO_PORTS, reference_fleet
 from gateway.spend import day_id, month_id
@@ -48,7 +48,10 @@ def test_new_request_ids_are_distinct_32_hex_digits_and_a_clients_id_is_kept() -
 def test_without_an_exporter_only_the_clients_trace_context_reaches_the_upstream() -> None:
     tel = Telemetry()
     assert not tel.tracing_enabled
-    tracing = Tracing(tel)
+    hooks = Hooks()
+    hooks.subscribe(sub := tracing(tel))
+    assert isinstance(sub, Propagation)
+    assert [s for s in SIGNALS if getattr(hooks, s)] == ["attempt_start"]  # one callback per attempt, no spans
     cases = [
         (CIMultiDict({"Traceparent": TRACEPARENT}), TRACEPARENT),  # inbound HTTP headers
         ({"TRACEPARENT": TRACEPARENT}, TRACEPARENT),  # an in-process caller's plain dict, any case
@@ -57,10 +60,10 @@ def test_without_an_exporter_only_the_clients_trace_context_reaches_the_upstream
     for headers, expected in cases:
         ctx = build_context("chat", _body(), headers=headers)
         a = Attempt(1, None, Outcome())  # type: ignore[arg-type]  # the no-exporter path never reads the decision
-        tracing.request_start(ctx)
-        tracing.attempt_start(ctx, a)
-        tracing.attempt_end(ctx, a)
-        tracing.request_end(ctx, None)
+        hooks.emit("request_start", ctx)
+        hooks.emit("attempt_start", ctx, a)
+        hooks.emit("attempt_end", ctx, a)
+        hooks.emit("request_end", ctx, None)
         assert a.headers.get("traceparent") == expected, headers
 
 
