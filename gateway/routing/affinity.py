@@ -310,7 +310,7 @@ class Affinity:
         c = self.upstreams[u.name].predict(prompt_prefix(ctx), pt, sess[1] if sess and sess[0] == u.name else 0)
         return u.curve.ttft_for(pt) - u.curve.ttft_for(pt - c) if c > 0 else 0.0
 
-    def kv_shared(self, pool: Pool, ups: Sequence[UpstreamStats], ctx: RequestContext) -> dict[str, int]:
+    def kv_shared(self, ups: Sequence[UpstreamStats], ctx: RequestContext) -> dict[str, int]:
         """Per upstream, prompt tokens of the request its running sequences (this replica's) already hold: KV the
         request would not add there (RunningBlocks). Only where some is held (a GPU engine's; hosted APIs have no
         KV accounting)."""

@@ -202,16 +202,6 @@ def kv_risk(u: UpstreamStats, kv_tokens: int) -> float:
     return min(1.0, (fill - KV_RISK_FROM) / (KV_FILL - KV_RISK_FROM))
 
 
-def wake_credit_s(saved_prefill_s: float, u: UpstreamStats) -> float:
-    """Seconds of waiting a queued request is credited with for room freed on `u` when `u` would skip
-    `saved_prefill_s` of its prefill (a prefix hit). The prefill a miss runs instead is not the waiter's cost
-    alone: on a GPU engine it shares every step with the running batch (chunked prefill), so each of `u`'s
-    sequences waits through it too: 1 + load streams lose those seconds. The waiter it passes loses only the
-    time until room frees on an engine holding its own prefix, a fraction of a second on a saturated pool, where
-    slots turn over several times a second. A hosted API has no batch to stall: the waiter's own seconds."""
-    return saved_prefill_s * (1 + u.load if u.cfg.kind == "gpu" else 1)
-
-
 #: The request size the candidate index ranks upstreams for (the live pick scores the real request).
 _RANK_EST = Estimate(prompt_tokens=200, output_tokens=DEFAULT_OUTPUT_TOKENS)
 
@@ -340,7 +330,8 @@ class Router:
         counts only the prompt tokens an engine's running sequences do not already hold (ctx.kv_shared)."""
         sc = _Scan()
         est = ctx.est
-        shared = ctx.kv_shared = self.affinity.kv_shared(pool, ups, ctx) if self.affinity is not None and self.affinity.enabled(pool, ctx) else {}
+        aff = self.affinity
+        shared = ctx.kv_shared = aff.kv_shared(ups, ctx) if aff is not None and aff.enabled(pool, ctx) else {}
         for u in ups:
             if u.name in exclude or u.weight <= 0 or est.operation not in u.operations:
                 continue
@@ -521,18 +512,18 @@ class Router:
 
     def _cached_first(self, u: UpstreamStats, waiters: list[_Waiter], now: float) -> list[_Waiter]:
         """The queue's order for room freed on `u`: a waiter whose prompt prefix `u` probably caches counts as having
-        waited as much longer as the stream-seconds its hit saves there (wake_credit_s). Otherwise the oldest
-        waiter takes the room, as a miss (a multi-turn conversation moves off the engine holding its history while
-        the next waiter, whose history is on `u`, then waits for room elsewhere or misses too); this way each
-        engine's room goes first to its own conversations. Only the first WAKE_LOOKAHEAD waiters are considered
-        (a queue storm stays cheap to serve)."""
+        waited as much longer as the prefill it would save there. Otherwise the oldest waiter takes the room, as
+        a miss (a multi-turn conversation moves off the engine holding its history while the next waiter, whose
+        history is on `u`, then waits for room elsewhere or misses too); this way each engine's room goes first
+        to its own conversations, and a waiter is passed over only by one saving more prefill than its extra
+        wait. Only the first WAKE_LOOKAHEAD waiters are considered (a queue storm stays cheap to serve)."""
         aff = self.affinity
         assert aff is not None
         head = waiters[:WAKE_LOOKAHEAD]
 
         def key(w: _Waiter) -> tuple[float, float]:
             saved = aff.saved_prefill_s(w.pool, u, w.ctx) if aff.enabled(w.pool, w.ctx) else 0.0
-            return w.rank(now) - wake_credit_s(saved, u) / w.cls.aging_s, w.since
+            return w.rank(now) - saved / w.cls.aging_s, w.since
 
         return sorted(head, key=key) + waiters[WAKE_LOOKAHEAD:]
 

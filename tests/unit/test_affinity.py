@@ -21,7 +21,7 @@ from gateway.routing.affinity import (
     prompt_prefix,
     sticky_bound,
 )
-from gateway.routing.router import Refusal, Router, throughput_gain, wake_credit_s
+from gateway.routing.router import Refusal, Router, throughput_gain
 from gateway.sim.reference import DEMO_PORTS, reference_fleet
 from gateway.sim.server import WORDS
 from gateway.state.fleet import Fleet
@@ -211,8 +211,7 @@ def test_bounded_load_withholds_the_credit_past_the_share_and_slots() -> None:
 
 def test_room_freed_on_an_engine_goes_first_to_the_queued_request_it_caches() -> None:
     """Wake-up order: a waiter whose prefix the freed upstream caches passes an older one whose prefix is elsewhere,
-    by at most the prefill it saves there times the streams that prefill would stall (wake_credit_s); a waiter
-    older than that keeps its turn."""
+    by at most the prefill it saves there; a waiter older than that keeps its turn."""
     import asyncio
     import time
 
@@ -228,11 +227,9 @@ def test_room_freed_on_an_engine_goes_first_to_the_queued_request_it_caches() ->
     assert saved > 0 and aff.saved_prefill_s(pool, slow, elsewhere) == 0
     loop = asyncio.new_event_loop()
     cls = pool.cfg.classes["interactive"]
-    for u in pool.upstreams:
-        hold(u, u.cfg.max_concurrency - (u is slow))  # one slot, freed on slow-gpu
-    credit = wake_credit_s(saved, slow)
-    assert credit == saved * slow.cfg.max_concurrency  # the waiter's own prefill and the 63 running beside it
-    for older_by, first in ((0.5 * credit, here), (2 * credit, elsewhere)):
+    for older_by, first in ((0.5 * saved, here), (2 * saved, elsewhere)):
+        for u in pool.upstreams:
+            hold(u, u.cfg.max_concurrency - (u is slow))  # one slot, freed on slow-gpu
         now = time.monotonic()
         q = router._queues["fleet-model"]
         ws = [_Waiter(pool, ctx, cls, frozenset(), loop.create_future(), since, Refusal("saturated", "queued"))
@@ -244,17 +241,6 @@ def test_room_freed_on_an_engine_goes_first_to_the_queued_request_it_caches() ->
         q.clear()
         router.release(slow, first)
     loop.close()
-
-
-def test_wake_credit_counts_the_batch_a_gpu_prefill_stalls_and_not_on_a_hosted_api() -> None:
-    fleet, _, _ = make()
-    gpu, hosted = fleet.upstreams["slow-gpu"], fleet.upstreams["hosted"]
-    assert wake_credit_s(0.4, gpu) == pytest.approx(0.4)  # idle engine: only the waiter's own prefill
-    hold(gpu, 7)
-    hold(hosted, 7)
-    assert wake_credit_s(0.4, gpu) == pytest.approx(0.4 * 8)  # and the 7 sequences sharing its steps
-    assert wake_credit_s(0.4, hosted) == pytest.approx(0.4)  # independent requests: nothing else waits
-    assert wake_credit_s(0.0, gpu) == 0.0  # no hit there: no credit
 
 
 def test_affinity_never_overrides_service_class_limits() -> None:

@@ -24,6 +24,11 @@ Closed-loop workers each run conversations of 5-10 turns back to back (history g
   to it by accident: part of the other settings' baseline hit rate); a longer one would leave 32 workers'
   engines mostly idle in a short window. Measured over 50 s like `documents_a10g`. Also through `round_robin`
   and `least_busy`; its hit rate is also given on the GPU engines alone (`gpu_hit_rate`), the oracle's terms.
+- `saturated`: the `many_tenants` fleet and workload with 64 users (GATEWAY_BENCH_AFFINITY_SATURATED_WORKERS)
+  instead of --concurrency: enough conversations that the A10Gs' KV cache, not the users, bounds the load. With
+  32 users the engines decode most of the time and a prefix-blind router already finds half the prompt tokens
+  cached, so no placement can raise tok/s by much (gateway/tools/affinity_bound.py computes the bound from the
+  simulator's cost model: ~1.1x); here where each tenant's conversations run decides how many fit.
 
 Each runs, on fresh simulators, through `throughput+affinity` (the default) and `throughput` without affinity
 (the pool's `affinity: false`); `mixed` also through `round_robin` and `least_busy`. Each also runs the
@@ -36,7 +41,7 @@ oracle's unmetered traffic). Beside them: the documents workload through two gat
 per-replica indexes vs one); a `fresh` workload (no prefix shared by any two requests) with and without
 affinity: the cost of hashing.
 
-GATEWAY_BENCH_AFFINITY_SETTINGS (comma list of mixed, similar, documents, documents_a10g, many_tenants, extras: the
+GATEWAY_BENCH_AFFINITY_SETTINGS (comma list of mixed, similar, documents, documents_a10g, many_tenants, saturated, extras: the
 two-replica and no-shared-prefix runs) and GATEWAY_BENCH_AFFINITY_VARIANTS (comma list of variant names) run only those, to
 iterate on one setting; the default is everything.
 
