@@ -31,6 +31,10 @@ Bounded load (`sticky_bound`): cached tokens are credited to an upstream only wh
 load stays within max_concurrency and within LOAD_FACTOR times its capacity-proportional share of the pool's
 load (consistent hashing with bounded loads). Service-class limits are applied before (classes.admit filters
 the candidates), so affinity can never place a request an upstream could not otherwise take.
+
+Shared KV (RunningBlocks): per upstream, the prompt blocks of this replica's requests in flight, so the router's
+KV limit counts a block the engine holds once for several running sequences once (the KV load it plans with, and
+a new request's charge: only the prompt tokens no running sequence there holds).
 """
 
 from __future__ import annotations
