@@ -65,6 +65,7 @@ class RequestContext:
     prefix: Any = None  # routing.affinity.PromptPrefix: the prompt's block hashes, computed when first needed
     predicted_cached: dict[str, int] | None = None  # upstream -> prompt tokens it probably caches (affinity)
     resume: Any = None  # upstream.resume.Resume once the request was preempted (its continuations read it)
+    kv_shared: dict[str, int] | None = None  # upstream -> prompt tokens its running sequences already hold (affinity)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     started: float = field(default_factory=time.monotonic)
     #: Headers the response must carry (request id, upstream rate-limit headers, key limits ...).

@@ -31,6 +31,10 @@ Bounded load (`sticky_bound`): cached tokens are credited to an upstream only wh
 load stays within max_concurrency and within LOAD_FACTOR times its capacity-proportional share of the pool's
 load (consistent hashing with bounded loads). Service-class limits are applied before (classes.admit filters
 the candidates), so affinity can never place a request an upstream could not otherwise take.
+
+Shared KV (RunningBlocks): per upstream, the prompt blocks of this replica's requests in flight, so the router's
+KV limit counts a block the engine holds once for several running sequences once (the KV load it plans with, and
+a new request's charge: only the prompt tokens no running sequence there holds).
 """
 
 from __future__ import annotations
@@ -132,6 +136,52 @@ class BlockLru:
             self._blocks.popitem(last=False)
 
 
+class RunningBlocks:
+    """The prompt blocks of this replica's requests in flight on one upstream, counted per block.
+
+    An engine with prefix caching holds a block once however many running sequences use it (the tenants' system
+    prompts, a conversation's earlier turns), while the gateway's KV accounting (EndpointLoad.kv_local) adds up
+    each request's prompt. The difference, `shared_tokens`, is what that sum over-counts; `held` tells how much of
+    a new request's prompt the running sequences already hold, i.e. needs no new KV there. Without it a pool whose
+    conversations share long prompts is refused at the KV limit (KV_FILL) with the engines' caches far from full."""
+
+    __slots__ = ("_counts", "_refs")
+
+    def __init__(self) -> None:
+        self._counts: dict[int, int] = {}
+        self._refs = 0
+
+    @property
+    def shared_tokens(self) -> int:
+        """Prompt tokens counted more than once by the in-flight requests' sum."""
+        return (self._refs - len(self._counts)) * prefix.BLOCK_SIZE
+
+    def held(self, hashes: Sequence[int]) -> int:
+        """Leading prompt tokens of `hashes` some running request holds (chained: a hole ends the shared run)."""
+        n = 0
+        for h in hashes:
+            if h not in self._counts:
+                break
+            n += 1
+        return n * prefix.BLOCK_SIZE
+
+    def start(self, hashes: Sequence[int]) -> None:
+        counts = self._counts
+        for h in hashes:
+            counts[h] = counts.get(h, 0) + 1
+        self._refs += len(hashes)
+
+    def end(self, hashes: Sequence[int]) -> None:
+        counts = self._counts
+        for h in hashes:
+            left = counts[h] - 1
+            if left:
+                counts[h] = left
+            else:
+                del counts[h]
+        self._refs -= len(hashes)
+
+
 class UpstreamAffinity:
     """One upstream's index and cache figures (per replica)."""
 
@@ -149,6 +199,7 @@ class UpstreamAffinity:
         self.cached_tokens = 0  # actual, as reported
         self.predicted_tokens = 0
         self.ttft = {True: [0.0, 0], False: [0.0, 0]}  # hit?: [sum of TTFT seconds, count]
+        self.running = RunningBlocks()
         self.engine_hit_rate: float | None = None  # the engine's own (vllm:prefix_cache_hits / queries)
         self._engine_last: tuple[float, float] | None = None
 
@@ -262,6 +313,38 @@ class Affinity:
         pt = ctx.est.prompt_tokens
         c = self.upstreams[u.name].predict(prompt_prefix(ctx), pt, sess[1] if sess and sess[0] == u.name else 0)
         return u.curve.ttft_for(pt) - u.curve.ttft_for(pt - c) if c > 0 else 0.0
+
+    def kv_shared(self, ups: Sequence[UpstreamStats], ctx: RequestContext) -> dict[str, int]:
+        """Per upstream, prompt tokens of the request its running sequences (this replica's) already hold: KV the
+        request would not add there (RunningBlocks). Only where some is held (a GPU engine's; hosted APIs have no
+        KV accounting)."""
+        p = prompt_prefix(ctx)
+        out: dict[str, int] = {}
+        for u in ups:
+            held = self.upstreams[u.name].running.held(p.hashes) if u.cfg.kind == "gpu" else 0
+            if held:
+                out[u.name] = min(held, ctx.est.prompt_tokens)
+        return out
+
+    def started(self, u: UpstreamStats, ctx: RequestContext) -> None:
+        """A request was dispatched to `u`: its prompt blocks are in use there until it ends (`ended`)."""
+        p = ctx.prefix
+        if p is None or u.cfg.kind != "gpu":
+            return
+        running = self.upstreams[u.name].running
+        running.start(p.hashes)
+        ctx.extras["kv_running"] = (u.name, p.hashes)
+        u.endpoint.kv_shared = running.shared_tokens
+
+    def ended(self, u: UpstreamStats, ctx: RequestContext) -> None:
+        """The request dispatched to `u` ended (or never reached it): its blocks are no longer in use."""
+        started = ctx.extras.pop("kv_running", None)
+        if started is None:
+            return
+        name, hashes = started
+        running = self.upstreams[name].running
+        running.end(hashes)
+        u.endpoint.kv_shared = running.shared_tokens
 
     def _session(self, pool: Pool, ctx: RequestContext) -> tuple[str, int] | None:
         k = session_key(ctx.cache_key)

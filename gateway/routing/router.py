@@ -97,12 +97,13 @@ def error_adjusted(gain: float, p_success: float) -> float:
     return gain - 2.0 * (1.0 - p_success) * abs(gain)
 
 
-def throughput_gain(u: UpstreamStats, est: Estimate, cached: int = 0, wait: float = 0.0) -> float:
+def throughput_gain(u: UpstreamStats, est: Estimate, cached: int = 0, wait: float = 0.0, shared: int = 0) -> float:
     """Aggregate output tok/s the request adds on `u`: its own rate minus what it costs the running batch.
 
     `cached`: prompt tokens `u` probably holds in its prefix cache (routing/affinity.py). They are not prefilled,
     which shortens the request's TTFT (a higher own rate) and the stall its prefill causes the running batch.
     `wait`: seconds it would first wait in the gateway for `u` (Router._held), which lower its own rate.
+    `shared`: prompt tokens `u`'s running sequences already hold (affinity.RunningBlocks): KV it does not add.
     """
     c = u.curve
     n = u.load
@@ -118,7 +119,7 @@ def throughput_gain(u: UpstreamStats, est: Estimate, cached: int = 0, wait: floa
         # Its prefill stalls the running batch: tokens lost, spread over the request's lifetime (beyond the
         # mean-sized prefill the measured curve already charges).
         ext += (n / t0) * c.excess_prefill(prefill) / duration
-    return own * (1.0 - kv_risk(u, est)) - ext
+    return own * (1.0 - kv_risk(u, est.kv_tokens - shared)) - ext
 
 
 def spends_scarce_budget(u: UpstreamStats, output_tokens: int, long_output: int) -> bool:
@@ -193,10 +194,10 @@ def hold_limit(cls: ServiceClass, u: UpstreamStats, est: Estimate, timeout: floa
     return limit - HOLD_SLACK_S
 
 
-def kv_risk(u: UpstreamStats, est: Estimate) -> float:
-    """Chance-like discount for preemption: 0 while the KV cache (with this request) is below KV_RISK_FROM full,
-    rising linearly to 1 at KV_FILL (past which the request is not sent there at all)."""
-    fill = u.kv_fill(est.kv_tokens)
+def kv_risk(u: UpstreamStats, kv_tokens: int) -> float:
+    """Chance-like discount for preemption: 0 while the KV cache (with this request's `kv_tokens`) is below
+    KV_RISK_FROM full, rising linearly to 1 at KV_FILL (past which the request is not sent there at all)."""
+    fill = u.kv_fill(kv_tokens)
     if fill <= KV_RISK_FROM:
         return 0.0
     return min(1.0, (fill - KV_RISK_FROM) / (KV_FILL - KV_RISK_FROM))
@@ -234,11 +235,11 @@ class Router:
         # Large pool: a constant number of candidates, ranked by throughput; a class that prefers another
         # objective (cost) scores the whole pool, or the cheapest upstream could be outside the sample.
         if candidates.sampled(pool, self.sample_above) and pool.strategy_for(ctx.service_class) == "throughput":
-            sampled = self._scan(self._index(pool).candidates(), ctx.est, exclude, now)
+            sampled = self._scan(pool, self._index(pool).candidates(), ctx, exclude, now)
             few = self._admitted(pool, sampled.cands, ctx, best_effort)
             if few:
                 return self._unless_held(pool, sampled.paced, self._choose(pool, few, ctx), ctx, best_effort)
-        scan = self._scan(pool.upstreams, ctx.est, exclude, now)
+        scan = self._scan(pool, pool.upstreams, ctx, exclude, now)
         if not scan.cands:
             raise scan.refusal(pool, ctx.est)
         cands = self._admitted(pool, scan.cands, ctx, best_effort)
@@ -327,9 +328,13 @@ class Router:
         """The class's strategy (its `prefer`, else the pool's) among the upstreams its admission left."""
         return STRATEGIES[pool.strategy_for(ctx.service_class)](pool, cands, ctx, self.health.success_probability)
 
-    def _scan(self, ups: list[UpstreamStats], est: Estimate, exclude: frozenset[str], now: float) -> _Scan:
-        """The upstreams that can take the request now, and why the others cannot."""
+    def _scan(self, pool: Pool, ups: list[UpstreamStats], ctx: RequestContext, exclude: frozenset[str], now: float) -> _Scan:
+        """The upstreams that can take the request now, and why the others cannot. With affinity, the KV limit
+        counts only the prompt tokens an engine's running sequences do not already hold (ctx.kv_shared)."""
         sc = _Scan()
+        est = ctx.est
+        aff = self.affinity
+        shared = ctx.kv_shared = aff.kv_shared(ups, ctx) if aff is not None and aff.enabled(pool, ctx) else {}
         for u in ups:
             if u.name in exclude or u.weight <= 0 or est.operation not in u.operations:
                 continue
@@ -348,7 +353,7 @@ class Router:
                 sc.why = "rate_limited"
                 sc.paced.append(u)
                 continue
-            if not u.kv_allows(est.kv_tokens):
+            if not u.kv_allows(est.kv_tokens - shared.get(u.name, 0)):
                 sc.why = "saturated"
                 continue
             sc.cands.append(u)
@@ -457,6 +462,8 @@ class Router:
         charged = u.tpm_charge(ctx.est)
         sec = u.credit(charged, ctx.service_class, ctx.est.kv_tokens)
         ctx.extras["tpm_charge"] = (sec, charged)  # settled by the usage when a `usage` provider reports it
+        if self.affinity is not None:
+            self.affinity.started(u, ctx)
         self.fleet.changed.add(u.name)
         self.health.dispatched(d.upstream)
         return d
@@ -468,6 +475,8 @@ class Router:
 
     def release(self, u: UpstreamStats, ctx: RequestContext) -> None:
         u.release(ctx.service_class, ctx.est.kv_tokens)
+        if self.affinity is not None:
+            self.affinity.ended(u, ctx)
         self.fleet.changed.add(u.name)
         for m in self.fleet.models_of[u.name]:  # large pools: the freed slot is a candidate at once
             idx = self._indexes.get(m)
@@ -594,12 +603,13 @@ def _throughput(pool: Pool, cands: list[UpstreamStats], ctx: RequestContext, odd
         d = _least_busy(pool, cands, ctx, odds)
         d.strategy = "throughput"
         return d
-    cached = ctx.predicted_cached or {}
+    cached, shared = ctx.predicted_cached or {}, ctx.kv_shared or {}
     if any(u.cfg.rpm for u in cands):  # only a request budget can be scarce; the quantile costs a sort now and then
         long = long_output(pool, est)
         plenty = [u for u in cands if not spends_scarce_budget(u, est.output_tokens, long)]
         cands = plenty or cands  # a short answer spends a scarce request budget only when nothing else can take it
-    scores = {u.name: error_adjusted(throughput_gain(u, est, cached.get(u.name, 0)), odds(u)) * u.weight for u in cands}
+    scores = {u.name: error_adjusted(throughput_gain(u, est, cached.get(u.name, 0), shared=shared.get(u.name, 0)), odds(u)) * u.weight
+              for u in cands}
     # Work-conserving: every candidate has a free slot, so even a negative best gain is dispatched (the least
     # harmful place); requests wait in the gateway only when no upstream has a slot or rate-limit headroom.
     best = max(cands, key=lambda u: scores[u.name])

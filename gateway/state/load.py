@@ -53,6 +53,9 @@ class EndpointLoad:
         # capacity learned from its vllm:cache_config_info (when not configured) and the KV tokens the engine
         # reports beyond the fleet's own (engine_metrics.py).
         self.kv_local = 0
+        #: Of kv_local, prompt tokens counted twice or more: prefix blocks the engine holds once for several of
+        #: this replica's running sequences (routing/affinity.RunningBlocks keeps it; 0 without affinity).
+        self.kv_shared = 0
         self.kv_learned: int | None = None
         self.kv_external = 0.0
         # Integral of load over time, so a sample's concurrency is the mean over its interval, not a snapshot
@@ -152,9 +155,9 @@ class EndpointLoad:
         return self.cfg.kv_tokens or self.kv_learned
 
     def kv_load(self) -> float:
-        """KV tokens in use on the engine: this replica's exactly, the other replicas' estimated at the same
+        """KV tokens in use on the engine: this replica's exactly (shared prefix blocks once), the other replicas' estimated at the same
         tokens per request (only counts are shared), plus what the engine reports beyond the fleet's."""
-        mine: float = self.kv_local
+        mine: float = self.kv_local - self.kv_shared
         if self.remote and self.inflight_local > 0:
             mine += self.remote * self.kv_local / self.inflight_local
         return mine + self.kv_external

@@ -3,6 +3,8 @@ from vLLM metrics, max_concurrency still a hard cap."""
 
 from __future__ import annotations
 
+import os
+
 from gateway.config import FleetConfig
 from gateway.context import Estimate, RequestContext
 from gateway.reliability.outlier import OutlierDetector
@@ -60,7 +62,7 @@ def test_preemption_risk_discounts_the_gain_of_a_filling_cache():
     for u in (a, b):
         u.credit(0, "interactive", 7000)  # same load, same curve; a's cache is 70% full, b's 7%
     est = req(1000, 200).est  # a: 82% with it
-    assert kv_risk(b, est) == 0.0 and 0.3 < kv_risk(a, est) < 0.5
+    assert kv_risk(b, est.kv_tokens) == 0.0 and 0.3 < kv_risk(a, est.kv_tokens) < 0.5
     assert throughput_gain(a, est) < 0.7 * throughput_gain(b, est)
 
 
@@ -96,3 +98,75 @@ def test_other_replicas_kv_estimated_from_their_counts():
     g.credit(0, "interactive", 4000)
     g.set_remote_inflight(4)
     assert g.kv_load() == 6000 + 4 * 3000
+
+
+# ---- prefix blocks shared by running sequences (affinity.RunningBlocks) ------------------------------------------
+def shared_prompt_ctx(i: int) -> RequestContext:
+    """A chat request opening with a ~3,000-token system prompt every request shares, then its own question."""
+    from gateway.http.validation import build_context, validate
+    from gateway.sim.server import WORDS
+
+    system = "".join(WORDS[(k * 7) % len(WORDS)] for k in range(3000))
+    body = {"model": "m", "max_tokens": 200, "stream": True,
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": f"question {i}"}]}
+    validate("chat", body)
+    ctx = build_context("chat", body, headers={})
+    ctx.service_class = "interactive"
+    return ctx
+
+
+def test_running_blocks_count_each_shared_block_once() -> None:
+    from gateway.routing.affinity import RunningBlocks
+    from gateway.routing.prefix import BLOCK_SIZE, block_hashes
+
+    a, b = block_hashes(list(range(10 * BLOCK_SIZE))), block_hashes(list(range(6 * BLOCK_SIZE)) + [9] * 4 * BLOCK_SIZE)
+    rb = RunningBlocks()
+    assert rb.held(a) == 0 and rb.shared_tokens == 0
+    rb.start(a)
+    assert rb.held(a) == 10 * BLOCK_SIZE and rb.held(b) == 6 * BLOCK_SIZE  # b shares a's first six blocks only
+    rb.start(b)
+    assert rb.shared_tokens == 6 * BLOCK_SIZE
+    rb.start(a)
+    assert rb.shared_tokens == 16 * BLOCK_SIZE
+    rb.end(a)
+    rb.end(a)
+    assert rb.shared_tokens == 0 and rb.held(a) == 6 * BLOCK_SIZE
+    rb.end(b)
+    assert rb.held(b) == 0 and rb.shared_tokens == 0
+
+
+def test_kv_limit_counts_a_prompt_running_sequences_share_once_with_affinity() -> None:
+    """Requests sharing a 3,000-token system prompt on a 10,000-token engine: prefix-blind, each is charged its
+    whole prompt and the third is refused (as in test_kv_tokens_bound_admission_by_tokens_not_sequences); with
+    affinity the blocks the running ones hold are charged once, so many more run, and the releases give all back."""
+    from gateway.routing.affinity import Affinity, prompt_prefix
+    from gateway.routing.prefix import BLOCK_SIZE
+
+    for affinity in (False, True):
+        fleet, router = gpu_fleet(g={"kv_tokens": 10_000, "max_concurrency": 64}, h={"kv_tokens": 1, "max_concurrency": 1})
+        fleet.pools["m"].cfg.affinity = affinity
+        router.affinity = Affinity(fleet)
+        g = fleet.upstreams["g"]
+        fleet.upstreams["h"].credit(0, "interactive", 0)  # h is full: g is every request's only place
+        ctxs: list[RequestContext] = []
+        while True:
+            ctx = shared_prompt_ctx(len(ctxs))
+            try:
+                assert router._dispatch(router.pick(fleet.pools["m"], ctx), ctx).upstream is g
+            except Refusal as r:
+                assert r.kind == "saturated"
+                break
+            ctxs.append(ctx)
+        each = ctxs[0].est.kv_tokens
+        if not affinity:
+            assert len(ctxs) == 2 and g.endpoint.kv_shared == 0 and ctxs[0].prefix is None  # never hashed
+        else:
+            a, b = prompt_prefix(ctxs[0]).hashes, prompt_prefix(ctxs[1]).hashes
+            common = len(os.path.commonprefix([a, b])) * BLOCK_SIZE  # the full blocks: all of the system prompt
+            assert common > 2900
+            assert len(ctxs) == 1 + int((0.92 * 10_000 - each) // (each - common))  # the first whole, the others their own part
+            assert g.endpoint.kv_shared == (len(ctxs) - 1) * common
+            assert g.endpoint.kv_load() == len(ctxs) * each - (len(ctxs) - 1) * common
+        for ctx in ctxs:
+            router.release(g, ctx)
+        assert g.endpoint.kv_local == 0 and g.endpoint.kv_shared == 0

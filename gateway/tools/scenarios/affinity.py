@@ -24,6 +24,11 @@ Closed-loop workers each run conversations of 5-10 turns back to back (history g
   to it by accident: part of the other settings' baseline hit rate); a longer one would leave 32 workers'
   engines mostly idle in a short window. Measured over 50 s like `documents_a10g`. Also through `round_robin`
   and `least_busy`; its hit rate is also given on the GPU engines alone (`gpu_hit_rate`), the oracle's terms.
+- `saturated`: the `many_tenants` fleet and workload with 64 users (GATEWAY_BENCH_AFFINITY_SATURATED_WORKERS)
+  instead of --concurrency: enough conversations that the A10Gs' KV cache, not the users, bounds the load. With
+  32 users the engines decode most of the time and a prefix-blind router already finds half the prompt tokens
+  cached, so no placement can raise tok/s by much (gateway/tools/affinity_bound.py computes the bound from the
+  simulator's cost model: ~1.1x); here where each tenant's conversations run decides how many fit.
 
 Each runs, on fresh simulators, through `throughput+affinity` (the default) and `throughput` without affinity
 (the pool's `affinity: false`); `mixed` also through `round_robin` and `least_busy`. Each also runs the
@@ -36,7 +41,7 @@ oracle's unmetered traffic). Beside them: the documents workload through two gat
 per-replica indexes vs one); a `fresh` workload (no prefix shared by any two requests) with and without
 affinity: the cost of hashing.
 
-GATEWAY_BENCH_AFFINITY_SETTINGS (comma list of mixed, similar, documents, documents_a10g, many_tenants, extras: the
+GATEWAY_BENCH_AFFINITY_SETTINGS (comma list of mixed, similar, documents, documents_a10g, many_tenants, saturated, extras: the
 two-replica and no-shared-prefix runs) and GATEWAY_BENCH_AFFINITY_VARIANTS (comma list of variant names) run only those, to
 iterate on one setting; the default is everything.
 
@@ -52,7 +57,7 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
@@ -123,11 +128,13 @@ async def _stream(http: aiohttp.ClientSession, url: str, msgs: list[dict], max_t
 
 @dataclass(frozen=True)
 class Users:
-    """Who talks: `tenants` system prompts of 1-4k tokens (evenly spread: 1k, 2k, 3k, 4k for four), and the mean
-    think time before each turn (0: the next turn is sent as soon as the answer ends)."""
+    """Who talks: `tenants` system prompts of 1-4k tokens (evenly spread: 1k, 2k, 3k, 4k for four), the mean
+    think time before each turn (0: the next turn is sent as soon as the answer ends), and how many users
+    (closed-loop workers; 0: the bench's --concurrency)."""
 
     tenants: int = 4
     think: float = 0.0
+    workers: int = 0
 
     def prompts(self) -> list[str]:
         k = self.tenants
@@ -247,13 +254,13 @@ WINDOW = {"a10g": 2.0, "a10g_hosted": 2.0}
 #: `many_tenants` defaults (GATEWAY_BENCH_AFFINITY_TENANTS, GATEWAY_BENCH_AFFINITY_THINK_S override them).
 MANY_TENANTS = 24
 THINK_S = 2.0
+#: `saturated`: users on the `many_tenants` fleet (GATEWAY_BENCH_AFFINITY_SATURATED_WORKERS overrides it).
+SATURATED_WORKERS = 64
 
 
 def _similar_sims(shape: str, n: int = 4) -> dict:
     """`n` identical KV engines with prefix caching: how vLLM replicas of one model are deployed, and where
     placement decides the hit rate (a conversation's history is cached on one replica only)."""
-    from dataclasses import replace
-
     from gateway.sim.reference import calibrated_sims
 
     which, kv_scale = SIMILAR[shape]
@@ -332,7 +339,7 @@ async def _drive(route: Route, gateway: str | None, o: Any, workload: str, windo
     rec = Rec(t0=now + o.warmup, t1=now + o.warmup + duration)
     stop = rec.t1
     tasks = [asyncio.create_task(_worker(w, route, tenants, workload, rec, stop, 7, users.think))
-             for w in range(o.concurrency)]
+             for w in range(users.workers or o.concurrency)]
     if gateway is not None:
         tasks.append(asyncio.create_task(_monitor(gateway, rec, stop)))
     await asyncio.gather(*tasks)
@@ -382,7 +389,10 @@ async def run(bench: Any) -> dict:
     plans = {"mixed": ("mixed", "tenants", base + others, Users()),
              "similar": ("similar", "tenants", base, Users()), "documents": ("similar", "documents", base, Users()),
              "documents_a10g": ("a10g", "documents", base, Users()),
-             "many_tenants": ("a10g_hosted", "tenants", base + others, many)}
+             "many_tenants": ("a10g_hosted", "tenants", base + others, many),
+             "saturated": ("a10g_hosted", "tenants", base,
+                           replace(many, workers=int(os.environ.get("GATEWAY_BENCH_AFFINITY_SATURATED_WORKERS",
+                                                                    SATURATED_WORKERS))))}
     settings, only = _only("GATEWAY_BENCH_AFFINITY_SETTINGS"), _only("GATEWAY_BENCH_AFFINITY_VARIANTS")
     for key, (shape, workload, variants, users) in plans.items():
         if settings and key not in settings:
@@ -395,7 +405,7 @@ async def run(bench: Any) -> dict:
             rows[name] = await _variant(bench, f"aff-{key}-{name.replace('+', '-')}", strategy, aff, workload=workload,
                                         shape=shape, users=users)
         if users != Users():
-            rows.update(tenants=users.tenants, think_s=users.think)
+            rows.update(tenants=users.tenants, think_s=users.think, **({"workers": users.workers} if users.workers else {}))
         out[key] = rows
     if not settings or "extras" in settings:
         await _extras(bench, out.setdefault("documents", {}))
@@ -449,12 +459,14 @@ def render(r: dict) -> list[str]:
                          ("similar", "tenant prompts, four similar H100s"),
                          ("documents", "a document per conversation, four similar H100s"),
                          ("documents_a10g", "a document per conversation, four similar A10Gs"),
-                         ("many_tenants", "many tenant prompts, four similar A10Gs + hosted")):
+                         ("many_tenants", "many tenant prompts, four similar A10Gs + hosted"),
+                         ("saturated", "many tenant prompts, four similar A10Gs + hosted, saturated")):
         rows = r.get(shape, {})
         if not rows:
             continue
         if "tenants" in rows:
-            title += f" ({rows['tenants']} tenants, think time {rows['think_s']} s)"
+            title += (f" ({rows['tenants']} tenants, think time {rows['think_s']} s"
+                      + (f", {rows['workers']} users)" if "workers" in rows else ")"))
         lines += [f"{title}:", "", "| variant | tok/s | TTFT p50 | TTFT p99 | hit rate | requests | peak util | peak queue | errors |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for name, x in rows.items():
