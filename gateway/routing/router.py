@@ -184,10 +184,11 @@ def long_output(pool: Pool, est: Estimate) -> int:
     return max(arriving_long(pool, est), pool.waiting_output)
 
 
-def longest_output(pool: Pool, est: Estimate) -> int:
+def longest_output(pool: Pool, est: Estimate, long: int) -> int:
     """The longest answers the pool received in the last minute (OutputLengths.longest), and at least those that
-    count as long: the ones a rate-limited upstream's pacing bucket keeps a reserve for (spends_scarce_budget)."""
-    return max(pool.lengths.longest(est.output_tokens), long_output(pool, est))
+    count as long (`long`, long_output): the ones a rate-limited upstream's pacing bucket keeps a reserve for
+    (spends_scarce_budget)."""
+    return max(pool.lengths.longest(est.output_tokens), long)
 
 
 def arriving_long(pool: Pool, est: Estimate) -> int:
@@ -289,7 +290,8 @@ class Router:
         if est.output_tokens <= arriving_long(pool, est):
             return None
         cls, best = pool.cfg.classes[ctx.service_class], d.scores.get(d.upstream.name, -math.inf)
-        long, longest, waited = long_output(pool, est), longest_output(pool, est), time.monotonic() - ctx.started
+        long, waited = long_output(pool, est), time.monotonic() - ctx.started
+        longest = longest_output(pool, est, long)
         for u in paced:
             if spends_scarce_budget(u, est.output_tokens, long, longest) or not self.classes.admit(pool, [u], ctx):
                 continue
@@ -334,7 +336,8 @@ class Router:
         waited, slack = time.monotonic() - ctx.started, cls.max_ttft_s - u.curve.ttft_for(ctx.est.prompt_tokens)
         if TURNOVER_WAIT * slack <= waited <= slack:
             return False
-        if not spends_scarce_budget(u, ctx.est.output_tokens, long_output(pool, ctx.est), longest_output(pool, ctx.est)):
+        long = long_output(pool, ctx.est)
+        if not spends_scarce_budget(u, ctx.est.output_tokens, long, longest_output(pool, ctx.est, long)):
             return False
         # Last, as the dearest test (every upstream of the pool): could anything without a request budget serve it?
         return any(not (v.cfg.rpm or v.cfg.tpm) and v.weight > 0 and self.classes.limit(v, cls) > 0 for v in pool.upstreams)
@@ -604,7 +607,8 @@ def _throughput(pool: Pool, cands: list[UpstreamStats], ctx: RequestContext, odd
         return d
     cached = ctx.predicted_cached or {}
     if any(u.cfg.rpm for u in cands):  # only a request budget can be scarce; the quantile costs a sort now and then
-        long, longest = long_output(pool, est), longest_output(pool, est)
+        long = long_output(pool, est)
+        longest = longest_output(pool, est, long)
         plenty = [u for u in cands if not spends_scarce_budget(u, est.output_tokens, long, longest)]
         cands = plenty or cands  # a short answer spends a scarce request budget only when nothing else can take it
     scores = {u.name: error_adjusted(throughput_gain(u, est, cached.get(u.name, 0)), odds(u)) * u.weight for u in cands}
