@@ -135,21 +135,23 @@ def spends_scarce_budget(u: UpstreamStats, output_tokens: int, long_output: int,
     sequence and still lost to it. (A mean would not do for the reference: short requests are usually the many,
     and would set it to their own length.)
 
-    The pacing bucket's lower half is kept for the longest answers (`longest`, longest_output; those in its
-    max_tokens band): a long answer that is not the longest spends a unit only while the bucket is at least half
+    The RPM pacing bucket's lower half is kept for the longest answers (`longest`, longest_output; those in its
+    max_tokens band): a long answer that is not the longest spends a unit only while that bucket is at least half
     full. Long answers of one length come in groups (clients started together, answers of one length finishing
     together); taken first come, the bucket is kept empty by the shorter long answers arriving in between, a
     group of the longest gets one unit at once and one per 60/rpm s after, and those that cannot wait run on a
     GPU for their whole length. The reserve costs no units: the bucket refills until it is full whatever its
-    level, and the others take every unit above the reserve.
+    level, and the others take every unit above the reserve. (The TPM bucket is not reserved: it holds eight of
+    the largest requests, UpstreamRates._tpm_burst, and reserving it too kept the others off for the seconds it
+    takes to refill half of it after a group.)
     """
     rpm = u.cfg.rpm
     if not rpm or band(output_tokens) >= band(longest):
         return False
     r = u.rates  # the recent rate (10 s) sees pressure build before the minute's count does
-    if r.pacing_low():
-        return True
-    return output_tokens < long_output and max(r.used_req_60, r.rps * 60.0) >= RPM_PRESSURE * rpm
+    if output_tokens >= long_output:
+        return r.requests_paced()
+    return max(r.used_req_60, r.rps * 60.0) >= RPM_PRESSURE * rpm or r.pacing_low()
 
 
 def long_output_q(rpm_rps: float, request_rps: float) -> float:

@@ -149,10 +149,12 @@ class UpstreamRates:
         started at about the limit's pace: the budget is the scarce resource now, before the minute's count shows it
         (a backlog arriving at once empties the buckets in its first second)."""
         lim = self.cfg
-        return bool(
-            (lim.rpm and self._pace_req < self._burst(lim.rpm, PACE_BURST) / 2)
-            or (lim.tpm and self._pace_tok < self._tpm_burst(lim.tpm) / 2)
-        )
+        return self.requests_paced() or bool(lim.tpm and self._pace_tok < self._tpm_burst(lim.tpm) / 2)
+
+    def requests_paced(self) -> bool:
+        """Is the RPM pacing bucket less than half full (pacing_low's request part), as of the last rate_allows?"""
+        lim = self.cfg
+        return bool(lim.rpm and self._pace_req < self._burst(lim.rpm, PACE_BURST) / 2)
 
     def _burst(self, limit: int, least: float) -> float:
         """Capacity of a pacing bucket: BURST_S seconds of this replica's share of the limit, at least `least`."""

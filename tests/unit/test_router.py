@@ -488,6 +488,13 @@ def test_the_pacing_buckets_lower_half_is_kept_for_the_longest_answers():
     assert spends_scarce_budget(hosted, 256, 256, 1024)
     assert not spends_scarce_budget(hosted, 1024, 256, 1024)
     assert not spends_scarce_budget(hosted, 600, 256, 1024)  # the longest one's band: (512, 1024]
+    fleet, _ = make()
+    hosted = fleet.upstreams["hosted"]
+    assert hosted.rate_allows(0)
+    hosted.credit(3000)  # the TPM bucket is below half, the RPM bucket is not: only the request units are reserved
+    assert hosted.rates.pacing_low() and not hosted.rates.requests_paced()
+    assert not spends_scarce_budget(hosted, 256, 256, 1024)
+    assert spends_scarce_budget(hosted, 64, 256, 1024)  # a short answer: any bucket half empty
 
 
 def test_long_threshold_follows_the_share_of_requests_the_budget_can_take():
