@@ -28,6 +28,7 @@ from gateway.routing.affinity import Affinity
 from gateway.routing.classes import BATCH, TURNOVER_WAIT, ClassPolicy
 from gateway.routing.preempt import Preemptions
 from gateway.state.fleet import Fleet, Pool
+from gateway.state.lengths import band
 from gateway.state.load import KV_FILL, KV_RISK_FROM
 from gateway.state.stats import UpstreamStats
 
@@ -122,7 +123,7 @@ def throughput_gain(u: UpstreamStats, est: Estimate, cached: int = 0, wait: floa
     return own * (1.0 - kv_risk(u, est.kv_tokens - shared)) - ext
 
 
-def spends_scarce_budget(u: UpstreamStats, output_tokens: int, long_output: int) -> bool:
+def spends_scarce_budget(u: UpstreamStats, output_tokens: int, long_output: int, longest: int) -> bool:
     """Would a request of `output_tokens` spend a unit of a nearly used-up requests-per-minute budget that a long
     request would put to better use?
 
@@ -135,11 +136,23 @@ def spends_scarce_budget(u: UpstreamStats, output_tokens: int, long_output: int)
     (_throughput): a scaled-down gain was not enough, since a GPU near its knee adds almost nothing per extra
     sequence and still lost to it. (A mean would not do for the reference: short requests are usually the many,
     and would set it to their own length.)
+
+    The RPM pacing bucket's lower half is kept for the longest answers (`longest`, longest_output; those in its
+    max_tokens band): a long answer that is not the longest spends a unit only while that bucket is at least half
+    full. Long answers of one length come in groups (clients started together, answers of one length finishing
+    together); taken first come, the bucket is kept empty by the shorter long answers arriving in between, a
+    group of the longest gets one unit at once and one per 60/rpm s after, and those that cannot wait run on a
+    GPU for their whole length. The reserve costs no units: the bucket refills until it is full whatever its
+    level, and the others take every unit above the reserve. (The TPM bucket is not reserved: it holds eight of
+    the largest requests, UpstreamRates._tpm_burst, and reserving it too kept the others off for the seconds it
+    takes to refill half of it after a group.)
     """
     rpm = u.cfg.rpm
-    if not rpm or output_tokens >= long_output:
+    if not rpm or band(output_tokens) >= band(longest):
         return False
     r = u.rates  # the recent rate (10 s) sees pressure build before the minute's count does
+    if output_tokens >= long_output:
+        return r.requests_paced()
     return max(r.used_req_60, r.rps * 60.0) >= RPM_PRESSURE * rpm or r.pacing_low()
 
 
@@ -173,6 +186,13 @@ def long_output(pool: Pool, est: Estimate) -> int:
     first are known, and the backlog waiting for the budget is what a unit is taken from. So while a long answer
     waits for the next unit, a shorter one does not take it (first come would)."""
     return max(arriving_long(pool, est), pool.waiting_output)
+
+
+def longest_output(pool: Pool, est: Estimate, long: int) -> int:
+    """The longest answers the pool received in the last minute (OutputLengths.longest), and at least those that
+    count as long (`long`, long_output): the ones a rate-limited upstream's pacing bucket keeps a reserve for
+    (spends_scarce_budget)."""
+    return max(pool.lengths.longest(est.output_tokens), long)
 
 
 def arriving_long(pool: Pool, est: Estimate) -> int:
@@ -277,8 +297,9 @@ class Router:
             return None
         cls, best = pool.cfg.classes[ctx.service_class], d.scores.get(d.upstream.name, -math.inf)
         long, waited = long_output(pool, est), time.monotonic() - ctx.started
+        longest = longest_output(pool, est, long)
         for u in paced:
-            if spends_scarce_budget(u, est.output_tokens, long) or not self.classes.admit(pool, [u], ctx):
+            if spends_scarce_budget(u, est.output_tokens, long, longest) or not self.classes.admit(pool, [u], ctx):
                 continue
             wait = u.rates.paced_in(u.tpm_charge(est), self._held_ahead(pool, ctx))
             if waited + wait > hold_limit(cls, u, est, self._timeout(cls)):
@@ -289,10 +310,12 @@ class Router:
         return None
 
     def _held_ahead(self, pool: Pool, ctx: RequestContext) -> int:
-        """Requests held in the pool's queue that take a unit before this one: at least as long (a shorter one
-        yields it, long_output)."""
-        m = ctx.est.output_tokens
-        return sum(1 for w in self._queues[pool.model] if w.last.kind == "held" and w.ctx is not ctx and w.ctx.est.output_tokens >= m)
+        """Requests held in the pool's queue that take a unit before this one: longer ones (a shorter one yields
+        it, long_output), and as long ones held since earlier (the queue serves the oldest first). Counting the
+        later ones too, two answers of a group each saw the other ahead of it, and the older let go of its hold."""
+        m, t = ctx.est.output_tokens, ctx.started
+        return sum(1 for w in self._queues[pool.model] if w.last.kind == "held" and w.ctx is not ctx
+                   and (w.ctx.est.output_tokens > m or (w.ctx.est.output_tokens == m and w.ctx.started < t)))
 
     def _admitted(self, pool: Pool, cands: list[UpstreamStats], ctx: RequestContext, best_effort: bool) -> list[UpstreamStats]:
         """Affinity ranks the upstreams within their hard limits (with its own bounded-load rule); class admission
@@ -319,7 +342,8 @@ class Router:
         waited, slack = time.monotonic() - ctx.started, cls.max_ttft_s - u.curve.ttft_for(ctx.est.prompt_tokens)
         if TURNOVER_WAIT * slack <= waited <= slack:
             return False
-        if not spends_scarce_budget(u, ctx.est.output_tokens, long_output(pool, ctx.est)):
+        long = long_output(pool, ctx.est)
+        if not spends_scarce_budget(u, ctx.est.output_tokens, long, longest_output(pool, ctx.est, long)):
             return False
         # Last, as the dearest test (every upstream of the pool): could anything without a request budget serve it?
         return any(not (v.cfg.rpm or v.cfg.tpm) and v.weight > 0 and self.classes.limit(v, cls) > 0 for v in pool.upstreams)
@@ -606,7 +630,8 @@ def _throughput(pool: Pool, cands: list[UpstreamStats], ctx: RequestContext, odd
     cached, shared = ctx.predicted_cached or {}, ctx.kv_shared or {}
     if any(u.cfg.rpm for u in cands):  # only a request budget can be scarce; the quantile costs a sort now and then
         long = long_output(pool, est)
-        plenty = [u for u in cands if not spends_scarce_budget(u, est.output_tokens, long)]
+        longest = longest_output(pool, est, long)
+        plenty = [u for u in cands if not spends_scarce_budget(u, est.output_tokens, long, longest)]
         cands = plenty or cands  # a short answer spends a scarce request budget only when nothing else can take it
     scores = {u.name: error_adjusted(throughput_gain(u, est, cached.get(u.name, 0), shared=shared.get(u.name, 0)), odds(u)) * u.weight
               for u in cands}

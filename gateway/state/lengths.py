@@ -17,17 +17,21 @@ max_tokens is estimated from the pool's mean.
 Quantiles (which requests count as long, router.spends_scarce_budget) are taken over the expected outputs of
 the requests *arriving*, not over the outputs of those finishing: a long request finishes long after it arrived
 and a short one soon, so right after a change (or a start) the finished ones are almost all short, and the
-question is which of the requests now arriving should get a scarce request unit.
+question is which of the requests now arriving should get a scarce request unit. The longest of them over the
+last LONGEST_S (not over the last KEEP arrivals: long answers may come in groups far apart, each one's answer
+apart) are those a rate-limited API's pacing bucket keeps a reserve for (router.spends_scarce_budget).
 """
 
 from __future__ import annotations
 
 import bisect
+import time
 from collections import deque
 from itertools import accumulate
 from typing import TYPE_CHECKING
 
 from gateway.context import DEFAULT_OUTPUT_TOKENS
+from gateway.state.slidingmax import SlidingMax
 
 if TYPE_CHECKING:
     from gateway.context import RequestContext
@@ -40,6 +44,8 @@ MIN_OBSERVED = 16
 #: A band's own few outputs already say more about its requests than the pool's many (the 1024-token answers
 #: of a pool of 16-token ones): it is trusted from this many on.
 BAND_MIN_OBSERVED = 4
+#: Seconds over which the longest arriving answer is remembered: a rate-limited API's minute (its RPM window).
+LONGEST_S = 60.0
 #: The sorted copy is rebuilt after this many new observations (not per request: the hot path stays lean).
 REBUILD_EVERY = 16
 
@@ -94,15 +100,17 @@ class OutputLengths:
     """Recent output lengths of one pool; `expected(max_tokens)` = E[min(X, max_tokens)], over the outputs of
     requests with a max_tokens in the same band when there are enough, else over the pool's."""
 
-    __slots__ = ("_all", "_bands", "_arrived")
+    __slots__ = ("_all", "_bands", "_arrived", "_longest")
 
     def __init__(self) -> None:
         self._all = _Recent(KEEP)
         self._bands: dict[int, _Recent] = {}
         self._arrived = _Recent(KEEP)  # expected outputs of the requests routed lately
+        self._longest = SlidingMax(LONGEST_S)  # of the expected outputs arrived
 
-    def arrived(self, expected_output: int) -> None:
+    def arrived(self, expected_output: int, now: float | None = None) -> None:
         self._arrived.observe(expected_output)
+        self._longest.add(expected_output, time.monotonic() if now is None else now)
 
     def observe(self, output_tokens: int, max_tokens: int | None = None) -> None:
         if output_tokens <= 0:
@@ -130,6 +138,10 @@ class OutputLengths:
     def quantile(self, q: float, default: int) -> int:
         """The q-quantile of the expected outputs of recent arrivals (`default` until MIN_OBSERVED arrived)."""
         return self._arrived.quantile(q) if len(self._arrived) >= MIN_OBSERVED else default
+
+    def longest(self, default: int, now: float | None = None) -> int:
+        """The longest expected output among the requests arrived in the last LONGEST_S (`default`: none)."""
+        return self._longest.max(time.monotonic() if now is None else now, default)
 
 
 class Lengths:

@@ -16,13 +16,15 @@ from gateway.config import UpstreamConfig
 from gateway.context import Estimate
 from gateway.state.load import EndpointLoad
 from gateway.state.rate import WINDOW_S, Window, exceeded, headroom_share, static_share
+from gateway.state.slidingmax import SlidingMax
 
 # Per-second counter fields.
 REQ, OUT, ADM, ERR, RL = range(5)
 FIELDS = ("req", "out", "adm", "err", "rl")
 RATE_WINDOW_S = 10  # tok/s and error rates are averaged over this many seconds
 #: Rate limits are also paced by token buckets refilled at exactly the limit's rate (this replica's share), holding
-#: BURST_S seconds of it (and at least PACE_BURST requests, so a small limit such as 6 RPM may start at once).
+#: BURST_S seconds of it, and at least PACE_BURST requests (so a small limit such as 6 RPM may start at once; in
+#: tokens, PACE_BURST of the largest requests charged lately: see _tpm_burst).
 #: Started no faster than the limit allows, the sliding window never fills early: the upstream is kept busy all
 #: minute instead of the budget being burnt in a burst and the upstream then idling until the window slides.
 BURST_S = 2.0
@@ -55,6 +57,7 @@ class UpstreamRates:
         self._pace_req = math.inf
         self._pace_tok = math.inf
         self._pace_at = time.monotonic()
+        self._largest = SlidingMax(WINDOW_S)  # TPM charges of the requests started (_tpm_burst)
 
     # ---- request path -----------------------------------------------------------------------------------------
     def credit(self, admitted_tokens: int) -> int:
@@ -67,6 +70,7 @@ class UpstreamRates:
         self.dirty.add(sec)
         self._pace_req -= 1
         self._pace_tok -= admitted_tokens
+        self._largest.add(admitted_tokens, time.monotonic())
         return sec
 
     def record(self, field: int, v: int) -> None:
@@ -121,7 +125,7 @@ class UpstreamRates:
         if lim.rpm and self._pace_req < 1.0:
             return False
         # A full bucket takes anything.
-        return not (lim.tpm and self._pace_tok < tokens and self._pace_tok < self._burst(lim.tpm, 1.0))
+        return not (lim.tpm and self._pace_tok < tokens and self._pace_tok < self._tpm_burst(lim.tpm))
 
     def paced_in(self, tokens: int, ahead: int = 0) -> float:
         """Seconds until the pacing buckets let a request of `tokens` start after `ahead` others, when they are
@@ -136,7 +140,7 @@ class UpstreamRates:
         if lim.rpm:
             wait = (1.0 + ahead - self._pace_req) * WINDOW_S * n / lim.rpm
         if lim.tpm:
-            need = (1 + ahead) * min(tokens, self._burst(lim.tpm, 1.0))
+            need = (1 + ahead) * min(tokens, self._tpm_burst(lim.tpm))
             wait = max(wait, (need - self._pace_tok) * WINDOW_S * n / lim.tpm)
         return max(0.0, wait)
 
@@ -145,15 +149,29 @@ class UpstreamRates:
         started at about the limit's pace: the budget is the scarce resource now, before the minute's count shows it
         (a backlog arriving at once empties the buckets in its first second)."""
         lim = self.cfg
-        return bool(
-            (lim.rpm and self._pace_req < self._burst(lim.rpm, PACE_BURST) / 2)
-            or (lim.tpm and self._pace_tok < self._burst(lim.tpm, 1.0) / 2)
-        )
+        return self.requests_paced() or bool(lim.tpm and self._pace_tok < self._tpm_burst(lim.tpm) / 2)
+
+    def requests_paced(self) -> bool:
+        """Is the RPM pacing bucket less than half full (pacing_low's request part), as of the last rate_allows?"""
+        lim = self.cfg
+        return bool(lim.rpm and self._pace_req < self._burst(lim.rpm, PACE_BURST) / 2)
 
     def _burst(self, limit: int, least: float) -> float:
         """Capacity of a pacing bucket: BURST_S seconds of this replica's share of the limit, at least `least`."""
         share = limit / max(1, self.member.replicas)
         return max(1.0, min(share, max(share * BURST_S / WINDOW_S, least)))
+
+    def _tpm_burst(self, tpm: int) -> float:
+        """Capacity of the TPM pacing bucket: BURST_S seconds of the limit, and at least PACE_BURST of the largest
+        requests charged in the last minute (the RPM bucket's least, in tokens; 1 token before any).
+
+        Two seconds of a limit sized for a mix hold only two or three long requests (100k TPM: 3.3k tokens,
+        1224 per 1024-token answer), while long answers are what a rate-limited API is best used for and they
+        come in groups (clients started together, answers of one length finishing together). The group was
+        spread over seconds: the later ones went to a GPU for their whole length, and the bucket, below half
+        full after two of them, told every shorter request the budget was scarce (pacing_low). Sized in
+        requests, the group starts together; the sliding window still bounds the minute."""
+        return self._burst(tpm, PACE_BURST * self._largest.max(time.monotonic(), 1))
 
     def _refill(self) -> None:
         now = time.monotonic()
@@ -162,7 +180,7 @@ class UpstreamRates:
         if lim.rpm:
             self._pace_req = min(self._burst(lim.rpm, PACE_BURST), self._pace_req + dt * lim.rpm / WINDOW_S / n)
         if lim.tpm:
-            self._pace_tok = min(self._burst(lim.tpm, 1.0), self._pace_tok + dt * lim.tpm / WINDOW_S / n)
+            self._pace_tok = min(self._tpm_burst(lim.tpm), self._pace_tok + dt * lim.tpm / WINDOW_S / n)
 
     def window_sum(self, field: int, since: int = 0) -> int:
         """Fleet-wide total of a per-second counter since an epoch second (this replica's part is current)."""

@@ -13,7 +13,7 @@ from gateway.context import Estimate, RequestContext
 from gateway.reliability.outlier import OutlierDetector
 from gateway.routing.router import RATE_PASS_S, Refusal, Router
 from gateway.state.fleet import Fleet
-from gateway.state.lengths import BAND_MIN_OBSERVED, MIN_OBSERVED, Lengths, OutputLengths
+from gateway.state.lengths import BAND_MIN_OBSERVED, LONGEST_S, MIN_OBSERVED, Lengths, OutputLengths
 from gateway.state.stats import UpstreamStats
 from gateway.state.upstream_rates import ADM, REQ
 
@@ -54,8 +54,9 @@ def test_sliding_window_counts_requests_started_in_the_last_minute():
 
 
 def test_paced_in_is_the_time_until_the_buckets_hold_the_request_or_never_within_the_window():
-    """600 RPM refills a request unit every 0.1 s; 6000 TPM (bucket: 2 s = 200 tokens) 100 tokens a second. Once the
-    minute's share is spent, only requests leaving the window free it: no short wait to promise (inf)."""
+    """600 RPM refills a request unit every 0.1 s; 6000 TPM 100 tokens a second (bucket: 8 of the 150-token
+    requests charged, 1200 tokens, more than 2 s = 200). Once the minute's share is spent, only requests leaving the
+    window free it: no short wait to promise (inf)."""
     fleet, router, h = hosted_fleet(rpm=600)
     h.refresh(time.time())
     fill(router, fleet, req(100, 50))  # the bucket's 20 requests
@@ -65,7 +66,8 @@ def test_paced_in_is_the_time_until_the_buckets_hold_the_request_or_never_within
     h.refresh(time.time())
     fill(router, fleet, req(100, 50))
     assert h.rates.paced_in(150) == pytest.approx((150 - h.rates._pace_tok) * 60 / 6000, abs=0.02)
-    assert h.rates.paced_in(400) == pytest.approx((200 - h.rates._pace_tok) * 60 / 6000, abs=0.02)  # a full bucket
+    assert h.rates.paced_in(400) == pytest.approx((400 - h.rates._pace_tok) * 60 / 6000, abs=0.02)
+    assert h.rates.paced_in(1500) == pytest.approx((1200 - h.rates._pace_tok) * 60 / 6000, abs=0.02)  # a full bucket
     fleet, router, h = hosted_fleet(rpm=6)
     h.refresh(time.time())
     assert fill(router, fleet, req(100, 50)) == 6
@@ -234,3 +236,31 @@ def test_max_tokens_bands_are_powers_of_two():
     assert band(1) == band(2) == 1
     assert band(3) == band(4) == 2
     assert band(513) == band(1024) == 10 != band(1025)
+
+
+def test_the_tpm_bucket_holds_eight_of_the_largest_requests_of_the_minute():
+    """100k TPM: 2 s of it (3,333 tokens) hold two 1,224-token requests; a group of long answers arriving together
+    started two at once and one every 0.73 s after. The bucket holds PACE_BURST of the largest requests charged
+    in the last minute (as the RPM bucket holds PACE_BURST requests), and shrinks back when they leave it."""
+    fleet, router, h = hosted_fleet(tpm=100_000)
+    h.refresh(time.time())
+    assert h.rate_allows(1224) and h.rates._pace_tok == pytest.approx(3333, abs=1)  # nothing charged yet: 2 s
+    assert fill(router, fleet, req(200, 1024, max_tokens=1024)) == 2
+    h.rates._pace_at -= 10.0  # 10 s later: refilled up to 8 x 1,224 tokens, not 2 s
+    assert fill(router, fleet, req(200, 1024, max_tokens=1024)) == 8
+    h.rates._largest.max(time.monotonic() + 61.0, 1)  # a minute later the large requests left the window
+    h.rates._pace_at -= 10.0
+    assert h.rate_allows(1) and h.rates._pace_tok == pytest.approx(3333, abs=1)
+
+
+def test_the_longest_arriving_answer_is_remembered_for_a_minute():
+    """Long answers may come in groups, each one's answer apart: the longest is remembered by time, not by count."""
+    lengths = OutputLengths()
+    assert lengths.longest(128, now=0.0) == 128  # nothing arrived yet: the default
+    lengths.arrived(1024, now=0.0)
+    for i in range(2 * 512):  # far more short arrivals than the quantiles keep
+        lengths.arrived(16, now=i / 100)
+    assert lengths.longest(128, now=20.0) == 1024
+    lengths.arrived(256, now=30.0)
+    assert lengths.longest(128, now=LONGEST_S + 1) == 256  # the 1024-token one left the minute
+    assert lengths.longest(128, now=30.0 + LONGEST_S + 1) == 128

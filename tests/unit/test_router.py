@@ -450,11 +450,12 @@ def test_scarce_budget_only_for_request_limited_upstreams_and_short_requests():
     fleet, _ = make()
     hosted, fast = fleet.upstreams["hosted"], fleet.upstreams["fast-gpu"]
     _spend_rpm(fleet, "hosted", 20)
-    assert spends_scarce_budget(hosted, 64, 512)
-    assert not spends_scarce_budget(hosted, 512, 512)
-    assert not spends_scarce_budget(fast, 64, 512)  # no RPM limit: capacity is measured in tokens
+    assert spends_scarce_budget(hosted, 64, 512, 512)
+    assert not spends_scarce_budget(hosted, 512, 512, 512)
+    assert not spends_scarce_budget(hosted, 512, 512, 1024)  # long, but the pacing bucket is full
+    assert not spends_scarce_budget(fast, 64, 512, 512)  # no RPM limit: capacity is measured in tokens
     fleet2, _ = make()
-    assert not spends_scarce_budget(fleet2.upstreams["hosted"], 64, 512)  # budget not under pressure
+    assert not spends_scarce_budget(fleet2.upstreams["hosted"], 64, 512, 512)  # budget not under pressure
 
 
 def test_a_budget_started_at_its_pace_is_scarce_before_the_minute_shows_it():
@@ -466,7 +467,34 @@ def test_a_budget_started_at_its_pace_is_scarce_before_the_minute_shows_it():
     for _ in range(6):  # a backlog takes most of the pacing bucket (8 requests) at once
         hosted.credit(0)
     assert hosted.rate_allows(0) and hosted.rates.pacing_low()
-    assert spends_scarce_budget(hosted, 64, 512)
+    assert spends_scarce_budget(hosted, 64, 512, 512)
+
+
+def test_the_pacing_buckets_lower_half_is_kept_for_the_longest_answers():
+    """256-token answers count as long (they fill the budget with the 1024-token ones) but are not the longest:
+    they take units only while the bucket is at least half full, so 1024-token answers arriving together find
+    half of it (those in the longest one's max_tokens band count as the longest)."""
+    from gateway.routing.router import spends_scarce_budget
+
+    fleet, _ = make()
+    hosted = fleet.upstreams["hosted"]
+    assert hosted.rate_allows(0)  # its pacing bucket: 8 requests
+    for _ in range(4):  # half full
+        hosted.credit(0)
+    assert hosted.rate_allows(0) and not hosted.rates.pacing_low()
+    assert not spends_scarce_budget(hosted, 256, 256, 1024)
+    hosted.credit(0)
+    assert hosted.rate_allows(0) and hosted.rates.pacing_low()
+    assert spends_scarce_budget(hosted, 256, 256, 1024)
+    assert not spends_scarce_budget(hosted, 1024, 256, 1024)
+    assert not spends_scarce_budget(hosted, 600, 256, 1024)  # the longest one's band: (512, 1024]
+    fleet, _ = make()
+    hosted = fleet.upstreams["hosted"]
+    assert hosted.rate_allows(0)
+    hosted.credit(3000)  # the TPM bucket is below half, the RPM bucket is not: only the request units are reserved
+    assert hosted.rates.pacing_low() and not hosted.rates.requests_paced()
+    assert not spends_scarce_budget(hosted, 256, 256, 1024)
+    assert spends_scarce_budget(hosted, 64, 256, 1024)  # a short answer: any bucket half empty
 
 
 def test_long_threshold_follows_the_share_of_requests_the_budget_can_take():
@@ -573,6 +601,26 @@ async def test_a_held_long_answer_takes_the_next_unit_before_shorter_ones_and_bl
     router.wake()
     d = await asyncio.wait_for(waiting, 0.1)
     assert d.upstream.name == "hosted" and pool.waiting_output == 0
+
+
+async def test_held_answers_of_one_length_count_only_the_earlier_ones_ahead():
+    """Two 1024-token answers held together: the first one's wait is one unit, the second's two. (Counting each
+    other, both saw two, and the first let go of a hold it would have made in time.)"""
+    fleet, router = _make_patient()
+    pool = fleet.pools["fleet-model"]
+    _lengths(fleet, 95, 5)
+    _busy_fast_gpu(fleet)
+    _pacing_bucket_empty(fleet)
+    first, second = req(200, 1024), req(200, 1024)
+    second.started = first.started + 0.01
+    held = [asyncio.create_task(router.admit(pool, c)) for c in (first, second)]
+    await asyncio.sleep(0.01)
+    assert router.queue_depth()["fleet-model"] == 2
+    assert router._held_ahead(pool, first) == 0 and router._held_ahead(pool, second) == 1
+    assert router._held_ahead(pool, req(200, 256)) == 2  # a shorter one yields to both
+    for t in held:
+        t.cancel()
+    await asyncio.gather(*held, return_exceptions=True)
 
 
 def test_one_definition_of_a_long_answer_for_the_strategy_and_the_hold_out():
