@@ -102,10 +102,7 @@ async def api_middleware(request: web.Request, handler):
             resp.headers["x-request-id"] = request.get(REQUEST_ID) or request_id(request.headers)
         code = resp.status
         return resp
-    except web.HTTPException as e:
-        code = e.status
-        raise
-    except (asyncio.CancelledError, ConnectionResetError):
+    except asyncio.CancelledError:  # every other exception became a response above
         code = 499  # the client went away before the answer
         raise
     finally:

@@ -137,7 +137,7 @@ def spends_scarce_budget(u: UpstreamStats, output_tokens: int, long_output: int,
     sequence and still lost to it. (A mean would not do for the reference: short requests are usually the many,
     and would set it to their own length.)
 
-    The RPM pacing bucket's lower half is kept for the longest answers (`longest`, longest_output; those in its
+    The RPM pacing bucket's lower half is kept for the longest answers (`longest`, budget_lengths; those in its
     max_tokens band): a long answer that is not the longest spends a unit only while that bucket is at least half
     full. Long answers of one length come in groups (clients started together, answers of one length finishing
     together); taken first come, the bucket is kept empty by the shorter long answers arriving in between, a
@@ -188,11 +188,12 @@ def long_output(pool: Pool, est: Estimate) -> int:
     return max(arriving_long(pool, est), pool.waiting_output)
 
 
-def longest_output(pool: Pool, est: Estimate, long: int) -> int:
-    """The longest answers the pool received in the last minute (OutputLengths.longest), and at least those that
-    count as long (`long`, long_output): the ones a rate-limited upstream's pacing bucket keeps a reserve for
-    (spends_scarce_budget)."""
-    return max(pool.lengths.longest(est.output_tokens), long)
+def budget_lengths(pool: Pool, est: Estimate) -> tuple[int, int]:
+    """The two reference lengths spends_scarce_budget takes: the answers that count as long (long_output), and
+    the longest the pool received in the last minute (OutputLengths.longest; at least the long ones), which a
+    rate-limited upstream's pacing bucket keeps a reserve for."""
+    long = long_output(pool, est)
+    return long, max(pool.lengths.longest(est.output_tokens), long)
 
 
 def arriving_long(pool: Pool, est: Estimate) -> int:
@@ -296,8 +297,7 @@ class Router:
         if est.output_tokens <= arriving_long(pool, est):
             return None
         cls, best = pool.cfg.classes[ctx.service_class], d.scores.get(d.upstream.name, -math.inf)
-        long, waited = long_output(pool, est), time.monotonic() - ctx.started
-        longest = longest_output(pool, est, long)
+        (long, longest), waited = budget_lengths(pool, est), time.monotonic() - ctx.started
         for u in paced:
             if spends_scarce_budget(u, est.output_tokens, long, longest) or not self.classes.admit(pool, [u], ctx):
                 continue
@@ -342,8 +342,7 @@ class Router:
         waited, slack = time.monotonic() - ctx.started, cls.max_ttft_s - u.curve.ttft_for(ctx.est.prompt_tokens)
         if TURNOVER_WAIT * slack <= waited <= slack:
             return False
-        long = long_output(pool, ctx.est)
-        if not spends_scarce_budget(u, ctx.est.output_tokens, long, longest_output(pool, ctx.est, long)):
+        if not spends_scarce_budget(u, ctx.est.output_tokens, *budget_lengths(pool, ctx.est)):
             return False
         # Last, as the dearest test (every upstream of the pool): could anything without a request budget serve it?
         return any(not (v.cfg.rpm or v.cfg.tpm) and v.weight > 0 and self.classes.limit(v, cls) > 0 for v in pool.upstreams)
@@ -629,8 +628,7 @@ def _throughput(pool: Pool, cands: list[UpstreamStats], ctx: RequestContext, odd
         return d
     cached, shared = ctx.predicted_cached or {}, ctx.kv_shared or {}
     if any(u.cfg.rpm for u in cands):  # only a request budget can be scarce; the quantile costs a sort now and then
-        long = long_output(pool, est)
-        longest = longest_output(pool, est, long)
+        long, longest = budget_lengths(pool, est)
         plenty = [u for u in cands if not spends_scarce_budget(u, est.output_tokens, long, longest)]
         cands = plenty or cands  # a short answer spends a scarce request budget only when nothing else can take it
     scores = {u.name: error_adjusted(throughput_gain(u, est, cached.get(u.name, 0), shared=shared.get(u.name, 0)), odds(u)) * u.weight
