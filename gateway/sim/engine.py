@@ -226,8 +226,11 @@ class GpuEngine(SimModel):
         self._waiting.clear()
 
     def open(self, prompt_tokens: int, n_tokens: int, budget: int, hashes: Sequence[int] = ()) -> TokenStream:
-        seq = _Seq(self, next(self._seq_ids), prompt_tokens, n_tokens)
-        if n_tokens <= 0:
+        return self._enqueue(_Seq(self, next(self._seq_ids), prompt_tokens, n_tokens))
+
+    def _enqueue(self, seq: _Seq) -> _Seq:
+        """Queue a new sequence for the scheduler (one asking for no tokens is finished at once)."""
+        if seq.n <= 0:
             seq.closed = True
             self.completed += 1
             return seq

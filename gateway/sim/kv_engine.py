@@ -108,15 +108,7 @@ class KvEngine(GpuEngine):
         if prompt_tokens + n_tokens > self.capacity_tokens:
             raise PromptTooLong(f"prompt ({prompt_tokens}) + max tokens ({n_tokens}) exceed the KV cache "
                                 f"({self.capacity_tokens} tokens)")
-        seq = KvSeq(self, next(self._seq_ids), max(1, prompt_tokens), n_tokens, hashes)
-        if n_tokens <= 0:
-            seq.closed = True
-            self.completed += 1
-            return seq
-        self._waiting.append(seq)
-        self.inflight_peak = max(self.inflight_peak, self.running + self.waiting)
-        self._wake.set()
-        return seq
+        return self._enqueue(KvSeq(self, next(self._seq_ids), max(1, prompt_tokens), n_tokens, hashes))
 
     def _drop(self, seq: _Seq) -> None:
         super()._drop(seq)

@@ -67,18 +67,23 @@ async def test_keep_alive_reuses_one_connection_and_sends_what_the_caller_set(st
         pool.close()
 
 
+async def _chunked_gzip(request: web.Request, raw: bytes) -> web.StreamResponse:
+    """`raw` gzipped and sent in 100-byte chunks: framing and decoding the pool must undo."""
+    resp = web.StreamResponse(headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    z = gzip.compress(raw)
+    for i in range(0, len(z), 100):
+        await resp.write(z[i:i + 100])
+    await resp.write_eof()
+    return resp
+
+
 async def test_chunked_gzip_body_is_decoded(start_upstream):
     raw = json.dumps({"a": "b" * 5000}).encode()
 
     async def chat(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
-        resp.enable_chunked_encoding()
-        await resp.prepare(request)
-        z = gzip.compress(raw)
-        for i in range(0, len(z), 100):
-            await resp.write(z[i:i + 100])
-        await resp.write_eof()
-        return resp
+        return await _chunked_gzip(request, raw)
 
     pool = H1Pool(connect_timeout=5)
     try:
@@ -99,14 +104,7 @@ async def test_one_parser_reads_differently_framed_responses_on_one_connection(s
         peers.append(request.transport.get_extra_info("peername"))
         kind = len(peers) % 3
         if kind == 1:
-            resp = web.StreamResponse(headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
-            resp.enable_chunked_encoding()
-            await resp.prepare(request)
-            z = gzip.compress(raw)
-            for i in range(0, len(z), 100):
-                await resp.write(z[i:i + 100])
-            await resp.write_eof()
-            return resp
+            return await _chunked_gzip(request, raw)
         return web.json_response({"n": len(peers)}) if kind == 2 else web.Response(status=204)
 
     url = await start_upstream(chat) + "/chat/completions"
