@@ -18,6 +18,7 @@ from gateway.routing.affinity import (
     Affinity,
     BlockLru,
     UpstreamAffinity,
+    home_order,
     prompt_prefix,
     sticky_bound,
 )
@@ -207,6 +208,58 @@ def test_bounded_load_withholds_the_credit_past_the_share_and_slots() -> None:
     hold(fleet.upstreams["fast-gpu"], 13)
     router.pick(pool, ctx)
     assert not ctx.predicted_cached
+
+
+def test_home_order_is_a_stable_rendezvous_order_that_moves_only_the_removed_upstreams_keys() -> None:
+    names = [f"up-{i}" for i in range(5)]
+    orders = {k: home_order(k, names) for k in range(200)}
+    assert all(sorted(o) == names for o in orders.values())
+    assert orders[7] == home_order(7, list(reversed(names)))  # the listing order does not matter
+    assert len({o[0] for o in orders.values()}) == 5  # keys spread over every upstream
+    for k, o in orders.items():  # without up-2, a key's order is its old one minus up-2
+        assert home_order(k, [n for n in names if n != "up-2"]) == [n for n in o if n != "up-2"]
+
+
+def test_a_prefix_several_engines_hold_is_credited_to_its_home_only() -> None:
+    fleet, router, aff = make(twin=True)
+    pool = fleet.pools["fleet-model"]
+    system = [{"role": "system", "content": text(1500)}]
+    shared = chat(system)
+    for name in ("fast-gpu", "slow-gpu"):  # both twins cached the tenant's prompt
+        aff.upstreams[name].lru.add(prompt_prefix(shared).hashes)
+    ctx = chat([*system, {"role": "user", "content": "a new conversation " + text(60, 5)}])
+    p = prompt_prefix(ctx)
+    deepest = aff.upstreams["fast-gpu"].lru.match(p.hashes)
+    home, other = home_order(p.hashes[deepest - 1], ["fast-gpu", "slow-gpu"])
+    d = router.pick(pool, ctx)
+    assert d.upstream.name == home and set(ctx.predicted_cached or {}) == {home}
+    # The home past HOME_LOAD_FACTOR times its share (2 in flight of a pool of 2, 1.25 * 3 * 64 / 160 -> 2):
+    # the credit passes to the next holder.
+    hold(fleet.upstreams[home], 2)
+    router.pick(pool, ctx)
+    assert set(ctx.predicted_cached or {}) == {other}
+    # A conversation's history on one engine alone: the rule does not apply.
+    hold(fleet.upstreams[home], 0)
+    turn2 = chat([*system, {"role": "user", "content": "a new conversation " + text(60, 5)}, {"role": "assistant", "content": text(150, 3)},
+                  {"role": "user", "content": "and then?"}])
+    aff.upstreams[other].lru.add(prompt_prefix(ctx).hashes)
+    assert router.pick(pool, turn2).upstream.name == other
+    assert set(turn2.predicted_cached or {}) == {home, other}
+
+
+def test_the_home_rule_spares_the_stickiness_keys_upstream() -> None:
+    fleet, router, aff = make(twin=True)
+    pool = fleet.pools["fleet-model"]
+    system = [{"role": "system", "content": text(1500)}]
+    for name in ("fast-gpu", "slow-gpu"):
+        aff.upstreams[name].lru.add(prompt_prefix(chat(system)).hashes)
+    ctx = chat([*system, {"role": "user", "content": "hi"}], user="alice")
+    p = prompt_prefix(ctx)
+    home, other = home_order(p.hashes[aff.upstreams["fast-gpu"].lru.match(p.hashes) - 1], ["fast-gpu", "slow-gpu"])
+    aff.decision(ctx, Attempt(1, router.pick(pool, ctx), Outcome()))  # alice's session is on the home
+    aff.sessions[next(iter(aff.sessions))] = (other, 10)  # ...then moved to the other one
+    router.pick(pool, ctx)
+    assert set(ctx.predicted_cached or {}) == {home, other}  # neither is withheld: only one other holder is left
 
 
 def test_room_freed_on_an_engine_goes_first_to_the_queued_request_it_caches() -> None:
