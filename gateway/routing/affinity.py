@@ -274,6 +274,17 @@ def sticky_bound(u: UpstreamStats, pool_load: float, pool_slots: int, factor: fl
     return float(min(mc, max(1, math.ceil(factor * share))))
 
 
+def share_basis(pool: Pool) -> tuple[float, int]:
+    """The load and slots an upstream's share (sticky_bound) is taken of: those of the upstreams without a request
+    or token rate limit (all of them when every one has one). A rate-limited API takes requests at its budget's
+    pace, not in proportion to its slots: counted in, its slots (32 for a hosted API carrying ~4 requests beside
+    four 16-slot engines) shrink every engine's share by a third, and the bounded-load rule then moves a
+    conversation off the engine holding it at ~1.3 times its true share instead of LOAD_FACTOR times."""
+    if pool.unmetered_slots == pool.slots:
+        return sum(x.load for x in pool.upstreams), pool.slots
+    return sum(x.load for x in pool.upstreams if not (x.cfg.rpm or x.cfg.tpm)), pool.unmetered_slots
+
+
 class Affinity:
     """The replica's prefix index over every upstream, the session map, and the hook subscriber feeding them."""
 
@@ -300,14 +311,14 @@ class Affinity:
         pt = ctx.est.prompt_tokens
         sess = self._session(pool, ctx)
         out: dict[str, int] = {}
-        totals: tuple[float, int] | None = None  # the pool's load and slots, summed only when a hit needs the bound
+        totals: tuple[float, int] | None = None  # share_basis, summed only when a hit needs the bound
         for u in cands:
             st = sess[1] if sess is not None and sess[0] == u.name else 0
             c = self.upstreams[u.name].predict(p, pt, st)
             if c <= 0:
                 continue
             if totals is None:
-                totals = (sum(x.load for x in pool.upstreams), pool.slots)
+                totals = share_basis(pool)
             if u.load + 1 <= sticky_bound(u, totals[0], totals[1], self.load_factor):
                 out[u.name] = c
         if totals is not None and len(out) > 1:
