@@ -28,9 +28,17 @@ request is then credited with that request's prompt as cached even when the prom
 from what the index holds. Without a key the prefix hashes alone decide.
 
 Bounded load (`sticky_bound`): cached tokens are credited to an upstream only while, after this request, its
-load stays within max_concurrency and within LOAD_FACTOR times its capacity-proportional share of the pool's
-load (consistent hashing with bounded loads). Service-class limits are applied before (classes.admit filters
-the candidates), so affinity can never place a request an upstream could not otherwise take.
+load stays within max_concurrency and within LOAD_FACTOR times its capacity-proportional share of the load of the
+pool's upstreams without rate limits (share_basis; consistent hashing with bounded loads). Service-class limits
+are applied before (classes.admit filters the candidates), so affinity can never place a request an upstream
+could not otherwise take.
+
+Homes (Affinity.home_withheld): when several engines hold a request's longest cached prefix (a tenant's system
+prompt cached everywhere while its conversations were spread), only the first of them in the prefix's rendezvous
+order (home_order) within HOME_LOAD_FACTOR times its share keeps the credit. New conversations of a prefix then
+gather on its home and each engine's cache holds a share of the prefixes, a tenant partition found from the index
+alone (gateway/tools/affinity_bound.py: `holder` vs `sticky`, 1.27x vs 1.04x prefix-blind placement in the
+`saturated` steady state).
 
 Shared KV (RunningBlocks): per upstream, the prompt blocks of this replica's requests in flight, so the router's
 KV limit counts a block the engine holds once for several running sequences once (the KV load it plans with, and

@@ -15,10 +15,10 @@ places every turn by one of:
   when it started);
 - `home`: a new conversation on the first engine, in rendezvous order of its system prompt's first block
   (affinity.home_order), whose requests in flight stay within the bounded-load limit (affinity.sticky_bound's
-  rule: `--load-factor` times its share of the pool's); later turns stay (the tenant partition without knowing
-  the tenants);
-- `holder`: the same order, but only among the engines that hold the system prompt (the router's index), else
-  the least busy: homes derived from where prefixes already are;
+  rule: `--load-factor`, default affinity.HOME_LOAD_FACTOR, times its share of the pool's); later turns stay (the
+  tenant partition without knowing the tenants);
+- `holder`: the same order, but only among the engines holding the longest cached prefix (the router's home
+  rule, Affinity.home_withheld), else the least busy: homes derived from where prefixes already are;
 - `least`: the engine with the fewest requests in flight (prefix-blind; what the router without affinity does
   at best) and `random`;
 - `least` on engines with prefix caching off: the no-caching floor.
@@ -38,7 +38,7 @@ import math
 import random
 from dataclasses import dataclass, field, replace
 
-from gateway.routing.affinity import home_order
+from gateway.routing.affinity import HOME_LOAD_FACTOR, home_order
 from gateway.routing.prefix import BLOCK_SIZE, block_hashes
 from gateway.sim.kv_engine import KvEngine, KvSeq, StepPlan
 from gateway.sim.server import SimConfig
@@ -60,7 +60,7 @@ class Workload:
     engines: int = 4
     hosted: bool = False
     seed: int = 7
-    load_factor: float = 2.0
+    load_factor: float = HOME_LOAD_FACTOR
 
 
 @dataclass
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=float, default=50.0, help="measured (virtual) seconds")
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--load-factor", type=float, default=2.0, help="`home`/`holder`: the bounded-load factor")
+    ap.add_argument("--load-factor", type=float, default=HOME_LOAD_FACTOR, help="`home`/`holder`: the bounded-load factor")
     a = ap.parse_args(argv)
     print("| seed | " + " | ".join(f"{p} tok/s (hit)" for p in (*PLACEMENTS, "no_cache")) + " | tenant/least | sticky/least | tenant/no_cache |")
     print("|---" * (len(PLACEMENTS) + 5) + "|")

@@ -20,6 +20,7 @@ from gateway.routing.affinity import (
     UpstreamAffinity,
     home_order,
     prompt_prefix,
+    share_basis,
     sticky_bound,
 )
 from gateway.routing.router import Refusal, Router, throughput_gain
@@ -193,21 +194,33 @@ def test_multi_turn_conversations_stay_on_the_upstream_that_caches_them() -> Non
 def test_bounded_load_withholds_the_credit_past_the_share_and_slots() -> None:
     fleet, router, aff = make()
     pool = fleet.pools["fleet-model"]
-    slow = fleet.upstreams["slow-gpu"]
+    slow, fast, hosted = (fleet.upstreams[n] for n in ("slow-gpu", "fast-gpu", "hosted"))
     slots = sum(u.cfg.max_concurrency for u in pool.upstreams)  # 64 + 16 + 32
     assert sticky_bound(slow, 0, slots) == 1  # idle pool: the first request may always stick
     assert sticky_bound(slow, 20, slots) == 6  # ceil(2 * 21 * 16 / 112)
     assert sticky_bound(slow, 500, slots) == 16  # never past max_concurrency
     ctx = chat(conversation(3))
     aff.upstreams["slow-gpu"].lru.add(prompt_prefix(ctx).hashes)
-    hold(fleet.upstreams["fast-gpu"], 14)
-    hold(slow, 5)  # load 20 in the pool: slow-gpu may take a 6th sticky request
+    hold(fast, 10)
+    hold(slow, 6)  # load 16 on the engines (80 slots): slow-gpu may take a 7th sticky request (ceil(2 * 17 * 16 / 80))
     router.pick(pool, ctx)
     assert ctx.predicted_cached and "slow-gpu" in ctx.predicted_cached
-    hold(slow, 6)  # a 7th would exceed twice its share: scored as a full prefill there
-    hold(fleet.upstreams["fast-gpu"], 13)
+    hold(slow, 7)  # an 8th would exceed twice its share: scored as a full prefill there
+    hold(fast, 9)
     router.pick(pool, ctx)
     assert not ctx.predicted_cached
+
+
+def test_the_share_leaves_out_rate_limited_apis() -> None:
+    # The hosted API's 32 slots take requests at its budget's pace: they are not part of the engines' share.
+    fleet, _, _ = make()
+    pool = fleet.pools["fleet-model"]
+    hold(fleet.upstreams["fast-gpu"], 10)
+    hold(fleet.upstreams["hosted"], 4)
+    assert share_basis(pool) == (10, 64 + 16)
+    fleet.upstreams["fast-gpu"].cfg.rpm = 1000  # every upstream rate-limited: the whole pool
+    fleet.upstreams["slow-gpu"].cfg.tpm = 10**6
+    assert share_basis(Fleet(fleet.config, "throughput").pools["fleet-model"]) == (0, 112)
 
 
 def test_home_order_is_a_stable_rendezvous_order_that_moves_only_the_removed_upstreams_keys() -> None:
@@ -233,7 +246,7 @@ def test_a_prefix_several_engines_hold_is_credited_to_its_home_only() -> None:
     home, other = home_order(p.hashes[deepest - 1], ["fast-gpu", "slow-gpu"])
     d = router.pick(pool, ctx)
     assert d.upstream.name == home and set(ctx.predicted_cached or {}) == {home}
-    # The home past HOME_LOAD_FACTOR times its share (2 in flight of a pool of 2, 1.25 * 3 * 64 / 160 -> 2):
+    # The home past HOME_LOAD_FACTOR times its share (2 in flight on the twins, ceil(1.25 * 3 * 64 / 128) = 2):
     # the credit passes to the next holder.
     hold(fleet.upstreams[home], 2)
     router.pick(pool, ctx)
@@ -312,7 +325,7 @@ def test_affinity_never_overrides_service_class_limits() -> None:
     assert router.pick(pool, ctx).upstream.name == "slow-gpu"
     hold(slow, 5)  # a 6th sequence would decode below the class's 100 tok/s floor
     d = router.pick(pool, ctx)
-    assert d.upstream.name != "slow-gpu" and "slow-gpu" not in (ctx.predicted_cached or {})
+    assert d.upstream.name != "slow-gpu" and "slow-gpu" not in d.scores  # not even scored, cached or not
 
 
 # ---- figures ---------------------------------------------------------------------------------------------------
