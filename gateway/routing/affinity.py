@@ -28,9 +28,17 @@ request is then credited with that request's prompt as cached even when the prom
 from what the index holds. Without a key the prefix hashes alone decide.
 
 Bounded load (`sticky_bound`): cached tokens are credited to an upstream only while, after this request, its
-load stays within max_concurrency and within LOAD_FACTOR times its capacity-proportional share of the pool's
-load (consistent hashing with bounded loads). Service-class limits are applied before (classes.admit filters
-the candidates), so affinity can never place a request an upstream could not otherwise take.
+load stays within max_concurrency and within LOAD_FACTOR times its capacity-proportional share of the load of the
+pool's upstreams without rate limits (share_basis; consistent hashing with bounded loads). Service-class limits
+are applied before (classes.admit filters the candidates), so affinity can never place a request an upstream
+could not otherwise take.
+
+Homes (Affinity.home_withheld): when several engines hold a request's longest cached prefix (a tenant's system
+prompt cached everywhere while its conversations were spread), only the first of them in the prefix's rendezvous
+order (home_order) within HOME_LOAD_FACTOR times its share keeps the credit. New conversations of a prefix then
+gather on its home and each engine's cache holds a share of the prefixes, a tenant partition found from the index
+alone (gateway/tools/affinity_bound.py: `holder` vs `sticky`, 1.27x vs 1.04x prefix-blind placement in the
+`saturated` steady state).
 
 Shared KV (RunningBlocks): per upstream, the prompt blocks of this replica's requests in flight, so the router's
 KV limit counts a block the engine holds once for several running sequences once (the KV load it plans with, and
@@ -62,6 +70,11 @@ DEFAULT_CAPACITY_TOKENS = 200_000
 HOSTED_MIN_TOKENS = 1024
 #: Bounded load: an upstream keeps its affinity credit while its load stays within this many times its share.
 LOAD_FACTOR = 2.0
+#: The home rule (Affinity.home_withheld): a prefix's home keeps the credit while its load stays within this many
+#: times its share; tighter than LOAD_FACTOR, as it gathers the new conversations of a prefix, not one's turns
+#: (gateway/tools/affinity_bound.py, `holder`: 1.25 keeps the no-think documents workload within 1% of prefix-blind
+#: placement, where 2.0 lost 2-3%, and reaches the tenant partition's tok/s in `saturated`).
+HOME_LOAD_FACTOR = 1.25
 #: Sessions (stickiness keys) remembered per replica.
 SESSIONS_MAX = 50_000
 #: Weight of one request in the calibration's moving average.
@@ -269,6 +282,17 @@ def sticky_bound(u: UpstreamStats, pool_load: float, pool_slots: int, factor: fl
     return float(min(mc, max(1, math.ceil(factor * share))))
 
 
+def share_basis(pool: Pool) -> tuple[float, int]:
+    """The load and slots an upstream's share (sticky_bound) is taken of: those of the upstreams without a request
+    or token rate limit (all of them when every one has one). A rate-limited API takes requests at its budget's
+    pace, not in proportion to its slots: counted in, its slots (32 for a hosted API carrying ~4 requests beside
+    four 16-slot engines) shrink every engine's share by a third, and the bounded-load rule then moves a
+    conversation off the engine holding it at ~1.3 times its true share instead of LOAD_FACTOR times."""
+    if pool.unmetered_slots == pool.slots:
+        return sum(x.load for x in pool.upstreams), pool.slots
+    return sum(x.load for x in pool.upstreams if not (x.cfg.rpm or x.cfg.tpm)), pool.unmetered_slots
+
+
 class Affinity:
     """The replica's prefix index over every upstream, the session map, and the hook subscriber feeding them."""
 
@@ -289,22 +313,54 @@ class Affinity:
         return pool.cfg.affinity and pool.strategy == "throughput" and ctx.operation != "embeddings" and len(pool.upstreams) > 1
 
     def predict(self, pool: Pool, cands: list[UpstreamStats], ctx: RequestContext) -> dict[str, int]:
-        """Predicted cached prompt tokens per candidate, 0 where the bounded-load rule withholds the credit."""
+        """Predicted cached prompt tokens per candidate, 0 where the bounded-load rule or the home rule
+        (home_withheld) withholds the credit."""
         p = prompt_prefix(ctx)
         pt = ctx.est.prompt_tokens
         sess = self._session(pool, ctx)
         out: dict[str, int] = {}
-        totals: tuple[float, int] | None = None  # the pool's load and slots, summed only when a hit needs the bound
+        totals: tuple[float, int] | None = None  # share_basis, summed only when a hit needs the bound
         for u in cands:
             st = sess[1] if sess is not None and sess[0] == u.name else 0
             c = self.upstreams[u.name].predict(p, pt, st)
             if c <= 0:
                 continue
             if totals is None:
-                totals = (sum(x.load for x in pool.upstreams), pool.slots)
+                totals = share_basis(pool)
             if u.load + 1 <= sticky_bound(u, totals[0], totals[1], self.load_factor):
                 out[u.name] = c
+        if totals is not None and len(out) > 1:
+            for name in self.home_withheld(p, [u for u in cands if u.name in out], totals, sess[0] if sess else None):
+                del out[name]
         return out
+
+    def home_withheld(self, p: PromptPrefix, credited: list[UpstreamStats], totals: tuple[float, int],
+                      keep: str | None = None) -> list[str]:
+        """The home rule: the engines whose credit for a prefix several of them hold is withheld, so that only its
+        home keeps it.
+
+        When the longest prefix of the request any engine holds is held by several (a tenant's system prompt that
+        every engine cached while its conversations were spread over them), crediting all of them leaves the
+        choice to load, and each engine's cache keeps needing every tenant's prompt: past one engine's KV they
+        evict each other. So the credit goes to one of them, the prefix's home: the first, in rendezvous order of
+        the prefix's last block (home_order: the same on every replica), whose load stays within HOME_LOAD_FACTOR
+        times its share (sticky_bound). The others are scored as a full prefill there, so new conversations of the
+        prefix collect on its home, the other engines' copies age out, and each engine's cache holds a share of
+        the prefixes (a tenant partition, found from the index, with no notion of tenants). A busy home passes the
+        credit on to the next in order; none within the bound: nothing is withheld (load decides, as before).
+        Only GPU engines take part (a hosted API's cache is the provider's); a conversation's own history is held
+        by one engine alone, so its turns are not affected, nor is `keep` (the upstream of the request's stickiness
+        key)."""
+        held = {u.name: self.upstreams[u.name].lru.match(p.hashes) for u in credited}
+        deepest = max(held.values(), default=0)
+        holders = {u.name: u for u in credited if u.cfg.kind == "gpu" and held[u.name] == deepest and u.name != keep}
+        if deepest <= 0 or len(holders) < 2:
+            return []
+        for name in home_order(p.hashes[deepest - 1], list(holders)):
+            u = holders[name]
+            if u.load + 1 <= sticky_bound(u, totals[0], totals[1], HOME_LOAD_FACTOR):
+                return [n for n in holders if n != name]
+        return []
 
     def saved_prefill_s(self, pool: Pool, u: UpstreamStats, ctx: RequestContext) -> float:
         """Seconds of prefill `u` would probably not spend on the request (its predicted cached tokens, without the
@@ -377,3 +433,10 @@ class Affinity:
         out = a.outcome
         pt = out.input_tokens if out.input_tokens is not None else ctx.est.prompt_tokens
         self.upstreams[a.upstream.name].observe(pt, predicted, out.cached_tokens, out.ttft if ctx.stream else None)
+
+
+def home_order(key: int, names: Sequence[str]) -> list[str]:
+    """`names` in rendezvous (highest-random-weight) order for a prefix's block hash `key`: every replica
+    computes the same order without sharing state, and removing an upstream moves only the keys it ranked first."""
+    kb = key.to_bytes(8, "little")
+    return sorted(names, key=lambda n: hashlib.blake2b(kb + n.encode(), digest_size=8).digest(), reverse=True)

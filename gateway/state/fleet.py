@@ -29,6 +29,9 @@ class Pool:
     #: The pool's engine slots (sum of max_concurrency, fixed by config): per-request rules read it, so a pool of
     #: hundreds of upstreams is not summed per request.
     slots: int = field(init=False)
+    #: The slots of the upstreams without a request or token rate limit (all of them when every one has one): what
+    #: takes the pool's load in proportion to slots (affinity.share_basis).
+    unmetered_slots: int = field(init=False)
     #: Requests per second the pool's RPM limits allow together (config), and the requests per second its
     #: upstreams were sent in the last 10 s (refreshed each router tick, not per request).
     rpm_rps: float = field(init=False)
@@ -40,6 +43,7 @@ class Pool:
     def __post_init__(self) -> None:
         self.operations = frozenset().union(*(u.operations for u in self.upstreams))
         self.slots = sum(u.cfg.max_concurrency for u in self.upstreams)
+        self.unmetered_slots = sum(u.cfg.max_concurrency for u in self.upstreams if not (u.cfg.rpm or u.cfg.tpm)) or self.slots
         self.rpm_rps = sum(u.cfg.rpm / 60.0 for u in self.upstreams if u.cfg.rpm)
 
     def observe_demand(self) -> None:

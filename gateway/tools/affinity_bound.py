@@ -13,6 +13,12 @@ places every turn by one of:
   engine's share of the system prompts hot, the best any placement does with these caches;
 - `sticky`: the bench's sticky oracle (a conversation stays on the engine with the fewest open conversations
   when it started);
+- `home`: a new conversation on the first engine, in rendezvous order of its system prompt's first block
+  (affinity.home_order), whose requests in flight stay within the bounded-load limit (affinity.sticky_bound's
+  rule: `--load-factor`, default affinity.HOME_LOAD_FACTOR, times its share of the pool's); later turns stay (the
+  tenant partition without knowing the tenants);
+- `holder`: the same order, but only among the engines holding the longest cached prefix (the router's home
+  rule, Affinity.home_withheld), else the least busy: homes derived from where prefixes already are;
 - `least`: the engine with the fewest requests in flight (prefix-blind; what the router without affinity does
   at best) and `random`;
 - `least` on engines with prefix caching off: the no-caching floor.
@@ -28,15 +34,17 @@ from __future__ import annotations
 import argparse
 import heapq
 import itertools
+import math
 import random
 from dataclasses import dataclass, field, replace
 
+from gateway.routing.affinity import HOME_LOAD_FACTOR, home_order
 from gateway.routing.prefix import BLOCK_SIZE, block_hashes
 from gateway.sim.kv_engine import KvEngine, KvSeq, StepPlan
 from gateway.sim.server import SimConfig
 
 #: Placements, in the order they are reported.
-PLACEMENTS = ("tenant", "sticky", "least", "random")
+PLACEMENTS = ("tenant", "home", "holder", "sticky", "least", "random")
 #: The calibrated hosted API (sim/reference.py): its TPM limit, time to first token and decode rate.
 HOSTED_TPM, HOSTED_TTFT, HOSTED_TOK_S = 100_000, 0.4, 60.0
 
@@ -52,6 +60,7 @@ class Workload:
     engines: int = 4
     hosted: bool = False
     seed: int = 7
+    load_factor: float = HOME_LOAD_FACTOR
 
 
 @dataclass
@@ -106,6 +115,9 @@ class _Model:
         else:
             tenant = rnd.randrange(w.tenants)
             ids = list(self.prompts[tenant])
+        if self.placement in ("home", "holder"):  # placed at its first request (_engine_for)
+            self.users[uid] = _Turn(ids, -1, rnd.randint(5, 10))
+            return
         e = tenant % w.engines if self.placement == "tenant" and not w.documents else \
             min(range(w.engines), key=lambda k: (self.open[k], k))
         self.open[e] += 1
@@ -117,8 +129,29 @@ class _Model:
     def _think(self) -> float:
         return self.rnd.expovariate(1 / self.w.think) if self.w.think else 0.0
 
+    def _inflight(self, k: int) -> int:
+        return self.engines[k].running + self.engines[k].waiting
+
+    def _home(self, turn: _Turn) -> int:
+        """`home` / `holder`: the first engine in the prompt's rendezvous order within the bounded-load limit."""
+        w = self.w
+        hashes = block_hashes(turn.ids[:BLOCK_SIZE], BLOCK_SIZE)
+        names = [f"gpu-{k}" for k in range(w.engines)]
+        order = [names.index(n) for n in home_order(hashes[0], names)]
+        total = sum(self._inflight(k) for k in range(w.engines))
+        bound = math.ceil(w.load_factor * (total + 1) / w.engines)
+        ok = [k for k in order if self._inflight(k) + 1 <= bound]
+        if self.placement == "holder":  # the engines holding the longest cached prefix
+            hashes = block_hashes(turn.ids, BLOCK_SIZE)
+            held = {k: self.engines[k].kv.cached_prefix(hashes, len(turn.ids)) for k in ok}
+            ok = [k for k in ok if held[k] and held[k] == max(held.values())]
+        return ok[0] if ok else min(range(w.engines), key=lambda k: (self._inflight(k), self.rnd.random()))
+
     def _engine_for(self, turn: _Turn) -> int:
-        if self.placement in ("tenant", "sticky"):
+        if turn.engine < 0:
+            turn.engine = self._home(turn)
+            self.open[turn.engine] += 1
+        if self.placement in ("tenant", "sticky", "home", "holder"):
             return turn.engine
         if self.placement == "least":
             return min(range(self.w.engines), key=lambda k: (self.engines[k].running + self.engines[k].waiting,
@@ -222,11 +255,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=float, default=50.0, help="measured (virtual) seconds")
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--load-factor", type=float, default=HOME_LOAD_FACTOR, help="`home`/`holder`: the bounded-load factor")
     a = ap.parse_args(argv)
     print("| seed | " + " | ".join(f"{p} tok/s (hit)" for p in (*PLACEMENTS, "no_cache")) + " | tenant/least | sticky/least | tenant/no_cache |")
-    print("|---" * 9 + "|")
+    print("|---" * (len(PLACEMENTS) + 5) + "|")
     for seed in range(7, 7 + a.seeds):
-        w = Workload(a.users, a.think, a.tenants, a.documents, hosted=a.hosted, seed=seed)
+        w = Workload(a.users, a.think, a.tenants, a.documents, hosted=a.hosted, seed=seed, load_factor=a.load_factor)
         r = bound(w, a.seconds, a.warmup)
         tok = {k: float(v["tok_s"] or 0) for k, v in r.items()}
         print(f"| {seed} | " + " | ".join(f"{tok[k]:.0f} ({r[k]['hit_rate']})" for k in r)

@@ -18,7 +18,9 @@ from gateway.routing.affinity import (
     Affinity,
     BlockLru,
     UpstreamAffinity,
+    home_order,
     prompt_prefix,
+    share_basis,
     sticky_bound,
 )
 from gateway.routing.router import Refusal, Router, throughput_gain
@@ -192,21 +194,85 @@ def test_multi_turn_conversations_stay_on_the_upstream_that_caches_them() -> Non
 def test_bounded_load_withholds_the_credit_past_the_share_and_slots() -> None:
     fleet, router, aff = make()
     pool = fleet.pools["fleet-model"]
-    slow = fleet.upstreams["slow-gpu"]
+    slow, fast, hosted = (fleet.upstreams[n] for n in ("slow-gpu", "fast-gpu", "hosted"))
     slots = sum(u.cfg.max_concurrency for u in pool.upstreams)  # 64 + 16 + 32
     assert sticky_bound(slow, 0, slots) == 1  # idle pool: the first request may always stick
     assert sticky_bound(slow, 20, slots) == 6  # ceil(2 * 21 * 16 / 112)
     assert sticky_bound(slow, 500, slots) == 16  # never past max_concurrency
     ctx = chat(conversation(3))
     aff.upstreams["slow-gpu"].lru.add(prompt_prefix(ctx).hashes)
-    hold(fleet.upstreams["fast-gpu"], 14)
-    hold(slow, 5)  # load 20 in the pool: slow-gpu may take a 6th sticky request
+    hold(fast, 10)
+    hold(slow, 6)  # load 16 on the engines (80 slots): slow-gpu may take a 7th sticky request (ceil(2 * 17 * 16 / 80))
     router.pick(pool, ctx)
     assert ctx.predicted_cached and "slow-gpu" in ctx.predicted_cached
-    hold(slow, 6)  # a 7th would exceed twice its share: scored as a full prefill there
-    hold(fleet.upstreams["fast-gpu"], 13)
+    hold(slow, 7)  # an 8th would exceed twice its share: scored as a full prefill there
+    hold(fast, 9)
     router.pick(pool, ctx)
     assert not ctx.predicted_cached
+
+
+def test_the_share_leaves_out_rate_limited_apis() -> None:
+    # The hosted API's 32 slots take requests at its budget's pace: they are not part of the engines' share.
+    fleet, _, _ = make()
+    pool = fleet.pools["fleet-model"]
+    hold(fleet.upstreams["fast-gpu"], 10)
+    hold(fleet.upstreams["hosted"], 4)
+    assert share_basis(pool) == (10, 64 + 16)
+    fleet.upstreams["fast-gpu"].cfg.rpm = 1000  # every upstream rate-limited: the whole pool
+    fleet.upstreams["slow-gpu"].cfg.tpm = 10**6
+    assert share_basis(Fleet(fleet.config, "throughput").pools["fleet-model"]) == (0, 112)
+
+
+def test_home_order_is_a_stable_rendezvous_order_that_moves_only_the_removed_upstreams_keys() -> None:
+    names = [f"up-{i}" for i in range(5)]
+    orders = {k: home_order(k, names) for k in range(200)}
+    assert all(sorted(o) == names for o in orders.values())
+    assert orders[7] == home_order(7, list(reversed(names)))  # the listing order does not matter
+    assert len({o[0] for o in orders.values()}) == 5  # keys spread over every upstream
+    for k, o in orders.items():  # without up-2, a key's order is its old one minus up-2
+        assert home_order(k, [n for n in names if n != "up-2"]) == [n for n in o if n != "up-2"]
+
+
+def test_a_prefix_several_engines_hold_is_credited_to_its_home_only() -> None:
+    fleet, router, aff = make(twin=True)
+    pool = fleet.pools["fleet-model"]
+    system = [{"role": "system", "content": text(1500)}]
+    shared = chat(system)
+    for name in ("fast-gpu", "slow-gpu"):  # both twins cached the tenant's prompt
+        aff.upstreams[name].lru.add(prompt_prefix(shared).hashes)
+    ctx = chat([*system, {"role": "user", "content": "a new conversation " + text(60, 5)}])
+    p = prompt_prefix(ctx)
+    deepest = aff.upstreams["fast-gpu"].lru.match(p.hashes)
+    home, other = home_order(p.hashes[deepest - 1], ["fast-gpu", "slow-gpu"])
+    d = router.pick(pool, ctx)
+    assert d.upstream.name == home and set(ctx.predicted_cached or {}) == {home}
+    # The home past HOME_LOAD_FACTOR times its share (2 in flight on the twins, ceil(1.25 * 3 * 64 / 128) = 2):
+    # the credit passes to the next holder.
+    hold(fleet.upstreams[home], 2)
+    router.pick(pool, ctx)
+    assert set(ctx.predicted_cached or {}) == {other}
+    # A conversation's history on one engine alone: the rule does not apply.
+    hold(fleet.upstreams[home], 0)
+    turn2 = chat([*system, {"role": "user", "content": "a new conversation " + text(60, 5)}, {"role": "assistant", "content": text(150, 3)},
+                  {"role": "user", "content": "and then?"}])
+    aff.upstreams[other].lru.add(prompt_prefix(ctx).hashes)
+    assert router.pick(pool, turn2).upstream.name == other
+    assert set(turn2.predicted_cached or {}) == {home, other}
+
+
+def test_the_home_rule_spares_the_stickiness_keys_upstream() -> None:
+    fleet, router, aff = make(twin=True)
+    pool = fleet.pools["fleet-model"]
+    system = [{"role": "system", "content": text(1500)}]
+    for name in ("fast-gpu", "slow-gpu"):
+        aff.upstreams[name].lru.add(prompt_prefix(chat(system)).hashes)
+    ctx = chat([*system, {"role": "user", "content": "hi"}], user="alice")
+    p = prompt_prefix(ctx)
+    home, other = home_order(p.hashes[aff.upstreams["fast-gpu"].lru.match(p.hashes) - 1], ["fast-gpu", "slow-gpu"])
+    aff.decision(ctx, Attempt(1, router.pick(pool, ctx), Outcome()))  # alice's session is on the home
+    aff.sessions[next(iter(aff.sessions))] = (other, 10)  # ...then moved to the other one
+    router.pick(pool, ctx)
+    assert set(ctx.predicted_cached or {}) == {home, other}  # neither is withheld: only one other holder is left
 
 
 def test_room_freed_on_an_engine_goes_first_to_the_queued_request_it_caches() -> None:
@@ -259,7 +325,7 @@ def test_affinity_never_overrides_service_class_limits() -> None:
     assert router.pick(pool, ctx).upstream.name == "slow-gpu"
     hold(slow, 5)  # a 6th sequence would decode below the class's 100 tok/s floor
     d = router.pick(pool, ctx)
-    assert d.upstream.name != "slow-gpu" and "slow-gpu" not in (ctx.predicted_cached or {})
+    assert d.upstream.name != "slow-gpu" and "slow-gpu" not in d.scores  # not even scored, cached or not
 
 
 # ---- figures ---------------------------------------------------------------------------------------------------

@@ -23,3 +23,14 @@ def test_the_hosted_api_serves_requests_beside_the_engines() -> None:
     w = Workload(users=12, think=1.0, tenants=12, seed=3)
     gpu, both = bound(w, 40.0, 5.0), bound(Workload(users=12, think=1.0, tenants=12, seed=3, hosted=True), 40.0, 5.0)
     assert both["least"]["requests"] > gpu["least"]["requests"]  # type: ignore[operator]
+
+
+def test_homes_derived_from_where_prefixes_are_partition_the_tenants_as_well_as_tenant_placement() -> None:
+    # `holder` (the router's home rule: the first holder of the longest cached prefix in rendezvous order within
+    # the bounded load) against the sticky oracle, on a pool whose users the engines' caches bound.
+    w = Workload(users=40, think=1.0, tenants=24, seed=3, hosted=True)
+    r = bound(w, seconds=60.0, warmup=20.0)
+    hit = {k: float(v["hit_rate"] or 0) for k, v in r.items()}
+    tok = {k: float(v["tok_s"] or 0) for k, v in r.items()}
+    assert hit["holder"] > hit["sticky"] and tok["holder"] > tok["sticky"]
+    assert tok["holder"] > 0.95 * tok["tenant"]
