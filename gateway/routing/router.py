@@ -137,6 +137,12 @@ def spends_scarce_budget(u: UpstreamStats, output_tokens: int, long_output: int,
     sequence and still lost to it. (A mean would not do for the reference: short requests are usually the many,
     and would set it to their own length.)
 
+    Nor does a short answer take a unit while the pacing bucket is not within one request of full
+    (UpstreamRates.requests_spare), whatever the counts say: a unit left in the bucket is lost only once the bucket
+    overflows, and until then the long answers come back for it (a client's next long answer arrives one answer
+    later). Between groups of long answers the 10 s rate dips below RPM_PRESSURE; the short answers then took
+    the units the next group found missing. Units nobody else takes still go to them: the bucket fills up.
+
     The RPM pacing bucket's lower half is kept for the longest answers (`longest`, budget_lengths; those in its
     max_tokens band): a long answer that is not the longest spends a unit only while that bucket is at least half
     full. Long answers of one length come in groups (clients started together, answers of one length finishing
@@ -153,7 +159,7 @@ def spends_scarce_budget(u: UpstreamStats, output_tokens: int, long_output: int,
     r = u.rates  # the recent rate (10 s) sees pressure build before the minute's count does
     if output_tokens >= long_output:
         return r.requests_paced()
-    return max(r.used_req_60, r.rps * 60.0) >= RPM_PRESSURE * rpm or r.pacing_low()
+    return max(r.used_req_60, r.rps * 60.0) >= RPM_PRESSURE * rpm or r.pacing_low() or not r.requests_spare()
 
 
 def long_output_q(rpm_rps: float, request_rps: float) -> float:

@@ -17,9 +17,12 @@ max_tokens is estimated from the pool's mean.
 Quantiles (which requests count as long, router.spends_scarce_budget) are taken over the expected outputs of
 the requests *arriving*, not over the outputs of those finishing: a long request finishes long after it arrived
 and a short one soon, so right after a change (or a start) the finished ones are almost all short, and the
-question is which of the requests now arriving should get a scarce request unit. The longest of them over the
-last LONGEST_S (not over the last KEEP arrivals: long answers may come in groups far apart, each one's answer
-apart) are those a rate-limited API's pacing bucket keeps a reserve for (router.spends_scarce_budget).
+question is which of the requests now arriving should get a scarce request unit. Both the quantiles and the
+longest answer are over the arrivals of the last LONGEST_S, the request budget's own window (not over the last
+KEEP arrivals): a client's long answers arrive one answer apart, so among the last few hundred arrivals of a busy
+pool they can be missing altogether (512 arrivals at 40/s are 13 s, shorter than a 1024-token answer), and the
+threshold then fell to the next-shorter class, which spent the budget the long ones came back for. The longest
+are those a rate-limited API's pacing bucket keeps a reserve for (router.spends_scarce_budget).
 """
 
 from __future__ import annotations
@@ -46,8 +49,12 @@ MIN_OBSERVED = 16
 BAND_MIN_OBSERVED = 4
 #: Seconds over which the longest arriving answer is remembered: a rate-limited API's minute (its RPM window).
 LONGEST_S = 60.0
-#: The sorted copy is rebuilt after this many new observations (not per request: the hot path stays lean).
+#: The sorted copy is rebuilt after this many new observations (not per request: the hot path stays lean), or
+#: for the arrivals of the minute, after this share of them is new (a sort per request stays O(log n) amortised).
 REBUILD_EVERY = 16
+REBUILD_SHARE = 1 / 64
+#: Most arrivals kept for the minute's quantiles (a memory bound; a busier pool's minute is sampled by its newest).
+ARRIVED_KEEP = 8192
 
 
 class _Recent:
@@ -91,6 +98,35 @@ class _Recent:
         return self._sorted, self._prefix
 
 
+class _Arrivals:
+    """Expected outputs of the requests arrived in the last `span` seconds (at most `keep`), and their quantiles."""
+
+    __slots__ = ("span", "_recent", "_sorted", "_fresh")
+
+    def __init__(self, span: float, keep: int) -> None:
+        self.span = span
+        self._recent: deque[tuple[float, int]] = deque(maxlen=keep)
+        self._sorted: list[int] = []
+        self._fresh = 0  # arrivals since the last rebuild
+
+    def __len__(self) -> int:
+        return len(self._recent)
+
+    def observe(self, expected_output: int, now: float) -> None:
+        q = self._recent
+        q.append((now, expected_output))
+        while q[0][0] <= now - self.span:
+            q.popleft()
+        self._fresh += 1
+
+    def quantile(self, q: float) -> int:
+        if self._fresh >= max(REBUILD_EVERY, len(self._recent) * REBUILD_SHARE) or not self._sorted:
+            self._sorted = sorted(x for _, x in self._recent)
+            self._fresh = 0
+        xs = self._sorted
+        return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
 def band(max_tokens: int | None) -> int:
     """The max_tokens band a limit belongs to: (2^(k-1), 2^k] -> k; 0 for no limit."""
     return 0 if max_tokens is None else max(1, max_tokens - 1).bit_length()
@@ -105,12 +141,13 @@ class OutputLengths:
     def __init__(self) -> None:
         self._all = _Recent(KEEP)
         self._bands: dict[int, _Recent] = {}
-        self._arrived = _Recent(KEEP)  # expected outputs of the requests routed lately
+        self._arrived = _Arrivals(LONGEST_S, ARRIVED_KEEP)  # expected outputs of the requests routed lately
         self._longest = SlidingMax(LONGEST_S)  # of the expected outputs arrived
 
     def arrived(self, expected_output: int, now: float | None = None) -> None:
-        self._arrived.observe(expected_output)
-        self._longest.add(expected_output, time.monotonic() if now is None else now)
+        now = time.monotonic() if now is None else now
+        self._arrived.observe(expected_output, now)
+        self._longest.add(expected_output, now)
 
     def observe(self, output_tokens: int, max_tokens: int | None = None) -> None:
         if output_tokens <= 0:
@@ -136,7 +173,7 @@ class OutputLengths:
         return max(1, round(sum(min(x, max_tokens) for x in free) / len(free)))
 
     def quantile(self, q: float, default: int) -> int:
-        """The q-quantile of the expected outputs of recent arrivals (`default` until MIN_OBSERVED arrived)."""
+        """The q-quantile of the expected outputs of the last LONGEST_S's arrivals (`default` until MIN_OBSERVED)."""
         return self._arrived.quantile(q) if len(self._arrived) >= MIN_OBSERVED else default
 
     def longest(self, default: int, now: float | None = None) -> int:

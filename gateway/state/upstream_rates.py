@@ -151,6 +151,12 @@ class UpstreamRates:
         lim = self.cfg
         return self.requests_paced() or bool(lim.tpm and self._pace_tok < self._tpm_burst(lim.tpm) / 2)
 
+    def requests_spare(self) -> bool:
+        """Is the RPM pacing bucket within one request of full, as of the last rate_allows? Then nobody is taking
+        its units as fast as they come: the next refill would be discarded, so a unit taken now costs no one."""
+        lim = self.cfg
+        return not lim.rpm or self._pace_req >= self._burst(lim.rpm, PACE_BURST) - 1.0
+
     def requests_paced(self) -> bool:
         """Is the RPM pacing bucket less than half full (pacing_low's request part), as of the last rate_allows?"""
         lim = self.cfg

@@ -229,6 +229,22 @@ def test_long_requests_are_judged_among_those_arriving_not_those_finishing():
     assert lengths.quantile(0.9, 256) == 1024 and lengths.quantile(0.5, 256) == 16
 
 
+def test_long_requests_are_judged_among_the_arrivals_of_the_budgets_minute():
+    """A client's long answers arrive one answer apart: among the last few hundred arrivals of a busy pool they can
+    be missing (512 at 40/s are 13 s, shorter than a 1024-token answer), and the threshold fell to the next-shorter
+    class. The quantiles are over the arrivals of the last LONGEST_S (the RPM window), whatever their number."""
+    lengths = OutputLengths()
+    for i in range(8):
+        lengths.arrived(1024, now=i / 100)
+    for i in range(40 * 15):  # 15 s of 16-token answers at 40/s, and a few 256-token ones
+        lengths.arrived(256 if i % 40 == 0 else 16, now=0.1 + i / 40)
+    assert lengths.quantile(0.99, 128) == 1024  # 8 of 608 arrivals: the longest 1.3%
+    assert lengths.quantile(0.97, 128) == 256
+    for i in range(40 * 50):  # the minute passes: the 1024-token ones left it
+        lengths.arrived(16, now=15.1 + i / 40)
+    assert lengths.quantile(0.999, 128) == 256
+
+
 def test_max_tokens_bands_are_powers_of_two():
     from gateway.state.lengths import band
 

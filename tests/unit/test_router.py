@@ -497,6 +497,29 @@ def test_the_pacing_buckets_lower_half_is_kept_for_the_longest_answers():
     assert spends_scarce_budget(hosted, 64, 256, 1024)  # a short answer: any bucket half empty
 
 
+def test_a_short_answer_takes_only_the_units_the_pacing_bucket_would_discard():
+    """Below the pressure counts, with the bucket more than half full, a short answer still waits for the bucket to
+    be within one request of full (UpstreamRates.requests_spare): a unit left there is not lost until it overflows,
+    and the long answers come back for it. A long one (not the longest) keeps the half-full rule."""
+    from gateway.routing.router import spends_scarce_budget
+
+    fleet, _ = make()
+    hosted = fleet.upstreams["hosted"]
+    assert hosted.rate_allows(0) and hosted.rates.requests_spare()  # a full bucket: 8 requests
+    assert not spends_scarce_budget(hosted, 64, 256, 1024)
+    hosted.credit(0)
+    assert hosted.rate_allows(0) and hosted.rates.requests_spare()  # 7 of 8: the next refill would overflow
+    assert not spends_scarce_budget(hosted, 64, 256, 1024)
+    hosted.credit(0)
+    assert hosted.rate_allows(0) and not hosted.rates.requests_spare() and not hosted.rates.pacing_low()
+    assert spends_scarce_budget(hosted, 64, 256, 1024)
+    assert not spends_scarce_budget(hosted, 256, 256, 1024)  # long: only the lower half is reserved
+    assert not spends_scarce_budget(hosted, 64, 64, 64)  # the longest of the minute: nothing to keep it for
+    hosted.rates._pace_at -= 1.0  # refilled (2 requests a second): within one request of full again
+    assert hosted.rate_allows(0) and hosted.rates.requests_spare()
+    assert not spends_scarce_budget(hosted, 64, 256, 1024)
+
+
 def test_long_threshold_follows_the_share_of_requests_the_budget_can_take():
     from gateway.routing.router import LONG_OUTPUT_Q, LONG_OUTPUT_Q_MAX, LONG_SHARE_MARGIN, long_output_q
 
