@@ -162,6 +162,11 @@ class UpstreamConfig(BaseModel):
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
+    @property
+    def rate_limited(self) -> bool:
+        """Has a request or token rate limit: takes requests at its budget's pace, not in proportion to slots."""
+        return bool(self.rpm or self.tpm)
+
 
 class ServiceClass(BaseModel):
     """Targets of one class of requests in a pool (see gateway/routing/classes.py for how they are enforced)."""

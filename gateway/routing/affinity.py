@@ -220,9 +220,13 @@ class UpstreamAffinity:
         """Prompt tokens this upstream would probably not prefill: the leading blocks it holds, or the
         session's last prompt when the key last went here; at most prompt - 1 (the last token is always
         computed); 0 under the provider's prompt-caching threshold."""
+        return self.credit(self.lru.match(p.hashes), prompt_tokens, session_tokens)
+
+    def credit(self, held_blocks: int, prompt_tokens: int, session_tokens: int) -> int:
+        """predict's rule for a prompt whose first `held_blocks` blocks this upstream holds (lru.match)."""
         if prompt_tokens < self.min_tokens:
             return 0
-        held = self.lru.match(p.hashes) * prefix.BLOCK_SIZE
+        held = held_blocks * prefix.BLOCK_SIZE
         best = max(held, min(session_tokens, prompt_tokens))
         return max(0, min(int(best * self.calibration), prompt_tokens - 1))
 
@@ -290,7 +294,7 @@ def share_basis(pool: Pool) -> tuple[float, int]:
     conversation off the engine holding it at ~1.3 times its true share instead of LOAD_FACTOR times."""
     if pool.unmetered_slots == pool.slots:
         return sum(x.load for x in pool.upstreams), pool.slots
-    return sum(x.load for x in pool.upstreams if not (x.cfg.rpm or x.cfg.tpm)), pool.unmetered_slots
+    return sum(x.load for x in pool.upstreams if not x.cfg.rate_limited), pool.unmetered_slots
 
 
 class Affinity:
@@ -319,23 +323,27 @@ class Affinity:
         pt = ctx.est.prompt_tokens
         sess = self._session(pool, ctx)
         out: dict[str, int] = {}
+        held: dict[str, int] = {}  # blocks of the prompt each credited upstream holds (lru.match, once per request)
         totals: tuple[float, int] | None = None  # share_basis, summed only when a hit needs the bound
         for u in cands:
             st = sess[1] if sess is not None and sess[0] == u.name else 0
-            c = self.upstreams[u.name].predict(p, pt, st)
+            idx = self.upstreams[u.name]
+            blocks = idx.lru.match(p.hashes)
+            c = idx.credit(blocks, pt, st)
             if c <= 0:
                 continue
             if totals is None:
                 totals = share_basis(pool)
             if u.load + 1 <= sticky_bound(u, totals[0], totals[1], self.load_factor):
-                out[u.name] = c
+                out[u.name], held[u.name] = c, blocks
         if totals is not None and len(out) > 1:
-            for name in self.home_withheld(p, [u for u in cands if u.name in out], totals, sess[0] if sess else None):
+            for name in self.home_withheld(p, [u for u in cands if u.name in out], held, totals,
+                                           sess[0] if sess else None):
                 del out[name]
         return out
 
-    def home_withheld(self, p: PromptPrefix, credited: list[UpstreamStats], totals: tuple[float, int],
-                      keep: str | None = None) -> list[str]:
+    def home_withheld(self, p: PromptPrefix, credited: list[UpstreamStats], held: dict[str, int],
+                      totals: tuple[float, int], keep: str | None = None) -> list[str]:
         """The home rule: the engines whose credit for a prefix several of them hold is withheld, so that only its
         home keeps it.
 
@@ -350,8 +358,7 @@ class Affinity:
         credit on to the next in order; none within the bound: nothing is withheld (load decides, as before).
         Only GPU engines take part (a hosted API's cache is the provider's); a conversation's own history is held
         by one engine alone, so its turns are not affected, nor is `keep` (the upstream of the request's stickiness
-        key)."""
-        held = {u.name: self.upstreams[u.name].lru.match(p.hashes) for u in credited}
+        key). `held`: the prompt's blocks each credited upstream holds (Affinity.predict's lru.match)."""
         deepest = max(held.values(), default=0)
         holders = {u.name: u for u in credited if u.cfg.kind == "gpu" and held[u.name] == deepest and u.name != keep}
         if deepest <= 0 or len(holders) < 2:

@@ -233,7 +233,7 @@ class ClassPolicy:
     def _is_room(u: UpstreamStats, inter: ServiceClass, ctx: RequestContext) -> bool:
         """Could `u`'s free slots be room for interactive requests? Not a rate-limited API's (its budget is
         spent by whoever comes first, batch work included) nor one too slow to start for the TTFT target."""
-        return u.weight > 0 and not (u.cfg.rpm or u.cfg.tpm) and meets_ttft(u, inter, ctx.est.prompt_tokens)
+        return u.weight > 0 and not u.cfg.rate_limited and meets_ttft(u, inter, ctx.est.prompt_tokens)
 
     def needed(self, pool: Pool) -> float:
         """Interactive slots to have in the pool: enough that an arrival rarely waits longer than it can afford

@@ -351,7 +351,7 @@ class Router:
         if not spends_scarce_budget(u, ctx.est.output_tokens, *budget_lengths(pool, ctx.est)):
             return False
         # Last, as the dearest test (every upstream of the pool): could anything without a request budget serve it?
-        return any(not (v.cfg.rpm or v.cfg.tpm) and v.weight > 0 and self.classes.limit(v, cls) > 0 for v in pool.upstreams)
+        return any(not v.cfg.rate_limited and v.weight > 0 and self.classes.limit(v, cls) > 0 for v in pool.upstreams)
 
     def _choose(self, pool: Pool, cands: list[UpstreamStats], ctx: RequestContext) -> Decision:
         """The class's strategy (its `prefer`, else the pool's) among the upstreams its admission left."""

@@ -43,7 +43,7 @@ class Pool:
     def __post_init__(self) -> None:
         self.operations = frozenset().union(*(u.operations for u in self.upstreams))
         self.slots = sum(u.cfg.max_concurrency for u in self.upstreams)
-        self.unmetered_slots = sum(u.cfg.max_concurrency for u in self.upstreams if not (u.cfg.rpm or u.cfg.tpm)) or self.slots
+        self.unmetered_slots = sum(u.cfg.max_concurrency for u in self.upstreams if not u.cfg.rate_limited) or self.slots
         self.rpm_rps = sum(u.cfg.rpm / 60.0 for u in self.upstreams if u.cfg.rpm)
 
     def observe_demand(self) -> None:
